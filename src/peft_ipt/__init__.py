@@ -1,0 +1,12 @@
+"""peft-ipt: instance-wise prompt tuning and prefix-tuning as plug-in methods for Hugging Face peft.
+
+``import peft_ipt`` registers both methods with peft; after it, ``get_peft_model``, ``PeftModel.from_pretrained``,
+``PeftConfig.from_pretrained`` and every ``AutoPeftModelFor*`` work with our configs and saved adapters.
+"""
+
+from . import registration  # noqa: F401  (registers the methods with peft)
+from .prefix_tuning import PrefixTuningV2Config, PrefixTuningV2Model
+
+__version__ = "0.1.0"
+
+__all__ = ["PrefixTuningV2Config", "PrefixTuningV2Model"]

@@ -1,0 +1,286 @@
+"""The one mechanism that touches the model: per-layer key/value prefixes through transformers' attention registry.
+
+Every attention call in a transformers model goes ``module -> ALL_ATTENTION_FUNCTIONS[config._attn_implementation]``.
+We register one function, :func:`prefix_attention_forward`, under ``"peft_ipt_<impl>"`` for the implementation the
+user chose (``eager`` or ``sdpa``), with the same name in ``AttentionMaskInterface`` so the model still builds the
+mask it would build for ``<impl>``. The function prepends this layer's prefix to ``key``/``value``, widens the mask
+so every query sees the prefix, and calls the user's implementation. Queries, positions and outputs keep their shapes.
+
+Which prefix a call gets is found through an :class:`AttentionSite` attached to each attention module at
+install time: the kind of attention (``self`` in decoder-only/encoder-only models, ``encoder``/``decoder``/``cross``
+in encoder-decoder models), its layer index, and the :class:`PrefixProvider` (the tuner) that holds the prefixes of
+the current forward pass.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+SUPPORTED_IMPLEMENTATIONS = ("eager", "sdpa")
+REGISTERED_PREFIX = "peft_ipt_"
+SITE_ATTR = "_peft_ipt_site"
+
+SELF, ENCODER, DECODER, CROSS = "self", "encoder", "decoder", "cross"
+
+
+class PrefixProvider(Protocol):
+    capturing: bool
+
+    def prefix_for(self, site: AttentionSite) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Keys and values to prepend at ``site`` for the current forward, each (B or 1, n_kv_heads, P, head_dim)."""
+
+    def capture(self, site: AttentionSite, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Called with the model's own keys/values when the provider is recording activations (word init)."""
+
+
+@dataclass(eq=False)
+class AttentionSite:
+    kind: str
+    layer: int
+    n_kv_heads: int
+    head_dim: int
+    inner: Callable  # the user's attention implementation, called after the prefix is added
+    provider: Callable[[], PrefixProvider | None] = field(repr=False, default=lambda: None)
+
+
+class UnsupportedModelError(ValueError):
+    """The model cannot take peft-ipt's prefixes."""
+
+
+def _widen_mask(
+    mask: torch.Tensor | None, prefix_len: int, query: torch.Tensor, key_len: int, causal: bool
+) -> torch.Tensor | None:
+    """Prepend ``prefix_len`` always-visible columns to an attention mask (bool or additive float)."""
+    if mask is None:
+        if not causal or query.shape[2] == 1:
+            return None  # every key is visible to every query, prefix included
+        # The implementation would have used is_causal=True, which torch aligns top-left and so is wrong once
+        # keys outnumber queries. Build the bottom-right aligned causal mask explicitly.
+        q_len = query.shape[2]
+        rows = torch.arange(q_len, device=query.device)[:, None] + (key_len - q_len)
+        visible = torch.arange(key_len, device=query.device)[None, :] <= rows
+        mask = visible[None, None]  # (1, 1, q, kv)
+    pad_shape = (*mask.shape[:-1], prefix_len)
+    pad = mask.new_ones(pad_shape) if mask.dtype == torch.bool else mask.new_zeros(pad_shape)
+    return torch.cat([pad, mask], dim=-1)
+
+
+def _match_batch(prefix: torch.Tensor, batch: int) -> torch.Tensor:
+    """(b, ...) -> (batch, ...): broadcast a task-level prefix, or repeat per-row prompts for beams/samples."""
+    b = prefix.shape[0]
+    if b == batch:
+        return prefix
+    if b == 1:
+        return prefix.expand(batch, *prefix.shape[1:])
+    if batch % b:
+        raise RuntimeError(f"peft_ipt: prefix batch {b} does not divide attention batch {batch}")
+    # generate() expands inputs with repeat_interleave (beams, num_return_sequences): do the same.
+    return prefix.repeat_interleave(batch // b, dim=0)
+
+
+def prefix_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs,
+):
+    site: AttentionSite | None = module.__dict__.get(SITE_ATTR)
+    if site is None:
+        raise RuntimeError(
+            f"peft_ipt: {type(module).__name__} was not prepared for prefixes; it was probably added to the model "
+            "after get_peft_model. Call get_peft_model again on the final model."
+        )
+    provider = site.provider()
+    if provider is not None and provider.capturing:
+        provider.capture(site, key, value)
+    prefix = provider.prefix_for(site) if provider is not None else None
+    if prefix is None:
+        return site.inner(module, query, key, value, attention_mask, **kwargs)
+    prefix_key, prefix_value = prefix  # (B|1, n_kv_heads, P, head_dim)
+    batch, key_len = key.shape[0], key.shape[2]
+    prefix_len = prefix_key.shape[2]
+    if prefix_key.shape[1] != key.shape[1] or prefix_key.shape[3] != key.shape[3]:
+        raise RuntimeError(
+            f"peft_ipt: the prefix at {site.kind} layer {site.layer} has (kv_heads, head_dim) = "
+            f"{tuple(prefix_key.shape[1::2])} but the model's keys have {(key.shape[1], key.shape[3])}: "
+            "the adapter was built for another model"
+        )
+    # (B, n_kv_heads, P + T, head_dim); the cache never holds the prefix, so positions stay the model's own.
+    key = torch.cat([_match_batch(prefix_key, batch).to(key.dtype), key], dim=2)
+    value = torch.cat([_match_batch(prefix_value, batch).to(value.dtype), value], dim=2)
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", False) if causal is None else causal
+    attention_mask = _widen_mask(attention_mask, prefix_len, query, key_len, causal and site.kind != CROSS)
+    position_bias = kwargs.get("position_bias")
+    if position_bias is not None:  # T5-style additive bias: no bias towards the prefix
+        kwargs["position_bias"] = F.pad(position_bias, (prefix_len, 0))
+    return site.inner(module, query, key, value, attention_mask, **kwargs)
+
+
+def _register_implementations() -> None:
+    for impl in SUPPORTED_IMPLEMENTATIONS:
+        AttentionInterface.register(REGISTERED_PREFIX + impl, prefix_attention_forward)
+        AttentionMaskInterface.register(REGISTERED_PREFIX + impl, ALL_MASK_ATTENTION_FUNCTIONS[impl])
+
+
+_register_implementations()
+
+
+def _inner_implementation(module: nn.Module, impl: str) -> Callable:
+    if impl != "eager":
+        return ALL_ATTENTION_FUNCTIONS[impl]
+    # "eager" is not in the registry: each modeling file passes its own eager_attention_forward as the default.
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if eager is None:
+        raise UnsupportedModelError(
+            f"{type(module).__name__} has no eager_attention_forward in {type(module).__module__}; "
+            "load the model with attn_implementation='sdpa'"
+        )
+    return eager
+
+
+def _first_int(name: str) -> int:
+    match = re.search(r"\.(\d+)(\.|$)", "." + name)
+    if match is None:
+        raise UnsupportedModelError(f"cannot find a layer index in the module name {name!r}")
+    return int(match.group(1))
+
+
+def _attr(objects: tuple, names: tuple[str, ...]) -> int | None:
+    for obj in objects:
+        for name in names:
+            value = getattr(obj, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+    return None
+
+
+def _kv_shape(module: nn.Module, config) -> tuple[int, int]:
+    """(n_kv_heads, head_dim) of an attention module, from the attribute names transformers models use."""
+    sources = (module, getattr(module, "config", config), config)
+    n_heads = _attr(sources, ("num_heads", "num_attention_heads", "n_heads", "n_head"))
+    head_dim = _attr(sources, ("head_dim", "attention_head_size", "key_value_proj_dim", "d_kv", "head_size"))
+    if n_heads is None or head_dim is None:
+        raise UnsupportedModelError(f"cannot read the head count / head size of {type(module).__name__}")
+    groups = getattr(module, "num_key_value_groups", 1)
+    n_kv = _attr(sources[:2], ("num_key_value_heads",)) or n_heads // groups
+    return n_kv, head_dim
+
+
+def _is_attention(module: nn.Module) -> bool:
+    return type(module).__name__.endswith("Attention") and hasattr(module, "is_causal")
+
+
+def find_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The innermost attention modules (those that call the attention interface), in module order."""
+    candidates = [(name, m) for name, m in model.named_modules() if _is_attention(m)]
+    names = [name for name, _ in candidates]
+    return [(n, m) for n, m in candidates if not any(o.startswith(n + ".") for o in names)]
+
+
+@dataclass
+class SiteLayout:
+    """What a model offers: for each attention kind, the number of layers, kv heads and head size."""
+
+    shapes: dict[str, tuple[int, int, int]]  # kind -> (n_layers, n_kv_heads, head_dim)
+
+    def as_config(self) -> dict[str, list[int]]:
+        return {kind: list(shape) for kind, shape in self.shapes.items()}
+
+
+def discover_sites(model: nn.Module) -> list[tuple[nn.Module, str, int, int, int]]:
+    """(module, kind, layer, n_kv_heads, head_dim) for every attention module of a transformers model."""
+    config = model.config
+    modules = find_attention_modules(model)
+    if not modules:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} ({config.model_type}): no attention modules found; peft-ipt supports "
+            "transformers models whose attention goes through transformers.AttentionInterface"
+        )
+    encoder = model.get_encoder() if getattr(config, "is_encoder_decoder", False) else None
+    encoder_ids = {id(m) for m in encoder.modules()} if encoder is not None else set()
+    sites, seen_decoder_layers = [], set()
+    for name, module in modules:
+        layer = _first_int(name)
+        if encoder is None:
+            kind = CROSS if getattr(module, "is_cross_attention", False) else SELF
+        elif id(module) in encoder_ids:
+            kind = ENCODER
+        else:
+            # In every encoder-decoder layer the self-attention comes before the cross-attention.
+            kind = CROSS if layer in seen_decoder_layers else DECODER
+            seen_decoder_layers.add(layer)
+        sites.append((module, kind, layer, *_kv_shape(module, config)))
+    return sites
+
+
+def layout_of(sites) -> SiteLayout:
+    shapes: dict[str, tuple[int, int, int]] = {}
+    for _, kind, layer, n_kv, head_dim in sites:
+        n_layers = max(shapes.get(kind, (0,))[0], layer + 1)
+        shapes[kind] = (n_layers, n_kv, head_dim)
+    return SiteLayout(shapes)
+
+
+def check_model_supported(model: nn.Module) -> str:
+    """Raise a clear error unless prefixes can enter this model's attention; return its implementation."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "set_attn_implementation"):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is not a transformers PreTrainedModel; peft-ipt needs one"
+        )
+    impl = config._attn_implementation or "eager"
+    base_impl = impl.removeprefix(REGISTERED_PREFIX)
+    if base_impl not in SUPPORTED_IMPLEMENTATIONS:
+        raise UnsupportedModelError(
+            f"attn_implementation={impl!r} is not supported by peft-ipt's prefixes (supported: "
+            f"{', '.join(SUPPORTED_IMPLEMENTATIONS)}); load the model with attn_implementation='sdpa'. "
+            "flash-attention kernels take no per-layer key/value prefix with the padding layout transformers uses."
+        )
+    if not model._can_set_attn_implementation():
+        raise UnsupportedModelError(
+            f"{type(model).__name__} ({config.model_type}) does not route attention through "
+            "transformers.AttentionInterface, so peft-ipt cannot add prefixes to it"
+        )
+    return base_impl
+
+
+class PrefixInjection:
+    """Installs the prefix attention on one model and restores the user's implementation on removal."""
+
+    def __init__(self, model: nn.Module, provider: PrefixProvider):
+        self.model = model
+        self.base_impl = check_model_supported(model)
+        self.sites = discover_sites(model)
+        self.layout = layout_of(self.sites)
+        provider_ref = weakref.ref(provider)
+        for module, kind, layer, n_kv, head_dim in self.sites:
+            site = AttentionSite(kind, layer, n_kv, head_dim, _inner_implementation(module, self.base_impl))
+            site.provider = provider_ref
+            module.__dict__[SITE_ATTR] = site  # a plain attribute: not a submodule, not in the state dict
+        self.enable()
+
+    def enable(self) -> None:
+        self.model.set_attn_implementation(REGISTERED_PREFIX + self.base_impl)
+
+    def disable(self) -> None:
+        self.model.set_attn_implementation(self.base_impl)
+
+    def remove(self) -> None:
+        self.disable()
+        for module, *_ in self.sites:
+            module.__dict__.pop(SITE_ATTR, None)

@@ -1,0 +1,146 @@
+"""Config fields both methods share: where prefixes go, which layers, and the base-model shapes they were built for."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from peft.config import PeftConfig
+
+from .attention import CROSS, DECODER, ENCODER, SELF, SiteLayout
+
+
+def hidden_size_of(config) -> int:
+    for name in ("hidden_size", "d_model", "n_embd", "dim"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    raise ValueError(f"cannot read the hidden size of {type(config).__name__}")
+
+
+@dataclass
+class PromptConfigBase(PeftConfig):
+    layers_to_transform: list[int] | int | None = field(
+        default=None,
+        metadata={
+            "help": "Layer indices that carry a prefix (as in LoRA's field of the same name); None: every layer. "
+            "For encoder-decoder models the indices apply within each stack."
+        },
+    )
+    encoder_prefix: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Encoder-decoder models: prefix on encoder self-attention. None: on (if the model has it)."
+        },
+    )
+    decoder_prefix: bool | None = field(
+        default=None,
+        metadata={"help": "Encoder-decoder models: prefix on decoder self-attention. None: on."},
+    )
+    cross_prefix: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Encoder-decoder models: prefix on decoder cross-attention (peft's PrefixTuning has none). "
+            "None: on if the model has cross-attention. True on a model without cross-attention is an error."
+        },
+    )
+    modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Modules besides the adapter to train and save, e.g. the task head. As in LoRA, peft adds the "
+            "classifier for SEQ_CLS / TOKEN_CLS / QUESTION_ANS by itself."
+        },
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "True: the method's standard initialisation. False: a large random initialisation that visibly "
+            "changes the output (peft's testing convention)."
+        },
+    )
+    base_model_shapes: dict | None = field(
+        default=None,
+        metadata={
+            "help": "Filled in by get_peft_model: hidden size, vocabulary and (layers, kv heads, head size) per "
+            "attention kind of the base model. Loading onto a model with other shapes is refused."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        layers = self.layers_to_transform
+        if isinstance(layers, int):
+            layers = [layers]
+        if layers is not None:
+            if not layers or any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in layers):
+                raise ValueError(
+                    f"layers_to_transform must be None, a layer index >= 0 or a non-empty list of them "
+                    f"(got {self.layers_to_transform!r})"
+                )
+            self.layers_to_transform = sorted(set(layers))
+        for name in ("encoder_prefix", "decoder_prefix", "cross_prefix", "init_weights"):
+            value = getattr(self, name)
+            if not (value is None or isinstance(value, bool)) or (name == "init_weights" and value is None):
+                raise ValueError(f"{name} must be a bool (got {value!r})")
+
+    # -- checks against the model ---------------------------------------------------------------------------
+
+    def selected_kinds(self, layout: SiteLayout) -> list[str]:
+        """The attention kinds that get a prefix, after checking the switches against what the model has."""
+        available = layout.shapes
+        switches = {ENCODER: self.encoder_prefix, DECODER: self.decoder_prefix, CROSS: self.cross_prefix}
+        for kind, value in switches.items():
+            if value and kind not in available:
+                kinds = ", ".join(sorted(available))
+                raise ValueError(
+                    f"{kind}_prefix=True, but the model has no {kind} attention (it has: {kinds}). "
+                    f"Set {kind}_prefix=None for this model."
+                )
+        kinds = [
+            k for k in (SELF, ENCODER, DECODER, CROSS) if k in available and switches.get(k) is not False
+        ]
+        if not kinds:
+            raise ValueError("encoder_prefix, decoder_prefix and cross_prefix are all False: nothing to tune")
+        return kinds
+
+    def selected_layers(self, kind: str, layout: SiteLayout) -> list[int]:
+        n_layers = layout.shapes[kind][0]
+        if self.layers_to_transform is None:
+            return list(range(n_layers))
+        too_big = [i for i in self.layers_to_transform if i >= n_layers]
+        if too_big:
+            raise ValueError(
+                f"layers_to_transform={self.layers_to_transform} names layer {too_big[0]}, but the model's {kind} "
+                f"attention has {n_layers} layers (0..{n_layers - 1}); use indices below {n_layers}"
+            )
+        return list(self.layers_to_transform)
+
+    def model_shapes(self, model, layout: SiteLayout) -> dict:
+        return {
+            "hidden_size": hidden_size_of(model.config),
+            "vocab_size": getattr(model.config, "vocab_size", None),
+            **layout.as_config(),
+        }
+
+    def check_model(self, model, layout: SiteLayout) -> None:
+        """Refuse a base model this adapter was not built for; record the shapes of a new one."""
+        shapes = self.model_shapes(model, layout)
+        if self.base_model_shapes is not None:
+            saved = {
+                k: list(v) if isinstance(v, (list, tuple)) else v for k, v in self.base_model_shapes.items()
+            }
+            if saved != shapes:
+                diff = {
+                    k: (saved.get(k), shapes.get(k))
+                    for k in set(saved) | set(shapes)
+                    if saved.get(k) != shapes.get(k)
+                }
+                detail = "; ".join(f"{k}: adapter {a} vs model {b}" for k, (a, b) in sorted(diff.items()))
+                raise ValueError(
+                    f"this adapter was built for a base model with shapes {saved}, but the model has {shapes} "
+                    f"({detail}). Load it onto the base model it was trained on "
+                    f"({self.base_model_name_or_path or 'see base_model_name_or_path'})."
+                )
+        self.selected_kinds(layout)
+        for kind in self.selected_kinds(layout):
+            self.selected_layers(kind, layout)
+        self.base_model_shapes = shapes

@@ -1,0 +1,92 @@
+"""PrefixTuningV2Config: prefix-tuning (Li & Liang 2021) with P-tuning v2's reach (Liu et al. 2021)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from peft.utils import PeftType
+
+from ..base_config import PromptConfigBase
+
+PREFIX_INITS = ("random", "text", "vocab")
+
+
+@dataclass
+class PrefixTuningV2Config(PromptConfigBase):
+    """Trainable keys and values at every chosen attention layer.
+
+    The prefix enters attention as extra keys/values only: sequence length, positions and outputs are unchanged,
+    so every task type works as it does without the adapter.
+    """
+
+    prefix_length: int = field(
+        default=16,
+        metadata={
+            "help": "Number of virtual tokens P per layer (paper: 5-10 for table-to-text, 200 for summarisation)."
+        },
+    )
+    reparameterize: bool = field(
+        default=True,
+        metadata={
+            "help": "True: the paper's Embedding(P, d) -> Linear(d, h) -> tanh -> Linear(h, layers*2*kv) "
+            "parameterisation for stable training (fold() removes the MLP for inference). False: flat keys/values "
+            "(P-tuning v2's default)."
+        },
+    )
+    encoder_hidden_size: int = field(
+        default=512,
+        metadata={"help": "Hidden size h of the reparameterisation MLP (paper: 512; 800 for XSum)."},
+    )
+    prefix_dropout: float = field(
+        default=0.0,
+        metadata={"help": "Dropout on the prefix keys/values during training (P-tuning v2 uses 0.1)."},
+    )
+    prefix_init: str = field(
+        default="random",
+        metadata={
+            "help": "'random'; 'text': the frozen model's own keys/values for prefix_init_text (the paper's "
+            "real-word initialisation); 'vocab': the keys/values of prefix_length random vocabulary tokens."
+        },
+    )
+    prefix_init_text: str | None = field(
+        default=None,
+        metadata={
+            "help": "Text for prefix_init='text', e.g. 'table-to-text:'. Repeated or cut to prefix_length tokens."
+        },
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Tokenizer for prefix_init_text (as in peft's PromptTuningConfig). None: the base model's path."
+        },
+    )
+    folded: bool = field(
+        default=False,
+        metadata={
+            "help": "Set by fold(): the MLP was folded into flat keys/values. Such an adapter loads and trains as a flat prefix."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = PeftType["PREFIX_TUNING_V2"]
+        if not isinstance(self.prefix_length, int) or self.prefix_length < 1:
+            raise ValueError(f"prefix_length must be an integer >= 1 (got {self.prefix_length!r})")
+        if not isinstance(self.encoder_hidden_size, int) or self.encoder_hidden_size < 1:
+            raise ValueError(
+                f"encoder_hidden_size must be an integer >= 1 (got {self.encoder_hidden_size!r})"
+            )
+        if not isinstance(self.prefix_dropout, (int, float)) or not 0.0 <= self.prefix_dropout < 1.0:
+            raise ValueError(f"prefix_dropout must be in [0, 1) (got {self.prefix_dropout!r})")
+        if self.prefix_init not in PREFIX_INITS:
+            raise ValueError(f"prefix_init must be one of {PREFIX_INITS} (got {self.prefix_init!r})")
+        if self.prefix_init == "text" and not self.prefix_init_text:
+            raise ValueError(
+                "prefix_init='text' needs prefix_init_text, e.g. prefix_init_text='table-to-text:'"
+            )
+        if self.prefix_init != "text" and self.prefix_init_text:
+            raise ValueError(
+                f"prefix_init_text is set but prefix_init={self.prefix_init!r}; set prefix_init='text'"
+            )
+        if not isinstance(self.reparameterize, bool):
+            raise ValueError(f"reparameterize must be a bool (got {self.reparameterize!r})")

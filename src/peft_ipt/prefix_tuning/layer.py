@@ -1,0 +1,109 @@
+"""The trainable prefix of PrefixTuningV2: one table of keys/values per attention kind, flat or through an MLP."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..attention import SiteLayout
+from ..tuner import Prefixes, PromptInputs, PromptModule
+
+
+class PrefixTable(nn.Module):
+    """All selected layers' keys and values for one attention kind, as a (P, L * 2 * n_kv * head_dim) matrix.
+
+    Flat: that matrix is the parameter. Reparameterised (Li & Liang 2021, section 4.3): an embedding
+    (P, d) passed through Linear(d, h) -> tanh -> Linear(h, L * 2 * n_kv * head_dim).
+    """
+
+    def __init__(self, prefix_length: int, width: int, embed_dim: int, hidden: int | None):
+        super().__init__()
+        self.width = width
+        if hidden is None:
+            self.weight = nn.Parameter(
+                torch.randn(prefix_length, width)
+            )  # P-tuning v2: nn.Embedding's N(0, 1)
+        else:
+            self.embedding = nn.Parameter(torch.randn(prefix_length, embed_dim))
+            self.mlp = nn.Sequential(nn.Linear(embed_dim, hidden), nn.Tanh(), nn.Linear(hidden, width))
+
+    @property
+    def reparameterized(self) -> bool:
+        return hasattr(self, "mlp")
+
+    def forward(self) -> torch.Tensor:  # (P, width)
+        return self.mlp(self.embedding) if self.reparameterized else self.weight
+
+    @torch.no_grad()
+    def set_output(self, target: torch.Tensor) -> None:
+        """Make forward() return ``target`` (P, width): directly when flat; for the MLP, keep the embedding and
+        first layer and solve the last layer by least squares (exact while P <= h + 1)."""
+        target = target.to(self.embedding.dtype if self.reparameterized else self.weight.dtype)
+        if not self.reparameterized:
+            self.weight.copy_(target)
+            return
+        hidden = self.mlp[1](self.mlp[0](self.embedding))  # (P, h)
+        design = torch.cat([hidden, torch.ones_like(hidden[:, :1])], dim=1)  # (P, h + 1)
+        solution = torch.linalg.pinv(design.double()) @ target.double()  # (h + 1, width), minimum norm
+        self.mlp[2].weight.copy_(solution[:-1].T.to(target.dtype))
+        self.mlp[2].bias.copy_(solution[-1].to(target.dtype))
+
+
+class PrefixTuningV2Module(PromptModule):
+    def __init__(self, config, layout: SiteLayout, embed_dim: int):
+        super().__init__()
+        self.prefix_length = config.prefix_length
+        hidden = config.encoder_hidden_size if config.reparameterize else None
+        self.tables = nn.ModuleDict()
+        self.layer_slots = {}
+        self._shapes: dict[str, tuple[int, int, int]] = {}
+        for kind in config.selected_kinds(layout):
+            layers = config.selected_layers(kind, layout)
+            _, n_kv, head_dim = layout.shapes[kind]
+            self.layer_slots[kind] = {layer: slot for slot, layer in enumerate(layers)}
+            self._shapes[kind] = (len(layers), n_kv, head_dim)
+            self.tables[kind] = PrefixTable(
+                self.prefix_length, len(layers) * 2 * n_kv * head_dim, embed_dim, hidden
+            )
+        self.dropout = nn.Dropout(config.prefix_dropout)
+        self._cache: tuple[tuple, Prefixes] | None = None
+
+    def _split(self, kind: str, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n_layers, n_kv, head_dim = self._shapes[kind]
+        kv = flat.view(self.prefix_length, n_layers, 2, n_kv, head_dim).permute(1, 2, 3, 0, 4).contiguous()
+        return kv[:, 0].unsqueeze(1), kv[:, 1].unsqueeze(1)  # each (L, 1, n_kv, P, head_dim)
+
+    def prefixes(self, inputs: PromptInputs) -> Prefixes:
+        # In inference the prefix is a constant: compute the MLP once, until a parameter changes in place.
+        frozen = not (self.training or torch.is_grad_enabled())
+        version = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        if frozen and self._cache is not None and self._cache[0] == version:
+            return self._cache[1]
+        out = {kind: self._split(kind, self.dropout(table())) for kind, table in self.tables.items()}
+        self._cache = (version, out) if frozen else None
+        return out
+
+    # -- initialisation and folding --------------------------------------------------------------------------
+
+    def set_prefix(self, activations: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Initialise every table from recorded keys/values, {(kind, layer): (key, value)} each (1, n_kv, T>=P, hd)."""
+        for kind, table in self.tables.items():
+            per_layer = []
+            for layer in self.layer_slots[kind]:
+                key, value = activations[(kind, layer)]
+                kv = torch.stack([key[0, :, : self.prefix_length], value[0, :, : self.prefix_length]])
+                per_layer.append(kv)  # (2, n_kv, P, hd)
+            stacked = torch.stack(per_layer)  # (L, 2, n_kv, P, hd)
+            table.set_output(stacked.permute(3, 0, 1, 2, 4).reshape(self.prefix_length, -1))
+        self._cache = None
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        """Replace every MLP by the flat keys/values it computes: same outputs, no MLP at inference."""
+        for kind, table in list(self.tables.items()):
+            if table.reparameterized:
+                flat = PrefixTable(self.prefix_length, table.width, 0, None).to(table.embedding.device)
+                flat.weight.copy_(table())
+                flat.weight.requires_grad_(table.embedding.requires_grad)
+                self.tables[kind] = flat
+        self._cache = None

@@ -1,0 +1,69 @@
+"""Registration of peft-ipt's methods with peft: the one place that touches peft's method tables.
+
+peft's ``register_peft_method`` only accepts names that already exist in the ``PeftType`` enum, and peft offers
+no public way to extend that enum. This module therefore adds our members to ``PeftType`` at import time and
+fills peft's four method tables exactly as ``register_peft_method`` does.
+
+Each member's *value* is what ``save_pretrained`` writes as ``"peft_type"`` into ``adapter_config.json``. We make
+that value self-describing (``"INSTANCE_PROMPT (needs: import peft_ipt)"``): peft itself, when ``peft_ipt`` was not
+imported, fails with ``KeyError: 'INSTANCE_PROMPT (needs: import peft_ipt)'``, so the fix is in the message even
+though peft raises it. Because the value is not ``name.upper()``, ``register_peft_method``'s own check would reject
+it; the table writes below are its body, minus that check. ``tests/test_registration.py`` pins this behaviour, so
+a peft release that changes these internals fails loudly in CI rather than silently for users.
+"""
+
+from __future__ import annotations
+
+from peft.mapping import (
+    PEFT_TYPE_TO_CONFIG_MAPPING,
+    PEFT_TYPE_TO_PREFIX_MAPPING,
+    PEFT_TYPE_TO_TUNER_MAPPING,
+)
+from peft.utils import PeftType
+
+from .prefix_tuning import PrefixTuningV2Config, PrefixTuningV2Model
+
+IMPORT_HINT = "(needs: import peft_ipt)"
+
+# enum member name -> (config class, tuner class, state-dict prefix)
+METHODS = {
+    "PREFIX_TUNING_V2": (PrefixTuningV2Config, PrefixTuningV2Model, "prefix_v2_"),
+}
+
+
+def peft_type_value(name: str) -> str:
+    """The string written to ``adapter_config.json`` for the method ``name``."""
+    return f"{name} {IMPORT_HINT}"
+
+
+def _add_enum_member(enum_cls: type, name: str, value: str) -> PeftType:
+    """Add ``name = value`` to an existing ``(str, Enum)`` class, the way ``EnumType`` builds its members."""
+    if name in enum_cls._member_map_:
+        return enum_cls._member_map_[name]
+    member = str.__new__(enum_cls, value)
+    member._name_ = name
+    member._value_ = value
+    member.__objclass__ = enum_cls
+    member._sort_order_ = len(enum_cls._member_names_)
+    # type.__setattr__: EnumType.__setattr__ refuses to touch member names.
+    type.__setattr__(enum_cls, name, member)
+    enum_cls._member_map_[name] = member
+    enum_cls._value2member_map_[value] = member
+    enum_cls._member_names_.append(name)
+    return member
+
+
+def register() -> None:
+    """Make our configs and tuners known to peft (idempotent)."""
+    for name, (config_cls, model_cls, prefix) in METHODS.items():
+        peft_type = _add_enum_member(PeftType, name, peft_type_value(name))
+        if PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type) is config_cls:
+            continue
+        if prefix in PEFT_TYPE_TO_PREFIX_MAPPING.values():
+            raise KeyError(f"peft already has a method with the state-dict prefix {prefix!r}")
+        PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = prefix
+        PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls
+        PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = model_cls
+
+
+register()

@@ -1,0 +1,325 @@
+"""The peft tuner shared by both methods: one ``BaseTuner`` that owns the prompt modules and the injection.
+
+A method supplies a config class and a ``build_prompt_module(config, layout, model)`` that returns a
+:class:`PromptModule`; everything peft expects of a tuner (adapters by name, enable/disable, unload, save/load key
+mapping, trainability, generation) lives here once.
+
+Per forward pass the tuner computes every layer's prefix once (a forward pre-hook on the transformers model, or
+once per ``generate`` call), stores it, and the attention function of :mod:`peft_ipt.attention` reads its layer's
+slice. Keeping the last computed prefixes until the next forward is what makes gradient checkpointing work: the
+recomputation in backward reads the very tensors of the forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils.other import AuxiliaryTrainingWrapper, set_additional_trainable_modules
+from torch import nn
+
+from .attention import AttentionSite, PrefixInjection, SiteLayout
+
+Prefixes = dict[
+    str, tuple[torch.Tensor, torch.Tensor]
+]  # kind -> (keys, values), each (L, B|1, n_kv, P, head_dim)
+
+
+@dataclass
+class PromptInputs:
+    """What a prompt module may read of one model call. Only the source side: see :meth:`source_mask`."""
+
+    input_ids: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    inputs_embeds: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    source_mask: torch.Tensor | None = (
+        None  # explicit (B, T) mask of source tokens, given by the user/collator
+    )
+    is_encoder_decoder: bool = False
+
+    @property
+    def tokens(self) -> torch.Tensor | None:
+        return self.input_ids if self.input_ids is not None else self.inputs_embeds
+
+    def source(self) -> torch.Tensor | None:
+        """(B, T) bool: the tokens an instance prompt may be built from.
+
+        Padding never counts. For decoder-only training with teacher forcing, tokens with a label (labels != -100)
+        are targets and never count either; an explicit ``source_mask`` overrides that inference. For
+        encoder-decoder models ``input_ids`` is the encoder input, the source by definition.
+        """
+        tokens = self.tokens
+        if tokens is None:
+            return None
+        shape = tokens.shape[:2]
+        mask = torch.ones(shape, dtype=torch.bool, device=tokens.device)
+        if self.attention_mask is not None:
+            mask &= self.attention_mask[:, -shape[1] :].bool()
+        if self.source_mask is not None:
+            mask &= self.source_mask.bool()
+        elif self.labels is not None and not self.is_encoder_decoder and self.labels.shape == shape:
+            mask &= self.labels == -100
+        return mask
+
+
+class PromptModule(nn.Module):
+    """Base of the trainable modules of one adapter: turns a model call's inputs into every layer's prefix."""
+
+    # kind -> {layer index -> slot in the stacked prefix}; layers not listed get no prefix
+    layer_slots: dict[str, dict[int, int]]
+    # True if the prefix depends on the input (then generate computes it once from the source)
+    instance_wise: bool = False
+
+    def prefixes(self, inputs: PromptInputs) -> Prefixes:
+        raise NotImplementedError  # abstract: each method defines it
+
+
+class PromptLayer(nn.Module, BaseTunerLayer):
+    """Holds each adapter's :class:`PromptModule` under its name, so peft's tooling (``get_model_status``,
+    ``disable_adapter``, state-dict selection) sees an ordinary tuner layer."""
+
+    adapter_layer_names = ("prompt",)
+
+    def __init__(self):
+        super().__init__()
+        self.prompt = nn.ModuleDict()
+
+
+class PromptTuner(BaseTuner):
+    """A ``BaseTuner`` whose adapters are :class:`PromptModule` s, injected through the attention registry."""
+
+    prefix: str
+    modules_attr: str  # name of the PromptLayer on the tuner
+    target_module_mapping: dict = {}
+
+    # -- construction -------------------------------------------------------------------------------------------
+
+    def _pre_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
+        setattr(self, self.modules_attr, PromptLayer())
+        self._prefixes: Prefixes | None = None
+        self._pinned = False
+        self._enabled = True
+        self.capturing = False
+        self._captured: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._injection = PrefixInjection(model, self)
+        self._hook = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+
+    @property
+    def prompt_layer(self) -> PromptLayer:
+        return getattr(self, self.modules_attr)
+
+    @property
+    def prompt_modules(self) -> nn.ModuleDict:
+        return self.prompt_layer.prompt
+
+    @property
+    def layout(self) -> SiteLayout:
+        return self._injection.layout
+
+    def build_prompt_module(self, config, layout: SiteLayout, model: nn.Module) -> PromptModule:
+        raise NotImplementedError  # abstract: each method defines it
+
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: dict | None = None,
+    ) -> None:
+        config = self.peft_config[adapter_name]
+        config.check_model(model, self.layout)  # raises before anything is built
+        module = self.build_prompt_module(config, self.layout, model)
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        self.prompt_modules[adapter_name] = module.to(device)
+        self.initialize_prompt_module(config, module, model)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+        self._mark_only_adapters_as_trainable(model)
+        if config.inference_mode:
+            module.requires_grad_(False)
+        set_additional_trainable_modules(
+            model=model,
+            peft_config=config,
+            model_config=BaseTuner.get_model_config(self),
+            adapter_name=adapter_name,
+            activate_adapter=adapter_name in self.active_adapters,
+        )
+
+    def initialize_prompt_module(self, config, module: PromptModule, model: nn.Module) -> None:
+        """Hook for initialisations that need the model (e.g. from real words); default: keep the module's own."""
+
+    def _create_and_replace(self, *args, **kwargs):
+        raise TypeError(f"{type(self).__name__} adds no layers to the model; it has no modules to replace")
+
+    def _check_target_module_exists(self, *args, **kwargs):
+        return False
+
+    def _prepare_adapter_config(self, peft_config, model_config):
+        return peft_config
+
+    def _check_new_adapter_config(self, config) -> None:
+        pass
+
+    # -- adapters: activate, train, enable, delete ------------------------------------------------------------
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        for param in model.parameters():
+            param.requires_grad_(False)
+        for name, module in self.prompt_modules.items():
+            trainable = name in self.active_adapters and not self.peft_config[name].inference_mode
+            module.requires_grad_(trainable)
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        if len(names) > 1:
+            raise ValueError(
+                f"peft_ipt prefixes support one active adapter at a time (got {names}); to serve several "
+                "adapters in one batch, pass adapter_names=[...] per row"
+            )
+        unknown = [n for n in names if n not in self.prompt_modules]
+        if unknown:
+            raise ValueError(f"adapter {unknown[0]!r} not found; available: {list(self.prompt_modules)}")
+        self.prompt_layer.set_adapter(names, inference_mode=inference_mode)
+        self.active_adapter = names[0] if names else []
+        self._prefixes = None
+
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        self._enabled = enabled
+        self.prompt_layer.enable_adapters(enabled)
+        if enabled:
+            self._injection.enable()
+        else:
+            self._injection.disable()  # the user's own attention implementation, bit for bit
+        for module in self.model.modules():
+            if isinstance(module, AuxiliaryTrainingWrapper):
+                module.enable_adapters(enabled)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} does not exist; available: {list(self.peft_config)}")
+        del self.peft_config[adapter_name]
+        self.prompt_layer.delete_adapter(adapter_name)
+        for module in self.model.modules():
+            if isinstance(module, AuxiliaryTrainingWrapper):
+                module.delete_adapter(adapter_name, new_active_adapters=None)
+        self.active_adapter = (
+            self.prompt_layer.active_adapters[0] if self.prompt_layer.active_adapters else []
+        )
+        self._prefixes = None
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        # Prompt modules are built in float32 and prefixes are cast to the attention's dtype at the point of use;
+        # with autocast_adapter_dtype=False they follow the base model's dtype instead (peft's convention).
+        if not autocast_adapter_dtype:
+            dtype = next(p.dtype for p in self.model.parameters())
+            self.prompt_modules[adapter_name].to(dtype)
+
+    # -- unload ---------------------------------------------------------------------------------------------
+
+    def _unload_and_optionally_merge(
+        self, merge: bool = True, progressbar: bool = False, safe_merge=False, adapter_names=None
+    ):
+        if merge:
+            raise ValueError(
+                "prefixes live in attention, not in weights: they cannot be merged into the base model. "
+                "Use unload() to get the base model back, or keep the adapter (fold() removes the MLP for inference)."
+            )
+        self._hook.remove()
+        self._injection.remove()
+        for name, module in list(self.model.named_modules()):
+            if isinstance(module, AuxiliaryTrainingWrapper):
+                parent = self.model.get_submodule(name.rpartition(".")[0]) if "." in name else self.model
+                setattr(parent, name.rpartition(".")[2], module.get_base_layer())
+        return self.model
+
+    # -- per-forward prefixes --------------------------------------------------------------------------------
+
+    def _compute_prefixes(self, inputs: PromptInputs) -> Prefixes | None:
+        if not self._enabled or not self.active_adapters:
+            return None
+        module = self.prompt_modules[self.active_adapters[0]]
+        return module.prefixes(inputs)
+
+    def _inputs_from_call(self, args: tuple, kwargs: dict, source_mask) -> PromptInputs:
+        input_ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
+        return PromptInputs(
+            input_ids=input_ids,
+            attention_mask=kwargs.get("attention_mask"),
+            inputs_embeds=kwargs.get("inputs_embeds"),
+            labels=kwargs.get("labels"),
+            source_mask=source_mask,
+            is_encoder_decoder=bool(getattr(self.model.config, "is_encoder_decoder", False)),
+        )
+
+    def _before_forward(self, model: nn.Module, args: tuple, kwargs: dict):
+        source_mask = kwargs.pop("source_mask", None)
+        if self._pinned or self.capturing:
+            return args, kwargs
+        inputs = self._inputs_from_call(args, kwargs, source_mask)
+        module = self.prompt_modules[self.active_adapters[0]] if self.active_adapters else None
+        if module is not None and module.instance_wise and self._prefixes is not None:
+            past = kwargs.get("past_key_values")
+            decoding = past is not None and past.get_seq_length() > 0
+            if decoding or inputs.tokens is None:
+                return args, kwargs  # a decoding step: the instance prompt of the prefill stays
+        self._prefixes = self._compute_prefixes(inputs)
+        return args, kwargs
+
+    def prefix_for(self, site: AttentionSite) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self._prefixes is None or not self._enabled or self.capturing:
+            return None
+        stacked = self._prefixes.get(site.kind)
+        slot = self.prompt_modules[self.active_adapters[0]].layer_slots.get(site.kind, {}).get(site.layer)
+        if stacked is None or slot is None:
+            return None
+        return stacked[0][slot], stacked[1][slot]
+
+    def generate(self, *args, **kwargs):
+        """``model.generate`` with the prompt computed once from the source, then reused at every step."""
+        source_mask = kwargs.pop("source_mask", None)
+        self._prefixes = self._compute_prefixes(self._inputs_from_call(args, kwargs, source_mask))
+        self._pinned = True
+        try:
+            return self.model.generate(*args, **kwargs)
+        finally:
+            self._pinned = False
+
+    # -- activation capture (initialisation from real words) --------------------------------------------------
+
+    def capture(self, site: AttentionSite, key: torch.Tensor, value: torch.Tensor) -> None:
+        self._captured[(site.kind, site.layer)] = (key.detach(), value.detach())
+
+    @torch.no_grad()
+    def record_activations(
+        self, token_ids: torch.Tensor
+    ) -> dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]:
+        """Run the frozen model on ``token_ids`` (T,) and return every site's keys/values, each (1, n_kv, T, hd).
+
+        For encoder-decoder models the tokens feed both the encoder and the decoder, so cross-attention records
+        the encoder's keys/values of the same words.
+        """
+        ids = token_ids.to(next(self.model.parameters()).device)[None]
+        call = {"input_ids": ids}
+        if getattr(self.model.config, "is_encoder_decoder", False):
+            call["decoder_input_ids"] = ids
+        self.capturing, self._captured = True, {}
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            self.model(**call)
+        finally:
+            self.capturing = False
+            self.model.train(was_training)
+        captured, self._captured = self._captured, {}
+        return captured
+
+    # -- state dict: the adapter name sits right after the ModuleDict, not second to last ---------------------
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        marker = f"{cls.modules_attr}.prompt.{adapter_name}."
+        if marker in key:
+            return key.replace(marker, f"{cls.modules_attr}.prompt.", 1)
+        return super()._remove_adapter_name_from_key(key, adapter_name)

@@ -1,0 +1,115 @@
+"""Tiny random transformers models, built in code, for the mechanics tests."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import transformers
+from transformers import (
+    BartConfig,
+    BertConfig,
+    GPT2Config,
+    LlamaConfig,
+    RobertaConfig,
+    T5Config,
+)
+
+import peft_ipt  # noqa: F401  (registers the methods)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers.logging.set_verbosity_error()
+
+VOCAB = 128
+
+CONFIGS = {
+    "gpt2": lambda: GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128, pad_token_id=0
+    ),
+    "llama": lambda: LlamaConfig(  # grouped-query attention: 4 query heads share 2 key/value heads
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+    ),
+    "bert": lambda: BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    ),
+    "roberta": lambda: RobertaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=130,
+        pad_token_id=1,
+    ),
+    "bart": lambda: BartConfig(
+        vocab_size=VOCAB,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=128,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+        forced_eos_token_id=None,
+    ),
+    "t5": lambda: T5Config(
+        vocab_size=VOCAB,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    ),
+}
+
+AUTO = {
+    "CAUSAL_LM": transformers.AutoModelForCausalLM,
+    "SEQ_2_SEQ_LM": transformers.AutoModelForSeq2SeqLM,
+    "SEQ_CLS": transformers.AutoModelForSequenceClassification,
+    "TOKEN_CLS": transformers.AutoModelForTokenClassification,
+    "QUESTION_ANS": transformers.AutoModelForQuestionAnswering,
+    "FEATURE_EXTRACTION": transformers.AutoModel,
+}
+
+
+def tiny_model(arch: str, task: str = "CAUSAL_LM", attn: str = "sdpa", seed: int = 0, **overrides):
+    config = CONFIGS[arch]()
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    if task in ("SEQ_CLS", "TOKEN_CLS"):
+        config.num_labels = 3
+    torch.manual_seed(seed)
+    model = AUTO[task].from_config(config, attn_implementation=attn)
+    return model.eval()
+
+
+def token_batch(batch: int = 2, length: int = 7, seed: int = 1, low: int = 3) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(low, VOCAB, (batch, length), generator=generator)
+
+
+@pytest.fixture
+def make_model():
+    return tiny_model

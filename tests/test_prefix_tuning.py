@@ -1,0 +1,466 @@
+"""PrefixTuningV2 on every task type and architecture: the core mechanics, on tiny random models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model, token_batch
+from peft import PeftModel, get_peft_model
+
+from peft_ipt import PrefixTuningV2Config
+
+DECODER_ONLY_TASKS = ["CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION"]
+ENCODER_TASKS = ["SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION"]
+COMBOS = (
+    [(arch, task) for arch in ("gpt2", "llama") for task in DECODER_ONLY_TASKS]
+    + [(arch, task) for arch in ("bert", "roberta") for task in ENCODER_TASKS]
+    + [
+        ("bart", "SEQ_2_SEQ_LM"),
+        ("t5", "SEQ_2_SEQ_LM"),
+        ("bart", "FEATURE_EXTRACTION"),
+        ("t5", "FEATURE_EXTRACTION"),
+    ]
+)
+HEADS = {
+    "SEQ_CLS": ("score", "classifier"),
+    "TOKEN_CLS": ("score", "classifier"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
+
+
+def model_inputs(arch: str, task: str, batch: int = 2, length: int = 7) -> dict:
+    ids = token_batch(batch, length)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if arch in ("bart", "t5"):
+        inputs["decoder_input_ids"] = token_batch(batch, 5, seed=3)
+    return inputs
+
+
+def main_output(output) -> torch.Tensor:
+    for name in ("logits", "start_logits", "last_hidden_state"):
+        if getattr(output, name, None) is not None:
+            return getattr(output, name)
+    raise AssertionError(f"no main output in {type(output).__name__}")
+
+
+def prefix_model(arch="llama", task="CAUSAL_LM", attn="sdpa", seed=0, **config):
+    config.setdefault("prefix_length", 4)
+    return get_peft_model(
+        tiny_model(arch, task, attn=attn, seed=seed), PrefixTuningV2Config(task_type=task, **config)
+    )
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize(("arch", "task"), COMBOS)
+def test_forward_backward_trains_only_the_prefix_and_the_task_head(arch, task, attn):
+    base = tiny_model(arch, task, attn=attn)
+    inputs = model_inputs(arch, task)
+    with torch.no_grad():
+        reference = main_output(base(**inputs))
+    model = get_peft_model(base, PrefixTuningV2Config(task_type=task, prefix_length=4))
+    model.train()
+    output = main_output(model(**inputs))
+    assert output.shape == reference.shape  # the prefix is keys/values only
+    assert not torch.allclose(output, reference, atol=1e-4)  # and it does reach the output
+    output.float().pow(2).mean().backward()
+    with_grad = {
+        name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0
+    }
+    head_names = HEADS.get(task, ())
+    assert any("prefix_v2_encoder" in name for name in with_grad)
+    for name in with_grad:
+        assert "prefix_v2_encoder" in name or any(
+            f".{head}.modules_to_save" in name for head in head_names
+        ), name
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert with_grad == trainable
+
+
+def test_print_trainable_parameters_counts_the_prefix(capsys):
+    model = prefix_model(reparameterize=False)
+    model.print_trainable_parameters()
+    # flat prefix: P * layers * 2 * kv_heads * head_dim = 4 * 2 * 2 * 2 * 8
+    assert "trainable params: 256 " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bart", "t5"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_generate_with_and_without_cache_and_a_manual_greedy_loop_agree(arch, attn):
+    task = "SEQ_2_SEQ_LM" if arch in ("bart", "t5") else "CAUSAL_LM"
+    model = prefix_model(arch, task, attn=attn, init_weights=False)
+    ids = token_batch(2, 6)
+    mask = torch.ones_like(ids)
+    kwargs = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "max_new_tokens": 6,
+        "min_new_tokens": 6,
+        "do_sample": False,
+    }
+    cached = model.generate(**kwargs)
+    uncached = model.generate(**kwargs, use_cache=False)
+    assert torch.equal(cached, uncached)
+    # manual greedy loop through forward(), no cache; min_new_tokens forbids EOS, so forbid it here too
+    eos = model.generation_config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+    def next_token(logits):
+        logits = logits[:, -1].clone()
+        logits[:, [e for e in eos if e < logits.shape[-1]]] = float("-inf")
+        return logits.argmax(-1, keepdim=True)
+
+    with torch.no_grad():
+        if task == "CAUSAL_LM":
+            sequence = ids
+            for _ in range(6):
+                logits = model(input_ids=sequence, attention_mask=torch.ones_like(sequence)).logits
+                sequence = torch.cat([sequence, next_token(logits)], dim=1)
+        else:
+            sequence = torch.full((2, 1), model.config.decoder_start_token_id)
+            for _ in range(6):
+                logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=sequence).logits
+                sequence = torch.cat([sequence, next_token(logits)], dim=1)
+    assert torch.equal(cached, sequence)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bart", "t5"])
+def test_beam_search_runs_and_matches_with_and_without_cache(arch):
+    task = "SEQ_2_SEQ_LM" if arch in ("bart", "t5") else "CAUSAL_LM"
+    model = prefix_model(arch, task, init_weights=False)
+    ids = token_batch(2, 6)
+    kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "max_new_tokens": 5, "num_beams": 3}
+    beams = model.generate(**kwargs, num_return_sequences=2)
+    assert beams.shape[0] == 4
+    assert torch.equal(beams, model.generate(**kwargs, num_return_sequences=2, use_cache=False))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_left_padded_batch_generates_what_each_prompt_generates_alone(arch):
+    model = prefix_model(arch, init_weights=False)
+    long, short = token_batch(1, 8, seed=4)[0], token_batch(1, 5, seed=5)[0]
+    pad = model.config.pad_token_id
+    batch = torch.stack([long, torch.cat([torch.full((3,), pad), short])])
+    mask = torch.stack([torch.ones(8, dtype=torch.long), torch.tensor([0, 0, 0, 1, 1, 1, 1, 1])])
+    together = model.generate(
+        input_ids=batch, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=pad
+    )
+    for row, prompt in enumerate((long, short)):
+        alone = model.generate(
+            input_ids=prompt[None],
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=6,
+            do_sample=False,
+            pad_token_id=pad,
+        )
+        assert torch.equal(together[row, -6:], alone[0, -6:])
+
+
+@pytest.mark.parametrize("arch", ["bart", "t5"])
+def test_left_padded_seq2seq_batch_matches_single_examples(arch):
+    model = prefix_model(arch, "SEQ_2_SEQ_LM", init_weights=False)
+    long, short = token_batch(1, 8, seed=4)[0], token_batch(1, 5, seed=5)[0]
+    pad = model.config.pad_token_id
+    batch = torch.stack([long, torch.cat([short, torch.full((3,), pad)])])  # encoders pad on the right
+    mask = (torch.arange(8)[None] < torch.tensor([[8], [5]])).long()
+    together = model.generate(input_ids=batch, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    for row, prompt in enumerate((long, short)):
+        alone = model.generate(
+            input_ids=prompt[None],
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=5,
+            do_sample=False,
+        )
+        assert torch.equal(together[row, : alone.shape[1]], alone[0])
+
+
+@pytest.mark.parametrize(
+    ("arch", "task"),
+    [
+        ("llama", "CAUSAL_LM"),
+        ("gpt2", "CAUSAL_LM"),
+        ("bert", "SEQ_CLS"),
+        ("bart", "SEQ_2_SEQ_LM"),
+        ("t5", "SEQ_2_SEQ_LM"),
+    ],
+)
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(arch, task):
+    results = []
+    for checkpointing in (False, True):
+        model = prefix_model(arch, task, init_weights=False)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        model.train()
+        model.base_model.model.config.use_cache = False
+        inputs = model_inputs(arch, task)
+        labels = (
+            torch.tensor([0, 2])
+            if task == "SEQ_CLS"
+            else inputs.get("decoder_input_ids", inputs["input_ids"])
+        )
+        loss = model(**inputs, labels=labels).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), grads))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6)
+
+
+def test_disable_adapter_gives_the_base_model_logits_exactly():
+    base = tiny_model("llama")
+    ids = token_batch()
+    with torch.no_grad():
+        reference = base(input_ids=ids).logits
+    model = get_peft_model(base, PrefixTuningV2Config(task_type="CAUSAL_LM", prefix_length=4))
+    with torch.no_grad():
+        assert not torch.allclose(model(input_ids=ids).logits, reference)
+        with model.disable_adapter():
+            assert model.base_model.model.config._attn_implementation == "sdpa"
+            assert torch.equal(model(input_ids=ids).logits, reference)
+        assert not torch.allclose(model(input_ids=ids).logits, reference)
+
+
+def test_unload_restores_the_base_model_and_its_attention_implementation():
+    base = tiny_model("gpt2", attn="eager")
+    ids = token_batch()
+    with torch.no_grad():
+        reference = base(input_ids=ids).logits
+    model = get_peft_model(base, PrefixTuningV2Config(task_type="CAUSAL_LM", prefix_length=4))
+    assert base.config._attn_implementation == "peft_ipt_eager"
+    restored = model.unload()
+    assert restored.config._attn_implementation == "eager"
+    with torch.no_grad():
+        assert torch.equal(restored(input_ids=ids).logits, reference)
+    with pytest.raises(ValueError, match="cannot be merged"):
+        prefix_model().merge_and_unload()
+
+
+@pytest.mark.parametrize(
+    ("arch", "task"), [("llama", "CAUSAL_LM"), ("bert", "SEQ_CLS"), ("t5", "SEQ_2_SEQ_LM")]
+)
+def test_save_and_load_round_trip_gives_identical_logits_under_any_adapter_name(arch, task, tmp_path):
+    model = prefix_model(arch, task, init_weights=False)
+    inputs = model_inputs(arch, task)
+    with torch.no_grad():
+        expected = main_output(model(**inputs))
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").exists()
+    for name in ("default", "other"):
+        loaded = PeftModel.from_pretrained(tiny_model(arch, task), tmp_path, adapter_name=name)
+        with torch.no_grad():
+            assert torch.equal(main_output(loaded(**inputs)), expected)
+
+
+def test_auto_peft_model_loads_a_saved_adapter(tmp_path):
+    from peft import AutoPeftModelForCausalLM
+
+    base = tiny_model("llama")
+    base.save_pretrained(tmp_path / "base")
+    model = get_peft_model(
+        base, PrefixTuningV2Config(task_type="CAUSAL_LM", prefix_length=4, init_weights=False)
+    )
+    model.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
+    model.save_pretrained(tmp_path / "adapter")
+    ids = token_batch()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        loaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
+        assert torch.equal(loaded(input_ids=ids).logits, expected)
+
+
+def test_two_adapters_switch_and_delete():
+    model = prefix_model(init_weights=False)
+    model.add_adapter(
+        "second", PrefixTuningV2Config(task_type="CAUSAL_LM", prefix_length=6, init_weights=False)
+    )
+    ids = token_batch()
+    with torch.no_grad():
+        first = model(input_ids=ids).logits
+        model.set_adapter("second")
+        second = model(input_ids=ids).logits
+        assert not torch.allclose(first, second)
+        model.set_adapter("default")
+        assert torch.equal(model(input_ids=ids).logits, first)
+        model.delete_adapter("second")
+        assert "second" not in model.peft_config
+        assert list(model.base_model.prompt_modules) == ["default"]
+        assert torch.equal(model(input_ids=ids).logits, first)
+
+
+def test_bf16_autocast_forward_and_generate_run():
+    model = prefix_model(init_weights=False)
+    ids = token_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(input_ids=ids).logits
+        generated = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False
+        )
+    assert torch.isfinite(logits.float()).all()
+    assert generated.shape == (2, ids.shape[1] + 3)
+    # the adapter's own parameters stay float32
+    assert all(p.dtype == torch.float32 for p in model.base_model.prompt_modules.parameters())
+
+
+def test_bf16_base_model_runs_with_float32_prefix_cast_at_use():
+    base = tiny_model("llama").to(torch.bfloat16)
+    model = get_peft_model(base, PrefixTuningV2Config(task_type="CAUSAL_LM", prefix_length=4))
+    logits = model(input_ids=token_batch()).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+    assert all(p.dtype == torch.float32 for p in model.base_model.prompt_modules.parameters())
+
+
+# -- encoder-decoder: three separately switchable prefixes --------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["bart", "t5"])
+def test_seq2seq_has_encoder_decoder_and_cross_prefixes(arch):
+    model = prefix_model(arch, "SEQ_2_SEQ_LM")
+    assert set(model.base_model.prompt_modules["default"].tables) == {"encoder", "decoder", "cross"}
+
+
+@pytest.mark.parametrize("arch", ["bart", "t5"])
+@pytest.mark.parametrize("kind", ["encoder", "decoder", "cross"])
+def test_each_seq2seq_prefix_alone_changes_what_it_should(arch, kind):
+    inputs = model_inputs(arch, "SEQ_2_SEQ_LM")
+    base = tiny_model(arch, "SEQ_2_SEQ_LM")
+    with torch.no_grad():
+        reference = base(**inputs, output_hidden_states=True)
+    switches = {f"{k}_prefix": k == kind for k in ("encoder", "decoder", "cross")}
+    model = get_peft_model(base, PrefixTuningV2Config(task_type="SEQ_2_SEQ_LM", prefix_length=4, **switches))
+    assert set(model.base_model.prompt_modules["default"].tables) == {kind}
+    with torch.no_grad():
+        output = model(**inputs, output_hidden_states=True)
+    encoder_changed = not torch.allclose(
+        output.encoder_last_hidden_state, reference.encoder_last_hidden_state
+    )
+    assert encoder_changed == (kind == "encoder")
+    assert not torch.allclose(output.logits, reference.logits)
+
+
+def test_cross_prefix_on_a_decoder_only_model_is_refused():
+    with pytest.raises(ValueError, match="cross_prefix=True, but the model has no cross attention"):
+        get_peft_model(tiny_model("llama"), PrefixTuningV2Config(task_type="CAUSAL_LM", cross_prefix=True))
+
+
+def test_layers_to_transform_limits_the_prefix_to_those_layers():
+    model = prefix_model(layers_to_transform=[1], reparameterize=False)
+    module = model.base_model.prompt_modules["default"]
+    assert module.layer_slots == {"self": {1: 0}}
+    assert module.tables["self"].weight.shape == (4, 1 * 2 * 2 * 8)
+    with pytest.raises(ValueError, match=r"layers_to_transform=\[5\] names layer 5.*has 2 layers"):
+        prefix_model(layers_to_transform=[5])
+
+
+# -- folding the reparameterisation ---------------------------------------------------------------------------
+
+
+def test_fold_keeps_outputs_and_the_folded_adapter_reloads_flat(tmp_path):
+    model = prefix_model(init_weights=False)
+    ids = token_batch()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    model.fold()
+    assert model.peft_config["default"].folded and not model.peft_config["default"].reparameterize
+    assert not hasattr(model.base_model.prompt_modules["default"].tables["self"], "mlp")
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-5, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, before, rtol=1e-5, atol=1e-5)
+    # a folded adapter trains further as a flat prefix
+    trainable = PeftModel.from_pretrained(tiny_model("llama"), tmp_path, is_trainable=True)
+    trainable.train()
+    trainable(input_ids=ids, labels=ids).loss.backward()
+    assert trainable.base_model.prompt_modules["default"].tables["self"].weight.grad.abs().sum() > 0
+
+
+def test_fold_makes_the_saved_adapter_smaller(tmp_path):
+    model = prefix_model(encoder_hidden_size=64)
+    model.save_pretrained(tmp_path / "mlp")
+    model.fold()
+    model.save_pretrained(tmp_path / "folded")
+    size = lambda d: (tmp_path / d / "adapter_model.safetensors").stat().st_size  # noqa: E731
+    assert size("folded") < size("mlp")
+
+
+# -- initialisation from real words ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reparameterize", [False, True])
+def test_vocab_initialisation_reproduces_the_models_own_keys_and_values(reparameterize, monkeypatch):
+    token_ids = torch.tensor([5, 17, 42, 99])
+    monkeypatch.setattr(
+        "peft_ipt.prefix_tuning.model.init_token_ids", lambda config, model, length: token_ids
+    )
+    config = PrefixTuningV2Config(
+        task_type="CAUSAL_LM", prefix_length=4, prefix_init="vocab", reparameterize=reparameterize
+    )
+    model = get_peft_model(tiny_model("llama"), config)
+    keys, values = model.base_model.prompt_modules["default"].prefixes(None)["self"]
+    recorded = model.base_model.record_activations(token_ids)  # the frozen model's own keys/values, no prefix
+    for layer in range(2):
+        key, value = recorded[("self", layer)]
+        torch.testing.assert_close(keys[layer, 0], key[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(values[layer, 0], value[0], rtol=1e-4, atol=1e-4)
+
+
+def test_text_initialisation_needs_a_tokenizer_and_says_so():
+    with pytest.raises(ValueError, match="prefix_init='text' needs prefix_init_text"):
+        PrefixTuningV2Config(task_type="CAUSAL_LM", prefix_init="text")
+    config = PrefixTuningV2Config(
+        task_type="CAUSAL_LM",
+        prefix_init="text",
+        prefix_init_text="table-to-text:",
+        tokenizer_name_or_path="/nonexistent",
+    )
+    with pytest.raises(ValueError, match="tokenizer_name_or_path"):
+        get_peft_model(tiny_model("llama"), config)
+
+
+# -- bad input ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("prefix_length", 0, r"prefix_length must be an integer >= 1 \(got 0\)"),
+        ("encoder_hidden_size", -3, r"encoder_hidden_size must be an integer >= 1 \(got -3\)"),
+        ("prefix_dropout", 1.5, r"prefix_dropout must be in \[0, 1\) \(got 1.5\)"),
+        ("prefix_init", "words", r"prefix_init must be one of .* \(got 'words'\)"),
+        ("layers_to_transform", [-1], r"layers_to_transform must be .* \(got \[-1\]\)"),
+        ("cross_prefix", "yes", r"cross_prefix must be a bool \(got 'yes'\)"),
+    ],
+)
+def test_invalid_config_values_are_rejected_naming_field_and_value(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        PrefixTuningV2Config(task_type="CAUSAL_LM", **{field: value})
+
+
+@pytest.mark.parametrize("change", [{"num_hidden_layers": 3}, {"hidden_size": 48, "intermediate_size": 64}])
+def test_adapter_for_another_base_model_shape_is_refused_naming_both_shapes(tmp_path, change):
+    prefix_model().save_pretrained(tmp_path)
+    other = tiny_model("llama", **change)
+    with pytest.raises(
+        ValueError, match=r"built for a base model with shapes .* but the model has .*adapter .* vs model"
+    ):
+        PeftModel.from_pretrained(other, tmp_path)
+
+
+def test_flash_attention_is_refused_at_get_peft_model():
+    base = tiny_model("llama")
+    base.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="attn_implementation='flash_attention_2' is not supported"):
+        get_peft_model(base, PrefixTuningV2Config(task_type="CAUSAL_LM"))
+
+
+def test_a_model_without_attention_registry_is_refused_naming_the_architecture():
+    class NotTransformers(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    with pytest.raises(ValueError, match="NotTransformers is not a transformers PreTrainedModel"):
+        get_peft_model(NotTransformers(), PrefixTuningV2Config(task_type="CAUSAL_LM"))
