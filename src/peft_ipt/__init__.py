@@ -5,8 +5,9 @@
 """
 
 from . import registration  # noqa: F401  (registers the methods with peft)
+from .instance_prompt import InstancePromptConfig, InstancePromptModel
 from .prefix_tuning import PrefixTuningV2Config, PrefixTuningV2Model
 
 __version__ = "0.1.0"
 
-__all__ = ["PrefixTuningV2Config", "PrefixTuningV2Model"]
+__all__ = ["InstancePromptConfig", "InstancePromptModel", "PrefixTuningV2Config", "PrefixTuningV2Model"]

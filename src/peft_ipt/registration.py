@@ -21,6 +21,7 @@ from peft.mapping import (
 )
 from peft.utils import PeftType
 
+from .instance_prompt import InstancePromptConfig, InstancePromptModel
 from .prefix_tuning import PrefixTuningV2Config, PrefixTuningV2Model
 
 IMPORT_HINT = "(needs: import peft_ipt)"
@@ -28,6 +29,7 @@ IMPORT_HINT = "(needs: import peft_ipt)"
 # enum member name -> (config class, tuner class, state-dict prefix)
 METHODS = {
     "PREFIX_TUNING_V2": (PrefixTuningV2Config, PrefixTuningV2Model, "prefix_v2_"),
+    "INSTANCE_PROMPT": (InstancePromptConfig, InstancePromptModel, "ipt_"),
 }
 
 

@@ -99,6 +99,8 @@ class PromptTuner(BaseTuner):
     def _pre_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
         setattr(self, self.modules_attr, PromptLayer())
         self._prefixes: Prefixes | None = None
+        self._inputs: PromptInputs | None = None
+        self._instance_done = False
         self._pinned = False
         self._enabled = True
         self.capturing = False
@@ -255,7 +257,7 @@ class PromptTuner(BaseTuner):
 
     def _before_forward(self, model: nn.Module, args: tuple, kwargs: dict):
         source_mask = kwargs.pop("source_mask", None)
-        if self._pinned or self.capturing:
+        if self._pinned or self.capturing or not self._enabled:
             return args, kwargs
         inputs = self._inputs_from_call(args, kwargs, source_mask)
         module = self.prompt_modules[self.active_adapters[0]] if self.active_adapters else None
@@ -264,27 +266,48 @@ class PromptTuner(BaseTuner):
             decoding = past is not None and past.get_seq_length() > 0
             if decoding or inputs.tokens is None:
                 return args, kwargs  # a decoding step: the instance prompt of the prefill stays
+        self._start_call(inputs)
+        return self._transform_call(args, kwargs, inputs)
+
+    def _start_call(self, inputs: PromptInputs) -> None:
+        """A new sequence: compute every layer's prefix from its source."""
+        self._inputs = inputs
+        self._instance_done = False
         self._prefixes = self._compute_prefixes(inputs)
+
+    def _transform_call(self, args: tuple, kwargs: dict, inputs: PromptInputs) -> tuple[tuple, dict]:
+        """Hook for methods that change the call itself (input-level prompts); default: unchanged."""
         return args, kwargs
+
+    def _generate_call(self, args: tuple, kwargs: dict, inputs: PromptInputs) -> tuple[tuple, dict]:
+        """Hook to change the arguments of ``generate``; default: unchanged."""
+        return args, kwargs
+
+    def _finish_generate(self, output, args: tuple, kwargs: dict):
+        return output
 
     def prefix_for(self, site: AttentionSite) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self._prefixes is None or not self._enabled or self.capturing:
             return None
         stacked = self._prefixes.get(site.kind)
         slot = self.prompt_modules[self.active_adapters[0]].layer_slots.get(site.kind, {}).get(site.layer)
-        if stacked is None or slot is None:
+        if stacked is None or slot is None or stacked[0][slot] is None:
             return None
         return stacked[0][slot], stacked[1][slot]
 
     def generate(self, *args, **kwargs):
         """``model.generate`` with the prompt computed once from the source, then reused at every step."""
         source_mask = kwargs.pop("source_mask", None)
-        self._prefixes = self._compute_prefixes(self._inputs_from_call(args, kwargs, source_mask))
+        inputs = self._inputs_from_call(args, kwargs, source_mask)
+        self._start_call(inputs)
+        if self._enabled and self.active_adapters:
+            args, kwargs = self._generate_call(args, kwargs, inputs)
         self._pinned = True
         try:
-            return self.model.generate(*args, **kwargs)
+            output = self.model.generate(*args, **kwargs)
         finally:
             self._pinned = False
+        return self._finish_generate(output, args, kwargs)
 
     # -- activation capture (initialisation from real words) --------------------------------------------------
 

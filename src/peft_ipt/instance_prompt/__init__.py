@@ -1,0 +1,4 @@
+from .config import InstancePromptConfig
+from .model import InstancePromptModel
+
+__all__ = ["InstancePromptConfig", "InstancePromptModel"]

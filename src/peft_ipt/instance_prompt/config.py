@@ -1,0 +1,209 @@
+"""InstancePromptConfig: instance-wise prompt tuning (Jiang et al. 2022) and its instance-conditioned neighbours."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from peft.utils import PeftType
+
+from ..base_config import PromptConfigBase
+
+INSTANCE_SOURCES = ("token_table", "embeddings", "hidden")
+INSTANCE_ENCODERS = ("none", "mlp", "cnn", "lstm")
+INJECTIONS = ("input", "prefix", "hybrid")
+
+
+def _positive_int(config, name: str) -> None:
+    value = getattr(config, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1 (got {value!r})")
+
+
+@dataclass
+class InstancePromptConfig(PromptConfigBase):
+    """A prompt built from each input: source tokens -> instance signal -> encoder -> prompt -> injection.
+
+    The instance signal only ever reads the source side: never target tokens under teacher forcing
+    (labels != -100, or outside an explicit ``source_mask``), never padding; in ``generate()`` it is computed
+    once from the input and reused at every decoding step.
+    """
+
+    prompt_length: int = field(
+        default=16, metadata={"help": "Number of prompt vectors P (paper: 5-120, best near 100)."}
+    )
+    injection: str = field(
+        default="hybrid",
+        metadata={
+            "help": "'input': the instance prompt as P soft tokens in front of the input (after [CLS] for encoders); "
+            "'prefix': per-row key/value prefixes in instance_layers; 'hybrid': a task-level prefix at every layer "
+            "plus instance_scale x the instance prompt in instance_layers (the paper's strongest variant)."
+        },
+    )
+    instance_source: str = field(
+        default="token_table",
+        metadata={
+            "help": "'token_table': IPT's separate trainable re-embedding of the first instance_tokens source tokens "
+            "(hashed into table_size buckets); 'embeddings': the model's frozen input embeddings (IDPG-style); "
+            "'hidden': hidden states entering attention layer hidden_layer (LPT-style); the prompt then enters from "
+            "that layer on."
+        },
+    )
+    instance_encoder: str = field(
+        default="mlp",
+        metadata={
+            "help": "'none' (the first P source vectors are the prompt), 'mlp' (mean-pool + bottleneck), 'cnn' (TextCNN 3/4/5), 'lstm' (BiLSTM)."
+        },
+    )
+    instance_tokens: int = field(
+        default=128,
+        metadata={
+            "help": "How many leading source tokens feed the instance signal (paper: the first n tokens)."
+        },
+    )
+    instance_rank: int = field(
+        default=32,
+        metadata={
+            "help": "Width r of the prompt codes; one Linear(r, ...) per attention kind maps them into keys/values (or embeddings)."
+        },
+    )
+    encoder_hidden_size: int = field(
+        default=64, metadata={"help": "Bottleneck / channel / LSTM size of the instance encoder."}
+    )
+    table_size: int = field(
+        default=2048, metadata={"help": "Buckets of the hashed token table (instance_source='token_table')."}
+    )
+    table_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A pretrained token table (safetensors, from `peft-ipt pretrain-table`): IPT's 'pretrained' strategy."
+        },
+    )
+    freeze_table: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep the token table fixed and train only the encoder and prompt (IPT's cost-saving option)."
+        },
+    )
+    instance_layers: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Layers whose prefix gets the instance prompt. None: the first selected layer for 'hybrid' (the "
+            "paper), every selected layer for 'prefix', from hidden_layer on for instance_source='hidden'."
+        },
+    )
+    instance_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "Scale of the instance part added to the task prefix in 'hybrid' (the paper uses 0.05 with its own parameterisation)."
+        },
+    )
+    hidden_layer: int | None = field(
+        default=None,
+        metadata={
+            "help": "instance_source='hidden': the attention layer whose input hidden states feed the encoder (LPT: the middle layer). None: the middle layer."
+        },
+    )
+    prompt_dropout: float = field(
+        default=0.0, metadata={"help": "Dropout on the instance prompt codes during training."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = PeftType["INSTANCE_PROMPT"]
+        for name in (
+            "prompt_length",
+            "instance_tokens",
+            "instance_rank",
+            "encoder_hidden_size",
+            "table_size",
+        ):
+            _positive_int(self, name)
+        for name, allowed in (
+            ("injection", INJECTIONS),
+            ("instance_source", INSTANCE_SOURCES),
+            ("instance_encoder", INSTANCE_ENCODERS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed} (got {getattr(self, name)!r})")
+        if not isinstance(self.prompt_dropout, (int, float)) or not 0.0 <= self.prompt_dropout < 1.0:
+            raise ValueError(f"prompt_dropout must be in [0, 1) (got {self.prompt_dropout!r})")
+        if not isinstance(self.instance_scale, (int, float)) or isinstance(self.instance_scale, bool):
+            raise ValueError(f"instance_scale must be a number (got {self.instance_scale!r})")
+        if self.hidden_layer is not None:
+            if self.instance_source != "hidden":
+                raise ValueError(
+                    f"hidden_layer={self.hidden_layer} needs instance_source='hidden' (got {self.instance_source!r})"
+                )
+            if not isinstance(self.hidden_layer, int) or self.hidden_layer < 0:
+                raise ValueError(f"hidden_layer must be a layer index >= 0 (got {self.hidden_layer!r})")
+        if self.instance_source == "hidden" and self.injection == "input":
+            raise ValueError(
+                "instance_source='hidden' enters the prompt at a middle layer, so it needs injection='prefix' or "
+                "'hybrid' (got injection='input')"
+            )
+        if (self.table_path or self.freeze_table) and self.instance_source != "token_table":
+            raise ValueError(
+                f"table_path / freeze_table need instance_source='token_table' (got {self.instance_source!r})"
+            )
+        if self.freeze_table and not self.table_path:
+            raise ValueError(
+                "freeze_table=True freezes a random table; give table_path (a pretrained table) too"
+            )
+        if self.instance_layers is not None:
+            if self.injection == "input":
+                raise ValueError("instance_layers applies to injection='prefix' or 'hybrid', not 'input'")
+            if not self.instance_layers or any(not isinstance(i, int) or i < 0 for i in self.instance_layers):
+                raise ValueError(
+                    f"instance_layers must be a non-empty list of layer indices >= 0 (got {self.instance_layers!r})"
+                )
+            self.instance_layers = sorted(set(self.instance_layers))
+        if self.injection == "input" and self.layers_to_transform is not None:
+            raise ValueError(
+                "layers_to_transform does not apply to injection='input' (the prompt enters as tokens)"
+            )
+
+    def check_model(self, model, layout) -> None:
+        super().check_model(model, layout)
+        self.resolved_instance_layers(layout)
+
+    def hidden_source(self, layout) -> tuple[str, int]:
+        """(attention kind, layer) whose input feeds instance_source='hidden'."""
+        kind = "self" if "self" in layout.shapes else "encoder"
+        n_layers = layout.shapes[kind][0]
+        layer = n_layers // 2 if self.hidden_layer is None else self.hidden_layer
+        if layer >= n_layers:
+            raise ValueError(
+                f"hidden_layer={self.hidden_layer} is out of range: the model's {kind} stack has {n_layers} layers "
+                f"(0..{n_layers - 1})"
+            )
+        return kind, layer
+
+    def resolved_instance_layers(self, layout) -> dict[str, list[int]]:
+        """Per selected attention kind, the layers that receive the instance prompt."""
+        if self.injection == "input":
+            return {}
+        result = {}
+        hidden = self.hidden_source(layout) if self.instance_source == "hidden" else None
+        for kind in self.selected_kinds(layout):
+            selected = self.selected_layers(kind, layout)
+            if self.instance_layers is not None:
+                missing = [i for i in self.instance_layers if i not in selected]
+                if missing:
+                    raise ValueError(
+                        f"instance_layers={self.instance_layers} names layer {missing[0]}, which carries no prefix "
+                        f"in the {kind} stack (selected layers: {selected}); pick from those"
+                    )
+                layers = list(self.instance_layers)
+            elif hidden is not None:
+                layers = [i for i in selected if kind != hidden[0] or i >= hidden[1]]
+            elif self.injection == "hybrid":
+                layers = selected[:1]
+            else:
+                layers = selected
+            if hidden is not None and kind == hidden[0] and any(i < hidden[1] for i in layers):
+                raise ValueError(
+                    f"instance_layers={layers} includes layers below hidden_layer={hidden[1]}, which run before the "
+                    "instance prompt exists; use layers >= hidden_layer"
+                )
+            result[kind] = layers
+        return result

@@ -1,0 +1,129 @@
+"""The trainable part of one IPT adapter: instance signal -> encoder -> prompt codes -> keys/values or embeddings."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..attention import SiteLayout
+from ..base_config import hidden_size_of
+from ..prefix_tuning.layer import PrefixTable
+from ..tuner import Prefixes, PromptInputs, PromptModule
+from .encoders import ENCODERS, HashedTokenTable, first_source_tokens
+
+
+class InstancePromptModule(PromptModule):
+    instance_wise = True
+
+    def __init__(self, config, layout: SiteLayout, model: nn.Module):
+        super().__init__()
+        self.config = config
+        P, r = config.prompt_length, config.instance_rank
+        hidden = hidden_size_of(model.config)
+        if config.instance_source == "token_table":
+            self.table = HashedTokenTable(config.table_size, r)
+            source_dim = r
+        else:
+            source_dim = hidden
+        # The model's own embedding layer, for instance_source='embeddings': referenced, never registered (it is
+        # frozen and belongs to the base model, not to the adapter's state dict).
+        object.__setattr__(self, "_embeddings", model.get_input_embeddings())
+        self.encoder = ENCODERS[config.instance_encoder](source_dim, P, r, config.encoder_hidden_size)
+        self.dropout = nn.Dropout(config.prompt_dropout)
+
+        self.instance_layers = config.resolved_instance_layers(layout)
+        self.layer_slots, self._shapes = {}, {}
+        self.heads, self.task = nn.ModuleDict(), nn.ModuleDict()
+        if config.injection == "input":
+            self.to_embedding = nn.Linear(r, hidden)
+            return
+        for kind in config.selected_kinds(layout):
+            _, n_kv, head_dim = layout.shapes[kind]
+            carried = (
+                config.selected_layers(kind, layout)
+                if config.injection == "hybrid"
+                else self.instance_layers[kind]
+            )
+            self.layer_slots[kind] = {layer: slot for slot, layer in enumerate(carried)}
+            self._shapes[kind] = (n_kv, head_dim)
+            width = 2 * n_kv * head_dim
+            self.heads[kind] = nn.Linear(r, len(self.instance_layers[kind]) * width)
+            if config.injection == "hybrid":
+                self.task[kind] = PrefixTable(P, len(carried) * width, 0, None)
+                if config.init_weights:
+                    # Start as plain P-tuning v2: the instance part grows from zero, as LoRA's B does.
+                    nn.init.zeros_(self.heads[kind].weight)
+                    nn.init.zeros_(self.heads[kind].bias)
+        self._last_task: dict | None = None
+
+    # -- the instance signal ----------------------------------------------------------------------------------
+
+    def encode(self, vectors: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """(B, n, d) source vectors + (B, n) validity -> (B, P, r) prompt codes."""
+        n = self.config.instance_tokens
+        return self.dropout(self.encoder(vectors[:, :n], valid[:, :n]))
+
+    def encode_inputs(self, inputs: PromptInputs) -> torch.Tensor:
+        source = inputs.source()
+        if source is None:
+            raise ValueError("the instance prompt needs input_ids or inputs_embeds in the model call")
+        index, valid = first_source_tokens(source, self.config.instance_tokens)  # (B, n)
+        if self.config.instance_source == "token_table":
+            if inputs.input_ids is None:
+                raise ValueError(
+                    "instance_source='token_table' reads token ids, but the call gave inputs_embeds only; pass "
+                    "input_ids, or use instance_source='embeddings'"
+                )
+            vectors = self.table(torch.gather(inputs.input_ids, 1, index))
+        else:
+            embeds = (
+                inputs.inputs_embeds
+                if inputs.inputs_embeds is not None
+                else self._embeddings(inputs.input_ids)
+            )
+            vectors = torch.gather(embeds, 1, index[..., None].expand(-1, -1, embeds.shape[-1])).float()
+        return self.encode(vectors, valid)
+
+    def input_prompt(self, inputs: PromptInputs) -> torch.Tensor:
+        """injection='input': (B, P, hidden) soft tokens."""
+        return self.to_embedding(self.encode_inputs(inputs))
+
+    # -- prefixes -------------------------------------------------------------------------------------------
+
+    def _task_parts(self) -> dict[str, tuple[list, list]]:
+        parts = {}
+        for kind, table in self.task.items():
+            n_kv, head_dim = self._shapes[kind]
+            flat = table().view(self.config.prompt_length, -1, 2, n_kv, head_dim)  # (P, L, 2, n_kv, hd)
+            kv = flat.permute(1, 2, 3, 0, 4).unsqueeze(2)  # (L, 2, 1, n_kv, P, hd)
+            parts[kind] = (list(kv[:, 0]), list(kv[:, 1]))
+        return parts
+
+    def combine(self, codes: torch.Tensor | None) -> Prefixes:
+        """Per kind, per slot (B|1, n_kv, P, hd) keys/values: task part (hybrid) + scaled instance part."""
+        task = self._last_task or {}
+        out: Prefixes = {}
+        for kind, slots in self.layer_slots.items():
+            keys, values = task.get(kind, ([None] * len(slots), [None] * len(slots)))
+            keys, values = list(keys), list(values)
+            if codes is not None:
+                n_kv, head_dim = self._shapes[kind]
+                layers = self.instance_layers[kind]
+                batch, P = codes.shape[:2]
+                inst = self.heads[kind](codes).view(batch, P, len(layers), 2, n_kv, head_dim)
+                inst = inst.permute(2, 3, 0, 4, 1, 5)  # (L_i, 2, B, n_kv, P, hd)
+                scale = self.config.instance_scale if self.config.injection == "hybrid" else 1.0
+                for j, layer in enumerate(layers):
+                    slot = slots[layer]
+                    keys[slot] = scale * inst[j, 0] + (keys[slot] if keys[slot] is not None else 0)
+                    values[slot] = scale * inst[j, 1] + (values[slot] if values[slot] is not None else 0)
+            out[kind] = (keys, values)
+        return out
+
+    def prefixes(self, inputs: PromptInputs) -> Prefixes:
+        if self.config.injection == "input":
+            return {}
+        self._last_task = self._task_parts()
+        if self.config.instance_source == "hidden":
+            return self.combine(None)  # the instance part arrives when the hidden layer runs
+        return self.combine(self.encode_inputs(inputs))

@@ -1,0 +1,192 @@
+"""InstancePromptModel: the peft tuner for InstancePromptConfig.
+
+Beyond the shared tuner it does two things, each only for the variant that needs it:
+- instance_source='hidden': a forward pre-hook on the attention module of ``hidden_layer`` reads the hidden
+  states entering it and adds the instance prompt to the prefixes of that layer and the ones after it;
+- injection='input': the prompt enters as P soft tokens (after [CLS] for encoders, in front otherwise); labels,
+  masks and answer positions are shifted to match, and per-token outputs are trimmed back to the input's length.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..attention import SITE_ATTR, SiteLayout
+from ..tuner import PromptInputs, PromptTuner
+from .config import InstancePromptConfig
+from .encoders import first_source_tokens
+from .layer import InstancePromptModule
+
+PER_TOKEN_OUTPUTS = ("logits", "start_logits", "end_logits", "last_hidden_state")
+
+
+class InstancePromptModel(PromptTuner):
+    prefix = "ipt_"
+    modules_attr = "ipt_encoder"
+
+    def _pre_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
+        super()._pre_injection_hook(model, config, adapter_name)
+        self._hidden_hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
+        self._trim: tuple[int, int, int] | None = None
+        self._output_hook = model.register_forward_hook(self._trim_outputs)
+        sites = [module.__dict__[SITE_ATTR] for module, *_ in self._injection.sites]
+        self._encoder_only = not getattr(model.config, "is_encoder_decoder", False) and not any(
+            getattr(module, "is_causal", False) for module, *_ in self._injection.sites
+        )
+        self._sites = {
+            (site.kind, site.layer): module for site, (module, *_) in zip(sites, self._injection.sites)
+        }
+
+    def build_prompt_module(self, config: InstancePromptConfig, layout: SiteLayout, model: nn.Module):
+        if config.injection == "input" and config.task_type == "SEQ_CLS" and not self._encoder_only:
+            raise ValueError(
+                "injection='input' with SEQ_CLS on a decoder model: transformers finds the token to classify from "
+                "input_ids, which input-level prompts replace by embeddings. Use injection='hybrid' or 'prefix'."
+            )
+        module = InstancePromptModule(config, layout, model)
+        if config.table_path:
+            module.table.load(config.table_path)
+        if config.freeze_table:
+            module.table.weight.requires_grad_(False)
+        return module
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
+        super().inject_adapter(model, adapter_name, **kwargs)
+        config = self.peft_config[adapter_name]
+        if config.instance_source == "hidden":
+            attention = self._sites[config.hidden_source(self.layout)]
+            self._hidden_hooks[adapter_name] = attention.register_forward_pre_hook(
+                self._hidden_states_hook, with_kwargs=True
+            )
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        super()._mark_only_adapters_as_trainable(model)
+        for name, module in self.prompt_modules.items():
+            if self.peft_config[name].freeze_table:
+                module.table.weight.requires_grad_(False)
+
+    def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+        for name, module in self.prompt_modules.items():
+            if self.peft_config.get(name) is not None and self.peft_config[name].freeze_table:
+                module.table.weight.requires_grad_(False)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        handle = self._hidden_hooks.pop(adapter_name, None)
+        if handle is not None:
+            handle.remove()
+
+    def _unload_and_optionally_merge(self, merge: bool = True, **kwargs):
+        if not merge:
+            for handle in self._hidden_hooks.values():
+                handle.remove()
+            self._output_hook.remove()
+        return super()._unload_and_optionally_merge(merge=merge, **kwargs)
+
+    def _active_module(self) -> InstancePromptModule | None:
+        if not self._enabled or not self.active_adapters or self.capturing:
+            return None
+        return self.prompt_modules[self.active_adapters[0]]
+
+    # -- instance_source='hidden' ------------------------------------------------------------------------------
+
+    def _hidden_states_hook(self, attention: nn.Module, args: tuple, kwargs: dict):
+        module = self._active_module()
+        if module is None or module.config.instance_source != "hidden" or self._instance_done:
+            return None  # decoding steps and checkpoint recomputation keep the prompt of the first pass
+        hidden = kwargs.get("hidden_states", args[0] if args else None)  # (B, T, d)
+        source = self._inputs.source() if self._inputs is not None else None
+        if source is None or source.shape != hidden.shape[:2]:
+            source = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        index, valid = first_source_tokens(source, module.config.instance_tokens)
+        vectors = torch.gather(hidden, 1, index[..., None].expand(-1, -1, hidden.shape[-1])).float()
+        self._prefixes = module.combine(module.encode(vectors, valid))
+        self._instance_done = True
+        return None
+
+    # -- injection='input' -----------------------------------------------------------------------------------
+
+    def _with_input_prompt(self, module, kwargs: dict, inputs: PromptInputs, for_generate: bool) -> dict:
+        embeds = inputs.inputs_embeds
+        if embeds is None:
+            embeds = self.model.get_input_embeddings()(inputs.input_ids)
+        prompt = module.input_prompt(inputs).to(embeds.dtype)  # (B, P, hidden)
+        batch, length = embeds.shape[:2]
+        P = prompt.shape[1]
+        at = 1 if self._encoder_only else 0  # keep [CLS] first: the classifier reads position 0
+
+        def insert(tensor: torch.Tensor, fill) -> torch.Tensor:
+            block = tensor.new_full((batch, P, *tensor.shape[2:]), fill) if fill is not None else prompt
+            return torch.cat([tensor[:, :at], block, tensor[:, at:]], dim=1)
+
+        kwargs = {k: v for k, v in kwargs.items() if k != "input_ids"}
+        if kwargs.get("position_ids") is not None:
+            raise ValueError("injection='input' shifts positions itself; do not pass position_ids")
+        kwargs["inputs_embeds"] = insert(embeds, None)
+        mask = kwargs.get("attention_mask")
+        kwargs["attention_mask"] = insert(
+            mask if mask is not None else embeds.new_ones(batch, length, dtype=torch.long), 1
+        )
+        if kwargs.get("token_type_ids") is not None:
+            kwargs["token_type_ids"] = insert(kwargs["token_type_ids"], 0)
+        labels = kwargs.get("labels")
+        if labels is not None and not inputs.is_encoder_decoder and labels.shape == (batch, length):
+            kwargs["labels"] = insert(labels, -100)
+        for name in ("start_positions", "end_positions"):
+            if kwargs.get(name) is not None:
+                kwargs[name] = kwargs[name] + P * (kwargs[name] >= at)
+        if not for_generate:
+            self._trim = (at, P, length)
+        return kwargs
+
+    def _transform_call(self, args: tuple, kwargs: dict, inputs: PromptInputs):
+        module = self._active_module()
+        if module is None or module.config.injection != "input":
+            return args, kwargs
+        if args and torch.is_tensor(args[0]):
+            kwargs, args = {**kwargs, "input_ids": args[0]}, args[1:]
+        return args, self._with_input_prompt(module, kwargs, inputs, for_generate=False)
+
+    def _generate_call(self, args: tuple, kwargs: dict, inputs: PromptInputs):
+        module = self._active_module()
+        if module is None or module.config.injection != "input":
+            return args, kwargs
+        if args and torch.is_tensor(args[0]):
+            kwargs, args = {**kwargs, "input_ids": args[0]}, args[1:]
+        self._generated_from = kwargs.get("input_ids") if not inputs.is_encoder_decoder else None
+        return args, self._with_input_prompt(module, kwargs, inputs, for_generate=True)
+
+    def _finish_generate(self, output, args: tuple, kwargs: dict):
+        source = getattr(self, "_generated_from", None)
+        self._generated_from = None
+        if source is None or not torch.is_tensor(output):
+            return output
+        # generate() from inputs_embeds returns only new tokens; give back prompt + new tokens as usual.
+        return torch.cat([source.repeat_interleave(output.shape[0] // source.shape[0], dim=0), output], dim=1)
+
+    def _trim_outputs(self, model: nn.Module, args, output):
+        if self._trim is None:
+            return output
+        at, P, length = self._trim
+        self._trim = None
+        names = (
+            ("encoder_last_hidden_state",)
+            if getattr(model.config, "is_encoder_decoder", False)
+            else PER_TOKEN_OUTPUTS
+        )
+
+        def cut(tensor):
+            if torch.is_tensor(tensor) and tensor.dim() >= 2 and tensor.shape[1] == length + P:
+                return torch.cat([tensor[:, :at], tensor[:, at + P :]], dim=1)
+            return tensor
+
+        for name in names:
+            if getattr(output, name, None) is not None:
+                setattr(output, name, cut(getattr(output, name)))
+        if getattr(output, "hidden_states", None) is not None and not getattr(
+            model.config, "is_encoder_decoder", False
+        ):
+            output.hidden_states = tuple(cut(h) for h in output.hidden_states)
+        return output
