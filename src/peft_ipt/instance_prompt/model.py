@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..attention import SITE_ATTR, SiteLayout
+from ..attention import SiteLayout
 from ..tuner import PromptInputs, PromptTuner
 from .config import InstancePromptConfig
 from .encoders import first_source_tokens
@@ -30,13 +30,10 @@ class InstancePromptModel(PromptTuner):
         self._hidden_hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
         self._trim: tuple[int, int, int] | None = None
         self._output_hook = model.register_forward_hook(self._trim_outputs)
-        sites = [module.__dict__[SITE_ATTR] for module, *_ in self._injection.sites]
         self._encoder_only = not getattr(model.config, "is_encoder_decoder", False) and not any(
             getattr(module, "is_causal", False) for module, *_ in self._injection.sites
         )
-        self._sites = {
-            (site.kind, site.layer): module for site, (module, *_) in zip(sites, self._injection.sites)
-        }
+        self._sites = {(kind, layer): module for module, kind, layer, *_ in self._injection.sites}
 
     def build_prompt_module(self, config: InstancePromptConfig, layout: SiteLayout, model: nn.Module):
         if config.injection == "input" and config.task_type == "SEQ_CLS" and not self._encoder_only:
