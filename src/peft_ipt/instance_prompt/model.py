@@ -91,10 +91,13 @@ class InstancePromptModel(PromptTuner):
 
     def _hidden_states_hook(self, attention: nn.Module, args: tuple, kwargs: dict):
         module = self._active_module()
-        if module is None or module.config.instance_source != "hidden" or self._instance_done:
-            return None  # decoding steps and checkpoint recomputation keep the prompt of the first pass
+        if module is None or module.config.instance_source != "hidden":
+            return None
         hidden = kwargs.get("hidden_states", args[0] if args else None)  # (B, T, d)
         source = self._inputs.source() if self._inputs is not None else None
+        if self._instance_done and (self._pinned or source is None or source.shape != hidden.shape[:2]):
+            return None  # a decoding step: the prompt of the prefill stays
+        # Otherwise (re)compute: gradient checkpointing replays this hook and must see the same operations.
         if source is None or source.shape != hidden.shape[:2]:
             source = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
         index, valid = first_source_tokens(source, module.config.instance_tokens)

@@ -1,0 +1,427 @@
+"""InstancePrompt (IPT): the prompt comes from each input's source side, on every task type."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model, token_batch
+from peft import PeftModel, get_peft_model
+from test_prefix_tuning import COMBOS, main_output, model_inputs
+
+from peft_ipt import InstancePromptConfig
+from peft_ipt.instance_prompt.encoders import HashedTokenTable
+
+VARIANTS = [
+    {"injection": "hybrid"},
+    {"injection": "prefix", "instance_encoder": "cnn"},
+    {"injection": "prefix", "instance_source": "embeddings", "instance_encoder": "lstm"},
+    {"injection": "hybrid", "instance_source": "hidden", "instance_encoder": "mlp"},
+    {"injection": "input", "instance_encoder": "none"},
+]
+
+
+def ipt_model(arch="llama", task="CAUSAL_LM", **config):
+    config.setdefault("prompt_length", 4)
+    config.setdefault("init_weights", False)  # a random instance head, so the instance visibly matters
+    return get_peft_model(tiny_model(arch, task), InstancePromptConfig(task_type=task, **config))
+
+
+def prefix_snapshot(model) -> dict:
+    """The per-layer prefixes of the last call, detached."""
+    return {
+        kind: [None if k is None else k.detach().clone() for k in keys]
+        for kind, (keys, _) in model.base_model._prefixes.items()
+    }
+
+
+def assert_same_prefixes(a: dict, b: dict, same: bool = True):
+    equal = all(
+        (x is None and y is None) or (x is not None and y is not None and torch.allclose(x, y, atol=1e-6))
+        for kind in a
+        for x, y in zip(a[kind], b[kind], strict=True)
+    )
+    assert equal == same
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(map(str, v.values())))
+@pytest.mark.parametrize(("arch", "task"), COMBOS)
+def test_forward_backward_on_every_task_type(arch, task, variant):
+    if variant["injection"] == "input" and task == "SEQ_CLS" and arch in ("gpt2", "llama"):
+        with pytest.raises(ValueError, match="injection='input' with SEQ_CLS on a decoder model"):
+            ipt_model(arch, task, **variant)
+        return
+    base = tiny_model(arch, task)
+    inputs = model_inputs(arch, task)
+    with torch.no_grad():
+        reference = main_output(base(**inputs))
+    model = get_peft_model(
+        base, InstancePromptConfig(task_type=task, prompt_length=4, init_weights=False, **variant)
+    )
+    model.train()
+    output = main_output(model(**inputs))
+    assert output.shape == reference.shape  # per-token outputs keep the input's length in every mode
+    assert not torch.allclose(output, reference, atol=1e-4)
+    output.float().pow(2).mean().backward()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert "ipt_encoder" in name or "modules_to_save" in name, name
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_the_prompt_differs_between_instances_and_not_between_calls():
+    model = ipt_model()
+    a, b = token_batch(1, 7, seed=1), token_batch(1, 7, seed=2)
+    with torch.no_grad():
+        model(input_ids=a)
+        first = prefix_snapshot(model)
+        model(input_ids=a)
+        assert_same_prefixes(first, prefix_snapshot(model))
+        model(input_ids=b)
+        assert_same_prefixes(first, prefix_snapshot(model), same=False)
+
+
+@pytest.mark.parametrize("variant", VARIANTS[:4], ids=lambda v: "-".join(map(str, v.values())))
+def test_changing_only_the_target_tokens_leaves_the_prompt_unchanged(variant):
+    """Causal LM with teacher forcing: tokens with a label are targets and never feed the prompt."""
+    model = ipt_model(**variant)
+    source = token_batch(2, 5, seed=1)
+    target_a, target_b = token_batch(2, 4, seed=2), token_batch(2, 4, seed=3)
+    prompts = []
+    for target in (target_a, target_b):
+        ids = torch.cat([source, target], dim=1)
+        labels = torch.cat([torch.full_like(source, -100), target], dim=1)
+        with torch.no_grad():
+            model(input_ids=ids, labels=labels)
+        prompts.append(prefix_snapshot(model))
+    assert_same_prefixes(*prompts)
+    # without labels marking the source, the targets would feed the prompt: the test can fail
+    with torch.no_grad():
+        model(input_ids=torch.cat([source, target_b], dim=1))
+    assert_same_prefixes(prompts[0], prefix_snapshot(model), same=False)
+
+
+def test_an_explicit_source_mask_overrides_labels():
+    model = ipt_model()
+    source, target = token_batch(2, 5, seed=1), token_batch(2, 4, seed=2)
+    ids = torch.cat([source, target], dim=1)
+    with torch.no_grad():
+        model(input_ids=source)
+        alone = prefix_snapshot(model)
+        model(
+            input_ids=ids, source_mask=torch.cat([torch.ones_like(source), torch.zeros_like(target)], dim=1)
+        )
+    assert_same_prefixes(alone, prefix_snapshot(model))
+
+
+@pytest.mark.parametrize("arch", ["bart", "t5"])
+def test_seq2seq_prompt_comes_from_the_encoder_input_only(arch):
+    model = ipt_model(arch, "SEQ_2_SEQ_LM")
+    ids = token_batch(2, 6)
+    prompts = []
+    for seed in (3, 4):
+        with torch.no_grad():
+            model(
+                input_ids=ids,
+                decoder_input_ids=token_batch(2, 5, seed=seed),
+                labels=token_batch(2, 5, seed=seed),
+            )
+        prompts.append(prefix_snapshot(model))
+    assert_same_prefixes(*prompts)
+
+
+@pytest.mark.parametrize("variant", VARIANTS[:4], ids=lambda v: "-".join(map(str, v.values())))
+def test_padding_never_enters_the_instance_representation(variant):
+    model = ipt_model("bert", "SEQ_CLS", **variant)
+    ids = token_batch(1, 6)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        unpadded = prefix_snapshot(model)
+        for filler in (0, 77):
+            padded = torch.cat([ids, torch.full((1, 5), filler)], dim=1)
+            mask = torch.cat([torch.ones_like(ids), torch.zeros(1, 5, dtype=torch.long)], dim=1)
+            model(input_ids=padded, attention_mask=mask)
+            if variant.get("instance_source") == "hidden":
+                # hidden states of real tokens themselves depend on nothing padded: same prompt
+                pass
+            assert_same_prefixes(unpadded, prefix_snapshot(model))
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(map(str, v.values())))
+@pytest.mark.parametrize("arch", ["llama", "t5"])
+def test_generate_computes_the_prompt_once_and_cache_does_not_matter(arch, variant):
+    task = "SEQ_2_SEQ_LM" if arch == "t5" else "CAUSAL_LM"
+    model = ipt_model(arch, task, **variant)
+    calls = []
+    model.base_model.prompt_modules["default"].encoder.register_forward_hook(lambda *a: calls.append(1))
+    ids = token_batch(2, 6)
+    kwargs = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "max_new_tokens": 5,
+        "min_new_tokens": 5,
+        "do_sample": False,
+    }
+    cached = model.generate(**kwargs)
+    assert len(calls) == 1
+    uncached = model.generate(**kwargs, use_cache=False)
+    assert len(calls) == 2
+    assert torch.equal(cached, uncached)
+    assert cached.shape == (2, (6 if task == "CAUSAL_LM" else 1) + 5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(map(str, v.values())))
+def test_a_manual_greedy_loop_that_marks_the_source_agrees_with_generate(variant):
+    model = ipt_model(**variant)
+    ids = token_batch(2, 6)
+    expected = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=5,
+        min_new_tokens=5,
+        do_sample=False,
+    )
+    eos = model.generation_config.eos_token_id
+    sequence = ids
+    with torch.no_grad():
+        for _ in range(5):
+            source_mask = torch.zeros_like(sequence)
+            source_mask[:, : ids.shape[1]] = 1  # the tokens generated so far are not part of the instance
+            logits = model(input_ids=sequence, source_mask=source_mask).logits[:, -1].clone()
+            logits[:, eos] = float("-inf")
+            sequence = torch.cat([sequence, logits.argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(expected, sequence)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(map(str, v.values())))
+def test_left_padded_batch_matches_single_examples(variant):
+    model = ipt_model(**variant)
+    long, short = token_batch(1, 8, seed=4)[0], token_batch(1, 5, seed=5)[0]
+    pad = model.config.pad_token_id
+    batch = torch.stack([long, torch.cat([torch.full((3,), pad), short])])
+    mask = torch.stack([torch.ones(8, dtype=torch.long), torch.tensor([0, 0, 0, 1, 1, 1, 1, 1])])
+    kwargs = {"max_new_tokens": 5, "min_new_tokens": 5, "do_sample": False, "pad_token_id": pad}
+    together = model.generate(input_ids=batch, attention_mask=mask, **kwargs)
+    for row, prompt in enumerate((long, short)):
+        alone = model.generate(
+            input_ids=prompt[None], attention_mask=torch.ones(1, len(prompt), dtype=torch.long), **kwargs
+        )
+        assert torch.equal(together[row, -5:], alone[0, -5:])
+
+
+def test_beam_search_expands_each_rows_prompt():
+    model = ipt_model("llama")
+    ids = token_batch(2, 6)
+    kwargs = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "max_new_tokens": 4,
+        "num_beams": 3,
+        "num_return_sequences": 2,
+    }
+    beams = model.generate(**kwargs)
+    assert beams.shape[0] == 4
+    assert torch.equal(beams, model.generate(**kwargs, use_cache=False))
+
+
+# -- where the prompt goes --------------------------------------------------------------------------------
+
+
+def test_input_injection_keeps_cls_first_for_encoders():
+    model = ipt_model("bert", "SEQ_CLS", injection="input")
+    seen = {}
+    embeddings = model.base_model.model.bert.embeddings
+    embeddings.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
+    ids = token_batch(2, 6)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    word = embeddings.word_embeddings(ids)
+    inputs_embeds = seen["inputs_embeds"]
+    assert inputs_embeds.shape[1] == 6 + 4
+    torch.testing.assert_close(inputs_embeds[:, 0], word[:, 0])  # [CLS] stays at position 0
+    torch.testing.assert_close(inputs_embeds[:, 5:], word[:, 1:])
+
+
+def test_input_injection_token_classification_loss_uses_the_original_labels():
+    model = ipt_model("bert", "TOKEN_CLS", injection="input")
+    ids = token_batch(2, 6)
+    labels = torch.randint(0, 3, (2, 6))
+    with torch.no_grad():
+        output = model(input_ids=ids, labels=labels)
+    expected = torch.nn.functional.cross_entropy(output.logits.reshape(-1, 3), labels.reshape(-1))
+    torch.testing.assert_close(output.loss, expected)
+
+
+def test_hidden_source_enters_from_its_layer_on():
+    model = ipt_model("llama", injection="prefix", instance_source="hidden", hidden_layer=1)
+    module = model.base_model.prompt_modules["default"]
+    assert module.instance_layers == {"self": [1]}
+    assert module.layer_slots == {"self": {1: 0}}
+    with pytest.raises(
+        ValueError, match=r"hidden_layer=5 is out of range: the model's self stack has 2 layers"
+    ):
+        ipt_model("llama", injection="prefix", instance_source="hidden", hidden_layer=5)
+
+
+def test_hybrid_adds_the_instance_part_to_the_first_layer_by_default():
+    model = ipt_model("llama", injection="hybrid")
+    module = model.base_model.prompt_modules["default"]
+    assert module.instance_layers == {"self": [0]}
+    a, b = token_batch(1, 7, seed=1), token_batch(1, 7, seed=2)
+    with torch.no_grad():
+        model(input_ids=a)
+        first = prefix_snapshot(model)
+        model(input_ids=b)
+        second = prefix_snapshot(model)
+    assert not torch.allclose(first["self"][0], second["self"][0])  # instance-wise
+    torch.testing.assert_close(first["self"][1], second["self"][1])  # task-level only
+
+
+def test_default_hybrid_starts_as_the_task_prefix():
+    model = ipt_model("llama", init_weights=True)
+    a, b = token_batch(1, 7, seed=1), token_batch(1, 7, seed=2)
+    with torch.no_grad():
+        model(input_ids=a)
+        first = prefix_snapshot(model)
+        model(input_ids=b)
+    assert_same_prefixes(first, prefix_snapshot(model))
+
+
+# -- peft machinery ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(map(str, v.values())))
+def test_save_and_load_round_trip_under_another_adapter_name(variant, tmp_path):
+    model = ipt_model("bert", "TOKEN_CLS", **variant)
+    ids = token_batch()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_model("bert", "TOKEN_CLS"), tmp_path, adapter_name="other")
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, expected)
+
+
+def test_auto_peft_model_for_sequence_classification(tmp_path):
+    from peft import AutoPeftModelForSequenceClassification
+
+    base = tiny_model("bert", "SEQ_CLS")
+    base.save_pretrained(tmp_path / "base")
+    model = get_peft_model(
+        base, InstancePromptConfig(task_type="SEQ_CLS", prompt_length=4, init_weights=False)
+    )
+    model.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
+    model.save_pretrained(tmp_path / "adapter")
+    ids = token_batch()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        loaded = AutoPeftModelForSequenceClassification.from_pretrained(tmp_path / "adapter")
+        assert torch.equal(loaded(input_ids=ids).logits, expected)
+
+
+def test_two_adapters_disable_and_unload():
+    base = tiny_model("llama")
+    ids = token_batch()
+    with torch.no_grad():
+        reference = base(input_ids=ids).logits
+    model = get_peft_model(
+        base, InstancePromptConfig(task_type="CAUSAL_LM", prompt_length=4, init_weights=False)
+    )
+    model.add_adapter(
+        "b",
+        InstancePromptConfig(task_type="CAUSAL_LM", injection="prefix", prompt_length=3, init_weights=False),
+    )
+    with torch.no_grad():
+        first = model(input_ids=ids).logits
+        model.set_adapter("b")
+        assert not torch.allclose(model(input_ids=ids).logits, first)
+        with model.disable_adapter():
+            assert torch.equal(model(input_ids=ids).logits, reference)
+        model.set_adapter("default")
+        model.delete_adapter("b")
+        assert torch.equal(model(input_ids=ids).logits, first)
+        assert torch.equal(model.unload()(input_ids=ids).logits, reference)
+
+
+@pytest.mark.parametrize(
+    "variant", [VARIANTS[0], VARIANTS[3], VARIANTS[4]], ids=lambda v: "-".join(map(str, v.values()))
+)
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(variant):
+    results = []
+    for checkpointing in (False, True):
+        model = ipt_model(**variant)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        ids = token_batch()
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        results.append(
+            (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        )
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(grad, results[1][1][name], rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_autocast_forward_and_generate():
+    model = ipt_model()
+    ids = token_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(input_ids=ids).logits
+        generated = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False
+        )
+    assert torch.isfinite(logits.float()).all() and generated.shape == (2, ids.shape[1] + 3)
+
+
+# -- pretrained table ---------------------------------------------------------------------------------------
+
+
+def test_a_pretrained_table_is_loaded_and_can_be_frozen(tmp_path):
+    table = HashedTokenTable(64, 8)
+    table.save(str(tmp_path / "table.safetensors"))
+    model = ipt_model(
+        table_size=64, instance_rank=8, table_path=str(tmp_path / "table.safetensors"), freeze_table=True
+    )
+    loaded = model.base_model.prompt_modules["default"].table.weight
+    assert torch.equal(loaded, table.weight.detach()) and not loaded.requires_grad
+    with pytest.raises(
+        ValueError, match=r"holds a table of shape \(64, 8\), but the config asks for \(32, 8\)"
+    ):
+        ipt_model(table_size=32, instance_rank=8, table_path=str(tmp_path / "table.safetensors"))
+
+
+# -- bad input ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (
+            {"instance_encoder": "transformer"},
+            r"instance_encoder must be one of \('none', 'mlp', 'cnn', 'lstm'\) \(got 'transformer'\)",
+        ),
+        ({"instance_source": "audio"}, r"instance_source must be one of .* \(got 'audio'\)"),
+        ({"injection": "output"}, r"injection must be one of .* \(got 'output'\)"),
+        ({"prompt_length": 0}, r"prompt_length must be an integer >= 1 \(got 0\)"),
+        ({"hidden_layer": 1}, r"hidden_layer=1 needs instance_source='hidden'"),
+        ({"instance_source": "hidden", "injection": "input"}, r"needs injection='prefix' or 'hybrid'"),
+        ({"freeze_table": True}, r"freeze_table=True freezes a random table"),
+        ({"prompt_dropout": 1.0}, r"prompt_dropout must be in \[0, 1\) \(got 1.0\)"),
+    ],
+)
+def test_invalid_configs_are_rejected_naming_field_and_value(fields, message):
+    with pytest.raises(ValueError, match=message):
+        InstancePromptConfig(task_type="CAUSAL_LM", **fields)
+
+
+def test_token_table_with_inputs_embeds_only_says_what_to_do():
+    model = ipt_model(injection="prefix")
+    embeds = model.get_input_embeddings()(token_batch())
+    with pytest.raises(ValueError, match="pass input_ids, or use instance_source='embeddings'"):
+        model(inputs_embeds=embeds)
+    model = ipt_model(injection="prefix", instance_source="embeddings")
+    with torch.no_grad():
+        from_embeds = model(inputs_embeds=model.get_input_embeddings()(token_batch())).logits
+        from_ids = model(input_ids=token_batch()).logits
+    torch.testing.assert_close(from_embeds, from_ids)
