@@ -1,0 +1,52 @@
+"""The gaps of peft's built-in prefix tuning listed in DESIGN.md that the other test files do not already cover.
+
+Covered elsewhere: gradient checkpointing, Llama generate(use_cache=False), encoder/cross prefixes for seq2seq and
+the [CLS] position (test_prefix_tuning.py, test_instance_prompt.py), per-token output shapes with input prompts.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model, token_batch
+from peft import PeftModel, get_peft_model
+
+from peft_ipt import InstancePromptConfig, PrefixTuningV2Config
+
+
+@pytest.mark.parametrize("config_cls", [PrefixTuningV2Config, InstancePromptConfig])
+def test_left_padded_forward_and_generate_see_the_same_logits(config_cls):
+    """peft's PrefixTuning shifts absolute positions by the prefix, so forward and generate disagree there."""
+    kwargs = {"prefix_length": 4} if config_cls is PrefixTuningV2Config else {"prompt_length": 4}
+    model = get_peft_model(tiny_model("llama"), config_cls(task_type="CAUSAL_LM", init_weights=False, **kwargs))
+    pad = model.config.pad_token_id
+    ids = torch.cat([torch.full((1, 3), pad), token_batch(1, 5)], dim=1)
+    ids = torch.cat([ids, token_batch(1, 8, seed=9)])
+    mask = (ids != pad).long()
+    mask[1] = 1
+    with torch.no_grad():
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        forward = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, -1]
+    generated = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=1, do_sample=False, output_scores=True,
+        return_dict_in_generate=True, pad_token_id=pad,
+    )
+    torch.testing.assert_close(generated.scores[0], forward, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("config_cls", [PrefixTuningV2Config, InstancePromptConfig])
+def test_a_loaded_adapter_trains_further_with_is_trainable(config_cls, tmp_path):
+    model = get_peft_model(tiny_model("llama"), config_cls(task_type="CAUSAL_LM", init_weights=False))
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path, is_trainable=True)
+    trainable = [p for p in loaded.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    before = [p.detach().clone() for p in trainable]
+    optimizer = torch.optim.SGD(trainable, lr=0.1)
+    loaded.train()
+    ids = token_batch()
+    loaded(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainable, strict=True))
+    frozen = PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
+    assert not any(p.requires_grad for p in frozen.parameters())
