@@ -38,8 +38,9 @@ SELF, ENCODER, DECODER, CROSS = "self", "encoder", "decoder", "cross"
 class PrefixProvider(Protocol):
     capturing: bool
 
-    def prefix_for(self, site: AttentionSite) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Keys and values to prepend at ``site`` for the current forward, each (B or 1, n_kv_heads, P, head_dim)."""
+    def prefix_for(self, site: AttentionSite) -> tuple | None:
+        """Keys and values to prepend at ``site`` for the current forward, each (B or 1, n_kv_heads, P, head_dim),
+        optionally followed by a (B, P) bool marking each row's real prefix columns."""
 
     def capture(self, site: AttentionSite, key: torch.Tensor, value: torch.Tensor) -> None:
         """Called with the model's own keys/values when the provider is recording activations (word init)."""
@@ -60,21 +61,40 @@ class UnsupportedModelError(ValueError):
 
 
 def _widen_mask(
-    mask: torch.Tensor | None, prefix_len: int, query: torch.Tensor, key_len: int, causal: bool
+    mask: torch.Tensor | None,
+    prefix_len: int,
+    query: torch.Tensor,
+    key_len: int,
+    causal: bool,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """Prepend ``prefix_len`` always-visible columns to an attention mask (bool or additive float)."""
+    """Prepend ``prefix_len`` visible columns to an attention mask (bool or additive float).
+
+    ``valid`` (B, P) marks, per row, which prefix columns are real (mixed-adapter batches); None: all are.
+    """
     if mask is None:
-        if not causal or query.shape[2] == 1:
+        if valid is None and (not causal or query.shape[2] == 1):
             return None  # every key is visible to every query, prefix included
         # The implementation would have used is_causal=True, which torch aligns top-left and so is wrong once
         # keys outnumber queries. Build the bottom-right aligned causal mask explicitly.
         q_len = query.shape[2]
         rows = torch.arange(q_len, device=query.device)[:, None] + (key_len - q_len)
         visible = torch.arange(key_len, device=query.device)[None, :] <= rows
+        if not causal:
+            visible = torch.ones_like(visible)
         mask = visible[None, None]  # (1, 1, q, kv)
-    pad_shape = (*mask.shape[:-1], prefix_len)
-    pad = mask.new_ones(pad_shape) if mask.dtype == torch.bool else mask.new_zeros(pad_shape)
-    return torch.cat([pad, mask], dim=-1)
+    if valid is None:
+        pad_shape = (*mask.shape[:-1], prefix_len)
+        pad = mask.new_ones(pad_shape) if mask.dtype == torch.bool else mask.new_zeros(pad_shape)
+        return torch.cat([pad, mask], dim=-1)
+    batch = valid.shape[0]
+    mask = mask.expand(batch, *mask.shape[1:])
+    columns = valid[:, None, None, :].expand(batch, mask.shape[1], mask.shape[2], prefix_len)
+    if mask.dtype != torch.bool:
+        columns = torch.zeros_like(columns, dtype=mask.dtype).masked_fill(
+            ~columns, torch.finfo(mask.dtype).min
+        )
+    return torch.cat([columns, mask], dim=-1)
 
 
 def _match_batch(prefix: torch.Tensor, batch: int) -> torch.Tensor:
@@ -110,8 +130,9 @@ def prefix_attention_forward(
     prefix = provider.prefix_for(site) if provider is not None else None
     if prefix is None:
         return site.inner(module, query, key, value, attention_mask, **kwargs)
-    prefix_key, prefix_value = prefix  # (B|1, n_kv_heads, P, head_dim)
+    prefix_key, prefix_value, *valid = prefix  # (B|1, n_kv_heads, P, head_dim); valid (B, P) if rows differ
     batch, key_len = key.shape[0], key.shape[2]
+    valid = _match_batch(valid[0], batch) if valid else None
     prefix_len = prefix_key.shape[2]
     if prefix_key.shape[1] != key.shape[1] or prefix_key.shape[3] != key.shape[3]:
         raise RuntimeError(
@@ -124,7 +145,9 @@ def prefix_attention_forward(
     value = torch.cat([_match_batch(prefix_value, batch).to(value.dtype), value], dim=2)
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", False) if causal is None else causal
-    attention_mask = _widen_mask(attention_mask, prefix_len, query, key_len, causal and site.kind != CROSS)
+    attention_mask = _widen_mask(
+        attention_mask, prefix_len, query, key_len, causal and site.kind != CROSS, valid
+    )
     position_bias = kwargs.get("position_bias")
     if position_bias is not None:  # T5-style additive bias: no bias towards the prefix
         kwargs["position_bias"] = F.pad(position_bias, (prefix_len, 0))

@@ -12,6 +12,7 @@ recomputation in backward reads the very tensors of the forward.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -21,9 +22,13 @@ from torch import nn
 
 from .attention import AttentionSite, PrefixInjection, SiteLayout
 
-Prefixes = dict[
-    str, tuple[torch.Tensor, torch.Tensor]
-]  # kind -> (keys, values), each (L, B|1, n_kv, P, head_dim)
+# What a prompt module returns: kind -> (keys, values), indexed by layer slot, each slot (B|1, n_kv, P, head_dim)
+# or None (no prefix there); a stacked (L, B|1, n_kv, P, head_dim) tensor or a list of per-slot tensors.
+Prefixes = dict[str, tuple]
+# What the attention function reads: (kind, layer) -> (keys, values) or, in mixed-adapter batches,
+# (keys, values, valid) with valid (B, P) marking each row's real prefix columns.
+SitePrefixes = dict[tuple[str, int], tuple]
+BASE_ROW = "__base__"  # peft's name for rows that use no adapter
 
 
 @dataclass
@@ -38,6 +43,18 @@ class PromptInputs:
         None  # explicit (B, T) mask of source tokens, given by the user/collator
     )
     is_encoder_decoder: bool = False
+
+    def select(self, rows: torch.Tensor) -> PromptInputs:
+        """The same call restricted to some rows of the batch (for mixed-adapter batches)."""
+        pick = lambda t: None if t is None else t[rows]  # noqa: E731
+        return PromptInputs(
+            pick(self.input_ids),
+            pick(self.attention_mask),
+            pick(self.inputs_embeds),
+            pick(self.labels),
+            pick(self.source_mask),
+            self.is_encoder_decoder,
+        )
 
     @property
     def tokens(self) -> torch.Tensor | None:
@@ -71,6 +88,8 @@ class PromptModule(nn.Module):
     layer_slots: dict[str, dict[int, int]]
     # True if the prefix depends on the input (then generate computes it once from the source)
     instance_wise: bool = False
+    # False if rows of this adapter cannot share a batch with other adapters' rows
+    supports_mixed_batches: bool = True
 
     def prefixes(self, inputs: PromptInputs) -> Prefixes:
         raise NotImplementedError  # abstract: each method defines it
@@ -98,7 +117,8 @@ class PromptTuner(BaseTuner):
 
     def _pre_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
         setattr(self, self.modules_attr, PromptLayer())
-        self._prefixes: Prefixes | None = None
+        self._prefixes: SitePrefixes | None = None
+        self._row_adapters: list[str] | None = None
         self._inputs: PromptInputs | None = None
         self._instance_done = False
         self._pinned = False
@@ -238,11 +258,78 @@ class PromptTuner(BaseTuner):
 
     # -- per-forward prefixes --------------------------------------------------------------------------------
 
-    def _compute_prefixes(self, inputs: PromptInputs) -> Prefixes | None:
+    @staticmethod
+    def by_site(module: PromptModule, prefixes: Prefixes) -> SitePrefixes:
+        out = {}
+        for kind, (keys, values) in prefixes.items():
+            for layer, slot in module.layer_slots.get(kind, {}).items():
+                if keys[slot] is not None:
+                    out[(kind, layer)] = (keys[slot], values[slot])
+        return out
+
+    def _compute_prefixes(self, inputs: PromptInputs) -> SitePrefixes | None:
         if not self._enabled or not self.active_adapters:
             return None
+        if self._row_adapters is not None:
+            return self._mixed_prefixes(inputs)
         module = self.prompt_modules[self.active_adapters[0]]
-        return module.prefixes(inputs)
+        return self.by_site(module, module.prefixes(inputs))
+
+    def _mixed_prefixes(self, inputs: PromptInputs) -> SitePrefixes:
+        """Each row gets its own adapter's prefix, zero-padded to the longest P and masked per row."""
+        names = self._row_adapters
+        if inputs.tokens is not None and inputs.tokens.shape[0] != len(names):
+            raise ValueError(
+                f"adapter_names has {len(names)} entries but the batch has {inputs.tokens.shape[0]} rows"
+            )
+        per_adapter = []
+        for name in sorted(set(names) - {BASE_ROW}):
+            module = self.prompt_modules[name]
+            if not module.supports_mixed_batches:
+                raise ValueError(
+                    f"adapter {name!r} cannot share a batch with other adapters (adapter_names): its prompt "
+                    "changes the sequence or is built inside the model; run its rows as a separate batch"
+                )
+            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=self._device())
+            per_adapter.append((rows, self.by_site(module, module.prefixes(inputs.select(rows)))))
+        out: SitePrefixes = {}
+        for site in {site for _, prefixes in per_adapter for site in prefixes}:
+            entries = [(rows, prefixes[site]) for rows, prefixes in per_adapter if site in prefixes]
+            sample = entries[0][1][0]
+            length = max(key.shape[2] for _, (key, _) in entries)
+            shape = (len(names), sample.shape[1], length, sample.shape[3])
+            keys, values = sample.new_zeros(shape), sample.new_zeros(shape)
+            valid = torch.zeros(len(names), length, dtype=torch.bool, device=sample.device)
+            for rows, (key, value) in entries:
+                p = key.shape[2]
+                keys[rows, :, :p] = key.expand(len(rows), -1, -1, -1)
+                values[rows, :, :p] = value.expand(len(rows), -1, -1, -1)
+                valid[rows, :p] = True
+            out[site] = (keys, values, valid)
+        return out
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """peft calls this around forward/generate; it carries ``adapter_names`` (one adapter per row)."""
+        adapter_names = kwargs.get("adapter_names")
+        if adapter_names is None:
+            yield
+            return
+        names = list(adapter_names)
+        unknown = sorted(set(names) - set(self.prompt_modules) - {BASE_ROW})
+        if unknown:
+            raise ValueError(
+                f"adapter_names names {unknown}, which are not loaded; available: {sorted(self.prompt_modules)} "
+                f"and {BASE_ROW!r} for rows without an adapter"
+            )
+        self._row_adapters = names
+        try:
+            yield
+        finally:
+            self._row_adapters = None
 
     def _inputs_from_call(self, args: tuple, kwargs: dict, source_mask) -> PromptInputs:
         input_ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
@@ -260,14 +347,17 @@ class PromptTuner(BaseTuner):
         if self._pinned or self.capturing or not self._enabled:
             return args, kwargs
         inputs = self._inputs_from_call(args, kwargs, source_mask)
-        module = self.prompt_modules[self.active_adapters[0]] if self.active_adapters else None
-        if module is not None and module.instance_wise and self._prefixes is not None:
+        if self._instance_wise() and self._prefixes is not None:
             past = kwargs.get("past_key_values")
             decoding = past is not None and past.get_seq_length() > 0
             if decoding or inputs.tokens is None:
                 return args, kwargs  # a decoding step: the instance prompt of the prefill stays
         self._start_call(inputs)
         return self._transform_call(args, kwargs, inputs)
+
+    def _instance_wise(self) -> bool:
+        names = self._row_adapters if self._row_adapters is not None else self.active_adapters
+        return any(self.prompt_modules[n].instance_wise for n in names if n in self.prompt_modules)
 
     def _start_call(self, inputs: PromptInputs) -> None:
         """A new sequence: compute every layer's prefix from its source."""
@@ -286,14 +376,10 @@ class PromptTuner(BaseTuner):
     def _finish_generate(self, output, args: tuple, kwargs: dict):
         return output
 
-    def prefix_for(self, site: AttentionSite) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def prefix_for(self, site: AttentionSite) -> tuple | None:
         if self._prefixes is None or not self._enabled or self.capturing:
             return None
-        stacked = self._prefixes.get(site.kind)
-        slot = self.prompt_modules[self.active_adapters[0]].layer_slots.get(site.kind, {}).get(site.layer)
-        if stacked is None or slot is None or stacked[0][slot] is None:
-            return None
-        return stacked[0][slot], stacked[1][slot]
+        return self._prefixes.get((site.kind, site.layer))
 
     def generate(self, *args, **kwargs):
         """``model.generate`` with the prompt computed once from the source, then reused at every step."""

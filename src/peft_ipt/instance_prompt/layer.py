@@ -18,6 +18,8 @@ class InstancePromptModule(PromptModule):
     def __init__(self, config, layout: SiteLayout, model: nn.Module):
         super().__init__()
         self.config = config
+        # input-level prompts change the sequence; hidden-state prompts are built inside the model's forward
+        self.supports_mixed_batches = config.injection != "input" and config.instance_source != "hidden"
         P, r = config.prompt_length, config.instance_rank
         hidden = hidden_size_of(model.config)
         if config.instance_source == "token_table":

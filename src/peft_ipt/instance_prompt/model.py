@@ -102,7 +102,7 @@ class InstancePromptModel(PromptTuner):
             source = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
         index, valid = first_source_tokens(source, module.config.instance_tokens)
         vectors = torch.gather(hidden, 1, index[..., None].expand(-1, -1, hidden.shape[-1])).float()
-        self._prefixes = module.combine(module.encode(vectors, valid))
+        self._prefixes = self.by_site(module, module.combine(module.encode(vectors, valid)))
         self._instance_done = True
         return None
 

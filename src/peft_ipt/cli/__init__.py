@@ -1,0 +1,100 @@
+"""The `peft-ipt` command: train an adapter from an experiment YAML, re-score it, generate with it, and pretrain
+IPT's token table.
+
+    peft-ipt train [CONFIG.yaml] [--set key=value ...] [--output-dir DIR] [--push-to-hub REPO]
+    peft-ipt eval OUTPUT_DIR
+    peft-ipt generate OUTPUT_DIR "text" [--max-new-tokens N]
+    peft-ipt pretrain-table --data NAME [--out table.safetensors] [--table-size 2048] [--rank 32]
+
+The methods never import this package; it only uses their public configs through peft.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .experiment import ExperimentError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peft-ipt", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="fine-tune a model as an experiment YAML describes")
+    train.add_argument("config", nargs="?", help="experiment YAML (default: configs/default.yaml)")
+    train.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key, YAML-typed: --set training.learning_rate=0.01 (repeatable)",
+    )
+    train.add_argument("--output-dir", help="output folder (default: outputs/<config name>)")
+    train.add_argument(
+        "--push-to-hub", metavar="REPO", help="also upload the adapter and its card to this Hub repo"
+    )
+
+    evaluate = commands.add_parser("eval", help="reload a trained adapter and re-score its test split")
+    evaluate.add_argument("output_dir")
+
+    generate = commands.add_parser("generate", help="generate with a trained causal-LM / seq2seq adapter")
+    generate.add_argument("output_dir")
+    generate.add_argument("text")
+    generate.add_argument("--max-new-tokens", type=int, default=None, help="default: the experiment's")
+
+    table = commands.add_parser("pretrain-table", help="pretrain IPT's hashed token table (fastText-style)")
+    table.add_argument(
+        "--data", required=True, help="a bundled classification data set, e.g. twitter_sentiment"
+    )
+    table.add_argument("--out", default="table.safetensors")
+    table.add_argument("--table-size", type=int, default=2048)
+    table.add_argument("--rank", type=int, default=32, help="= InstancePromptConfig.instance_rank")
+    table.add_argument(
+        "--model", default="minilm", help="whose tokenizer hashes the tokens (default: minilm)"
+    )
+    table.add_argument("--instance-tokens", type=int, default=128, help="leading tokens read per text")
+    table.add_argument("--epochs", type=int, default=5)
+    table.add_argument("--max-examples", type=int, default=20000)
+    table.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `peft-ipt` console script; returns the exit status."""
+    args = _parser().parse_args(argv)
+    from .train import CLIError
+
+    try:
+        if args.command == "train":
+            from .train import train
+
+            train(args.config, args.overrides, args.output_dir, args.push_to_hub)
+        elif args.command == "eval":
+            from .train import evaluate_run
+
+            evaluate_run(args.output_dir)
+        elif args.command == "generate":
+            from .generate import generate
+
+            print(generate(args.output_dir, args.text, args.max_new_tokens))
+        else:
+            from .pretrain_table import pretrain_table
+
+            pretrain_table(
+                args.data,
+                args.out,
+                args.table_size,
+                args.rank,
+                model=args.model,
+                instance_tokens=args.instance_tokens,
+                epochs=args.epochs,
+                max_examples=args.max_examples,
+                seed=args.seed,
+            )
+    except (ExperimentError, CLIError) as error:
+        print(f"peft-ipt {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,223 @@
+"""`peft-ipt train` and `peft-ipt eval`: fine-tune with HF Trainer, write the output folder, re-score it.
+
+The output folder holds the adapter (``save_pretrained``), ``README.md`` (model card), ``metrics.json``,
+``training_curves.png`` and ``experiment.yaml`` (the resolved experiment, which `eval` and `generate` read).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .card import model_card
+from .data import Splits, collator_for, load_splits, tokenize
+from .evaluation import evaluate_split, generate_texts
+from .experiment import Experiment, default_config_path, load_experiment
+from .metrics import generation_metrics, trainer_classification_metrics
+from .models import build_model, load_tokenizer, load_trained, parameter_counts
+from .plots import plot_training_curves
+
+EXPERIMENT_FILE = "experiment.yaml"
+METRICS_FILE = "metrics.json"
+CARD_FILE = "README.md"
+CURVES_FILE = "training_curves.png"
+# Trainer's output_dir: stays empty (and is removed) unless training.save_strategy asks for checkpoints.
+CHECKPOINTS = "checkpoints"
+
+
+class CLIError(RuntimeError):
+    """A command failed for a reason the user can fix; the message says how."""
+
+
+def training_arguments(experiment: Experiment, output: Path):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(output / CHECKPOINTS),
+        remove_unused_columns=False,  # our rows hold model inputs only; IPT needs `labels` to find the source
+        label_names=["labels"],
+        dataloader_pin_memory=torch.cuda.is_available(),
+        **experiment.training_settings,
+    )
+
+
+def make_trainer(
+    experiment: Experiment,
+    model: nn.Module,
+    tokenizer,
+    splits: Splits,
+    output: Path,
+    score_validation: Callable,
+):
+    """A Trainer; for generation tasks each evaluation also decodes the validation inputs and scores them."""
+    from transformers import Trainer
+
+    class GenerationTrainer(Trainer):
+        def evaluation_loop(self, *args, **kwargs):
+            result = super().evaluation_loop(*args, **kwargs)
+            prefix = kwargs.get("metric_key_prefix", "eval")
+            result.metrics.update({f"{prefix}_{k}": v for k, v in score_validation(self.model).items()})
+            return result
+
+    classification = experiment.task_type == "SEQ_CLS"
+    return (Trainer if classification else GenerationTrainer)(
+        model=model,
+        args=training_arguments(experiment, output),
+        train_dataset=tokenize(splits.train, tokenizer, experiment),
+        eval_dataset=tokenize(splits.validation, tokenizer, experiment),
+        data_collator=collator_for(experiment, tokenizer),
+        processing_class=tokenizer,
+        compute_metrics=trainer_classification_metrics if classification else None,
+    )
+
+
+def _evaluated_at(history: list[dict[str, Any]], step: int) -> bool:
+    return any("eval_loss" in entry and entry.get("step") == step for entry in history)
+
+
+def train(
+    config: str | Path | None = None,
+    overrides: list[str] | None = None,
+    output_dir: str | Path | None = None,
+    push_to_hub: str | None = None,
+) -> dict[str, Any]:
+    """Run one experiment end to end; returns what it writes to metrics.json."""
+    from transformers import set_seed
+
+    start = time.time()
+    experiment = load_experiment(config or default_config_path(), overrides)
+    splits = load_splits(experiment)  # checks columns and splits before any model loads
+    output = Path(output_dir or Path("outputs") / Path(experiment.source).stem)
+    print(f"[peft-ipt] {experiment.source}: {experiment.method} on {experiment.model}, rows {splits.sizes()}")
+
+    set_seed(experiment.training_settings["seed"])  # also seeds the new task head's initialisation
+    tokenizer = load_tokenizer(experiment)
+    model = build_model(experiment, tokenizer, splits.label_names)
+    counts = parameter_counts(model)
+    print(f"[peft-ipt] trainable parameters: {counts['trainable_params']:,} of {counts['all_params']:,}")
+
+    def score_validation(model: nn.Module) -> dict[str, float]:
+        hypotheses = generate_texts(model, tokenizer, list(splits.validation["input"]), experiment)
+        return generation_metrics(hypotheses, list(splits.validation["references"]))
+
+    trainer = make_trainer(experiment, model, tokenizer, splits, output, score_validation)
+    train_output = trainer.train()
+    if not _evaluated_at(trainer.state.log_history, trainer.state.global_step):
+        trainer.evaluate()  # the curve and the history always end with the final model
+    test = evaluate_split(model, tokenizer, splits.test, experiment)
+    print(f"[peft-ipt] test: {_format(test)}")
+
+    history = trainer.state.log_history
+    results = {
+        "test": test,
+        "main_metric": experiment.metric,
+        "validation_history": [e for e in history if "eval_loss" in e],
+        "train_history": [e for e in history if "loss" in e],
+        **counts,
+        "split_sizes": splits.sizes(),
+        "label_names": splits.label_names,
+        "train_runtime_s": train_output.metrics["train_runtime"],
+        "wall_time_s": time.time() - start,
+        "training_arguments": {
+            k: v for k, v in trainer.args.to_dict().items() if k in experiment.training_settings
+        },
+        "experiment": experiment.to_dict(),
+    }
+    example = splits.test[0]["text" if experiment.task_type == "SEQ_CLS" else "input"][:200]
+    write_run(output, experiment, model, tokenizer, results, history, example, push_to_hub)
+    print(f"[peft-ipt] wrote {output}/: {', '.join(sorted(p.name for p in output.iterdir()))}")
+    print(
+        f"[peft-ipt] wall time {results['wall_time_s']:.0f} s; "
+        f"test {experiment.metric} = {test[experiment.metric]:.4f}"
+    )
+    if push_to_hub:
+        push(model, tokenizer, output, push_to_hub, experiment)
+    return results
+
+
+def write_run(
+    output: Path,
+    experiment: Experiment,
+    model: nn.Module,
+    tokenizer,
+    results: dict[str, Any],
+    history: list[dict[str, Any]],
+    example: str,
+    repo: str | None,
+) -> None:
+    """The output folder: adapter, experiment.yaml, metrics.json, training_curves.png, README.md."""
+    if (output / CHECKPOINTS).is_dir() and not any((output / CHECKPOINTS).iterdir()):
+        (output / CHECKPOINTS).rmdir()
+    model.save_pretrained(output)  # peft writes a stub README.md here; ours replaces it below
+    if experiment.method == "full":
+        tokenizer.save_pretrained(output)
+    experiment.dump(output / EXPERIMENT_FILE)
+    (output / METRICS_FILE).write_text(json.dumps(results, indent=2))
+    plot_training_curves(history, experiment.metric, output / CURVES_FILE)
+    card = model_card(
+        experiment,
+        results,
+        _adapter_config(output),
+        repo or str(output.resolve()),
+        example,
+        results["label_names"],
+    )
+    (output / CARD_FILE).write_text(card, encoding="utf-8")
+
+
+def _adapter_config(output: Path) -> dict[str, Any] | None:
+    path = output / "adapter_config.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _format(metrics: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+
+
+def push(model: nn.Module, tokenizer, output: Path, repo: str, experiment: Experiment) -> None:
+    """Upload with peft's ``push_to_hub`` (adapter files), then our model card over peft's default one."""
+    try:
+        model.push_to_hub(repo)
+        if experiment.method == "full":
+            tokenizer.push_to_hub(repo)
+        from huggingface_hub import upload_file
+
+        upload_file(path_or_fileobj=str(output / CARD_FILE), path_in_repo=CARD_FILE, repo_id=repo)
+    except Exception as error:  # noqa: BLE001 - offline, no token, no rights: the same advice
+        raise CLIError(
+            f"--push-to-hub {repo}: the upload failed ({type(error).__name__}: {error}). Everything is saved in "
+            f"{output}; once online and logged in (`hf auth login`), upload it with `hf upload {repo} {output}`"
+        ) from error
+    print(f"[peft-ipt] pushed to https://huggingface.co/{repo}")
+
+
+def load_run(output_dir: str | Path) -> tuple[Experiment, Path]:
+    output = Path(output_dir)
+    path = output / EXPERIMENT_FILE
+    if not path.is_file():
+        raise CLIError(f"{output} has no {EXPERIMENT_FILE}: give a folder written by `peft-ipt train`")
+    return load_experiment(path), output
+
+
+def evaluate_run(output_dir: str | Path) -> dict[str, Any]:
+    """Reload a trained adapter onto its base model and re-score the test split it was scored on."""
+    experiment, output = load_run(output_dir)
+    splits = load_splits(experiment)
+    tokenizer = load_tokenizer(experiment)
+    model = load_trained(experiment, output, tokenizer, splits.label_names)
+    test = evaluate_split(model, tokenizer, splits.test, experiment)
+    print(f"[peft-ipt] {output}: test {_format(test)}")
+    saved = output / METRICS_FILE
+    if saved.is_file():
+        recorded = json.loads(saved.read_text())["test"]
+        gaps = {k: abs(test[k] - recorded[k]) for k in test if k in recorded}
+        print(
+            f"[peft-ipt] recorded by train: {_format(recorded)}; largest difference {max(gaps.values()):.2e}"
+        )
+    return test
