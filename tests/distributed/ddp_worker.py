@@ -1,0 +1,73 @@
+"""Trains a tiny model with an adapter for a few steps; under torchrun it runs DistributedDataParallel on gloo.
+
+Usage: python ddp_worker.py OUT.json METHOD    (single process, global batch)
+       torchrun --nproc_per_node 2 ddp_worker.py OUT.json METHOD    (each rank takes its half of every batch)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from conftest import tiny_model  # noqa: E402
+from peft import get_peft_model  # noqa: E402
+
+from peft_ipt import InstancePromptConfig, PrefixTuningV2Config  # noqa: E402
+
+STEPS, GLOBAL_BATCH, LENGTH = 5, 4, 9
+
+
+def main(out_path: str, method: str) -> None:
+    distributed = "RANK" in os.environ
+    rank, world = 0, 1
+    if distributed:
+        dist.init_process_group("gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    config = (
+        PrefixTuningV2Config(task_type="CAUSAL_LM", prefix_length=4, init_weights=False)
+        if method == "prefix"
+        else InstancePromptConfig(
+            task_type="CAUSAL_LM", prompt_length=4, instance_encoder="cnn", init_weights=False
+        )
+    )
+    model = get_peft_model(tiny_model("llama"), config)
+    model.train()
+    trained = model
+    if distributed:
+        trained = torch.nn.parallel.DistributedDataParallel(model)  # find_unused_parameters stays False
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    data = torch.randint(3, 128, (STEPS, GLOBAL_BATCH, LENGTH), generator=torch.Generator().manual_seed(1))
+    share = GLOBAL_BATCH // world
+    losses = []
+    for step in range(STEPS):
+        batch = data[step, rank * share : (rank + 1) * share]
+        loss = trained(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        reported = loss.detach().clone()
+        if distributed:
+            dist.all_reduce(reported)
+            reported /= world
+        losses.append(reported.item())
+    weights = {n: p.detach().flatten().tolist() for n, p in model.named_parameters() if p.requires_grad}
+    gathered = [None] * world
+    if distributed:
+        dist.all_gather_object(gathered, weights)
+    else:
+        gathered = [weights]
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump({"losses": losses, "weights": gathered}, f)
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
