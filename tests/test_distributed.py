@@ -101,3 +101,17 @@ def test_bf16_autocast_training_tracks_float32(config_cls):
     # bf16 keeps 8 bits of mantissa: the curves agree to about 2% and both fall
     torch.testing.assert_close(curves[1], curves[0], rtol=0.02, atol=0.02)
     assert curves[1][-1] < curves[1][0]
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager_forward_and_trains():
+    model = get_peft_model(tiny_model("llama"), PrefixTuningV2Config(task_type="CAUSAL_LM", init_weights=False))
+    ids = token_batch()
+    with torch.no_grad():
+        eager = model(input_ids=ids).logits
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(input_ids=ids).logits, eager, rtol=1e-5, atol=1e-5)
+    model.train()
+    compiled(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
