@@ -13,7 +13,7 @@ from peft_ipt.instance_prompt.encoders import HashedTokenTable
 
 VARIANTS = [
     {"injection": "hybrid"},
-    {"injection": "prefix", "instance_encoder": "cnn"},
+    {"injection": "prefix", "instance_source": "token_table", "instance_encoder": "cnn"},
     {"injection": "prefix", "instance_source": "embeddings", "instance_encoder": "lstm"},
     {"injection": "hybrid", "instance_source": "hidden", "instance_encoder": "mlp"},
     {"injection": "input", "instance_encoder": "none"},
@@ -255,10 +255,12 @@ def test_hidden_source_enters_from_its_layer_on():
         ipt_model("llama", injection="prefix", instance_source="hidden", hidden_layer=5)
 
 
-def test_hybrid_adds_the_instance_part_to_the_first_layer_by_default():
-    model = ipt_model("llama", injection="hybrid")
-    module = model.base_model.prompt_modules["default"]
-    assert module.instance_layers == {"self": [0]}
+def test_hybrid_puts_the_instance_part_in_every_layer_by_default():
+    assert ipt_model("llama").base_model.prompt_modules["default"].instance_layers == {"self": [0, 1]}
+
+
+def test_hybrid_with_the_papers_first_layer_only_keeps_later_layers_task_level():
+    model = ipt_model("llama", injection="hybrid", instance_layers=[0])
     a, b = token_batch(1, 7, seed=1), token_batch(1, 7, seed=2)
     with torch.no_grad():
         model(input_ids=a)
@@ -374,14 +376,23 @@ def test_a_pretrained_table_is_loaded_and_can_be_frozen(tmp_path):
     table = HashedTokenTable(64, 8)
     table.save(str(tmp_path / "table.safetensors"))
     model = ipt_model(
-        table_size=64, instance_rank=8, table_path=str(tmp_path / "table.safetensors"), freeze_table=True
+        instance_source="token_table",
+        table_size=64,
+        instance_rank=8,
+        table_path=str(tmp_path / "table.safetensors"),
+        freeze_table=True,
     )
     loaded = model.base_model.prompt_modules["default"].table.weight
     assert torch.equal(loaded, table.weight.detach()) and not loaded.requires_grad
     with pytest.raises(
         ValueError, match=r"holds a table of shape \(64, 8\), but the config asks for \(32, 8\)"
     ):
-        ipt_model(table_size=32, instance_rank=8, table_path=str(tmp_path / "table.safetensors"))
+        ipt_model(
+            instance_source="token_table",
+            table_size=32,
+            instance_rank=8,
+            table_path=str(tmp_path / "table.safetensors"),
+        )
 
 
 # -- bad input ------------------------------------------------------------------------------------------------
@@ -399,7 +410,14 @@ def test_a_pretrained_table_is_loaded_and_can_be_frozen(tmp_path):
         ({"prompt_length": 0}, r"prompt_length must be an integer >= 1 \(got 0\)"),
         ({"hidden_layer": 1}, r"hidden_layer=1 needs instance_source='hidden'"),
         ({"instance_source": "hidden", "injection": "input"}, r"needs injection='prefix' or 'hybrid'"),
-        ({"freeze_table": True}, r"freeze_table=True freezes a random table"),
+        (
+            {"instance_source": "token_table", "freeze_table": True},
+            r"freeze_table=True freezes a random table",
+        ),
+        (
+            {"freeze_table": True},
+            r"table_path / freeze_table need instance_source=.token_table. \(got .embeddings.\)",
+        ),
         ({"prompt_dropout": 1.0}, r"prompt_dropout must be in \[0, 1\) \(got 1.0\)"),
     ],
 )
@@ -409,7 +427,7 @@ def test_invalid_configs_are_rejected_naming_field_and_value(fields, message):
 
 
 def test_token_table_with_inputs_embeds_only_says_what_to_do():
-    model = ipt_model(injection="prefix")
+    model = ipt_model(injection="prefix", instance_source="token_table")
     embeds = model.get_input_embeddings()(token_batch())
     with pytest.raises(ValueError, match="pass input_ids, or use instance_source='embeddings'"):
         model(inputs_embeds=embeds)

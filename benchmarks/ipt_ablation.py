@@ -1,0 +1,159 @@
+"""Which IPT variant wins per parameter: the measurement behind InstancePromptConfig's defaults.
+
+Setting: the bundled all-MiniLM-L6-v2 + Rotten Tomatoes, 2,000 seeded training examples, validation split (853),
+max length 64, prompt length 16, 2 epochs, batch 32, AdamW lr 1e-2 (20 warm-up steps, linear decay), seed 0;
+the classifier head trains alongside (peft's SEQ_CLS convention). P-tuning v2 (flat PrefixTuningV2) is the
+task-level reference.
+
+    python benchmarks/ipt_ablation.py                  # all variants (about 5 min each on 2 cores)
+    python benchmarks/ipt_ablation.py --only default   # one variant
+    python benchmarks/ipt_ablation.py --seeds 0 1      # mean over seeds
+
+Writes benchmarks/results/ipt_ablation.json and .md and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from peft import get_peft_model  # noqa: E402
+from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
+
+from peft_ipt import InstancePromptConfig, PrefixTuningV2Config  # noqa: E402
+from peft_ipt.assets import bundled_model_path, load_bundled_dataset  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+P = 16
+VARIANTS = {
+    "prefix_v2_flat": lambda: PrefixTuningV2Config(
+        task_type="SEQ_CLS", prefix_length=P, reparameterize=False
+    ),
+    "default": lambda: InstancePromptConfig(task_type="SEQ_CLS", prompt_length=P),
+    "embeddings_first_layer": lambda: InstancePromptConfig(
+        task_type="SEQ_CLS", prompt_length=P, instance_layers=[0]
+    ),
+    "token_table_all_layers": lambda: InstancePromptConfig(
+        task_type="SEQ_CLS", prompt_length=P, instance_source="token_table"
+    ),
+    "token_table_first_layer": lambda: InstancePromptConfig(
+        task_type="SEQ_CLS", prompt_length=P, instance_source="token_table", instance_layers=[0]
+    ),
+    "token_table_cnn_first_layer": lambda: InstancePromptConfig(
+        task_type="SEQ_CLS",
+        prompt_length=P,
+        instance_source="token_table",
+        instance_encoder="cnn",
+        instance_layers=[0],
+    ),
+    "hidden_lpt": lambda: InstancePromptConfig(
+        task_type="SEQ_CLS", prompt_length=P, instance_source="hidden"
+    ),
+}
+
+
+def encode(tokenizer, rows):
+    enc = tokenizer(
+        list(rows["text"]), truncation=True, max_length=64, padding="max_length", return_tensors="pt"
+    )
+    return enc["input_ids"], enc["attention_mask"], torch.tensor(list(rows["label"]))
+
+
+def run(name: str, seed: int, train, validation, epochs: int = 2, batch: int = 32, lr: float = 1e-2) -> dict:
+    torch.manual_seed(seed)
+    base = AutoModelForSequenceClassification.from_pretrained(bundled_model_path("minilm"), num_labels=2)
+    total = sum(p.numel() for p in base.parameters())
+    model = get_peft_model(base, VARIANTS[name]())
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    n = len(train[2])
+    steps = epochs * (n // batch)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / 20) * max(0.0, 1 - s / steps)
+    )
+    start = time.time()
+    with tqdm(total=steps, desc=f"{name} seed {seed}", leave=False) as bar:
+        for _ in range(epochs):
+            model.train()
+            order = torch.randperm(n)
+            for i in range(0, n - batch + 1, batch):
+                idx = order[i : i + batch]
+                loss = model(input_ids=train[0][idx], attention_mask=train[1][idx], labels=train[2][idx]).loss
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    with torch.no_grad():
+        predictions = torch.cat(
+            [
+                model(
+                    input_ids=validation[0][i : i + 128], attention_mask=validation[1][i : i + 128]
+                ).logits.argmax(-1)
+                for i in range(0, len(validation[2]), 128)
+            ]
+        )
+    accuracy = (predictions == validation[2]).float().mean().item()
+    # The classifier head (trained by every method) counts as trainable, as print_trainable_parameters says.
+    return {
+        "accuracy": accuracy,
+        "trainable": trainable,
+        "share": trainable / total,
+        "seconds": time.time() - start,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--only", nargs="*", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0])
+    parser.add_argument("--train-size", type=int, default=2000)
+    args = parser.parse_args()
+    data = load_bundled_dataset("rotten_tomatoes", seed=0)
+    tokenizer = AutoTokenizer.from_pretrained(bundled_model_path("minilm"))
+    train = encode(tokenizer, data["train"].shuffle(seed=0).select(range(args.train_size)))
+    validation = encode(tokenizer, data["validation"])
+    rows = []
+    for name in args.only:
+        runs = [run(name, seed, train, validation) for seed in args.seeds]
+        accuracies = [r["accuracy"] for r in runs]
+        row = {
+            "variant": name,
+            "accuracy_mean": statistics.mean(accuracies),
+            "accuracy_std": statistics.pstdev(accuracies),
+            "seeds": args.seeds,
+            "trainable": runs[0]["trainable"],
+            "share": runs[0]["share"],
+            "seconds": statistics.mean(r["seconds"] for r in runs),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    table = ["| variant | val. accuracy | trainable | share | s / run |", "|---|---|---|---|---|"]
+    for r in rows:
+        table.append(
+            f"| {r['variant']} | {100 * r['accuracy_mean']:.1f} ± {100 * r['accuracy_std']:.1f} | {r['trainable']:,} "
+            f"| {100 * r['share']:.2f}% | {r['seconds']:.0f} |"
+        )
+    print("\n".join(table))
+    RESULTS.mkdir(exist_ok=True)
+    suffix = "" if args.only == list(VARIANTS) else "_" + "_".join(args.only)
+    (RESULTS / f"ipt_ablation{suffix}.json").write_text(json.dumps(rows, indent=2))
+    (RESULTS / f"ipt_ablation{suffix}.md").write_text("\n".join(table) + "\n")
+
+
+if __name__ == "__main__":
+    main()
