@@ -20,6 +20,17 @@ import peft_ipt  # noqa: F401  (registers the methods)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers.logging.set_verbosity_error()
+# The mechanics tests run tiny models, where thread start-up costs more than it saves (about 30x on a loaded
+# 2-core machine). Tests on the real bundled models raise it again with the ``all_threads`` fixture.
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def all_threads():
+    torch.set_num_threads(os.cpu_count() or 1)
+    yield
+    torch.set_num_threads(1)
+
 
 VOCAB = 128
 

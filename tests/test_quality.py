@@ -76,7 +76,7 @@ def accuracy_after_training(config, train, validation, epochs=2, batch=32, lr=1e
     return (predictions == validation[2]).float().mean().item()
 
 
-def test_ipt_beats_chance_widely_and_matches_or_beats_prefix_tuning_v2(rotten_tomatoes):
+def test_ipt_beats_chance_widely_and_matches_or_beats_prefix_tuning_v2(rotten_tomatoes, all_threads):
     train, validation = rotten_tomatoes
     ipt = accuracy_after_training(
         InstancePromptConfig(task_type="SEQ_CLS", prompt_length=16), train, validation

@@ -9,6 +9,28 @@ from peft.config import PeftConfig
 from .attention import CROSS, DECODER, ENCODER, SELF, SiteLayout
 
 
+def check_positive_int(config, name: str) -> None:
+    value = getattr(config, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1 (got {value!r})")
+
+
+def layer_list(name: str, value) -> list[int] | None:
+    """None, an index, or a list of indices -> a sorted list (or None); anything else is an error naming ``name``."""
+    if value is None:
+        return None
+    items = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+    if (
+        not isinstance(items, (list, tuple))
+        or not items
+        or any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in items)
+    ):
+        raise ValueError(
+            f"{name} must be None, a layer index >= 0 or a non-empty list of them (got {value!r})"
+        )
+    return sorted(set(items))
+
+
 def hidden_size_of(config) -> int:
     for name in ("hidden_size", "d_model", "n_embd", "dim"):
         value = getattr(config, name, None)
@@ -67,16 +89,7 @@ class PromptConfigBase(PeftConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        layers = self.layers_to_transform
-        if isinstance(layers, int):
-            layers = [layers]
-        if layers is not None:
-            if not layers or any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in layers):
-                raise ValueError(
-                    f"layers_to_transform must be None, a layer index >= 0 or a non-empty list of them "
-                    f"(got {self.layers_to_transform!r})"
-                )
-            self.layers_to_transform = sorted(set(layers))
+        self.layers_to_transform = layer_list("layers_to_transform", self.layers_to_transform)
         for name in ("encoder_prefix", "decoder_prefix", "cross_prefix", "init_weights"):
             value = getattr(self, name)
             if not (value is None or isinstance(value, bool)) or (name == "init_weights" and value is None):

@@ -55,7 +55,7 @@ from peft.utils.other import _prepare_prompt_learning_config
 from safetensors.torch import save_file
 from torch import nn
 
-from .attention import SELF
+from .attention import SELF, discover_sites, layout_of
 from .prefix_tuning import PrefixTuningV2Config, PrefixTuningV2Model
 
 # Task types whose PeftModelFor<Task> feeds a PrefixTuning prefix to a decoder-only or encoder-only model.
@@ -74,7 +74,7 @@ def _check_exportable(peft_model: PeftModel, adapter_name: str) -> tuple[PrefixT
         peft_model.base_model, PrefixTuningV2Model
     ):
         raise ValueError(
-            f"adapter {adapter_name!r} is a {type(config).__name__}; only PrefixTuningV2 adapters have a "
+            f"adapter {adapter_name!r} uses {type(config).__name__}; only PrefixTuningV2 adapters have a "
             "task-level key/value table that peft's PrefixTuning can hold"
         )
     base = peft_model.get_base_model()
@@ -188,6 +188,23 @@ def import_from_peft_prefix_tuning(
             "peft's encoder-decoder prefixes (num_transformer_submodules=2, decoder self-attention only) cannot be "
             "imported; only decoder-only / encoder-only PrefixTuning adapters can"
         )
+    weights = load_peft_weights(str(peft_adapter_dir), device="cpu")
+    if PEFT_WEIGHT not in weights:
+        raise ValueError(
+            f"{peft_adapter_dir} has no {PEFT_WEIGHT!r} tensor; it is not a PrefixTuning adapter"
+        )
+    prefix = weights.pop(PEFT_WEIGHT)  # (P, L * 2 * token_dim)
+    # Check the shapes before get_peft_model wraps base_model, so that a refusal leaves it untouched.
+    n_layers, n_kv, head_dim = layout_of(discover_sites(base_model)).shapes[SELF]
+    saved = (peft_config.num_layers, peft_config.num_attention_heads, peft_config.token_dim)
+    expected = (peft_config.num_virtual_tokens, n_layers * 2 * n_kv * head_dim)
+    if saved != (n_layers, n_kv, n_kv * head_dim) or tuple(prefix.shape) != expected:
+        raise ValueError(
+            f"the peft adapter was saved for (layers, heads, token_dim) = {saved} with prompt_embeddings of shape "
+            f"{tuple(prefix.shape)}, but this model's attention has {(n_layers, n_kv, n_kv * head_dim)} (expects "
+            f"{expected}); load it onto the base model it was trained on"
+        )
+
     modules_to_save = (
         list(dict.fromkeys(peft_config.modules_to_save)) if peft_config.modules_to_save else None
     )
@@ -195,28 +212,13 @@ def import_from_peft_prefix_tuning(
         task_type=peft_config.task_type,
         prefix_length=peft_config.num_virtual_tokens,
         reparameterize=False,
+        cross_prefix=False,  # peft's prefix is on self-attention only, also where a decoder has cross-attention
         modules_to_save=modules_to_save,
         base_model_name_or_path=peft_config.base_model_name_or_path,
         revision=peft_config.revision,
         inference_mode=not is_trainable,
     )
-    weights = load_peft_weights(str(peft_adapter_dir), device="cpu")
-    if PEFT_WEIGHT not in weights:
-        raise ValueError(
-            f"{peft_adapter_dir} has no {PEFT_WEIGHT!r} tensor; it is not a PrefixTuning adapter"
-        )
-    prefix = weights.pop(PEFT_WEIGHT)  # (P, L * 2 * token_dim)
-
     model = get_peft_model(base_model, config, adapter_name=adapter_name)
-    n_layers, n_kv, head_dim = model.base_model.layout.shapes[SELF]
-    saved = (peft_config.num_layers, peft_config.num_attention_heads, peft_config.token_dim)
-    expected = (config.prefix_length, n_layers * 2 * n_kv * head_dim)
-    if saved != (n_layers, n_kv, n_kv * head_dim) or tuple(prefix.shape) != expected:
-        raise ValueError(
-            f"the peft adapter was saved for (layers, heads, token_dim) = {saved} with prompt_embeddings of shape "
-            f"{tuple(prefix.shape)}, but this model's attention has {(n_layers, n_kv, n_kv * head_dim)} (expects "
-            f"{expected}); load it onto the base model it was trained on"
-        )
     table = model.base_model.prompt_modules[adapter_name].tables[SELF]
     with torch.no_grad():
         table.weight.copy_(prefix.to(table.weight.device, table.weight.dtype))

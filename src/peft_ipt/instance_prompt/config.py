@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from peft.utils import PeftType
 
-from ..base_config import PromptConfigBase
+from ..base_config import PromptConfigBase, check_positive_int, layer_list
 
 INSTANCE_SOURCES = ("token_table", "embeddings", "hidden")
 INSTANCE_ENCODERS = ("none", "mlp", "cnn", "lstm")
 INJECTIONS = ("input", "prefix", "hybrid")
-
-
-def _positive_int(config, name: str) -> None:
-    value = getattr(config, name)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1 (got {value!r})")
 
 
 @dataclass
@@ -118,7 +113,7 @@ class InstancePromptConfig(PromptConfigBase):
             "encoder_hidden_size",
             "table_size",
         ):
-            _positive_int(self, name)
+            check_positive_int(self, name)
         for name, allowed in (
             ("injection", INJECTIONS),
             ("instance_source", INSTANCE_SOURCES),
@@ -128,14 +123,19 @@ class InstancePromptConfig(PromptConfigBase):
                 raise ValueError(f"{name} must be one of {allowed} (got {getattr(self, name)!r})")
         if not isinstance(self.prompt_dropout, (int, float)) or not 0.0 <= self.prompt_dropout < 1.0:
             raise ValueError(f"prompt_dropout must be in [0, 1) (got {self.prompt_dropout!r})")
-        if not isinstance(self.instance_scale, (int, float)) or isinstance(self.instance_scale, bool):
-            raise ValueError(f"instance_scale must be a number (got {self.instance_scale!r})")
+        scale = self.instance_scale
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+            raise ValueError(f"instance_scale must be a finite number (got {scale!r})")
         if self.hidden_layer is not None:
             if self.instance_source != "hidden":
                 raise ValueError(
                     f"hidden_layer={self.hidden_layer} needs instance_source='hidden' (got {self.instance_source!r})"
                 )
-            if not isinstance(self.hidden_layer, int) or self.hidden_layer < 0:
+            if (
+                not isinstance(self.hidden_layer, int)
+                or isinstance(self.hidden_layer, bool)
+                or self.hidden_layer < 0
+            ):
                 raise ValueError(f"hidden_layer must be a layer index >= 0 (got {self.hidden_layer!r})")
         if self.instance_source == "hidden" and self.injection == "input":
             raise ValueError(
@@ -153,11 +153,7 @@ class InstancePromptConfig(PromptConfigBase):
         if self.instance_layers is not None:
             if self.injection == "input":
                 raise ValueError("instance_layers applies to injection='prefix' or 'hybrid', not 'input'")
-            if not self.instance_layers or any(not isinstance(i, int) or i < 0 for i in self.instance_layers):
-                raise ValueError(
-                    f"instance_layers must be a non-empty list of layer indices >= 0 (got {self.instance_layers!r})"
-                )
-            self.instance_layers = sorted(set(self.instance_layers))
+            self.instance_layers = layer_list("instance_layers", self.instance_layers)
         if self.injection == "input" and self.layers_to_transform is not None:
             raise ValueError(
                 "layers_to_transform does not apply to injection='input' (the prompt enters as tokens)"
@@ -204,5 +200,16 @@ class InstancePromptConfig(PromptConfigBase):
                     f"instance_layers={layers} includes layers below hidden_layer={hidden[1]}, which run before the "
                     "instance prompt exists; use layers >= hidden_layer"
                 )
+            if not layers and self.injection == "prefix":
+                raise ValueError(
+                    f"the {kind} stack's selected layers {selected} all run before hidden_layer={hidden[1]}, so with "
+                    "injection='prefix' they would carry nothing; select layers >= hidden_layer in "
+                    "layers_to_transform, or lower hidden_layer"
+                )
             result[kind] = layers
+        if not any(result.values()):
+            raise ValueError(
+                "no selected layer runs at or after hidden_layer: the instance prompt would reach no layer; "
+                "select later layers in layers_to_transform, or lower hidden_layer"
+            )
         return result

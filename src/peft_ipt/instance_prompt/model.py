@@ -177,14 +177,17 @@ class InstancePromptModel(PromptTuner):
             else PER_TOKEN_OUTPUTS
         )
 
-        def cut(tensor):
-            if torch.is_tensor(tensor) and tensor.dim() >= 2 and tensor.shape[1] == length + P:
+        def cut(tensor, per_token_2d: bool = False):
+            # per-token outputs: (B, T+P, ...) with 3 dims, or QA's (B, T+P) span logits; never (B, labels)
+            per_token = torch.is_tensor(tensor) and (tensor.dim() >= 3 or per_token_2d)
+            if per_token and tensor.shape[1] == length + P:
                 return torch.cat([tensor[:, :at], tensor[:, at + P :]], dim=1)
             return tensor
 
         for name in names:
             if getattr(output, name, None) is not None:
-                setattr(output, name, cut(getattr(output, name)))
+                span = name in ("start_logits", "end_logits")
+                setattr(output, name, cut(getattr(output, name), per_token_2d=span))
         if getattr(output, "hidden_states", None) is not None and not getattr(
             model.config, "is_encoder_decoder", False
         ):

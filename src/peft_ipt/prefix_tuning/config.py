@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from peft.utils import PeftType
 
-from ..base_config import PromptConfigBase
+from ..base_config import PromptConfigBase, check_positive_int
 
 PREFIX_INITS = ("random", "text", "vocab")
 
@@ -70,12 +70,8 @@ class PrefixTuningV2Config(PromptConfigBase):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PeftType["PREFIX_TUNING_V2"]
-        if not isinstance(self.prefix_length, int) or self.prefix_length < 1:
-            raise ValueError(f"prefix_length must be an integer >= 1 (got {self.prefix_length!r})")
-        if not isinstance(self.encoder_hidden_size, int) or self.encoder_hidden_size < 1:
-            raise ValueError(
-                f"encoder_hidden_size must be an integer >= 1 (got {self.encoder_hidden_size!r})"
-            )
+        check_positive_int(self, "prefix_length")
+        check_positive_int(self, "encoder_hidden_size")
         if not isinstance(self.prefix_dropout, (int, float)) or not 0.0 <= self.prefix_dropout < 1.0:
             raise ValueError(f"prefix_dropout must be in [0, 1) (got {self.prefix_dropout!r})")
         if self.prefix_init not in PREFIX_INITS:
