@@ -108,7 +108,8 @@ def usage_snippet(experiment: Experiment, repo: str, example: str, label_names: 
         prompt = example + (experiment.data.separator if experiment.task_type == "CAUSAL_LM" else "")
         lines += [
             f"inputs = tokenizer({prompt!r}, return_tensors='pt')",
-            f"output = model.generate(**inputs, max_new_tokens={experiment.generation.max_new_tokens}, do_sample=False)",
+            f"output = model.generate(**inputs, max_new_tokens={experiment.generation.max_new_tokens}, "
+            "do_sample=False)",
         ]
         cut = "[0, inputs['input_ids'].shape[1]:]" if experiment.task_type == "CAUSAL_LM" else "[0]"
         lines.append(f"print(tokenizer.decode(output{cut}, skip_special_tokens=True))")
@@ -144,7 +145,8 @@ def _data_section(experiment: Experiment, sizes: dict[str, int], label_names: li
         rows = "rows, each a distinct input with all its references"
     return (
         f"Source: {source}; columns: {columns}. Splits used (seed {data.seed}): train {sizes['train']:,}, "
-        f"validation {sizes['validation']:,}, test {sizes['test']:,} {rows}. Max length {data.max_length} tokens."
+        f"validation {sizes['validation']:,}, test {sizes['test']:,} {rows}. "
+        f"Max length {data.max_length} tokens."
     )
 
 

@@ -188,7 +188,7 @@ def _subsample(split: datasets.Dataset, size: int | None, seed: int) -> datasets
 
 
 def load_splits(experiment: Experiment) -> Splits:
-    """The experiment's train/validation/test in canonical columns, subsampled, checked (see module docstring)."""
+    """The experiment's train/validation/test in canonical columns, checked and subsampled (module docstring)."""
     data, source = experiment.data, experiment.source
     raw = _read_files(data.files, source) if data.files else _read_named(data, source)
     where = "data.files" if data.files else "data.name"

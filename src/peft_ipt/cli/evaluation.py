@@ -66,10 +66,8 @@ def generate_texts(
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
         )
-        if experiment.task_type == "CAUSAL_LM":
-            generated = generated[
-                :, batch["input_ids"].shape[1] :
-            ]  # a decoder-only output repeats the prompt
+        if causal:  # a decoder-only model's output starts with the (padded) prompt
+            generated = generated[:, batch["input_ids"].shape[1] :]
         outputs.extend(text.strip() for text in tokenizer.batch_decode(generated, skip_special_tokens=True))
     model.train(was_training)
     return outputs

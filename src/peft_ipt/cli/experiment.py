@@ -153,7 +153,7 @@ METHODS: dict[str, Method] = {
 
 @dataclass
 class DataConfig:
-    """Where the examples come from and how they become model inputs. ``data: NAME`` is ``data: {name: NAME}``."""
+    """Where the examples come from and how they become model inputs (``data: NAME`` = ``{name: NAME}``)."""
 
     name: str | None = field(
         default=None,

@@ -6,11 +6,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .experiment import BUNDLED_MODELS, Experiment
-
-
-def hub_id(name: str) -> str:
-    return BUNDLED_MODELS.get(name, name)
+from .experiment import Experiment
 
 
 def _auto_class(task_type: str):
@@ -23,10 +19,10 @@ def _auto_class(task_type: str):
     }[task_type]
 
 
-def load_tokenizer(experiment: Experiment, folder: str | None = None):
+def load_tokenizer(experiment: Experiment):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(folder or experiment.model_path)
+    tokenizer = AutoTokenizer.from_pretrained(experiment.model_path)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(
@@ -68,7 +64,7 @@ def build_model(experiment: Experiment, tokenizer, label_names: list[str] | None
 
 
 def load_trained(experiment: Experiment, output_dir: Path | str, tokenizer, label_names) -> nn.Module:
-    """The trained model of an output folder: ``import peft_ipt`` + ``PeftModel.from_pretrained`` on the base."""
+    """The trained model of an output folder: ``import peft_ipt``, then ``PeftModel.from_pretrained``."""
     import peft
 
     import peft_ipt  # noqa: F401  (without it peft cannot read our adapter_config.json)

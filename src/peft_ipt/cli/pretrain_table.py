@@ -1,9 +1,9 @@
 """`peft-ipt pretrain-table`: IPT's "pretrained" token table, trained fastText-style on a labelled corpus.
 
 The model is the hashed token table followed by a linear classifier: ids (B, n) -> table (B, n, r) -> mean over
-valid tokens (B, r) -> Linear(r, classes). Only the table is kept; ``InstancePromptConfig(table_path=...,
-freeze_table=...)`` then starts from it. Tokens come from the target model's tokenizer, so the hashed buckets match
-the ids the adapter will see.
+valid tokens (B, r) -> Linear(r, classes). Only the table is kept;
+``InstancePromptConfig(instance_source="token_table", table_path=..., freeze_table=...)`` then starts from it.
+Tokens come from the target model's tokenizer, so the hashed buckets match the ids the adapter will see.
 """
 
 from __future__ import annotations
@@ -96,14 +96,16 @@ def pretrain_table(
             total += loss.item() * len(batch)
         accuracy = _accuracy(classifier, val_ids, val_valid, val_labels)
         print(
-            f"[peft-ipt] epoch {epoch + 1}/{epochs}: train loss {total / len(labels):.4f}, validation accuracy {accuracy:.4f}"
+            f"[peft-ipt] epoch {epoch + 1}/{epochs}: train loss {total / len(labels):.4f}, "
+            f"validation accuracy {accuracy:.4f}"
         )
 
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     classifier.table.save(str(out))
     print(
         f"[peft-ipt] saved the table to {out} ({table_size} x {rank}, tokenizer of "
-        f"{BUNDLED_MODELS.get(model, model)}). Use it with method_config: {{table_path: {out}, table_size: "
-        f"{table_size}, instance_rank: {rank}, freeze_table: true}} (or false to fine-tune it)"
+        f"{BUNDLED_MODELS.get(model, model)}). Use it with method_config: {{instance_source: token_table, "
+        f"table_path: {out}, table_size: {table_size}, instance_rank: {rank}, freeze_table: true}} "
+        "(or freeze_table: false to fine-tune it)"
     )
     return {"validation_accuracy": accuracy, "seconds": time.time() - start}
