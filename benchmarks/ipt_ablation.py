@@ -9,7 +9,9 @@ task-level reference.
     python benchmarks/ipt_ablation.py --only default   # one variant
     python benchmarks/ipt_ablation.py --seeds 0 1      # mean over seeds
 
-Writes benchmarks/results/ipt_ablation.json and .md and prints the table.
+Each finished variant is merged into benchmarks/results/ipt_ablation.json (by variant name) and the table in
+ipt_ablation.md is rebuilt from the whole file, so the variants can be run in pieces.
+``--from-log FILE`` merges the JSON row lines an earlier run of this script printed (e.g. an interrupted run).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from peft_ipt.assets import bundled_model_path, load_bundled_dataset  # noqa: E4
 
 RESULTS = Path(__file__).parent / "results"
 P = 16
+TRAIN_SIZE = 2000
 VARIANTS = {
     "prefix_v2_flat": lambda: PrefixTuningV2Config(
         task_type="SEQ_CLS", prefix_length=P, reparameterize=False
@@ -121,14 +124,27 @@ def main() -> None:
     )
     parser.add_argument("--only", nargs="*", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--seeds", nargs="*", type=int, default=[0])
-    parser.add_argument("--train-size", type=int, default=2000)
+    parser.add_argument("--skip", nargs="*", default=[], help="variants to leave out of --only")
+    parser.add_argument("--from-log", nargs="*", default=[], help="merge rows printed by earlier runs")
     args = parser.parse_args()
+    if args.train_size != 2000:
+        raise SystemExit(
+            "the results file holds --train-size 2000 rows; change RESULTS to compare other sizes"
+        )
     data = load_bundled_dataset("rotten_tomatoes", seed=0)
     tokenizer = AutoTokenizer.from_pretrained(bundled_model_path("minilm"))
-    train = encode(tokenizer, data["train"].shuffle(seed=0).select(range(args.train_size)))
+    train = encode(tokenizer, data["train"].shuffle(seed=0).select(range(TRAIN_SIZE)))
     validation = encode(tokenizer, data["validation"])
-    rows = []
+    path = RESULTS / "ipt_ablation.json"
+    RESULTS.mkdir(exist_ok=True)
+    for log in args.from_log:
+        for line in Path(log).read_text().replace("\r", "\n").splitlines():
+            start = line.find('{"variant"')
+            if start >= 0:
+                save_row(path, json.loads(line[start:]))
     for name in args.only:
+        if name in args.skip:
+            continue
         runs = [run(name, seed, train, validation) for seed in args.seeds]
         accuracies = [r["accuracy"] for r in runs]
         row = {
@@ -140,19 +156,23 @@ def main() -> None:
             "share": runs[0]["share"],
             "seconds": statistics.mean(r["seconds"] for r in runs),
         }
-        rows.append(row)
         print(json.dumps(row), flush=True)
+        save_row(path, row)
+    print((RESULTS / "ipt_ablation.md").read_text())
+
+
+def save_row(path: Path, row: dict) -> None:
+    rows = {r["variant"]: r for r in (json.loads(path.read_text()) if path.exists() else [])}
+    rows[row["variant"]] = row
+    ordered = [rows[name] for name in VARIANTS if name in rows]
+    path.write_text(json.dumps(ordered, indent=2))
     table = ["| variant | val. accuracy | trainable | share | s / run |", "|---|---|---|---|---|"]
-    for r in rows:
+    for r in ordered:
         table.append(
             f"| {r['variant']} | {100 * r['accuracy_mean']:.1f} ± {100 * r['accuracy_std']:.1f} | {r['trainable']:,} "
             f"| {100 * r['share']:.2f}% | {r['seconds']:.0f} |"
         )
-    print("\n".join(table))
-    RESULTS.mkdir(exist_ok=True)
-    suffix = "" if args.only == list(VARIANTS) else "_" + "_".join(args.only)
-    (RESULTS / f"ipt_ablation{suffix}.json").write_text(json.dumps(rows, indent=2))
-    (RESULTS / f"ipt_ablation{suffix}.md").write_text("\n".join(table) + "\n")
+    (path.parent / "ipt_ablation.md").write_text("\n".join(table) + "\n")
 
 
 if __name__ == "__main__":
