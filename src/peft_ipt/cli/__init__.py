@@ -1,7 +1,8 @@
 """The `peft-ipt` command: train an adapter from an experiment YAML, re-score it, generate with it, and pretrain
 IPT's token table.
 
-    peft-ipt train [CONFIG.yaml] [--set key=value ...] [--output-dir DIR] [--push-to-hub REPO]
+    peft-ipt train [CONFIG.yaml] [--set key=value ...] [--output-dir DIR] [--resume [CHECKPOINT_DIR|auto]]
+                   [--push-to-hub REPO]
     peft-ipt eval OUTPUT_DIR
     peft-ipt generate OUTPUT_DIR "text" [--max-new-tokens N]
     peft-ipt pretrain-table --data NAME [--out table.safetensors] [--table-size 2048] [--rank 32]
@@ -33,6 +34,14 @@ def _parser() -> argparse.ArgumentParser:
         help="override a key, YAML-typed: --set training.learning_rate=0.01 (repeatable)",
     )
     train.add_argument("--output-dir", help="output folder (default: outputs/<config name>)")
+    train.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        metavar="CHECKPOINT_DIR|auto",
+        help="continue from a checkpoint (training.save_strategy writes them to OUTPUT_DIR/checkpoints); "
+        "alone or `auto`: the latest complete one, from the start if there is none. Put it after CONFIG",
+    )
     train.add_argument(
         "--push-to-hub", metavar="REPO", help="also upload the adapter and its card to this Hub repo"
     )
@@ -71,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "train":
             from .train import train
 
-            train(args.config, args.overrides, args.output_dir, args.push_to_hub)
+            train(args.config, args.overrides, args.output_dir, args.push_to_hub, resume=args.resume)
         elif args.command == "eval":
             from .train import evaluate_run
 

@@ -564,12 +564,14 @@ def load_experiment(path: Path | str, overrides: list[str] | None = None) -> Exp
     return validate(raw, source, from_set)
 
 
+# The repository's configs/, which the package carries: src/peft_ipt/cli/configs links to it, and the wheel
+# holds a copy (pyproject's package-data).
+PACKAGED_CONFIGS = Path(__file__).parent / "configs"
+
+
 def default_config_path() -> Path:
-    """``configs/default.yaml``: in the working directory if there is one, else in the source checkout."""
-    candidates = [
-        Path.cwd() / "configs" / "default.yaml",
-        Path(__file__).resolve().parents[3] / "configs" / "default.yaml",
-    ]
+    """``configs/default.yaml``: in the working directory if there is one, else the packaged one."""
+    candidates = [Path.cwd() / "configs" / "default.yaml", PACKAGED_CONFIGS / "default.yaml"]
     for candidate in candidates:
         if candidate.is_file():
             return candidate

@@ -2,11 +2,18 @@
 
 The output folder holds the adapter (``save_pretrained``), ``README.md`` (model card), ``metrics.json``,
 ``training_curves.png`` and ``experiment.yaml`` (the resolved experiment, which `eval` and `generate` read).
+With ``training.save_strategy`` set, Trainer's checkpoints go to ``checkpoints/checkpoint-N/``, each marked
+complete once fully written (see :mod:`.checkpoints`), and ``--resume`` continues from one of them.
+
+Under a multi-process launcher (``accelerate launch``, ``torchrun``) every process trains; the main process
+alone prints, scores the test split and writes the output folder.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +23,14 @@ import torch
 from torch import nn
 
 from .card import model_card
+from .checkpoints import (
+    CheckpointError,
+    MarkCompleteCheckpoints,
+    StopAtTheLastStep,
+    TrainingFinished,
+    latest_complete,
+    require_complete,
+)
 from .data import Splits, collator_for, load_splits, tokenize
 from .evaluation import evaluate_split, generate_texts
 from .experiment import Experiment, default_config_path, load_experiment
@@ -29,6 +44,7 @@ CARD_FILE = "README.md"
 CURVES_FILE = "training_curves.png"
 # Trainer's output_dir: stays empty (and is removed) unless training.save_strategy asks for checkpoints.
 CHECKPOINTS = "checkpoints"
+RESUME_LATEST = "auto"
 
 
 class CLIError(RuntimeError):
@@ -52,7 +68,7 @@ def make_trainer(
     model: nn.Module,
     tokenizer,
     splits: Splits,
-    output: Path,
+    arguments,
     score_validation: Callable,
 ):
     """A Trainer; for generation tasks each evaluation also decodes the validation inputs and scores them."""
@@ -68,13 +84,60 @@ def make_trainer(
     classification = experiment.task_type == "SEQ_CLS"
     return (Trainer if classification else GenerationTrainer)(
         model=model,
-        args=training_arguments(experiment, output),
+        args=arguments,
         train_dataset=tokenize(splits.train, tokenizer, experiment),
         eval_dataset=tokenize(splits.validation, tokenizer, experiment),
         data_collator=collator_for(experiment, tokenizer),
         processing_class=tokenizer,
         compute_metrics=trainer_classification_metrics if classification else None,
+        callbacks=[MarkCompleteCheckpoints(), StopAtTheLastStep()],
     )
+
+
+def _is_main_process() -> bool:
+    # Before Trainer sets up the process group its rank is unknown; launchers set RANK for every process.
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _log(message: str, warning: bool = False) -> None:
+    if _is_main_process():
+        print(
+            f"[peft-ipt] {'warning: ' if warning else ''}{message}",
+            file=sys.stderr if warning else sys.stdout,
+        )
+
+
+def _check_data_parallel(arguments) -> None:
+    """Refuse N launched processes that would each train alone (and all write the output folder)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != arguments.world_size:
+        raise CLIError(
+            f"launched as {launched} processes (WORLD_SIZE={launched}) but Trainer runs each one alone "
+            f"({arguments.parallel_mode.value}). Without GPUs, Trainer joins them over gloo only when told "
+            "to use the CPU: set ACCELERATE_USE_CPU=1 or training.use_cpu=true"
+        )
+
+
+def resume_checkpoint(resume: str, output: Path) -> Path | None:
+    """The checkpoint ``--resume`` asks for: the folder it names, which must be complete, or for ``auto`` the
+    latest complete one of the run (None, training from the start, if there is none)."""
+    if resume != RESUME_LATEST:
+        try:
+            return require_complete(resume)
+        except CheckpointError as error:
+            hint = "resume from a complete one (`--resume auto` picks the latest)"
+            if Path(resume).is_file():  # `peft-ipt train --resume CONFIG`: argparse gave CONFIG to --resume
+                hint = "to resume the run of an experiment file, put the file first: `peft-ipt train CONFIG "
+                hint += "--resume`"
+            raise CLIError(f"--resume {resume}: {error}; {hint}") from None
+    chosen, skipped = latest_complete(output / CHECKPOINTS)
+    for folder, problem in skipped.items():
+        _log(f"--resume auto skips {folder}: {problem}", warning=True)
+    if chosen is None:
+        _log(f"--resume auto: no complete checkpoint in {output / CHECKPOINTS}; training from the start")
+    else:
+        _log(f"resuming from {chosen}")
+    return chosen
 
 
 def _evaluated_at(history: list[dict[str, Any]], step: int) -> bool:
@@ -86,30 +149,50 @@ def train(
     overrides: list[str] | None = None,
     output_dir: str | Path | None = None,
     push_to_hub: str | None = None,
+    resume: str | None = None,
 ) -> dict[str, Any]:
-    """Run one experiment end to end; returns what it writes to metrics.json."""
+    """Run one experiment end to end; returns what it writes to metrics.json (on the main process; other
+    processes of a multi-process launch return an empty dict).
+
+    ``resume``: a checkpoint folder to continue from, or ``"auto"`` for the run's latest complete checkpoint.
+    """
     from transformers import set_seed
 
     start = time.time()
     experiment = load_experiment(config or default_config_path(), overrides)
-    splits = load_splits(experiment)  # checks columns and splits before any model loads
     output = Path(output_dir or Path("outputs") / Path(experiment.source).stem)
-    print(f"[peft-ipt] {experiment.source}: {experiment.method} on {experiment.model}, rows {splits.sizes()}")
+    checkpoint = resume_checkpoint(resume, output) if resume else None
+    if resume and experiment.training_settings["save_strategy"] == "no":
+        _log(
+            "--resume with training.save_strategy 'no': this run writes no checkpoint to resume from",
+            warning=True,
+        )
+    splits = load_splits(experiment)  # checks columns and splits before any model loads
+    arguments = training_arguments(experiment, output)  # joins the other processes of a launcher, if any
+    _check_data_parallel(arguments)
+    _log(f"{experiment.source}: {experiment.method} on {experiment.model}, rows {splits.sizes()}")
 
     set_seed(experiment.training_settings["seed"])  # also seeds the new task head's initialisation
     tokenizer = load_tokenizer(experiment)
     model = build_model(experiment, tokenizer, splits.label_names)
     counts = parameter_counts(model)
-    print(f"[peft-ipt] trainable parameters: {counts['trainable_params']:,} of {counts['all_params']:,}")
+    _log(f"trainable parameters: {counts['trainable_params']:,} of {counts['all_params']:,}")
 
     def score_validation(model: nn.Module) -> dict[str, float]:
         hypotheses = generate_texts(model, tokenizer, list(splits.validation["input"]), experiment)
         return generation_metrics(hypotheses, list(splits.validation["references"]))
 
-    trainer = make_trainer(experiment, model, tokenizer, splits, output, score_validation)
-    train_output = trainer.train()
+    trainer = make_trainer(experiment, model, tokenizer, splits, arguments, score_validation)
+    try:
+        train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        train_runtime = train_output.metrics["train_runtime"]
+    except TrainingFinished as finished:
+        _log(f"{checkpoint} holds the last step ({finished})")
+        train_runtime = 0.0
     if not _evaluated_at(trainer.state.log_history, trainer.state.global_step):
         trainer.evaluate()  # the curve and the history always end with the final model
+    if not trainer.is_world_process_zero():
+        return {}
     test = evaluate_split(model, tokenizer, splits.test, experiment)
     print(f"[peft-ipt] test: {_format(test)}")
 
@@ -122,7 +205,9 @@ def train(
         **counts,
         "split_sizes": splits.sizes(),
         "label_names": splits.label_names,
-        "train_runtime_s": train_output.metrics["train_runtime"],
+        "train_runtime_s": train_runtime,  # of this invocation, if resumed
+        "processes": trainer.args.world_size,
+        "resumed_from": str(checkpoint) if checkpoint else None,
         "wall_time_s": time.time() - start,
         "training_arguments": {
             k: v for k, v in trainer.args.to_dict().items() if k in experiment.training_settings

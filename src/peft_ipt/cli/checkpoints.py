@@ -1,0 +1,163 @@
+"""Trainer checkpoints that say when they are complete, and the one ``peft-ipt train --resume`` picks.
+
+Trainer writes ``checkpoint-N/`` file by file: the adapter, then the optimizer, the scheduler, the RNG states
+of every process and ``trainer_state.json``; a run killed in between leaves a folder that looks like a
+checkpoint and cannot be resumed from (or, worse, resumes from a truncated optimizer state). So
+:class:`MarkCompleteCheckpoints` writes ``checkpoint-N/CHECKPOINT_COMPLETE`` once Trainer has finished: a JSON
+manifest of every file in the folder and its size, written to a temporary file and renamed into place. A
+checkpoint is complete when the marker is there and every file it lists has the recorded size, which also
+catches a file truncated or deleted afterwards (e.g. a kill while ``save_total_limit`` removes an old one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+COMPLETE_MARKER = "CHECKPOINT_COMPLETE"
+_CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be resumed from; the message names the folder and what is missing."""
+
+
+class TrainingFinished(Exception):
+    """Raised by :class:`StopAtTheLastStep` when the checkpoint resumed from already holds the last step."""
+
+
+def checkpoint_folder(output_dir: str | Path, step: int) -> Path:
+    """The folder Trainer writes the checkpoint of ``step`` to."""
+    return Path(output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+
+
+def _files(folder: Path) -> dict[str, int]:
+    """Every file under ``folder`` (the marker aside) -> its size in bytes, by path relative to ``folder``."""
+    return {
+        path.relative_to(folder).as_posix(): path.stat().st_size
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != COMPLETE_MARKER and not path.name.startswith(f".{COMPLETE_MARKER}")
+    }
+
+
+def mark_complete(folder: str | Path) -> Path:
+    """Write ``folder/CHECKPOINT_COMPLETE`` (the manifest of its files) atomically; returns the marker."""
+    folder = Path(folder)
+    files = _files(folder)
+    for name in files:  # on disk before the marker that vouches for them, so a power cut cannot reorder them
+        fd = os.open(folder / name, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    marker = folder / COMPLETE_MARKER
+    temporary = folder / f".{COMPLETE_MARKER}.tmp"
+    with open(temporary, "w", encoding="utf-8") as f:
+        json.dump({"files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, marker)
+    return marker
+
+
+def unmark(folder: str | Path) -> None:
+    """Remove the marker of a checkpoint about to be overwritten: until the new one is finished, it is not."""
+    Path(folder, COMPLETE_MARKER).unlink(missing_ok=True)
+
+
+def incompleteness(folder: str | Path) -> str | None:
+    """None if ``folder`` is a complete checkpoint, else what is wrong with it, in words."""
+    folder = Path(folder)
+    marker = folder / COMPLETE_MARKER
+    if not marker.is_file():
+        present = ", ".join(_files(folder)) or "no files"
+        return (
+            f"it has no {COMPLETE_MARKER} marker, so Trainer did not finish writing it (it holds: {present})"
+        )
+    try:
+        recorded = json.loads(marker.read_text(encoding="utf-8"))["files"]
+    except (ValueError, KeyError, TypeError) as error:
+        return f"its {COMPLETE_MARKER} marker is unreadable ({type(error).__name__}: {error})"
+    for name, size in recorded.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing (listed in its {COMPLETE_MARKER} marker)"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} when the checkpoint was completed"
+    return None
+
+
+def require_complete(folder: str | Path) -> Path:
+    """``folder`` if it is a complete checkpoint, else :class:`CheckpointError` saying what is wrong."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        kind = "a file" if folder.exists() else "not there"
+        raise CheckpointError(f"{folder} is not a checkpoint folder (it is {kind})")
+    problem = incompleteness(folder)
+    if problem is not None:
+        raise CheckpointError(f"{folder} is an incomplete checkpoint: {problem}")
+    return folder
+
+
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    """The ``checkpoint-N`` folders of a Trainer output dir, by step."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [p for p in output_dir.iterdir() if p.is_dir() and _CHECKPOINT_NAME.match(p.name)]
+    return sorted(found, key=lambda p: int(_CHECKPOINT_NAME.match(p.name).group(1)))
+
+
+def latest_complete(output_dir: str | Path) -> tuple[Path | None, dict[Path, str]]:
+    """The newest complete checkpoint of a Trainer output dir (None if there is none), and the newer,
+    incomplete ones passed over on the way, each with what is wrong with it."""
+    skipped = {}
+    for folder in reversed(checkpoints(output_dir)):
+        problem = incompleteness(folder)
+        if problem is None:
+            return folder, skipped
+        skipped[folder] = problem
+    return None, skipped
+
+
+class MarkCompleteCheckpoints(TrainerCallback):
+    """Marks each checkpoint complete once Trainer has written all of it; unmarks one it will overwrite."""
+
+    def _unmark_if_saving(self, args, state, control) -> None:
+        # Trainer decides to save in on_step_end / on_epoch_end (DefaultFlowCallback runs before us) and
+        # writes right after; a marker left from an earlier run would vouch for a half-overwritten folder.
+        if control.should_save and args.should_save:
+            unmark(checkpoint_folder(args.output_dir, state.global_step))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._unmark_if_saving(args, state, control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._unmark_if_saving(args, state, control)
+
+    def on_save(self, args, state, control, **kwargs):
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # every process has written its own rng_state_<rank>.pth
+        if args.should_save:
+            mark_complete(checkpoint_folder(args.output_dir, state.global_step))
+
+
+class StopAtTheLastStep(TrainerCallback):
+    """Ends a run resumed from its last checkpoint before it trains again.
+
+    Trainer (transformers 5.23) checks ``max_steps`` only after an optimizer step, so resuming from
+    ``checkpoint-<max_steps>`` mid-epoch runs one step more than the run asked for. This raises
+    :class:`TrainingFinished` from ``on_train_begin``, where the weights, optimizer and ``trainer.state`` are
+    already restored from the checkpoint, so the caller can go on as after ``train()``.
+    """
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if 0 < state.max_steps <= state.global_step:  # global_step > 0 before training: resumed
+            raise TrainingFinished(f"step {state.global_step} of {state.max_steps}: nothing left to train")
