@@ -31,10 +31,11 @@ there, and a run already recorded with the same budget is skipped, so the suite 
 (``--force`` reruns). ``quality.md`` (tables and goals) and ``quality.png`` (quality against trainable parameters)
 are rebuilt from the JSON after each run. ``--quick`` writes ``quality_quick.*`` instead.
 
-Cost. One MiniLM training step (batch 32) is about 1 s of 2 CPU cores and one SmolLM2 step (batch 8) several
-seconds, so the budgets below are smaller than the shipped configs' (which are sized for a single run): each
-run is 30-60 optimisation steps. The measured time per run is in the tables; see benchmarks/README.md for the
-cost of the suite and the commands that split it.
+Cost. Each run is 30-60 optimisation steps (the task budgets in ``TASKS``, smaller than the shipped configs', which
+are sized for one run), but the grid makes 23 runs per task, 161 for the seven tasks. Measured on 2 shared CPU cores
+(load average 4-6, ``--threads 1``): a Rotten Tomatoes run takes 145-230 s, so that task's grid alone is about an
+hour, and the whole suite many hours; ``--config-lr`` (8 runs a task) and ``--tasks`` cut it into pieces. ``--quick``
+takes about 2 minutes there.
 """
 
 from __future__ import annotations
