@@ -1216,69 +1216,133 @@ def _ranged_train_step(runner: Runner, batch: dict, setting: Setting) -> None:
         runner.optimizer.step()
 
 
-def run_profile(args, spec: ModelSpec, setting: Setting) -> tuple[dict, str]:
-    if spec.task != "CAUSAL_LM":
-        raise SystemExit("--profile looks at decoding: use --model tiny or --model smollm2")
+PROFILE_PARTS = ("micro", "decode", "train", "ab")
+
+
+def _per_call_overhead(args, spec: ModelSpec, setting: Setting) -> list[dict]:
+    """CPU microseconds of one decoding-step attention call: peft-ipt's function against the kernel alone."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    runner = build_runner("v2_folded", spec, args.prefix_length, setting.device, trained=False)
+    if runner.error is not None:
+        return [{"error": runner.error}]
+    runner.model.eval()
+    generate(
+        runner, make_batch(spec, 1, 4, setting.device), 1, setting
+    )  # leaves the adapter's prefixes current
+    module = next(m for m in runner.model.modules() if ipt_attention.SITE_ATTR in m.__dict__)
+    site = module.__dict__[ipt_attention.SITE_ATTR]
+    prefix_key, prefix_value = runner.model.base_model.prefix_for(site)[:2]  # (1, n_kv, P, head_dim)
+    config = runner.model.config
+    function = ALL_ATTENTION_FUNCTIONS[config._attn_implementation]
+    kwargs = {"dropout": 0.0, "scaling": module.scaling}
+
+    def cpu_us(
+        fn, n: int = 2000
+    ) -> float:  # best of 5 runs of n calls: the call's cost, not the machine's load
+        best = float("inf")
+        for _ in range(5):
+            start = time.process_time()
+            for _ in range(n):
+                fn()
+            best = min(best, (time.process_time() - start) / n)
+        return best * 1e6
+
+    rows = []
+    for batch in (1, 8):
+        for cached in (args.prompt_length + 1, args.prompt_length + args.new_tokens):  # first and last step
+            shape = (batch, prefix_key.shape[1], cached, prefix_key.shape[3])
+            q = torch.randn(batch, config.num_attention_heads, 1, shape[3], device=setting.device)
+            k, v = torch.randn(shape, device=setting.device), torch.randn(shape, device=setting.device)
+            k_full = torch.cat([prefix_key.expand(batch, -1, -1, -1), k], 2)
+            v_full = torch.cat([prefix_value.expand(batch, -1, -1, -1), v], 2)
+            with torch.no_grad():
+                ours = cpu_us(lambda q=q, k=k, v=v: function(module, q, k, v, None, **kwargs))
+                full = cpu_us(lambda q=q, k=k_full, v=v_full: site.inner(module, q, k, v, None, **kwargs))
+                alone = cpu_us(lambda q=q, k=k, v=v: site.inner(module, q, k, v, None, **kwargs))
+                one_cat = cpu_us(lambda k=k, b=batch: torch.cat([prefix_key.expand(b, -1, -1, -1), k], 2))
+            calls = config.num_hidden_layers * args.new_tokens
+            rows.append(
+                {
+                    "batch": batch,
+                    "cached_tokens": cached,
+                    "ours_us": ours,
+                    "kernel_with_prefix_us": full,
+                    "kernel_without_prefix_us": alone,
+                    "one_cat_us": one_cat,
+                    "overhead_us": ours - full,
+                    "overhead_ms_per_generate": (ours - full) * calls / 1e3,
+                }
+            )
+    return rows
+
+
+def _profile_decode(args, spec: ModelSpec, setting: Setting) -> list[dict]:
     from torch.profiler import ProfilerActivity, profile
 
-    P, device = args.prefix_length, setting.device
-    profiled = ["bare", "peft_prefix", "v2_folded", "ipt"]
     rows = []
     with profile_ranges():
-        runners = {m: build_runner(m, spec, P, device, trained=False) for m in profiled}
-    for runner in runners.values():
-        if runner.model is not None:
-            runner.model.eval()
+        runners = {
+            m: build_runner(m, spec, args.prefix_length, setting.device, trained=False)
+            for m in ("bare", "peft_prefix", "v2_folded", "ipt")
+        }
     for batch_size in (1, 8):
-        batch = make_batch(spec, batch_size, args.prompt_length, device, seed=batch_size)
+        batch = make_batch(spec, batch_size, args.prompt_length, setting.device, seed=batch_size)
         for method, runner in runners.items():
             if runner.error is not None:
                 rows.append({"method": method, "batch": batch_size, "error": runner.error})
                 continue
             print(f"[speed] profiling generate: {method}, batch {batch_size}", file=sys.stderr)
+            runner.model.eval()
             with profile_ranges():
                 generate(runner, batch, args.new_tokens, setting)  # warm-up
                 with profile(activities=[ProfilerActivity.CPU]) as prof:
                     with torch.profiler.record_function(PROFILE_RANGES["generate"]):
                         generate(runner, batch, args.new_tokens, setting)
             rows.append({"method": method, "batch": batch_size, **_breakdown(prof.events())})
-    del runners
-    gc.collect()
+    return rows
 
-    # (1b) one training step under the profiler: what the prefix costs inside forward, backward and AdamW
-    train_rows = []
-    train_batch = make_batch(spec, args.train_batch or spec.train_batch, args.train_seq, device)
+
+def _profile_train(args, spec: ModelSpec, setting: Setting, train_batch: dict) -> list[dict]:
+    from torch.profiler import ProfilerActivity, profile
+
+    rows = []
     for method in ("v2", "v2_flat", "ipt", "peft_prefix"):
         with profile_ranges():
-            runner = build_runner(method, spec, P, device, trained=True)
+            runner = build_runner(method, spec, args.prefix_length, setting.device, trained=True)
         if runner.error is not None:
-            train_rows.append({"method": method, "error": runner.error})
+            rows.append({"method": method, "error": runner.error})
             continue
         print(f"[speed] profiling a training step: {method}", file=sys.stderr)
         runner.model.train()
         with profile_ranges():
             for _ in range(2):
-                train_step(runner, train_batch, setting)  # warm-up: AdamW state exists
+                train_step(runner, train_batch, setting)  # warm-up: AdamW's state exists
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 _ranged_train_step(runner, train_batch, setting)
-        train_rows.append({"method": method, **_breakdown(prof.events())})
+        rows.append({"method": method, **_breakdown(prof.events())})
         del runner
         gc.collect()
+    return rows
 
-    # (2) unprofiled: the prototype fix and the floor against the method as it is
+
+AB_VARIANTS = {  # name -> method it is built from
+    "bare": "bare",
+    "peft_prefix": "peft_prefix",
+    "v2_folded": "v2_folded",
+    "v2_folded+prefix_in_cache": "v2_folded",
+    "v2_folded+no_prefix": "v2_folded",
+    "ipt": "ipt",
+    "ipt+prefix_in_cache": "ipt",
+}
+
+
+def _profile_ab(args, spec: ModelSpec, setting: Setting) -> dict:
+    """Unprofiled round-robin generate timings: the prototype fix and the floor against the methods as they are."""
     _register_variants()
-    variants = {
-        "bare": "bare",
-        "peft_prefix": "peft_prefix",
-        "v2_folded": "v2_folded",
-        "v2_folded+prefix_in_cache": "v2_folded",
-        "v2_folded+no_prefix": "v2_folded",
-        "ipt": "ipt",
-        "ipt+prefix_in_cache": "ipt",
-    }
-    ab: list[Runner] = []
-    for name, method in variants.items():
-        runner = build_runner(method, spec, P, device, trained=False)
+    runners: list[Runner] = []
+    for name, method in AB_VARIANTS.items():
+        runner = build_runner(method, spec, args.prefix_length, setting.device, trained=False)
         if runner.error is None:
             if name.endswith("+prefix_in_cache"):
                 use_prefix_in_cache(runner)
@@ -1286,18 +1350,18 @@ def run_profile(args, spec: ModelSpec, setting: Setting) -> tuple[dict, str]:
                 runner.model.base_model.model.set_attn_implementation(FLOOR_IMPL)
             runner.model.eval()
         runner.method = name
-        ab.append(runner)
+        runners.append(runner)
     same_tokens, raw, summaries = {}, {}, {}
     for batch_size in (1, 8):
-        batch = make_batch(spec, batch_size, args.prompt_length, device, seed=batch_size)
-        outputs = {r.method: generate(r, batch, args.new_tokens, setting) for r in ab if r.error is None}
-        for name in outputs:
+        batch = make_batch(spec, batch_size, args.prompt_length, setting.device, seed=batch_size)
+        outputs = {r.method: generate(r, batch, args.new_tokens, setting) for r in runners if r.error is None}
+        for name, tokens in outputs.items():
             base = name.split("+")[0]
             if name != base and base in outputs:
-                same_tokens[f"{name} b{batch_size}"] = bool(torch.equal(outputs[name], outputs[base]))
+                same_tokens[f"{name} b{batch_size}"] = bool(torch.equal(tokens, outputs[base]))
         key = f"gen_b{batch_size}"
         raw[key] = round_robin(
-            ab,
+            runners,
             lambda r, b=batch: generate(r, b, args.new_tokens, setting),
             setting,
             args.gen_warmup,
@@ -1305,94 +1369,134 @@ def run_profile(args, spec: ModelSpec, setting: Setting) -> tuple[dict, str]:
             f"A/B generate b{batch_size}",
         )
         summaries[key] = summarise(raw[key], batch_size * args.new_tokens, True)
+    return {"raw": raw, "summary": summaries, "same_tokens": same_tokens}
 
+
+def _share(row: dict, key: str, total: float) -> str:
+    return f"{row[key]:.0f} ms ({100 * row[key] / total:.1f}%)" if row.get(key) else "—"
+
+
+def run_profile(args, spec: ModelSpec, setting: Setting) -> tuple[dict, str]:
+    if spec.task != "CAUSAL_LM":
+        raise SystemExit("--profile looks at decoding: use --model tiny or --model smollm2")
+    parts = args.profile
     env = environment(args, setting)
-    md = [
-        f"## Decoding profile: {spec.name} ({spec.description}), P = {P}",
-        "",
-        f"{env['device']}; {env['dtype']}; peft-ipt {env['library_state']}; `{env['command']}`. One greedy generate call per row "
-        f"({args.prompt_length}-token prompt, {args.new_tokens} new tokens) under torch.profiler with named ranges; "
-        "shares are of that call's wall time (the ranges and the profiler add overhead to every layer call, "
-        "so absolute ms are inflated; the unprofiled timings below are the ones to compare).",
-        "",
-        "| method | batch | generate ms | sdpa kernel | cache update (its cat) | peft-ipt attention wrapper, "
-        "without the kernel | ↳ torch.cat of the prefix | ↳ widen mask | ↳ prefix_for | ↳ match batch | "
-        "forward pre-hook | other aten::cat |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        if "error" in row:
-            md.append(f"| {LABELS[row['method']]} | {row['batch']} | error: `{row['error']}` |" + " |" * 9)
-            continue
-        total = row["generate"] or float("nan")
-
-        def pct(key, row=row, total=total):
-            return f"{row[key]:.0f} ms ({100 * row[key] / total:.1f}%)" if row[key] else "—"
-
-        md.append(
-            f"| {LABELS[row['method']]} | {row['batch']} | {total:.0f} | {pct('kernel')} | {pct('cache_update')} "
-            f"({pct('cat_in_cache')}) | {pct('ipt_own')} | {pct('cat_in_ipt')} | {pct('ipt_widen_mask')} | "
-            f"{pct('ipt_prefix_for')} | {pct('ipt_match_batch')} | {pct('ipt_pre_hook')} | {pct('cat_elsewhere')} |"
-        )
-    md += [
-        "",
-        f"### One training step under the profiler (batch {list(train_batch['input_ids'].shape)})",
-        "",
-        "| method | step ms | forward | ↳ forward pre-hook (computes the prefixes) | ↳ peft-ipt attention wrapper, "
-        "without the kernel | ↳ torch.cat of the prefix | ↳ widen mask | ↳ sdpa kernel | ↳ cache update | backward "
-        "| AdamW step |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in train_rows:
-        if "error" in row:
-            md.append(f"| {LABELS[row['method']]} | error: `{row['error']}` |" + " |" * 9)
-            continue
-        total = row["forward"] + row["backward"] + row["optimizer"]
-
-        def pct(key, row=row, total=total):
-            return f"{row[key]:.0f} ms ({100 * row[key] / total:.1f}%)" if row[key] else "—"
-
-        md.append(
-            f"| {LABELS[row['method']]} | {total:.0f} | {pct('forward')} | {pct('ipt_pre_hook')} | {pct('ipt_own')} "
-            f"| {pct('cat_in_ipt')} | {pct('ipt_widen_mask')} | {pct('kernel')} | {pct('cache_update')} "
-            f"| {pct('backward')} | {pct('optimizer')} |"
-        )
-    md += [
-        "",
-        f"### Prototype fix, unprofiled (median of {args.gen_repeats} round-robin repeats after {args.gen_warmup} "
-        "warm-up rounds)",
-        "",
-        "`+prefix_in_cache`: generate() passes a DynamicCache whose layers hold the prefix in front and report "
-        "their length without it; the attention function only widens the mask (monkeypatched in this script). "
-        "`+no_prefix`: the attention function skips the prefix entirely (a floor, not a method).",
-        "",
-    ]
-    variant_labels = {
-        name: " + ".join([LABELS[name.split("+")[0]], *name.split("+")[1:]]) for name in variants
-    }
-    for key in ("gen_b1", "gen_b8"):
-        md += [measurement_table(summaries, key, list(variants), variant_labels), ""]
-    md += [
-        "",
-        "Greedy tokens of each variant equal those of the method as it is: "
-        + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in same_tokens.items())
-        + ".",
-    ]
-    data = {
+    P = args.prefix_length
+    data: dict = {
         "environment": env,
         "settings": {
             "model": spec.name,
             "prefix_length": P,
-            "new_tokens": args.new_tokens,
             "prompt_length": args.prompt_length,
+            "new_tokens": args.new_tokens,
             "gen_repeats": args.gen_repeats,
+            "parts": parts,
         },
-        "profile_ms": rows,
-        "train_profile_ms": train_rows,
-        "ab_raw": raw,
-        "ab_summary": summaries,
-        "same_tokens": same_tokens,
     }
+    md = [
+        f"## Decoding and training-step profile: {spec.name} ({spec.description}), P = {P}",
+        "",
+        f"{env['device']}; {env['dtype']}; peft-ipt {env['library_state']}; `{env['command']}`. Generation: greedy, "
+        f"{args.prompt_length}-token prompts, {args.new_tokens} new tokens.",
+    ]
+    if "micro" in parts:
+        rows = data["per_call_us"] = _per_call_overhead(args, spec, setting)
+        md += [
+            "",
+            "### Cost of one decoding-step attention call (CPU µs, best of 5 x 2000 calls, layer 0)",
+            "",
+            "`peft-ipt` = the registered attention function (prefix lookup, two torch.cat of the prefix onto the "
+            "cached keys/values, mask widening, then sdpa); `kernel + prefix` = sdpa alone on keys that already "
+            "hold the prefix (what a cache holding the prefix would cost); overhead = the difference, times "
+            "layers x new tokens for one generate call.",
+            "",
+            "| batch | cached tokens | peft-ipt | kernel + prefix | kernel, no prefix | one torch.cat | overhead "
+            "per call | overhead per generate |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            if "error" in r:
+                md.append(f"| error: `{r['error']}` |" + " |" * 7)
+                continue
+            md.append(
+                f"| {r['batch']} | {r['cached_tokens']} | {r['ours_us']:.1f} | {r['kernel_with_prefix_us']:.1f} | "
+                f"{r['kernel_without_prefix_us']:.1f} | {r['one_cat_us']:.1f} | {r['overhead_us']:.1f} µs | "
+                f"{r['overhead_ms_per_generate']:.0f} ms |"
+            )
+    if "decode" in parts:
+        rows = data["decode_profile_ms"] = _profile_decode(args, spec, setting)
+        md += [
+            "",
+            "### One generate call under torch.profiler",
+            "",
+            "Shares of that call's wall time. The named ranges and the profiler add a few µs to every range, so "
+            "Python-heavy parts look larger than they are; the per-call table above and the unprofiled timings "
+            "below are the ones to compare.",
+            "",
+            "| method | batch | generate ms | sdpa kernel | cache update (its cat) | peft-ipt attention wrapper, "
+            "without the kernel | ↳ torch.cat of the prefix | ↳ widen mask | ↳ prefix_for | ↳ match batch | "
+            "forward pre-hook | other aten::cat |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for row in rows:
+            if "error" in row:
+                md.append(
+                    f"| {LABELS[row['method']]} | {row['batch']} | error: `{row['error']}` |" + " |" * 9
+                )
+                continue
+            t = row["generate"]
+            md.append(
+                f"| {LABELS[row['method']]} | {row['batch']} | {t:.0f} | {_share(row, 'kernel', t)} | "
+                f"{_share(row, 'cache_update', t)} ({_share(row, 'cat_in_cache', t)}) | {_share(row, 'ipt_own', t)} | "
+                f"{_share(row, 'cat_in_ipt', t)} | {_share(row, 'ipt_widen_mask', t)} | "
+                f"{_share(row, 'ipt_prefix_for', t)} | {_share(row, 'ipt_match_batch', t)} | "
+                f"{_share(row, 'ipt_pre_hook', t)} | {_share(row, 'cat_elsewhere', t)} |"
+            )
+    if "train" in parts:
+        train_batch = make_batch(spec, args.train_batch or spec.train_batch, args.train_seq, setting.device)
+        rows = data["train_profile_ms"] = _profile_train(args, spec, setting, train_batch)
+        md += [
+            "",
+            f"### One training step under torch.profiler (batch {list(train_batch['input_ids'].shape)})",
+            "",
+            "| method | step ms | forward | ↳ forward pre-hook (computes the prefixes) | ↳ peft-ipt attention "
+            "wrapper, without the kernel | ↳ torch.cat of the prefix | ↳ widen mask | ↳ sdpa kernel | ↳ cache "
+            "update | backward | AdamW step |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for row in rows:
+            if "error" in row:
+                md.append(f"| {LABELS[row['method']]} | error: `{row['error']}` |" + " |" * 9)
+                continue
+            t = row["forward"] + row["backward"] + row["optimizer"]
+            md.append(
+                f"| {LABELS[row['method']]} | {t:.0f} | {_share(row, 'forward', t)} | {_share(row, 'ipt_pre_hook', t)} "
+                f"| {_share(row, 'ipt_own', t)} | {_share(row, 'cat_in_ipt', t)} | {_share(row, 'ipt_widen_mask', t)} "
+                f"| {_share(row, 'kernel', t)} | {_share(row, 'cache_update', t)} | {_share(row, 'backward', t)} "
+                f"| {_share(row, 'optimizer', t)} |"
+            )
+    if "ab" in parts:
+        ab = data["ab"] = _profile_ab(args, spec, setting)
+        md += [
+            "",
+            f"### Prototype fix, unprofiled (median of {args.gen_repeats} round-robin repeats after "
+            f"{args.gen_warmup} warm-up rounds)",
+            "",
+            "`+ prefix_in_cache`: generate() passes a DynamicCache whose layers hold the prefix in front and report "
+            "their length without it; the attention function only widens the mask (monkeypatched in this script). "
+            "`+ no_prefix`: the attention function skips the prefix entirely (a floor, not a method).",
+            "",
+        ]
+        labels = {
+            name: " + ".join([LABELS[name.split("+")[0]], *name.split("+")[1:]]) for name in AB_VARIANTS
+        }
+        for key in ("gen_b1", "gen_b8"):
+            md += [measurement_table(ab["summary"], key, list(AB_VARIANTS), labels), ""]
+        md.append(
+            "Greedy tokens equal to those of the method as it is: "
+            + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in ab["same_tokens"].items())
+            + "."
+        )
     return data, "\n".join(md)
 
 
@@ -1407,7 +1511,14 @@ def parse_args(argv=None):
     parser.add_argument(
         "--scaling", action="store_true", help="prefix-length and sequence-length scaling table"
     )
-    parser.add_argument("--profile", action="store_true", help="profile decoding inside peft-ipt's attention")
+    parser.add_argument(
+        "--profile",
+        nargs="?",
+        const=",".join(PROFILE_PARTS),
+        default=None,
+        help="profile peft-ipt's attention; optionally a comma-separated subset of "
+        f"{', '.join(PROFILE_PARTS)} (default: all)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast")
     parser.add_argument(
@@ -1443,6 +1554,10 @@ def parse_args(argv=None):
         args.gen_repeats = args.gen_repeats or 3
     args.gen_repeats = args.gen_repeats or args.repeats
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.profile is not None:
+        args.profile = [p.strip() for p in args.profile.split(",") if p.strip()]
+        if not args.profile or any(p not in PROFILE_PARTS for p in args.profile):
+            parser.error(f"--profile parts must come from {', '.join(PROFILE_PARTS)} (got {args.profile})")
     unknown = [m for m in args.methods if m not in LABELS]
     if unknown:
         parser.error(f"unknown method(s) {unknown}; valid: {', '.join(LABELS)}")
@@ -1463,7 +1578,8 @@ def main(argv=None) -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     if args.profile:
         data, markdown = run_profile(args, spec, setting)
-        stem = f"speed_{spec.name}_profile"
+        parts = "" if set(args.profile) == set(PROFILE_PARTS) else "_" + "_".join(args.profile)
+        stem = f"speed_{spec.name}_profile{parts}"
     elif args.scaling:
         data, markdown = run_scaling(args, spec, setting)
         stem = f"speed_{spec.name}_scaling"
