@@ -41,6 +41,7 @@ takes about 2 minutes there.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -256,7 +257,8 @@ def train_cell(task_name: str, method: str, lr: float, seed: int, quick: bool) -
         "split_sizes": results["split_sizes"],
         "train_runtime_s": results["train_runtime_s"],
         "wall_time_s": results["wall_time_s"],
-        "budget": overrides[: len(overrides) - 2],  # without lr and seed: what makes cells comparable
+        "budget": overrides[: len(overrides) - 2],  # without lr and seed
+        "setup": setup_of(results["experiment"], method),
         "command": command_line(task, method, overrides),
     }
 
@@ -294,6 +296,7 @@ def zero_shot_cell(task_name: str, quick: bool) -> dict[str, Any]:
         "train_runtime_s": 0.0,
         "wall_time_s": time.time() - start,
         "budget": overrides,
+        "setup": setup_of(experiment.to_dict(), ZERO_SHOT),
         "command": f"(no training) {config_path(task, ZERO_SHOT).relative_to(ROOT)}, base model scored",
     }
 
@@ -331,17 +334,38 @@ def write_json(path: Path, runs: dict[str, dict[str, Any]], rows: list[dict[str,
     os.replace(temporary, path)  # readers never see half a file
 
 
+def setup_of(experiment: dict[str, Any], method: str) -> str:
+    """What makes runs comparable: the resolved experiment (config file + overrides) without lr and seed, so a
+    run recorded before a config or a task budget changed no longer counts."""
+    setup = json.loads(json.dumps(experiment))
+    setup.pop("description", None)
+    if method == ZERO_SHOT:  # nothing is trained: only the model, data and decoding matter
+        setup = {
+            k: v for k, v in setup.items() if k in ("model", "task_type", "data", "metric", "generation")
+        }
+    else:
+        setup["training"] = {k: v for k, v in setup["training"].items() if k not in ("learning_rate", "seed")}
+    return json.dumps(setup, sort_keys=True)
+
+
+@functools.cache
+def current_setup(task_name: str, method: str, quick: bool) -> str:
+    """setup_of() the experiment a run of this cell would resolve to today."""
+    from peft_ipt.cli.experiment import load_experiment
+
+    task = TASKS[task_name]
+    if method == ZERO_SHOT:
+        overrides = task_overrides(task, quick)
+    else:
+        overrides = run_overrides(task, method, 1.0, 0, quick)  # lr and seed are dropped by setup_of
+    return setup_of(load_experiment(config_path(task, method), overrides).to_dict(), method)
+
+
 def is_current(run: dict[str, Any], quick: bool) -> bool:
-    """A recorded run counts only if its budget is today's (budgets changed since -> rerun it)."""
-    if "error" in run:
+    """A recorded run counts only if it succeeded and its setup is today's (else it is rerun, and left out)."""
+    if "error" in run or run.get("task") not in TASKS or run.get("method") not in (*METHODS, ZERO_SHOT):
         return False
-    task = TASKS.get(run["task"])
-    if task is None or run["method"] not in (*METHODS, ZERO_SHOT):
-        return False
-    expected = task_overrides(task, quick)
-    if run["method"] != ZERO_SHOT:
-        expected = expected + list(METHODS[run["method"]].overrides) + list(COMMON_OVERRIDES)
-    return run["budget"] == expected
+    return run.get("setup") == current_setup(run["task"], run["method"], quick)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -540,7 +564,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         return
     columns = min(4, len(tasks))
     lines = math.ceil(len(tasks) / columns)
-    figure = Figure(figsize=(4.6 * columns, 3.9 * lines), constrained_layout=True)
+    figure = Figure(figsize=(4.6 * columns + 2.2, 3.9 * lines), constrained_layout=True)
     FigureCanvasAgg(figure)
     axes = figure.subplots(lines, columns, squeeze=False).ravel()
     colors = {name: f"C{i}" for i, name in enumerate(METHODS)}
@@ -568,7 +592,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     for axis in axes[: len(tasks)]:
         for handle, label in zip(*axis.get_legend_handles_labels(), strict=True):
             handles.setdefault(label, handle)
-    figure.legend(handles.values(), handles.keys(), loc="outside lower center", ncols=min(5, len(handles)))
+    figure.legend(handles.values(), handles.keys(), loc="outside right upper")
     figure.savefig(path, dpi=110)
 
 
