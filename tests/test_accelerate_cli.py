@@ -10,15 +10,14 @@ gloo.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from launching import free_port, launch
 from test_cli import CLASSIFICATION, assets, write_experiment  # noqa: F401  (assets: the tiny models + csv)
-from test_distributed import free_port
 from transformers.training_args import ParallelMode
 
 from peft_ipt.cli import main
@@ -27,13 +26,6 @@ from peft_ipt.cli.train import CHECKPOINTS, CLIError, _check_data_parallel, eval
 
 REPO = Path(__file__).resolve().parents[1]
 MULTI_CPU = REPO / "configs" / "accelerate" / "multi_cpu.yaml"
-ENV = {
-    **os.environ,
-    "ACCELERATE_USE_CPU": "1",
-    "MASTER_ADDR": "127.0.0.1",
-    "OMP_NUM_THREADS": "1",
-    "HF_HUB_OFFLINE": "1",
-}
 # 48 rows, 4 per process and step: 6 steps an epoch with 2 processes (12 with one).
 EXPERIMENT = {
     **CLASSIFICATION,
@@ -47,10 +39,12 @@ EXPERIMENT = {
 
 
 def accelerate_launch(*arguments: str, cwd: Path) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(MULTI_CPU)]
-    command += ["--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port())]
-    command += ["-m", "peft_ipt.cli", *arguments]
-    return subprocess.run(command, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=240)
+    def command() -> list[str]:
+        line = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(MULTI_CPU)]
+        line += ["--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port())]
+        return line + ["-m", "peft_ipt.cli", *arguments]
+
+    return launch(command, cwd=cwd, env={"ACCELERATE_USE_CPU": "1"}, timeout=180)
 
 
 @pytest.fixture(scope="module")

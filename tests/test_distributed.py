@@ -3,39 +3,31 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import tiny_model, token_batch
+from launching import free_port, launch
 from peft import get_peft_model
 
 from peft_ipt import InstancePromptConfig, PrefixTuningV2Config
 
 WORKER = Path(__file__).parent / "distributed" / "ddp_worker.py"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run(command: list[str]) -> None:
-    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+def run(command: Callable[[], list[str]]) -> None:
+    result = launch(command, timeout=150)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
 
 
 @pytest.mark.parametrize("method", ["prefix", "ipt"])
 def test_two_process_ddp_matches_one_process_and_ranks_agree(method, tmp_path):
-    run([sys.executable, str(WORKER), str(tmp_path / "single.json"), method])
+    run(lambda: [sys.executable, str(WORKER), str(tmp_path / "single.json"), method])
     run(
-        [
+        lambda: [
             sys.executable,
             "-m",
             "torch.distributed.run",
@@ -105,7 +97,9 @@ def test_bf16_autocast_training_tracks_float32(config_cls):
 
 @pytest.mark.slow
 def test_torch_compile_matches_eager_forward_and_trains():
-    model = get_peft_model(tiny_model("llama"), PrefixTuningV2Config(task_type="CAUSAL_LM", init_weights=False))
+    model = get_peft_model(
+        tiny_model("llama"), PrefixTuningV2Config(task_type="CAUSAL_LM", init_weights=False)
+    )
     ids = token_batch()
     with torch.no_grad():
         eager = model(input_ids=ids).logits

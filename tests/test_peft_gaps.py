@@ -18,7 +18,9 @@ from peft_ipt import InstancePromptConfig, PrefixTuningV2Config
 def test_left_padded_forward_and_generate_see_the_same_logits(config_cls):
     """peft's PrefixTuning shifts absolute positions by the prefix, so forward and generate disagree there."""
     kwargs = {"prefix_length": 4} if config_cls is PrefixTuningV2Config else {"prompt_length": 4}
-    model = get_peft_model(tiny_model("llama"), config_cls(task_type="CAUSAL_LM", init_weights=False, **kwargs))
+    model = get_peft_model(
+        tiny_model("llama"), config_cls(task_type="CAUSAL_LM", init_weights=False, **kwargs)
+    )
     pad = model.config.pad_token_id
     ids = torch.cat([torch.full((1, 3), pad), token_batch(1, 5)], dim=1)
     ids = torch.cat([ids, token_batch(1, 8, seed=9)])
@@ -28,8 +30,13 @@ def test_left_padded_forward_and_generate_see_the_same_logits(config_cls):
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         forward = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, -1]
     generated = model.generate(
-        input_ids=ids, attention_mask=mask, max_new_tokens=1, do_sample=False, output_scores=True,
-        return_dict_in_generate=True, pad_token_id=pad,
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=1,
+        do_sample=False,
+        output_scores=True,
+        return_dict_in_generate=True,
+        pad_token_id=pad,
     )
     torch.testing.assert_close(generated.scores[0], forward, rtol=1e-4, atol=1e-4)
 

@@ -46,7 +46,9 @@ def test_peft_config_from_pretrained_and_get_peft_config_rebuild_our_config(conf
 
 
 def test_peft_model_from_pretrained_rebuilds_our_tuner(tmp_path):
-    model = get_peft_model(tiny_model("llama"), InstancePromptConfig(task_type="CAUSAL_LM", init_weights=False))
+    model = get_peft_model(
+        tiny_model("llama"), InstancePromptConfig(task_type="CAUSAL_LM", init_weights=False)
+    )
     model.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
     assert isinstance(loaded.base_model, InstancePromptModel)
@@ -58,10 +60,7 @@ def test_peft_model_from_pretrained_rebuilds_our_tuner(tmp_path):
 def test_loading_without_import_peft_ipt_says_to_import_it(tmp_path):
     model = get_peft_model(tiny_model("llama"), PrefixTuningV2Config(task_type="CAUSAL_LM"))
     model.save_pretrained(tmp_path)
-    script = (
-        "from peft import PeftConfig\n"
-        f"PeftConfig.from_pretrained({str(tmp_path)!r})\n"
-    )
+    script = f"from peft import PeftConfig\nPeftConfig.from_pretrained({str(tmp_path)!r})\n"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "import peft_ipt" in result.stderr.strip().splitlines()[-1]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -26,8 +27,11 @@ def main(out_path: str, method: str) -> None:
     distributed = "RANK" in os.environ
     rank, world = 0, 1
     if distributed:
-        dist.init_process_group("gloo")
+        # A rank that waits on a lost peer raises after 60 s instead of hanging until the test's timeout.
+        dist.init_process_group("gloo", timeout=timedelta(seconds=60))
         rank, world = dist.get_rank(), dist.get_world_size()
+    say = lambda message: print(f"[rank {rank}] {message}", file=sys.stderr, flush=True)  # noqa: E731
+    say("process group ready")
     torch.manual_seed(0)
     config = (
         PrefixTuningV2Config(task_type="CAUSAL_LM", prefix_length=4, init_weights=False)
@@ -56,6 +60,7 @@ def main(out_path: str, method: str) -> None:
             dist.all_reduce(reported)
             reported /= world
         losses.append(reported.item())
+        say(f"step {step} loss {losses[-1]:.4f}")
     weights = {n: p.detach().flatten().tolist() for n, p in model.named_parameters() if p.requires_grad}
     gathered = [None] * world
     if distributed:
@@ -66,7 +71,9 @@ def main(out_path: str, method: str) -> None:
         with open(out_path, "w") as f:
             json.dump({"losses": losses, "weights": gathered}, f)
     if distributed:
+        dist.barrier()  # rank 0 has written its file before any rank tears the group down
         dist.destroy_process_group()
+    say("done")
 
 
 if __name__ == "__main__":
