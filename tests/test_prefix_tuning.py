@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_model, token_batch
 from peft import PeftModel, get_peft_model
 
-from peft_ipt import PrefixTuningV2Config
+from peft_ipt import InstancePromptConfig, PrefixTuningV2Config
 
 DECODER_ONLY_TASKS = ["CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION"]
 ENCODER_TASKS = ["SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION"]
@@ -440,9 +440,23 @@ def test_invalid_config_values_are_rejected_naming_field_and_value(field, value,
         PrefixTuningV2Config(task_type="CAUSAL_LM", **{field: value})
 
 
-@pytest.mark.parametrize("change", [{"num_hidden_layers": 3}, {"hidden_size": 48, "intermediate_size": 64}])
-def test_adapter_for_another_base_model_shape_is_refused_naming_both_shapes(tmp_path, change):
-    prefix_model().save_pretrained(tmp_path)
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"num_hidden_layers": 3},
+        {"hidden_size": 48, "intermediate_size": 64},
+        {"num_key_value_heads": 4},
+        {"vocab_size": 256},
+    ],
+    ids=["layers", "hidden", "kv_heads", "vocab"],
+)
+@pytest.mark.parametrize("method", ["prefix_v2", "ipt_token_table"])
+def test_adapter_for_another_base_model_shape_is_refused_naming_both_shapes(tmp_path, change, method):
+    if method == "prefix_v2":
+        prefix_model().save_pretrained(tmp_path)
+    else:
+        config = InstancePromptConfig(task_type="CAUSAL_LM", instance_source="token_table")
+        get_peft_model(tiny_model("llama"), config).save_pretrained(tmp_path)
     other = tiny_model("llama", **change)
     with pytest.raises(
         ValueError, match=r"built for a base model with shapes .* but the model has .*adapter .* vs model"

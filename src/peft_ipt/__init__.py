@@ -5,9 +5,17 @@
 """
 
 from . import registration  # noqa: F401  (registers the methods with peft)
+from ._version import __version__
+from .adapter_files import AdapterFileError, allow_pickled_adapters
 from .instance_prompt import InstancePromptConfig, InstancePromptModel
 from .prefix_tuning import PrefixTuningV2Config, PrefixTuningV2Model
 
-__version__ = "0.1.0"
-
-__all__ = ["InstancePromptConfig", "InstancePromptModel", "PrefixTuningV2Config", "PrefixTuningV2Model"]
+__all__ = [
+    "AdapterFileError",
+    "InstancePromptConfig",
+    "InstancePromptModel",
+    "PrefixTuningV2Config",
+    "PrefixTuningV2Model",
+    "__version__",
+    "allow_pickled_adapters",
+]

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from peft.config import PeftConfig
 
+from ._version import __version__
+from .adapter_files import (
+    check_adapter_weights,
+    resolve_weights,
+    weights_digest,
+    weights_file_in,
+    write_config_atomically,
+)
 from .attention import CROSS, DECODER, ENCODER, SELF, SiteLayout
 
 
@@ -86,14 +94,63 @@ class PromptConfigBase(PeftConfig):
             "attention kind of the base model. Loading onto a model with other shapes is refused."
         },
     )
+    weights_sha256: str | None = field(
+        default=None,
+        metadata={
+            "help": "Filled in by save_pretrained: the SHA-256 of the weights saved with this config. Loading refuses "
+            "a folder whose weights do not match (a save that was interrupted or stopped halfway over another)."
+        },
+    )
+    peft_ipt_version: str | None = field(
+        default=None,
+        metadata={"help": "The peft-ipt version that wrote this config; leave empty to auto-fill."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
+        if self.peft_ipt_version is None:
+            self.peft_ipt_version = __version__
         self.layers_to_transform = layer_list("layers_to_transform", self.layers_to_transform)
         for name in ("encoder_prefix", "decoder_prefix", "cross_prefix", "init_weights"):
             value = getattr(self, name)
             if not (value is None or isinstance(value, bool)) or (name == "init_weights" and value is None):
                 raise ValueError(f"{name} must be a bool (got {value!r})")
+
+    # -- saving and loading: see adapter_files.py ----------------------------------------------------------
+
+    @classmethod
+    def check_kwargs(cls, **kwargs):
+        """peft's hook before a loaded config is built: refuse fields this version does not know.
+
+        peft itself drops unknown fields with a warning; for us a field we do not know may change what the adapter
+        computes, so running on without it would silently give other outputs than the ones it was trained with.
+        """
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(
+                f"adapter_config.json has fields {unknown} that {cls.__name__} of peft-ipt {__version__} does not "
+                f"know; it was written by peft-ipt {kwargs.get('peft_ipt_version') or '(unknown version)'} "
+                f"with peft {kwargs.get('peft_version') or '(unknown)'}. Upgrade: pip install -U peft-ipt peft"
+            )
+        return kwargs
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
+        """peft's loader, plus the checks of the weights beside the config before peft reads them."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        hub_kwargs, _, _ = cls._split_kwargs(kwargs)
+        weights = resolve_weights(str(pretrained_model_name_or_path), subfolder, hub_kwargs)
+        check_adapter_weights(weights, config.weights_sha256)
+        return config
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """Record the checksum of the weights peft has just written beside us, then write the config atomically."""
+        weights = weights_file_in(save_directory)
+        self.weights_sha256 = None if weights is None else weights_digest(weights)
+        write_config_atomically(
+            lambda folder: super(PromptConfigBase, self).save_pretrained(folder, **kwargs), save_directory
+        )
 
     # -- checks against the model ---------------------------------------------------------------------------
 

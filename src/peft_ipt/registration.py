@@ -10,10 +10,18 @@ imported, fails with ``KeyError: 'INSTANCE_PROMPT (needs: import peft_ipt)'``, s
 though peft raises it. Because the value is not ``name.upper()``, ``register_peft_method``'s own check would reject
 it; the table writes below are its body, minus that check. ``tests/test_registration.py`` pins this behaviour, so
 a peft release that changes these internals fails loudly in CI rather than silently for users.
+
+One more small wrap, of ``PeftConfig.from_json_file`` (public): peft reads ``adapter_config.json`` with a bare
+``json.load`` before it knows which method the adapter is, so a malformed file surfaces as "Expecting value: line 1
+column 1 (char 0)" without the file's name. The wrap re-raises that as a ``ValueError`` naming the file and the fix;
+a valid file is returned exactly as peft returns it. It applies to every peft method, ours or not.
 """
 
 from __future__ import annotations
 
+import json
+
+from peft.config import PeftConfig
 from peft.mapping import (
     PEFT_TYPE_TO_CONFIG_MAPPING,
     PEFT_TYPE_TO_PREFIX_MAPPING,
@@ -55,6 +63,25 @@ def _add_enum_member(enum_cls: type, name: str, value: str) -> PeftType:
     return member
 
 
+def _wrap_config_reader() -> None:
+    read = PeftConfig.from_json_file.__func__
+    if getattr(read, "_peft_ipt_wrapped", False):
+        return
+
+    def from_json_file(cls, path_json_file: str, **kwargs):
+        try:
+            return read(cls, path_json_file, **kwargs)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(
+                f"{path_json_file} is not valid JSON ({error}): the adapter folder is corrupt or was not completely "
+                "written. Download or save the adapter again."
+            ) from error
+
+    from_json_file._peft_ipt_wrapped = True
+    from_json_file.__doc__ = read.__doc__
+    PeftConfig.from_json_file = classmethod(from_json_file)
+
+
 def register() -> None:
     """Make our configs and tuners known to peft (idempotent)."""
     for name, (config_cls, model_cls, prefix) in METHODS.items():
@@ -66,6 +93,7 @@ def register() -> None:
         PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = prefix
         PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls
         PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = model_cls
+    _wrap_config_reader()
 
 
 register()

@@ -20,6 +20,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper, set_additional_trainable_modules
 from torch import nn
 
+from .adapter_files import AdapterFileError
 from .attention import AttentionSite, PrefixInjection, SiteLayout
 
 # What a prompt module returns: kind -> (keys, values), indexed by layer slot, each slot (B|1, n_kv, P, head_dim)
@@ -29,6 +30,25 @@ Prefixes = dict[str, tuple]
 # (keys, values, valid) with valid (B, P) marking each row's real prefix columns.
 SitePrefixes = dict[tuple[str, int], tuple]
 BASE_ROW = "__base__"  # peft's name for rows that use no adapter
+# Names transformers gives learned absolute-position tables (BERT/RoBERTa, BART/OPT, GPT-2, ViT-style).
+POSITION_TABLES = ("position_embeddings", "embed_positions", "wpe", "position_embedding")
+
+
+def position_limit(model: nn.Module) -> int | None:
+    """The longest sequence a model with learned absolute positions can take; None for rotary/relative positions.
+
+    A table of N rows serves N positions, less the rows in front of the first one: RoBERTa starts after its
+    padding index, BART's tables carry an ``offset`` of 2.
+    """
+    limits = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and name.rpartition(".")[2] in POSITION_TABLES:
+            offset = getattr(module, "offset", 0)
+            reserved = offset if isinstance(offset, int) else 0
+            if module.padding_idx is not None:
+                reserved += module.padding_idx + 1
+            limits.append(module.num_embeddings - reserved)
+    return min(limits) if limits else None
 
 
 @dataclass
@@ -95,6 +115,30 @@ class PromptModule(nn.Module):
         raise NotImplementedError  # abstract: each method defines it
 
 
+def first_non_finite_submodule(module: PromptModule, inputs: PromptInputs) -> str | None:
+    """Rerun ``module`` on ``inputs`` and return the path of the first submodule whose output is not finite."""
+    found: list[str] = []
+
+    def check(path: str, output) -> None:
+        tensors = output if isinstance(output, (tuple, list)) else (output,)
+        if not found and any(torch.is_tensor(t) and not torch.isfinite(t).all() for t in tensors):
+            found.append(path)
+
+    handles = [
+        sub.register_forward_hook(lambda _m, _a, output, path=path: check(path, output))
+        for path, sub in module.named_modules()
+        if path
+    ]
+    try:
+        module.prefixes(inputs)
+    except Exception:  # noqa: BLE001  (a diagnosis: the error raised is the one about the NaN)
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found[0] if found else None
+
+
 class PromptLayer(nn.Module, BaseTunerLayer):
     """Holds each adapter's :class:`PromptModule` under its name, so peft's tooling (``get_model_status``,
     ``disable_adapter``, state-dict selection) sees an ordinary tuner layer."""
@@ -104,6 +148,44 @@ class PromptLayer(nn.Module, BaseTunerLayer):
     def __init__(self):
         super().__init__()
         self.prompt = nn.ModuleDict()
+        self.register_load_state_dict_pre_hook(self._check_loaded_weights)
+
+    def _check_loaded_weights(self, module, state_dict, prefix, *args) -> None:
+        """Refuse weights that do not fit an adapter exactly, before any of them is copied.
+
+        peft loads adapters with ``strict=False`` and only warns about missing keys, so an adapter file that lacks
+        a tensor would run with that tensor's random initialisation. An adapter with no key in ``state_dict`` is
+        not being loaded (peft loads one adapter at a time) and is left alone.
+        """
+        stray = [
+            k
+            for k in state_dict
+            if k.startswith(f"{prefix}prompt.") and k[len(prefix) + 7 :].split(".")[0] not in self.prompt
+        ]  # keys no adapter of this model defines: peft passes keys it cannot map through unchanged
+        if stray:
+            raise AdapterFileError(
+                f"the weights file has keys that no adapter of this method defines: {stray[:3]}. It belongs to "
+                "another adapter or config; load it with the adapter_config.json it was saved with."
+            )
+        for name, adapter in self.prompt.items():
+            start = f"{prefix}prompt.{name}."
+            given = {k[len(start) :]: v for k, v in state_dict.items() if k.startswith(start)}
+            if not given:
+                continue
+            expected = adapter.state_dict()
+            problems = [f"missing {k}" for k in sorted(set(expected) - set(given))]
+            problems += [f"unexpected {k}" for k in sorted(set(given) - set(expected))]
+            problems += [
+                f"{k} has shape {tuple(given[k].shape)}, the adapter {tuple(v.shape)}"
+                for k, v in expected.items()
+                if k in given and given[k].shape != v.shape
+            ]
+            if problems:
+                raise AdapterFileError(
+                    f"the weights loaded into adapter {name!r} do not fit its config: {'; '.join(problems[:5])}"
+                    f"{' ...' if len(problems) > 5 else ''}. The weights file belongs to another adapter or config; "
+                    "load it with the adapter_config.json it was saved with."
+                )
 
 
 class PromptTuner(BaseTuner):
@@ -126,6 +208,7 @@ class PromptTuner(BaseTuner):
         self.capturing = False
         self._captured: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._injection = PrefixInjection(model, self)
+        self._position_limit = position_limit(model)
         self._hook = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
 
     @property
@@ -347,6 +430,7 @@ class PromptTuner(BaseTuner):
         if self._pinned or self.capturing or not self._enabled:
             return args, kwargs
         inputs = self._inputs_from_call(args, kwargs, source_mask)
+        self._check_length(inputs, kwargs)
         if self._instance_wise() and self._prefixes is not None:
             past = kwargs.get("past_key_values")
             decoding = past is not None and past.get_seq_length() > 0
@@ -354,6 +438,77 @@ class PromptTuner(BaseTuner):
                 return args, kwargs  # a decoding step: the instance prompt of the prefill stays
         self._start_call(inputs)
         return self._transform_call(args, kwargs, inputs)
+
+    def _positions_added(self) -> int:
+        """Positions the active adapter adds to the input (an input-level prompt); prefixes add none."""
+        return 0
+
+    def _check_length(self, inputs: PromptInputs, kwargs: dict) -> None:
+        """Refuse inputs longer than the model's learned positions, before the lookup fails inside torch."""
+        limit = self._position_limit
+        tokens = inputs.tokens
+        if limit is None or tokens is None:
+            return
+        added = self._positions_added()
+        past = kwargs.get("past_key_values")
+        cached = past.get_seq_length() if past is not None and not inputs.is_encoder_decoder else 0
+        lengths = {"the input": tokens.shape[1] + added + cached}
+        if torch.is_tensor(kwargs.get("decoder_input_ids")):
+            lengths["the decoder input"] = kwargs["decoder_input_ids"].shape[1]
+        for what, length in lengths.items():
+            if length > limit:
+                parts = f"{tokens.shape[1]} tokens" if what == "the input" else f"{length} tokens"
+                if what == "the input" and added:
+                    parts += f" + {added} prompt tokens (injection='input')"
+                if what == "the input" and cached:
+                    parts += f" + {cached} cached"
+                room = limit - (added if what == "the input" else 0)
+                raise ValueError(
+                    f"{what} takes {length} positions ({parts}), but {type(self.model).__name__} has learned "
+                    f"positions for {limit}. Truncate it to {room} tokens, e.g. tokenizer(..., truncation=True, "
+                    f"max_length={room}). " + ("Prefix keys/values take no positions." if not added else "")
+                )
+
+    def _check_finite(self, prefixes: SitePrefixes | None, inputs: PromptInputs | None) -> None:
+        """While training, refuse a non-finite prefix and name the module that produced it.
+
+        One reduction and one host sync per training step. A NaN in a prefix spreads into every activation and then
+        every gradient; stopping at the first one keeps the last good checkpoint the last one written.
+        """
+        if not prefixes or not torch.is_grad_enabled():
+            return
+        names = self._row_adapters if self._row_adapters is not None else self.active_adapters
+        modules = {n: self.prompt_modules[n] for n in names if n in self.prompt_modules}
+        if not any(m.training for m in modules.values()):
+            return
+        peaks = torch.stack(
+            [t.detach().abs().amax().float() for entry in prefixes.values() for t in entry[:2]]
+        )
+        if bool(torch.isfinite(peaks).all()):
+            return
+        site = next(s for s, entry in prefixes.items() if not all(torch.isfinite(t).all() for t in entry[:2]))
+        culprit = self._non_finite_source(modules, inputs)
+        raise FloatingPointError(
+            f"the prefix for {site[0]} attention, layer {site[1]}, holds NaN/inf values, produced by {culprit}. "
+            "Training diverged: lower the learning rate, clip gradients (max_grad_norm), or train in fp32/bf16 "
+            "rather than fp16; resume from the last checkpoint."
+        )
+
+    @torch.no_grad()
+    def _non_finite_source(self, modules: dict[str, PromptModule], inputs: PromptInputs | None) -> str:
+        for name, module in modules.items():
+            for pname, param in module.named_parameters():
+                if not torch.isfinite(param).all():
+                    return (
+                        f"adapter {name!r}: its parameter {pname} is non-finite (the optimizer step diverged)"
+                    )
+        if inputs is None:
+            return "an input of the adapter (all its parameters are finite)"
+        for name, module in modules.items():
+            path = first_non_finite_submodule(module, inputs)
+            if path is not None:
+                return f"adapter {name!r}, module {path} (its parameters are finite: check its inputs)"
+        return "the model's own activations fed to the adapter (its parameters and modules are finite)"
 
     def _instance_wise(self) -> bool:
         names = self._row_adapters if self._row_adapters is not None else self.active_adapters
@@ -364,6 +519,7 @@ class PromptTuner(BaseTuner):
         self._inputs = inputs
         self._instance_done = False
         self._prefixes = self._compute_prefixes(inputs)
+        self._check_finite(self._prefixes, inputs)
 
     def _transform_call(self, args: tuple, kwargs: dict, inputs: PromptInputs) -> tuple[tuple, dict]:
         """Hook for methods that change the call itself (input-level prompts); default: unchanged."""
@@ -385,6 +541,8 @@ class PromptTuner(BaseTuner):
         """``model.generate`` with the prompt computed once from the source, then reused at every step."""
         source_mask = kwargs.pop("source_mask", None)
         inputs = self._inputs_from_call(args, kwargs, source_mask)
+        if self._enabled and self.active_adapters:
+            self._check_length(inputs, {})
         self._start_call(inputs)
         if self._enabled and self.active_adapters:
             args, kwargs = self._generate_call(args, kwargs, inputs)

@@ -82,6 +82,10 @@ class InstancePromptModel(PromptTuner):
             self._output_hook.remove()
         return super()._unload_and_optionally_merge(merge=merge, **kwargs)
 
+    def _positions_added(self) -> int:
+        module = self._active_module()
+        return module.config.prompt_length if module is not None and module.config.injection == "input" else 0
+
     def _active_module(self) -> InstancePromptModule | None:
         if not self._enabled or not self.active_adapters or self.capturing:
             return None
@@ -103,6 +107,7 @@ class InstancePromptModel(PromptTuner):
         index, valid = first_source_tokens(source, module.config.instance_tokens)
         vectors = torch.gather(hidden, 1, index[..., None].expand(-1, -1, hidden.shape[-1])).float()
         self._prefixes = self.by_site(module, module.combine(module.encode(vectors, valid)))
+        self._check_finite(self._prefixes, None)
         self._instance_done = True
         return None
 
