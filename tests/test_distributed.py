@@ -23,8 +23,10 @@ def run(command: Callable[[], list[str]]) -> None:
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
 
 
+@pytest.mark.parametrize("wrap", ["ddp", "fsdp"])
 @pytest.mark.parametrize("method", ["prefix", "ipt"])
-def test_two_process_ddp_matches_one_process_and_ranks_agree(method, tmp_path):
+def test_two_processes_match_one_process_and_ranks_agree(method, wrap, tmp_path):
+    """DDP, and FSDP2 full sharding (every parameter split over the ranks, the adapter's included) on CPU/gloo."""
     run(lambda: [sys.executable, str(WORKER), str(tmp_path / "single.json"), method])
     run(
         lambda: [
@@ -40,6 +42,7 @@ def test_two_process_ddp_matches_one_process_and_ranks_agree(method, tmp_path):
             str(WORKER),
             str(tmp_path / "ddp.json"),
             method,
+            wrap,
         ]
     )
     single = json.loads((tmp_path / "single.json").read_text())
@@ -48,6 +51,8 @@ def test_two_process_ddp_matches_one_process_and_ranks_agree(method, tmp_path):
     torch.testing.assert_close(
         torch.tensor(ddp["losses"]), torch.tensor(single["losses"]), rtol=1e-4, atol=1e-5
     )
+    sharded, trainable = ddp["sharded"]
+    assert sharded == (trainable if wrap == "fsdp" else 0)
     rank0, rank1 = ddp["weights"]
     assert rank0 == rank1  # every rank holds bit-identical adapter weights, the instance encoder included
     # Adam divides by the root of the second moment, so tiny gradient differences in near-zero coordinates
