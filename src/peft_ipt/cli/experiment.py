@@ -275,8 +275,17 @@ class Experiment:
 
 
 class _Loader(yaml.SafeLoader):
-    """PyYAML follows YAML 1.1, where ``1e-2`` is a string; read it as the float everyone means (YAML 1.2)."""
+    """PyYAML follows YAML 1.1, where ``1e-2`` is a string and ``no``/``on`` are booleans; read both as YAML 1.2
+    does (``1e-2`` a float, ``eval_strategy: no`` the string transformers expects, only true/false booleans)."""
 
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
