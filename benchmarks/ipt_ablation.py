@@ -64,6 +64,14 @@ VARIANTS = {
 }
 
 
+def load_data(train_size: int = TRAIN_SIZE):
+    """(train, validation), each (input_ids, attention_mask, labels): the seeded training subset, all validation."""
+    data = load_bundled_dataset("rotten_tomatoes", seed=0)
+    tokenizer = AutoTokenizer.from_pretrained(bundled_model_path("minilm"))
+    train = encode(tokenizer, data["train"].shuffle(seed=0).select(range(train_size)))
+    return train, encode(tokenizer, data["validation"])
+
+
 def encode(tokenizer, rows):
     enc = tokenizer(
         list(rows["text"]), truncation=True, max_length=64, padding="max_length", return_tensors="pt"
@@ -85,6 +93,7 @@ def run(name: str, seed: int, train, validation, epochs: int = 2, batch: int = 3
         optimizer, lambda s: min(1.0, (s + 1) / 20) * max(0.0, 1 - s / steps)
     )
     start = time.time()
+    losses = []
     with tqdm(total=steps, desc=f"{name} seed {seed}", leave=False) as bar:
         for _ in range(epochs):
             model.train()
@@ -96,8 +105,9 @@ def run(name: str, seed: int, train, validation, epochs: int = 2, batch: int = 3
                 optimizer.step()
                 schedule.step()
                 optimizer.zero_grad()
+                losses.append(loss.item())
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
     with torch.no_grad():
         predictions = torch.cat(
@@ -115,6 +125,8 @@ def run(name: str, seed: int, train, validation, epochs: int = 2, batch: int = 3
         "trainable": trainable,
         "share": trainable / total,
         "seconds": time.time() - start,
+        "loss_first_10": statistics.mean(losses[:10]),
+        "loss_last_10": statistics.mean(losses[-10:]),
     }
 
 
@@ -127,10 +139,7 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], help="variants to leave out of --only")
     parser.add_argument("--from-log", nargs="*", default=[], help="merge rows printed by earlier runs")
     args = parser.parse_args()
-    data = load_bundled_dataset("rotten_tomatoes", seed=0)
-    tokenizer = AutoTokenizer.from_pretrained(bundled_model_path("minilm"))
-    train = encode(tokenizer, data["train"].shuffle(seed=0).select(range(TRAIN_SIZE)))
-    validation = encode(tokenizer, data["validation"])
+    train, validation = load_data()
     path = RESULTS / "ipt_ablation.json"
     RESULTS.mkdir(exist_ok=True)
     for log in args.from_log:

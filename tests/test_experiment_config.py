@@ -235,7 +235,9 @@ def test_exponent_floats_read_as_floats():
 
 
 def test_yaml_1_1_booleans_read_as_the_strings_transformers_expects(folder):
-    experiment = load_experiment(write(folder, BASE), ["training.eval_strategy=no", "training.save_strategy=no"])
+    experiment = load_experiment(
+        write(folder, BASE), ["training.eval_strategy=no", "training.save_strategy=no"]
+    )
     assert experiment.training["eval_strategy"] == "no" and experiment.training["save_strategy"] == "no"
     assert parse_value("on") == "on" and parse_value("False") is False
 

@@ -43,15 +43,6 @@ def bounded(n: int) -> settings:
     )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models run ~30x faster on one thread than on two busy cores; restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # -- strategies ------------------------------------------------------------------------------------------------
 
 layer_subsets = st.one_of(

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import AUTO, VOCAB, tiny_model, token_batch
+from conftest import AUTO, CONFIGS, tiny_model, token_batch
 from peft import LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import SmolLM3Config
@@ -21,32 +21,18 @@ TASKS = ["CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTIO
 P = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models run far faster on one thread than on busy shared cores; restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def nope_model(task: str = "CAUSAL_LM", seed: int = 0):
     """A Llama-style decoder (grouped-query attention) with no position information at all: NoPE on every layer.
 
     peft's PrefixTuning numbers the real tokens from P, ours from 0; on this model that cannot matter.
     """
-    config = SmolLM3Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        no_rope_layers=[0, 0],
-        use_sliding_window=False,
-    )
+    # conftest's tiny Llama, as SmolLM3 (a Llama that can switch rotary positions off per layer)
+    llama = {
+        k: v
+        for k, v in CONFIGS["llama"]().to_diff_dict().items()
+        if k not in ("model_type", "transformers_version")
+    }
+    config = SmolLM3Config(**llama, no_rope_layers=[0, 0], use_sliding_window=False)
     if task in ("SEQ_CLS", "TOKEN_CLS"):
         config.num_labels = 3
     torch.manual_seed(seed)
