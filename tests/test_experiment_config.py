@@ -101,8 +101,8 @@ def test_unknown_top_level_key_is_named(folder, no_model_loads):
 
 
 def test_unknown_method_config_key_is_checked_against_the_method(folder, no_model_loads):
-    message = train_error(write(folder, changed(method_config={"prefix_length": 8})))
-    assert "x.yaml: method_config.prefix_length is not a known key (did you mean prompt_length?)" in message
+    message = train_error(write(folder, changed(method_config={"prompt_lenght": 8})))  # a typo
+    assert "x.yaml: method_config.prompt_lenght is not a known key (did you mean prompt_length?)" in message
 
 
 def test_wrong_type_is_named_with_the_expected_type(folder, no_model_loads):

@@ -10,6 +10,7 @@ from test_prefix_tuning import COMBOS, main_output, model_inputs
 
 from peft_ipt import InstancePromptConfig
 from peft_ipt.instance_prompt.encoders import HashedTokenTable
+from peft_ipt.tuner import PromptInputs
 
 VARIANTS = [
     {"injection": "hybrid"},
@@ -279,6 +280,33 @@ def test_default_hybrid_starts_as_the_task_prefix():
         first = prefix_snapshot(model)
         model(input_ids=b)
     assert_same_prefixes(first, prefix_snapshot(model))
+
+
+@pytest.mark.parametrize("arch", ["llama", "bart"])
+def test_hybrid_task_prefix_starts_as_the_models_own_keys_and_values_of_real_words(arch, monkeypatch):
+    token_ids = torch.tensor([5, 17, 42, 99])
+    monkeypatch.setattr("peft_ipt.tuner.init_token_ids", lambda config, model, length: token_ids)
+    task = "SEQ_2_SEQ_LM" if arch == "bart" else "CAUSAL_LM"
+    config = InstancePromptConfig(task_type=task, prompt_length=4, prefix_init="vocab")
+    model = get_peft_model(tiny_model(arch, task), config)
+    module = model.base_model.prompt_modules["default"]
+    ids = token_batch(2, 6)
+    inputs = PromptInputs(input_ids=ids, is_encoder_decoder=arch == "bart")
+    prefixes = module.prefixes(inputs)  # the instance head starts at zero: task part only
+    recorded = model.base_model.record_activations(token_ids)
+    assert set(prefixes) == {kind for kind, _ in recorded}
+    for (kind, layer), (key, value) in recorded.items():
+        keys, values = prefixes[kind]
+        slot = module.layer_slots[kind][layer]
+        torch.testing.assert_close(keys[slot][0], key[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(values[slot][0], value[0], rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_init_needs_the_task_prefix_of_hybrid_injection():
+    with pytest.raises(
+        ValueError, match=r"prefix_init='vocab' initialises the task-level prefix.*injection='prefix'"
+    ):
+        InstancePromptConfig(task_type="CAUSAL_LM", injection="prefix", prefix_init="vocab")
 
 
 # -- peft machinery ---------------------------------------------------------------------------------------

@@ -393,9 +393,7 @@ def test_fold_makes_the_saved_adapter_smaller(tmp_path):
 @pytest.mark.parametrize("reparameterize", [False, True])
 def test_vocab_initialisation_reproduces_the_models_own_keys_and_values(reparameterize, monkeypatch):
     token_ids = torch.tensor([5, 17, 42, 99])
-    monkeypatch.setattr(
-        "peft_ipt.prefix_tuning.model.init_token_ids", lambda config, model, length: token_ids
-    )
+    monkeypatch.setattr("peft_ipt.tuner.init_token_ids", lambda config, model, length: token_ids)
     config = PrefixTuningV2Config(
         task_type="CAUSAL_LM", prefix_length=4, prefix_init="vocab", reparameterize=reparameterize
     )

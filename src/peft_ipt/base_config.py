@@ -16,6 +16,8 @@ from .adapter_files import (
 )
 from .attention import CROSS, DECODER, ENCODER, SELF, SiteLayout
 
+PREFIX_INITS = ("random", "text", "vocab")
+
 
 def check_positive_int(config, name: str) -> None:
     value = getattr(config, name)
@@ -80,6 +82,26 @@ class PromptConfigBase(PeftConfig):
             "classifier for SEQ_CLS / TOKEN_CLS / QUESTION_ANS by itself."
         },
     )
+    prefix_init: str = field(
+        default="random",
+        metadata={
+            "help": "How the task-level prefix starts (PrefixTuningV2's prefix; InstancePrompt's with injection='hybrid'): "
+            "'random'; 'text': the frozen model's own keys/values for prefix_init_text (Li & Liang's real-word "
+            "initialisation); 'vocab': the keys/values of prefix-length random vocabulary tokens."
+        },
+    )
+    prefix_init_text: str | None = field(
+        default=None,
+        metadata={
+            "help": "Text for prefix_init='text', e.g. 'table-to-text:'. Repeated or cut to the prefix length in tokens."
+        },
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Tokenizer for prefix_init_text (as in peft's PromptTuningConfig). None: the base model's path."
+        },
+    )
     init_weights: bool = field(
         default=True,
         metadata={
@@ -111,6 +133,16 @@ class PromptConfigBase(PeftConfig):
         if self.peft_ipt_version is None:
             self.peft_ipt_version = __version__
         self.layers_to_transform = layer_list("layers_to_transform", self.layers_to_transform)
+        if self.prefix_init not in PREFIX_INITS:
+            raise ValueError(f"prefix_init must be one of {PREFIX_INITS} (got {self.prefix_init!r})")
+        if self.prefix_init == "text" and not self.prefix_init_text:
+            raise ValueError(
+                "prefix_init='text' needs prefix_init_text, e.g. prefix_init_text='table-to-text:'"
+            )
+        if self.prefix_init != "text" and self.prefix_init_text:
+            raise ValueError(
+                f"prefix_init_text is set but prefix_init={self.prefix_init!r}; set prefix_init='text'"
+            )
         for name in ("encoder_prefix", "decoder_prefix", "cross_prefix", "init_weights"):
             value = getattr(self, name)
             if not (value is None or isinstance(value, bool)) or (name == "init_weights" and value is None):

@@ -101,6 +101,26 @@ class PromptInputs:
         return mask
 
 
+def init_token_ids(config, model: nn.Module, length: int) -> torch.Tensor:
+    """(length,) token ids whose activations initialise a prefix: the init text, tiled, or random vocabulary."""
+    if config.prefix_init == "vocab":
+        return torch.randint(0, model.config.vocab_size, (length,))
+    from transformers import AutoTokenizer
+
+    source = config.tokenizer_name_or_path or config.base_model_name_or_path or model.config.name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except Exception as error:  # noqa: BLE001 - any failure means the same fix
+        raise ValueError(
+            f"prefix_init='text' needs the base model's tokenizer, which could not be loaded from {source!r} "
+            f"({type(error).__name__}); set tokenizer_name_or_path to a local tokenizer folder"
+        ) from error
+    ids = tokenizer(config.prefix_init_text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"prefix_init_text={config.prefix_init_text!r} tokenizes to no tokens")
+    return torch.tensor((ids * (length // len(ids) + 1))[:length])
+
+
 class PromptModule(nn.Module):
     """Base of the trainable modules of one adapter: turns a model call's inputs into every layer's prefix."""
 
@@ -113,6 +133,13 @@ class PromptModule(nn.Module):
 
     def prefixes(self, inputs: PromptInputs) -> Prefixes:
         raise NotImplementedError  # abstract: each method defines it
+
+    # Length of the task-level prefix that ``prefix_init`` initialises through ``set_prefix``.
+    task_prefix_length: int = 0
+
+    def set_prefix(self, activations: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Start the task-level prefix from recorded keys/values, {(kind, layer): (key, value)}, each (1, n_kv, T, hd)."""
+        raise NotImplementedError  # methods with a task-level prefix define it
 
 
 def first_non_finite_submodule(module: PromptModule, inputs: PromptInputs) -> str | None:
@@ -253,7 +280,11 @@ class PromptTuner(BaseTuner):
         )
 
     def initialize_prompt_module(self, config, module: PromptModule, model: nn.Module) -> None:
-        """Hook for initialisations that need the model (e.g. from real words); default: keep the module's own."""
+        """Initialisation that needs the model: the task prefix from real words (``prefix_init``)."""
+        if config.prefix_init == "random" or not config.init_weights or config.inference_mode:
+            return  # a loaded adapter's weights replace the initialisation anyway
+        length = module.task_prefix_length
+        module.set_prefix(self.record_activations(init_token_ids(config, model, length)))
 
     def _create_and_replace(self, *args, **kwargs):
         raise TypeError(f"{type(self).__name__} adds no layers to the model; it has no modules to replace")

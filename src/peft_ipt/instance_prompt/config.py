@@ -150,6 +150,11 @@ class InstancePromptConfig(PromptConfigBase):
             raise ValueError(
                 "freeze_table=True freezes a random table; give table_path (a pretrained table) too"
             )
+        if self.prefix_init != "random" and self.injection != "hybrid":
+            raise ValueError(
+                f"prefix_init={self.prefix_init!r} initialises the task-level prefix, which only "
+                f"injection='hybrid' has (got injection={self.injection!r}); use prefix_init='random'"
+            )
         if self.instance_layers is not None:
             if self.injection == "input":
                 raise ValueError("instance_layers applies to injection='prefix' or 'hybrid', not 'input'")

@@ -7,7 +7,7 @@ from torch import nn
 
 from ..attention import SiteLayout
 from ..base_config import hidden_size_of
-from ..prefix_tuning.layer import PrefixTable
+from ..prefix_tuning.layer import PrefixTable, set_tables
 from ..tuner import Prefixes, PromptInputs, PromptModule
 from .encoders import ENCODERS, HashedTokenTable, first_source_tokens
 
@@ -33,6 +33,7 @@ class InstancePromptModule(PromptModule):
         self.encoder = ENCODERS[config.instance_encoder](source_dim, P, r, config.encoder_hidden_size)
         self.dropout = nn.Dropout(config.prompt_dropout)
 
+        self.task_prefix_length = P if config.injection == "hybrid" else 0
         self.instance_layers = config.resolved_instance_layers(layout)
         self.layer_slots, self._shapes = {}, {}
         self.heads, self.task = nn.ModuleDict(), nn.ModuleDict()
@@ -91,6 +92,10 @@ class InstancePromptModule(PromptModule):
         return self.to_embedding(self.encode_inputs(inputs))
 
     # -- prefixes -------------------------------------------------------------------------------------------
+
+    def set_prefix(self, activations: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """prefix_init for the hybrid task prefix: it starts as the model's keys/values of real words."""
+        set_tables(self.task, self.layer_slots, self.config.prompt_length, activations)
 
     def _task_parts(self) -> dict[str, tuple[list, list]]:
         parts = {}

@@ -8,8 +8,6 @@ from peft.utils import PeftType
 
 from ..base_config import PromptConfigBase, check_positive_int
 
-PREFIX_INITS = ("random", "text", "vocab")
-
 
 @dataclass
 class PrefixTuningV2Config(PromptConfigBase):
@@ -41,25 +39,6 @@ class PrefixTuningV2Config(PromptConfigBase):
         default=0.0,
         metadata={"help": "Dropout on the prefix keys/values during training (P-tuning v2 uses 0.1)."},
     )
-    prefix_init: str = field(
-        default="random",
-        metadata={
-            "help": "'random'; 'text': the frozen model's own keys/values for prefix_init_text (the paper's "
-            "real-word initialisation); 'vocab': the keys/values of prefix_length random vocabulary tokens."
-        },
-    )
-    prefix_init_text: str | None = field(
-        default=None,
-        metadata={
-            "help": "Text for prefix_init='text', e.g. 'table-to-text:'. Repeated or cut to prefix_length tokens."
-        },
-    )
-    tokenizer_name_or_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "Tokenizer for prefix_init_text (as in peft's PromptTuningConfig). None: the base model's path."
-        },
-    )
     folded: bool = field(
         default=False,
         metadata={
@@ -74,15 +53,5 @@ class PrefixTuningV2Config(PromptConfigBase):
         check_positive_int(self, "encoder_hidden_size")
         if not isinstance(self.prefix_dropout, (int, float)) or not 0.0 <= self.prefix_dropout < 1.0:
             raise ValueError(f"prefix_dropout must be in [0, 1) (got {self.prefix_dropout!r})")
-        if self.prefix_init not in PREFIX_INITS:
-            raise ValueError(f"prefix_init must be one of {PREFIX_INITS} (got {self.prefix_init!r})")
-        if self.prefix_init == "text" and not self.prefix_init_text:
-            raise ValueError(
-                "prefix_init='text' needs prefix_init_text, e.g. prefix_init_text='table-to-text:'"
-            )
-        if self.prefix_init != "text" and self.prefix_init_text:
-            raise ValueError(
-                f"prefix_init_text is set but prefix_init={self.prefix_init!r}; set prefix_init='text'"
-            )
         if not isinstance(self.reparameterize, bool):
             raise ValueError(f"reparameterize must be a bool (got {self.reparameterize!r})")

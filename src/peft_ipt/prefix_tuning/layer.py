@@ -49,10 +49,29 @@ class PrefixTable(nn.Module):
         self.mlp[2].bias.copy_(solution[-1].to(target.dtype))
 
 
+def set_tables(
+    tables: nn.ModuleDict,
+    layer_slots: dict[str, dict[int, int]],
+    length: int,
+    activations: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]],
+) -> None:
+    """Make every kind's table output recorded keys/values, {(kind, layer): (key, value)} each (1, n_kv, T>=P, hd).
+
+    A table's row p holds, for each of its layers in slot order, the key then the value of position p.
+    """
+    for kind, table in tables.items():
+        per_layer = []
+        for layer in layer_slots[kind]:
+            key, value = activations[(kind, layer)]
+            per_layer.append(torch.stack([key[0, :, :length], value[0, :, :length]]))  # (2, n_kv, P, hd)
+        stacked = torch.stack(per_layer)  # (L, 2, n_kv, P, hd)
+        table.set_output(stacked.permute(3, 0, 1, 2, 4).reshape(length, -1))
+
+
 class PrefixTuningV2Module(PromptModule):
     def __init__(self, config, layout: SiteLayout, embed_dim: int):
         super().__init__()
-        self.prefix_length = config.prefix_length
+        self.prefix_length = self.task_prefix_length = config.prefix_length
         hidden = config.encoder_hidden_size if config.reparameterize else None
         self.tables = nn.ModuleDict()
         self.layer_slots = {}
@@ -86,15 +105,7 @@ class PrefixTuningV2Module(PromptModule):
     # -- initialisation and folding --------------------------------------------------------------------------
 
     def set_prefix(self, activations: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Initialise every table from recorded keys/values, {(kind, layer): (key, value)} each (1, n_kv, T>=P, hd)."""
-        for kind, table in self.tables.items():
-            per_layer = []
-            for layer in self.layer_slots[kind]:
-                key, value = activations[(kind, layer)]
-                kv = torch.stack([key[0, :, : self.prefix_length], value[0, :, : self.prefix_length]])
-                per_layer.append(kv)  # (2, n_kv, P, hd)
-            stacked = torch.stack(per_layer)  # (L, 2, n_kv, P, hd)
-            table.set_output(stacked.permute(3, 0, 1, 2, 4).reshape(self.prefix_length, -1))
+        set_tables(self.tables, self.layer_slots, self.prefix_length, activations)
         self._cache = None
 
     @torch.no_grad()
