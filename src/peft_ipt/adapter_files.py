@@ -137,7 +137,8 @@ def check_adapter_weights(weights: Path | None, expected_digest: str | None) -> 
         raise AdapterFileError(
             f"{weights} does not match the checksum its adapter_config.json was saved with: the folder was not "
             "completely written (a save interrupted, or stopped halfway over an older adapter) or the weights were "
-            "replaced by hand. Save the adapter again, or restore the folder from where it came."
+            "replaced by hand. Save the adapter again, or restore the folder from where it came; if you changed the "
+            'weights on purpose, set "weights_sha256": null in adapter_config.json.'
         )
 
 
