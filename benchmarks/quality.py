@@ -4,7 +4,7 @@ on the bundled real models, every run trained by the CLI's own ``train()`` from 
 Usage (from the repository root, with the package installed)::
 
     python benchmarks/quality.py --quick                        # CI smoke run: a few minutes
-    python benchmarks/quality.py                                # the whole suite (see "Cost" below)
+    python benchmarks/quality.py --threads 2                    # the whole default suite (see "Cost" below)
     python benchmarks/quality.py --tasks rotten_tomatoes        # one task, every method, the LR grid
     python benchmarks/quality.py --tasks e2e --methods prefix_v2 peft_prefix_tuning --seeds 0 1
     python benchmarks/quality.py --tasks rotten_tomatoes --config-lr   # each method at its config's LR only
@@ -17,7 +17,9 @@ evaluation; the task's budget overrides (``TASKS`` below) and the run's learning
 ``training.eval_strategy=no``: validation is scored once, on the final model, which ``train()`` then also scores on
 test. Per task and method:
 
-1. the learning-rate grid (``LR_GRIDS``) runs at the first seed;
+1. the learning-rate grid (``MethodSpec.lr_grid``) runs at the first seed, on the tasks whose ``grid_methods``
+   include the method (the three classification goal tasks: every method; ``e2e``: the goal pair PrefixTuningV2 and
+   peft PrefixTuning); elsewhere the method runs at its config's learning rate only (a one-point "grid");
 2. the learning rate with the best validation score (the task's main metric) is kept; with several seeds, the
    others run at that rate only (``--grid-all-seeds`` runs the grid at every seed; the rate is then chosen by the
    mean validation score over the seeds run at every rate of the grid);
