@@ -42,8 +42,10 @@ VARIANTS = {
         task_type="SEQ_CLS", prefix_length=P, reparameterize=False
     ),
     "default": lambda: InstancePromptConfig(task_type="SEQ_CLS", prompt_length=P),
-    "default_vocab_init": lambda: InstancePromptConfig(  # the task prefix starts from real tokens' keys/values
-        task_type="SEQ_CLS", prompt_length=P, prefix_init="vocab"
+    "default_vocab_init": lambda: (
+        InstancePromptConfig(  # the task prefix starts from real tokens' keys/values
+            task_type="SEQ_CLS", prompt_length=P, prefix_init="vocab"
+        )
     ),
     "embeddings_first_layer": lambda: InstancePromptConfig(
         task_type="SEQ_CLS", prompt_length=P, instance_layers=[0]
