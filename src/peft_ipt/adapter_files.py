@@ -22,6 +22,8 @@ import hashlib
 import json
 import os
 import struct
+import tempfile
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -142,10 +144,8 @@ def check_adapter_weights(weights: Path | None, expected_digest: str | None) -> 
         )
 
 
-def write_config_atomically(save: callable, save_directory: str | os.PathLike) -> None:
+def write_config_atomically(save: Callable[[str], None], save_directory: str | os.PathLike) -> None:
     """Run ``save(tmp_dir)`` (which writes adapter_config.json there), then move the file into place in one step."""
-    import tempfile
-
     os.makedirs(save_directory, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=save_directory, prefix=".adapter_config-") as tmp:
         save(tmp)

@@ -184,10 +184,11 @@ class PromptLayer(nn.Module, BaseTunerLayer):
         a tensor would run with that tensor's random initialisation. An adapter with no key in ``state_dict`` is
         not being loaded (peft loads one adapter at a time) and is left alone.
         """
+        marker = f"{prefix}prompt."
         stray = [
             k
             for k in state_dict
-            if k.startswith(f"{prefix}prompt.") and k[len(prefix) + 7 :].split(".")[0] not in self.prompt
+            if k.startswith(marker) and k[len(marker) :].split(".")[0] not in self.prompt
         ]  # keys no adapter of this model defines: peft passes keys it cannot map through unchanged
         if stray:
             raise AdapterFileError(
@@ -195,7 +196,7 @@ class PromptLayer(nn.Module, BaseTunerLayer):
                 "another adapter or config; load it with the adapter_config.json it was saved with."
             )
         for name, adapter in self.prompt.items():
-            start = f"{prefix}prompt.{name}."
+            start = f"{marker}{name}."
             given = {k[len(start) :]: v for k, v in state_dict.items() if k.startswith(start)}
             if not given:
                 continue
@@ -483,22 +484,23 @@ class PromptTuner(BaseTuner):
         added = self._positions_added()
         past = kwargs.get("past_key_values")
         cached = past.get_seq_length() if past is not None and not inputs.is_encoder_decoder else 0
-        lengths = {"the input": tokens.shape[1] + added + cached}
-        if torch.is_tensor(kwargs.get("decoder_input_ids")):
-            lengths["the decoder input"] = kwargs["decoder_input_ids"].shape[1]
-        for what, length in lengths.items():
-            if length > limit:
-                parts = f"{tokens.shape[1]} tokens" if what == "the input" else f"{length} tokens"
-                if what == "the input" and added:
-                    parts += f" + {added} prompt tokens (injection='input')"
-                if what == "the input" and cached:
-                    parts += f" + {cached} cached"
-                room = limit - (added if what == "the input" else 0)
-                raise ValueError(
-                    f"{what} takes {length} positions ({parts}), but {type(self.model).__name__} has learned "
-                    f"positions for {limit}. Truncate it to {room} tokens, e.g. tokenizer(..., truncation=True, "
-                    f"max_length={room}). " + ("Prefix keys/values take no positions." if not added else "")
-                )
+        length = tokens.shape[1] + added + cached
+        if length > limit:
+            parts = f"{tokens.shape[1]} tokens"
+            parts += f" + {added} prompt tokens (injection='input')" if added else ""
+            parts += f" + {cached} cached" if cached else ""
+            raise self._too_long("the input", length, parts, limit, room=limit - added, added=added)
+        decoder = kwargs.get("decoder_input_ids")
+        if torch.is_tensor(decoder) and decoder.shape[1] > limit:
+            length = decoder.shape[1]
+            raise self._too_long("the decoder input", length, f"{length} tokens", limit, room=limit, added=0)
+
+    def _too_long(self, what: str, length: int, parts: str, limit: int, room: int, added: int) -> ValueError:
+        return ValueError(
+            f"{what} takes {length} positions ({parts}), but {type(self.model).__name__} has learned "
+            f"positions for {limit}. Truncate it to {room} tokens, e.g. tokenizer(..., truncation=True, "
+            f"max_length={room}). " + ("Prefix keys/values take no positions." if not added else "")
+        )
 
     def _check_finite(self, prefixes: SitePrefixes | None, inputs: PromptInputs | None) -> None:
         """While training, refuse a non-finite prefix and name the module that produced it.
