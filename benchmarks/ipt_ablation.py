@@ -8,6 +8,8 @@ task-level reference.
     python benchmarks/ipt_ablation.py                  # all variants (about 5 min each on 2 cores)
     python benchmarks/ipt_ablation.py --only default   # one variant
     python benchmarks/ipt_ablation.py --seeds 0 1      # mean over seeds
+    python benchmarks/ipt_ablation.py --only default_p8 default_p32 instance_prefix_only instance_input_only \
+        default_scale_0.05 prefix_v2_mlp             # the papers' levers, one at a time
 
 Each finished variant is merged into benchmarks/results/ipt_ablation.json (by variant name) and the table in
 ipt_ablation.md is rebuilt from the whole file, so the variants can be run in pieces.
@@ -66,6 +68,21 @@ VARIANTS = {
     "hidden_lpt": lambda: InstancePromptConfig(
         task_type="SEQ_CLS", prompt_length=P, instance_source="hidden"
     ),
+    # The levers the papers name, each moved alone from the default: prompt length, the injection (hybrid's task
+    # prefix dropped, or the prompt at the input only), the paper's small instance scale, and prefix-tuning's MLP
+    # reparameterisation as the task-level reference.
+    "default_p8": lambda: InstancePromptConfig(task_type="SEQ_CLS", prompt_length=8),
+    "default_p32": lambda: InstancePromptConfig(task_type="SEQ_CLS", prompt_length=32),
+    "instance_prefix_only": lambda: InstancePromptConfig(
+        task_type="SEQ_CLS", prompt_length=P, injection="prefix"
+    ),
+    "instance_input_only": lambda: InstancePromptConfig(
+        task_type="SEQ_CLS", prompt_length=P, injection="input"
+    ),
+    "default_scale_0.05": lambda: InstancePromptConfig(
+        task_type="SEQ_CLS", prompt_length=P, instance_scale=0.05
+    ),
+    "prefix_v2_mlp": lambda: PrefixTuningV2Config(task_type="SEQ_CLS", prefix_length=P, reparameterize=True),
 }
 
 

@@ -5,6 +5,7 @@ Usage (from the repository root, with the package installed)::
 
     python benchmarks/quality.py --quick                        # CI smoke run: a few minutes
     python benchmarks/quality.py --threads 2                    # the whole default suite (see "Cost" below)
+    python benchmarks/quality.py --jobs 2                       # the same, two one-thread runs at a time
     python benchmarks/quality.py --tasks rotten_tomatoes        # one task, every method, the LR grid
     python benchmarks/quality.py --tasks e2e --methods prefix_v2 peft_prefix_tuning --seeds 0 1
     python benchmarks/quality.py --tasks rotten_tomatoes --config-lr   # each method at its config's LR only
@@ -26,6 +27,13 @@ test. Per task and method:
 3. the row reports the test score at that rate, mean ± std (population) over seeds, trainable parameters (count,
    and share of all parameters, the SEQ_CLS head included as peft counts it) and wall time per run (the whole
    ``train()``: load, train, validate, test, save). Generation tasks also get the untrained model as a floor row.
+
+``--jobs N`` runs N cells at a time, each in a worker process of its own (one torch thread each unless
+``--threads``); the grid cells of every task and method go first, then the further seeds at their chosen rates.
+This process alone writes the results file, one finished run at a time, so the order runs finish in does not
+matter. On two cores, two one-thread runs keep both busy better than one two-thread run (see "Cost"); the
+numbers can differ from a two-thread run's in the last digits (the thread count changes the order of
+floating-point sums), and each run records its thread count.
 
 Results of every run land in ``benchmarks/results/quality.json`` as soon as it ends, keyed
 ``task/method/lr/seed``: a partial run (``--tasks``, ``--methods``, ``--seeds``, ``--lrs``) merges into what is
@@ -52,12 +60,15 @@ import argparse
 import functools
 import json
 import math
+import multiprocessing
 import os
 import shlex
 import statistics
 import sys
 import tempfile
 import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -290,10 +301,17 @@ def train_cell(task_name: str, method: str, lr: float, seed: int, quick: bool) -
         "split_sizes": results["split_sizes"],
         "train_runtime_s": results["train_runtime_s"],
         "wall_time_s": results["wall_time_s"],
+        "torch_threads": torch_threads(),
         "budget": overrides[: len(overrides) - 2],  # without lr and seed
         "setup": setup_of(results["experiment"], method),
         "command": command_line(task, method, overrides),
     }
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def zero_shot_cell(task_name: str, quick: bool) -> dict[str, Any]:
@@ -328,6 +346,7 @@ def zero_shot_cell(task_name: str, quick: bool) -> dict[str, Any]:
         "split_sizes": splits.sizes(),
         "train_runtime_s": 0.0,
         "wall_time_s": time.time() - start,
+        "torch_threads": torch_threads(),
         "budget": overrides,
         "setup": setup_of(experiment.to_dict(), ZERO_SHOT),
         "command": f"(no training) {config_path(task, ZERO_SHOT).relative_to(ROOT)}, base model scored",
@@ -344,6 +363,12 @@ def load_runs(path: Path) -> dict[str, dict[str, Any]]:
     return json.loads(path.read_text()).get("runs", {})
 
 
+def load_invocations(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return json.loads(path.read_text()).get("invocations", [])
+
+
 def record(path: Path, key: str, run: dict[str, Any], quick: bool) -> None:
     """Merge one run into the file as it is now on disk (another piece may have written since we read it)."""
     runs = load_runs(path)
@@ -351,7 +376,18 @@ def record(path: Path, key: str, run: dict[str, Any], quick: bool) -> None:
     write_reports(path, quick, runs)
 
 
-def write_json(path: Path, runs: dict[str, dict[str, Any]], rows: list[dict[str, Any]]) -> None:
+def record_invocation(path: Path, quick: bool, invocation: dict[str, Any]) -> None:
+    """Append how one call of this script went (its command, threads, runs trained, wall time) to the file, so the
+    suite's cost is on record next to its results."""
+    write_reports(path, quick, invocations=[*load_invocations(path), invocation])
+
+
+def write_json(
+    path: Path,
+    runs: dict[str, dict[str, Any]],
+    rows: list[dict[str, Any]],
+    invocations: list[dict[str, Any]],
+) -> None:
     document = {
         "about": "benchmarks/quality.py: test score at the best-validation learning rate, mean/std over seeds",
         "tasks": {
@@ -367,6 +403,7 @@ def write_json(path: Path, runs: dict[str, dict[str, Any]], rows: list[dict[str,
         "lr_grids": {name: list(m.lr_grid) for name, m in METHODS.items()},
         "rows": rows,
         "goals": [{"goal": g, "status": s, "detail": d} for g, s, d in goals(rows)],
+        "invocations": invocations,
         "runs": dict(sorted(runs.items())),
     }
     temporary = path.with_suffix(".json.tmp")
@@ -637,17 +674,21 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def write_reports(
-    path: Path, quick: bool, runs: dict[str, dict[str, Any]] | None = None
+    path: Path,
+    quick: bool,
+    runs: dict[str, dict[str, Any]] | None = None,
+    invocations: list[dict[str, Any]] | None = None,
 ) -> tuple[str, list[dict[str, Any]]]:
-    """quality.json (runs, rows, goals), quality.md and quality.png, all from the runs recorded."""
+    """quality.json (runs, rows, goals, invocations), quality.md and quality.png, all from the runs recorded."""
     runs = load_runs(path) if runs is None else runs
+    invocations = load_invocations(path) if invocations is None else invocations
     rows = summarize(runs, quick)
     tasks = [t for t in TASKS if not quick or t in QUICK_TASKS]
     text = markdown(rows, tasks, quick)
     title = "# Quality benchmark" + (" (quick smoke run)" if quick else "")
     path.with_suffix(".md").write_text(f"{title}\n\n{text}")
     plot(rows, path.with_suffix(".png"))
-    write_json(path, runs, rows)
+    write_json(path, runs, rows, invocations)
     return text, rows
 
 
@@ -661,6 +702,96 @@ def _quiet_libraries() -> None:
 
     transformers.logging.set_verbosity_error()  # load reports of the new SEQ_CLS head, once per run
     datasets.disable_progress_bars()  # tokenisation bars; Trainer's training bar stays
+
+
+def compute_cell(task_name: str, method: str, lr: float | None, seed: int, quick: bool) -> dict[str, Any]:
+    """One cell's record; an error becomes the record (one failed run must not end the suite)."""
+    try:
+        if method == ZERO_SHOT:
+            return zero_shot_cell(task_name, quick)
+        return train_cell(task_name, method, lr, seed, quick)
+    except Exception as error:  # noqa: BLE001 - recorded, and the other cells go on
+        return {
+            "task": task_name,
+            "method": method,
+            "lr": lr,
+            "seed": seed,
+            "error": repr(error),
+            "traceback": traceback.format_exc(),
+        }
+
+
+def _start_worker(threads: int) -> None:
+    """A ``--jobs`` worker process: its own torch threads and no output of its own (the parent reports each run
+    as it lands, and an error comes back in the run's record with its traceback)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    _quiet_libraries()
+    sink = open(os.devnull, "w")  # noqa: SIM115 - the worker's streams for its whole life
+    sys.stdout = sys.stderr = sink
+
+
+class Runner:
+    """Runs cells not yet recorded, one at a time in this process or ``jobs`` at a time in worker processes; this
+    process alone writes the results file, one finished run at a time."""
+
+    def __init__(self, path: Path, quick: bool, force: bool, jobs: int, threads: int, bar: tqdm):
+        self.path, self.quick, self.force, self.jobs, self.threads, self.bar = (
+            path,
+            quick,
+            force,
+            jobs,
+            threads,
+            bar,
+        )
+        self.trained = 0
+        self.failures: list[str] = []
+
+    def run(self, cells: list[tuple[str, str, float | None, int]]) -> None:
+        recorded = load_runs(self.path)
+        todo = []
+        for cell in cells:
+            known = recorded.get(run_key(*cell))
+            if known and is_current(known, self.quick) and not self.force:
+                self.bar.update(1)
+            else:
+                todo.append(cell)
+        if self.jobs == 1:
+            for cell in todo:
+                self.bar.set_description(run_key(*cell))
+                tqdm.write(f"\n[quality] {run_key(*cell)}")
+                self.finish(cell, compute_cell(*cell, self.quick))
+            return
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(
+            self.jobs, mp_context=context, initializer=_start_worker, initargs=(self.threads,)
+        ) as pool:
+            futures = {pool.submit(compute_cell, *cell, self.quick): cell for cell in todo}
+            self.bar.set_description(f"quality ({self.jobs} jobs)")
+            for future in as_completed(futures):
+                cell = futures[future]
+                try:
+                    run = future.result()
+                except Exception as error:  # noqa: BLE001 - a worker died (e.g. out of memory)
+                    task_name, method, lr, seed = cell
+                    run = {"task": task_name, "method": method, "lr": lr, "seed": seed, "error": repr(error)}
+                self.finish(cell, run)
+
+    def finish(self, cell: tuple[str, str, float | None, int], run: dict[str, Any]) -> None:
+        key = run_key(*cell)
+        self.trained += 1
+        record(self.path, key, run, self.quick)
+        if "error" in run:
+            self.failures.append(key)
+            tqdm.write(f"[quality] {key} FAILED: {run['error']}\n{run.get('traceback', '')}")
+        else:
+            metric = run["main_metric"]
+            tqdm.write(
+                f"[quality] {key}: val {_points(run, 'validation', metric):.2f}, test "
+                f"{_points(run, 'test', metric):.2f} {metric}, {run['wall_time_s']:.0f} s"
+            )
+        self.bar.update(1)
 
 
 def plan(args: argparse.Namespace, task: Task, method: str) -> tuple[float, ...]:
@@ -703,11 +834,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--report", action="store_true", help="only rebuild tables, goals and plot from the JSON"
     )
-    parser.add_argument("--threads", type=int, help="torch CPU threads (on a loaded machine 1 can be faster)")
+    parser.add_argument(
+        "--threads", type=int, help="torch CPU threads per run (default: torch's; with --jobs > 1: 1)"
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs at a time, each in its own worker process (2 one-thread jobs use 2 cores better than one "
+        "two-thread run; see Cost)",
+    )
     parser.add_argument(
         "--out", type=Path, help="results JSON (default: results/quality.json or quality_quick.json)"
     )
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1 (got {args.jobs})")
     if args.quick and args.tasks and any(TASKS[t].family == "e2e" for t in args.tasks):
         parser.error("--quick is MiniLM only; drop the e2e tasks or --quick")
     path = args.out or RESULTS / ("quality_quick.json" if args.quick else "quality.json")
@@ -719,40 +861,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads or (1 if args.jobs > 1 else torch.get_num_threads())
+    torch.set_num_threads(threads)
     _quiet_libraries()
     tasks = args.tasks or (list(QUICK_TASKS) if args.quick else list(TASKS))
     methods = args.methods or (list(QUICK_METHODS) if args.quick else list(METHODS))
     seeds = args.seeds[:1] if args.quick else args.seeds
     start = time.time()
-    failures = []
-
-    def cell(task_name: str, method: str, lr: float | None, seed: int, bar: tqdm) -> None:
-        key = run_key(task_name, method, lr, seed)
-        known = load_runs(path).get(key)
-        if known and is_current(known, args.quick) and not args.force:
-            bar.update(1)
-            return
-        bar.set_description(key)
-        tqdm.write(f"\n[quality] {key}")
-        try:
-            if method == ZERO_SHOT:
-                run = zero_shot_cell(task_name, args.quick)
-            else:
-                run = train_cell(task_name, method, lr, seed, args.quick)
-        except Exception as error:  # noqa: BLE001 - record it, go on with the other cells
-            failures.append(key)
-            run = {"task": task_name, "method": method, "lr": lr, "seed": seed, "error": repr(error)}
-            tqdm.write(f"[quality] {key} FAILED: {error!r}")
-        record(path, key, run, args.quick)
-        if "error" not in run:
-            metric = run["main_metric"]
-            tqdm.write(
-                f"[quality] {key}: val {_points(run, 'validation', metric):.2f}, test "
-                f"{_points(run, 'test', metric):.2f} {metric}, {run['wall_time_s']:.0f} s"
-            )
-        bar.update(1)
 
     planned = []
     for task_name in tasks:
@@ -765,32 +880,48 @@ def main(argv: list[str] | None = None) -> int:
         1 if m == ZERO_SHOT else len(lrs) * len(s) if args.grid_all_seeds else len(lrs) + len(s) - 1
         for _, m, lrs, s in planned
     )
+    # First every grid (and zero-shot) cell; then the further seeds, at the rate their grid chose.
+    grid_cells = []
+    for task_name, method, lrs, run_seeds in planned:
+        grid_seeds = [0] if method == ZERO_SHOT else run_seeds if args.grid_all_seeds else run_seeds[:1]
+        grid_cells += [(task_name, method, lr, seed) for seed in grid_seeds for lr in lrs or [None]]
     with tqdm(total=total, desc="quality", unit="run", file=sys.stderr) as bar:
-        for task_name, method, lrs, run_seeds in planned:
-            if method == ZERO_SHOT:
-                cell(task_name, method, None, 0, bar)
+        runner = Runner(path, args.quick, args.force, args.jobs, threads, bar)
+        runner.run(grid_cells)
+        rows = summarize(load_runs(path), args.quick)
+        seed_cells = []
+        for task_name, method, _, run_seeds in planned:
+            rest = [] if method == ZERO_SHOT or args.grid_all_seeds else run_seeds[1:]
+            row = _row(rows, task_name, method)
+            if row is None:  # every grid run failed
+                bar.update(len(rest))
                 continue
-            grid_seeds = run_seeds if args.grid_all_seeds else run_seeds[:1]
-            for seed in grid_seeds:
-                for lr in lrs:
-                    cell(task_name, method, lr, seed, bar)
-            rest = [s for s in run_seeds if s not in grid_seeds]
-            if rest:
-                row = _row(summarize(load_runs(path), args.quick), task_name, method)
-                if row is None:  # every grid run failed
-                    bar.update(len(rest))
-                    continue
-                for seed in rest:
-                    cell(task_name, method, row["best_lr"], seed, bar)
+            seed_cells += [(task_name, method, row["best_lr"], seed) for seed in rest]
+        runner.run(seed_cells)
 
+    record_invocation(
+        path,
+        args.quick,
+        {
+            "command": shlex.join(
+                ["python", "benchmarks/quality.py", *(sys.argv[1:] if argv is None else argv)]
+            ),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start)),
+            "jobs": args.jobs,
+            "torch_threads": threads,
+            "runs_trained": runner.trained,
+            "wall_time_s": round(time.time() - start, 1),
+            "failed": runner.failures,
+        },
+    )
     text, _ = write_reports(path, args.quick)
     print("\n" + text)
     print(f"[quality] wrote {path}, {path.with_suffix('.md')}, {path.with_suffix('.png')}")
     print(
         f"[quality] wall time {time.time() - start:.0f} s"
-        + (f"; failed: {', '.join(failures)}" if failures else "")
+        + (f"; failed: {', '.join(runner.failures)}" if runner.failures else "")
     )
-    return 1 if failures else 0
+    return 1 if runner.failures else 0
 
 
 if __name__ == "__main__":
