@@ -31,8 +31,8 @@ test. Per task and method:
 ``--jobs N`` runs N cells at a time, each in a worker process of its own (one torch thread each unless
 ``--threads``); the grid cells of every task and method go first, then the further seeds at their chosen rates.
 This process alone writes the results file, one finished run at a time, so the order runs finish in does not
-matter. On two cores, two one-thread runs keep both busy better than one two-thread run (see "Cost"); the
-numbers can differ from a two-thread run's in the last digits (the thread count changes the order of
+matter. Jobs help where a machine has more cores than one run keeps busy; on the 2-core machine two one-thread
+runs were no faster than one two-thread run (see "Cost"). The numbers can differ from a two-thread run's in the last digits (the thread count changes the order of
 floating-point sums), and each run records its thread count.
 
 Results of every run land in ``benchmarks/results/quality.json`` as soon as it ends, keyed
@@ -363,16 +363,16 @@ def zero_shot_cell(task_name: str, quick: bool) -> dict[str, Any]:
 # The results file: runs merged by key, written after each run
 
 
+def _load_field(path: Path, field: str, empty: Any) -> Any:
+    return json.loads(path.read_text()).get(field, empty) if path.is_file() else empty
+
+
 def load_runs(path: Path) -> dict[str, dict[str, Any]]:
-    if not path.is_file():
-        return {}
-    return json.loads(path.read_text()).get("runs", {})
+    return _load_field(path, "runs", {})
 
 
 def load_invocations(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return json.loads(path.read_text()).get("invocations", [])
+    return _load_field(path, "invocations", [])
 
 
 def record(path: Path, key: str, run: dict[str, Any], quick: bool) -> None:
@@ -382,10 +382,12 @@ def record(path: Path, key: str, run: dict[str, Any], quick: bool) -> None:
     write_reports(path, quick, runs)
 
 
-def record_invocation(path: Path, quick: bool, invocation: dict[str, Any]) -> None:
+def record_invocation(
+    path: Path, quick: bool, invocation: dict[str, Any]
+) -> tuple[str, list[dict[str, Any]]]:
     """Append how one call of this script went (its command, threads, runs trained, wall time) to the file, so the
-    suite's cost is on record next to its results."""
-    write_reports(path, quick, invocations=[*load_invocations(path), invocation])
+    suite's cost is on record next to its results; the reports as write_reports() returns them."""
+    return write_reports(path, quick, invocations=[*load_invocations(path), invocation])
 
 
 def write_json(
@@ -745,14 +747,12 @@ class Runner:
     process alone writes the results file, one finished run at a time."""
 
     def __init__(self, path: Path, quick: bool, force: bool, jobs: int, threads: int, bar: tqdm):
-        self.path, self.quick, self.force, self.jobs, self.threads, self.bar = (
-            path,
-            quick,
-            force,
-            jobs,
-            threads,
-            bar,
-        )
+        self.path = path
+        self.quick = quick
+        self.force = force
+        self.jobs = jobs
+        self.threads = threads
+        self.bar = bar
         self.trained = 0
         self.failures: list[str] = []
 
@@ -850,8 +850,8 @@ def main(argv: list[str] | None = None) -> int:
         "--jobs",
         type=int,
         default=1,
-        help="runs at a time, each in its own worker process (2 one-thread jobs use 2 cores better than one "
-        "two-thread run; see Cost)",
+        help="runs at a time, each in its own worker process (for machines with more cores than one run keeps "
+        "busy; see Cost)",
     )
     parser.add_argument(
         "--out", type=Path, help="results JSON (default: results/quality.json or quality_quick.json)"
@@ -908,7 +908,7 @@ def main(argv: list[str] | None = None) -> int:
             seed_cells += [(task_name, method, row["best_lr"], seed) for seed in rest]
         runner.run(seed_cells)
 
-    record_invocation(
+    text, _ = record_invocation(
         path,
         args.quick,
         {
@@ -923,7 +923,6 @@ def main(argv: list[str] | None = None) -> int:
             "failed": runner.failures,
         },
     )
-    text, _ = write_reports(path, args.quick)
     print("\n" + text)
     print(f"[quality] wrote {path}, {path.with_suffix('.md')}, {path.with_suffix('.png')}")
     print(
