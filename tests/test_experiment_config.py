@@ -16,7 +16,7 @@ from peft_ipt.cli.experiment import (
     parse_value,
     validate,
 )
-from peft_ipt.cli.train import train
+from peft_ipt.cli.train import train, training_arguments
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -93,6 +93,19 @@ def test_unknown_training_key_is_named_with_a_suggestion(folder, no_model_loads)
     path = write(folder, changed(training__learning_rte=0.01))
     message = train_error(path)
     assert message == f"{path}: training.learning_rte is not a known key (did you mean learning_rate?)"
+
+
+def test_a_training_choice_is_checked_before_trainer_ignores_it(folder, no_model_loads):
+    message = train_error(write(folder, changed(training__train_sampling_strategy="by_length")))
+    assert message == (
+        f"{folder / 'x.yaml'}: training.train_sampling_strategy must be one of random, sequential, group_by_length, "
+        "batch_rebalance (got 'by_length') (did you mean group_by_length?)"
+    )
+
+
+def test_length_grouped_batches_reach_the_trainer(folder):
+    experiment = load_experiment(write(folder, BASE), ["training.train_sampling_strategy=group_by_length"])
+    assert training_arguments(experiment, folder).train_sampling_strategy == "group_by_length"
 
 
 def test_unknown_top_level_key_is_named(folder, no_model_loads):

@@ -71,6 +71,7 @@ TRAINING_KEYS = (
     "label_smoothing_factor",
     "seed",
     "data_seed",
+    "train_sampling_strategy",
     "logging_steps",
     "logging_first_step",
     "eval_strategy",
@@ -461,6 +462,14 @@ def training_hints() -> dict[str, Any]:
     return {name: hints[name] for name in TRAINING_KEYS}
 
 
+def training_choices() -> dict[str, tuple[str, ...]]:
+    """The values TrainingArguments declares for those of our keys that have a fixed set."""
+    from transformers import TrainingArguments
+
+    fields = {f.name: f for f in dataclasses.fields(TrainingArguments) if f.name in TRAINING_KEYS}
+    return {name: tuple(f.metadata["choices"]) for name, f in fields.items() if "choices" in f.metadata}
+
+
 def method_hints(method: Method) -> dict[str, Any]:
     config_class = method.config_class()
     if config_class is None:
@@ -538,6 +547,9 @@ def validate(raw: dict[str, Any], source: str = "<dict>", from_set: set[str] | N
     for key, value in generation.items():
         check.positive(f"generation.{key}", value, allow_none=False)
     training = check.fields(raw.get("training") or {}, training_hints(), "training.")
+    for key, allowed in training_choices().items():
+        if key in training:  # Trainer itself would fall back to its default on an unknown value
+            check.choice(f"training.{key}", training[key], allowed)
     if method.config_path is None and raw.get("method_config"):
         raise check.error(
             "method_config", f"must be empty for method {raw['method']!r} (got {raw['method_config']})"
