@@ -634,7 +634,8 @@ def markdown(rows: list[dict[str, Any]], tasks: list[str], quick: bool) -> str:
         lines += [
             f"### {spec.label}",
             "",
-            f"Budget: {spec.notes}."
+            f"Budget: {spec.notes}. Training in {'bf16 autocast' if PRECISION == 'bf16' else 'fp32'}"
+            + (", batches grouped by length." if spec.classification else ".")
             if not quick
             else f"**Quick smoke run, not a result**: {', '.join(QUICK_OVERRIDES)}, the config's learning rate.",
             "",
@@ -661,6 +662,51 @@ def markdown(rows: list[dict[str, Any]], tasks: list[str], quick: bool) -> str:
         lines.append("")
     lines += ["### Goals", ""]
     lines += [f"- **{status}** {goal}: {detail}" for goal, status, detail in goals(rows)]
+    return "\n".join(lines) + "\n"
+
+
+SHORT_NAMES = {
+    "rotten_tomatoes": "RT",
+    "bbc_news": "BBC",
+    "presuppositions_nli": "NLI",
+    "rotten_tomatoes_64": "RT, 64 ex.",
+    "rotten_tomatoes_256": "RT, 256 ex.",
+    "e2e": "E2E",
+    "e2e_64": "E2E, 64 pairs",
+}
+
+
+def summary(rows: list[dict[str, Any]]) -> str:
+    """Every task side by side, one row per method: the test score (± std over seeds where several ran), the mean
+    over the classification goal tasks where all three ran, and the share of each model's parameters trained."""
+    columns = [t for t in TASKS if any(r["task"] == t for r in rows)]
+    if not columns:
+        return ""
+    families = {name: "MiniLM" if TASKS[name].classification else "SmolLM2" for name in columns}
+    models = list(dict.fromkeys(families.values()))
+    goal_mean = all(t in columns for t in CLASSIFICATION_GOAL_TASKS)
+    header = ["method", f"share ({' / '.join(models)})"]
+    for task in columns:
+        header.append(SHORT_NAMES.get(task, task))
+        if goal_mean and task == CLASSIFICATION_GOAL_TASKS[-1]:
+            header.append("mean of 3")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    present = {r["method"] for r in rows}
+    for method in (m for m in [ZERO_SHOT, *METHODS] if m in present):
+        label = METHODS[method].label if method in METHODS else "zero-shot (floor)"
+        shares = []
+        for model in models:
+            found = [r for r in rows if r["method"] == method and families[r["task"]] == model]
+            shares.append(f"{100 * found[0]['trainable_share']:.2f}%" if found else "–")
+        cells = [label, " / ".join(shares)]
+        for task in columns:
+            row = _row(rows, task, method)
+            spread = f" ± {row['test_std']:.1f}" if row and len(row["seeds"]) > 1 else ""
+            cells.append(f"{row['test_mean']:.1f}{spread}" if row else "")
+            if goal_mean and task == CLASSIFICATION_GOAL_TASKS[-1]:
+                scores = [_row(rows, t, method) for t in CLASSIFICATION_GOAL_TASKS]
+                cells.append(f"{statistics.mean(r['test_mean'] for r in scores):.1f}" if all(scores) else "")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -718,6 +764,11 @@ def write_reports(
     rows = summarize(runs, quick)
     tasks = [t for t in TASKS if not quick or t in QUICK_TASKS]
     text = markdown(rows, tasks, quick)
+    if not quick and rows:
+        text = (
+            "### Summary\n\nTest scores (accuracy on Rotten Tomatoes, macro F1 on BBC News and NLI, BLEU on E2E) at "
+            "each method's best validation rate; per task below.\n\n" + summary(rows) + "\n" + text
+        )
     title = "# Quality benchmark" + (" (quick smoke run)" if quick else "")
     path.with_suffix(".md").write_text(f"{title}\n\n{text}")
     plot(rows, path.with_suffix(".png"))
