@@ -6,6 +6,8 @@ Usage (from the repository root, with the package installed)::
     python benchmarks/speed.py --model tiny            # tiny random Llama with grouped-query attention
     python benchmarks/speed.py --model smollm2         # bundled SmolLM2-135M-Instruct (tens of minutes on 2 cores)
     python benchmarks/speed.py --model minilm          # bundled all-MiniLM-L6-v2 as a SEQ_CLS encoder
+    python benchmarks/speed.py --model smollm2 --parts inference --methods bare,v2,v2_folded,ipt,peft_prefix,lora
+                                                       # generation only, fewer methods: speed_smollm2_inference.*
     python benchmarks/speed.py --model smollm2 --scaling   # cost as the prefix length and the sequence grow
     python benchmarks/speed.py --model smollm2 --profile   # where decoding time goes in peft-ipt's attention
     python benchmarks/speed.py --model smollm2 --device cuda --dtype bf16
@@ -715,19 +717,10 @@ def output_checks(runners: dict[str, Runner], spec: ModelSpec, device: torch.dev
     return checks
 
 
-def run_comparison(args, spec: ModelSpec, setting: Setting) -> tuple[dict, str]:
-    P, device = args.prefix_length, setting.device
-    methods = [m for m in LABELS if m in args.methods]
-    causal = spec.task == "CAUSAL_LM"
-    runners: dict[str, Runner] = {}
-    for method in tqdm(methods, desc="setup", file=sys.stderr, leave=False):
-        runners[method] = build_runner(method, spec, P, device, trained=method not in INFERENCE_ONLY)
-    checks = output_checks(runners, spec, device)
-    trained = [runners[m] for m in methods if m not in INFERENCE_ONLY]
-    raw: dict[str, dict] = {}
-    summaries: dict[str, dict] = {}
-
-    train_batch = make_batch(spec, args.train_batch or spec.train_batch, args.train_seq, device)
+def measure_training(
+    args, trained: list[Runner], train_batch: dict, setting: Setting, raw: dict, summaries: dict
+) -> None:
+    """The timed training steps and the step's peak memory, into ``raw`` and ``summaries``."""
     for runner in trained:
         if runner.model is not None:
             runner.model.train()
@@ -753,12 +746,39 @@ def run_comparison(args, spec: ModelSpec, setting: Setting) -> tuple[dict, str]:
     summaries["peak_step"] = summarise_memory(peaks, "step")
     summaries["peak_total"] = summarise_memory(peaks, "total")
 
+
+def comparison_stem(args, spec: ModelSpec) -> str:
+    """speed_<model>, or speed_<model>_<part> when --parts measured one part only."""
+    stem = "speed_quick" if args.quick else f"speed_{spec.name}"
+    return stem if set(args.parts) == set(PARTS) else f"{stem}_{'_'.join(args.parts)}"
+
+
+def run_comparison(args, spec: ModelSpec, setting: Setting) -> tuple[dict, str]:
+    P, device = args.prefix_length, setting.device
+    methods = [m for m in LABELS if m in args.methods]
+    causal = spec.task == "CAUSAL_LM"
+    runners: dict[str, Runner] = {}
+    for method in tqdm(methods, desc="setup", file=sys.stderr, leave=False):
+        runners[method] = build_runner(method, spec, P, device, trained=method not in INFERENCE_ONLY)
+    checks = output_checks(runners, spec, device)
+    trained = [runners[m] for m in methods if m not in INFERENCE_ONLY]
+    raw: dict[str, dict] = {}
+    summaries: dict[str, dict] = {}
+
+    train_batch = make_batch(spec, args.train_batch or spec.train_batch, args.train_seq, device)
+    if "train" in args.parts:
+        measure_training(args, trained, train_batch, setting, raw, summaries)
+
     inference = [runners[m] for m in methods]
+    infer_keys = ["gen_b1", "gen_b8"] if causal else ["infer"]
+    if "inference" not in args.parts:
+        infer_keys = []
+        inference = []
     for runner in inference:
         if runner.model is not None:
             runner.model.eval()
     gen_shapes: dict[str, dict] = {}
-    if causal:
+    if causal and inference:
         for batch_size in (1, 8):
             key = f"gen_b{batch_size}"
             batch = make_batch(spec, batch_size, args.prompt_length, device, seed=batch_size)
@@ -773,7 +793,7 @@ def run_comparison(args, spec: ModelSpec, setting: Setting) -> tuple[dict, str]:
             )
             raw[key] = round_robin(inference, call, setting, args.gen_warmup, args.gen_repeats, key)
             summaries[key] = summarise(raw[key], batch_size * args.new_tokens, True)
-    else:
+    elif inference:
         raw["infer"] = round_robin(
             inference,
             lambda r: infer(r, train_batch, setting),
@@ -794,6 +814,7 @@ def run_comparison(args, spec: ModelSpec, setting: Setting) -> tuple[dict, str]:
         "model_description": spec.description,
         "task": spec.task,
         "prefix_length": P,
+        "parts": list(args.parts),
         "train_batch": list(train_batch["input_ids"].shape),
         "prompt_length": args.prompt_length,
         "new_tokens": args.new_tokens,
@@ -812,7 +833,6 @@ def run_comparison(args, spec: ModelSpec, setting: Setting) -> tuple[dict, str]:
         "targets_judged_on": judge,
     }
 
-    infer_keys = ["gen_b1", "gen_b8"] if causal else ["infer"]
     train_methods = [m for m in methods if m not in INFERENCE_ONLY]
     md = [
         f"## Speed: {spec.name} ({spec.description}), P = {P}",
@@ -820,22 +840,29 @@ def run_comparison(args, spec: ModelSpec, setting: Setting) -> tuple[dict, str]:
         f"{env['device']}; {env['dtype']}; torch {env['torch']}, transformers {env['transformers']}, "
         f"peft {env['peft']}; peft-ipt {env['library_state']}; {env['date']}; `{env['command']}`.",
         "",
-        f"Training step: batch {settings['train_batch'][0]} x {settings['train_batch'][1]}, zero_grad + forward + "
-        f"backward + AdamW, median of {args.repeats} after {args.warmup} warm-up rounds. "
-        "`bare model` trains every parameter (full fine-tuning).",
+        (
+            f"Training step: batch {settings['train_batch'][0]} x {settings['train_batch'][1]}, zero_grad + "
+            f"forward + backward + AdamW, median of {args.repeats} after {args.warmup} warm-up rounds. "
+            "`bare model` trains every parameter (full fine-tuning)."
+            if "train" in args.parts
+            else f"Training not measured (`--parts {' '.join(args.parts)}`)."
+        ),
         "Ratios: medians over medians; [p25–p75]: quartiles of the per-round paired ratios. Times: lower is "
         "better; throughputs: higher is better. Values and the first ratios are wall time; the `CPU time` ratios "
         "use this process's CPU time, which leaves out waiting for a core on a shared machine"
         + (" (the targets are judged on them)." if judge == "cpu" else "."),
         "",
-        measurement_table(summaries, "train_step", train_methods),
-        "",
-        measurement_table(summaries, "peak_step", train_methods),
-        "",
-        measurement_table(summaries, "peak_total", train_methods),
-        "",
     ]
-    if causal:
+    if "train" in args.parts:
+        md += [
+            measurement_table(summaries, "train_step", train_methods),
+            "",
+            measurement_table(summaries, "peak_step", train_methods),
+            "",
+            measurement_table(summaries, "peak_total", train_methods),
+            "",
+        ]
+    if causal and infer_keys:
         md += [
             f"Greedy generation: {args.prompt_length}-token prompts, {args.new_tokens} new tokens "
             f"(min_new_tokens = max_new_tokens), median of {args.gen_repeats} after {args.gen_warmup} warm-up rounds"
@@ -847,7 +874,7 @@ def run_comparison(args, spec: ModelSpec, setting: Setting) -> tuple[dict, str]:
             + ".",
             "",
         ]
-    else:
+    elif infer_keys:
         md += [
             f"Inference: no_grad forward of the {settings['train_batch'][0]} x {settings['train_batch'][1]} batch.",
             "",
@@ -881,10 +908,10 @@ def run_comparison(args, spec: ModelSpec, setting: Setting) -> tuple[dict, str]:
     errors = {m: r.error for m, r in runners.items() if r.error}
     if errors:
         md += ["", "Setup errors: " + "; ".join(f"{LABELS[m]}: `{e}`" for m, e in errors.items())]
-    stem = "speed_quick" if args.quick else f"speed_{spec.name}"
+    stem = comparison_stem(args, spec)
     plot_ratios(
         summaries,
-        ["train_step", "peak_step", *infer_keys],
+        [*(["train_step", "peak_step"] if "train" in args.parts else []), *infer_keys],
         methods,
         f"{spec.name}, P={P}: ratios to the bare model and to peft PrefixTuning",
         args.out_dir / f"{stem}.png",
@@ -1504,6 +1531,9 @@ def run_profile(args, spec: ModelSpec, setting: Setting) -> tuple[dict, str]:
 # CLI
 
 
+PARTS = ("train", "inference")
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="tiny")
@@ -1527,6 +1557,14 @@ def parse_args(argv=None):
         default=1,
         help="torch CPU threads (default 1: on a shared machine, a second OpenMP thread waiting for a core held by "
         "another process made small ops 5x slower and the timings erratic); 0 keeps torch's default",
+    )
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        choices=PARTS,
+        default=list(PARTS),
+        help="what to measure: training steps and memory, generation (causal LMs) or inference (encoders); one "
+        "part alone writes speed_<model>_<part>.*",
     )
     parser.add_argument("--prefix-length", "-P", type=int, default=16)
     parser.add_argument(
@@ -1585,7 +1623,7 @@ def main(argv=None) -> None:
         stem = f"speed_{spec.name}_scaling"
     else:
         data, markdown = run_comparison(args, spec, setting)
-        stem = "speed_quick" if args.quick else f"speed_{spec.name}"
+        stem = comparison_stem(args, spec)
     data["environment"]["wall_seconds"] = round(time.perf_counter() - start, 1)
     markdown += f"\n\nWall time of this run: {data['environment']['wall_seconds']:.0f} s."
     write_outputs(stem, data, markdown, args.out_dir)
