@@ -35,8 +35,8 @@ test. Per task and method:
 ``--threads``); the grid cells of every task and method go first, then the further seeds at their chosen rates.
 This process alone writes the results file, one finished run at a time, so the order runs finish in does not
 matter. Jobs help where a machine has more cores than one run keeps busy; on the 2-core machine two one-thread
-runs were no faster than one two-thread run (see "Cost"). The numbers can differ from a two-thread run's in the last digits (the thread count changes the order of
-floating-point sums), and each run records its thread count.
+runs were no faster than one two-thread run (see "Cost"). The numbers can differ from a two-thread run's in the
+last digits (the thread count changes the order of floating-point sums), and each run records its thread count.
 
 Results of every run land in ``benchmarks/results/quality.json`` as soon as it ends, keyed
 ``task/method/lr/seed``: a partial run (``--tasks``, ``--methods``, ``--seeds``, ``--lrs``) merges into what is
@@ -131,7 +131,8 @@ ZERO_SHOT = "zero_shot"  # the untrained model, generation tasks only
 
 @dataclass(frozen=True)
 class Task:
-    label: str
+    label: str  # "<model> / <task> (<metric>)"
+    short: str  # the summary table's column
     family: str  # configs/<family>_<method>.yaml
     overrides: tuple[str, ...]  # the task's training budget, the same for every method
     # Generation low-data settings count (input, reference) pairs, the unit E2E's training examples come in;
@@ -148,12 +149,14 @@ class Task:
 TASKS: dict[str, Task] = {
     "rotten_tomatoes": Task(
         "MiniLM / Rotten Tomatoes (acc.)",
+        "RT",
         "rotten_tomatoes",
         ("data.train_size=1000", "data.validation_size=400", "training.num_train_epochs=2"),
         notes="1,000 train reviews, 2 epochs (63 steps); validation 400 of 853; test all 853",
     ),
     "bbc_news": Task(
         "MiniLM / BBC News (macro F1)",
+        "BBC",
         "bbc_news",
         ("data.train_size=400", "data.max_length=64", "training.num_train_epochs=3"),
         notes="400 train articles, 3 epochs (39 steps), the first 64 tokens (headline and lead); validation 218, "
@@ -161,12 +164,14 @@ TASKS: dict[str, Task] = {
     ),
     "presuppositions_nli": Task(
         "MiniLM / presuppositions NLI (macro F1)",
+        "NLI",
         "presuppositions_nli",
         ("training.num_train_epochs=3",),
         notes="all 589 train pairs, 3 epochs (57 steps); validation 73, test 73",
     ),
     "rotten_tomatoes_64": Task(
         "MiniLM / Rotten Tomatoes, 64 examples (acc.)",
+        "RT, 64 ex.",
         "rotten_tomatoes",
         ("data.train_size=64", "data.validation_size=400", "training.num_train_epochs=16"),
         notes="64 train reviews, 16 epochs (32 steps); validation 400, test 853; config LR only",
@@ -174,6 +179,7 @@ TASKS: dict[str, Task] = {
     ),
     "rotten_tomatoes_256": Task(
         "MiniLM / Rotten Tomatoes, 256 examples (acc.)",
+        "RT, 256 ex.",
         "rotten_tomatoes",
         ("data.train_size=256", "data.validation_size=400", "training.num_train_epochs=4"),
         notes="256 train reviews, 4 epochs (32 steps); validation 400, test 853; config LR only",
@@ -181,6 +187,7 @@ TASKS: dict[str, Task] = {
     ),
     "e2e": Task(
         "SmolLM2 / E2E (BLEU)",
+        "E2E",
         "e2e",
         (),
         classification=False,
@@ -195,6 +202,7 @@ TASKS: dict[str, Task] = {
     ),
     "e2e_64": Task(
         "SmolLM2 / E2E, 64 examples (BLEU)",
+        "E2E, 64 pairs",
         "e2e",
         ("training.num_train_epochs=4",),
         train_pairs=64,
@@ -669,45 +677,35 @@ def markdown(rows: list[dict[str, Any]], tasks: list[str], quick: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-SHORT_NAMES = {
-    "rotten_tomatoes": "RT",
-    "bbc_news": "BBC",
-    "presuppositions_nli": "NLI",
-    "rotten_tomatoes_64": "RT, 64 ex.",
-    "rotten_tomatoes_256": "RT, 256 ex.",
-    "e2e": "E2E",
-    "e2e_64": "E2E, 64 pairs",
-}
-
-
 def summary(rows: list[dict[str, Any]]) -> str:
     """Every task side by side, one row per method: the test score (± std over seeds where several ran), the mean
     over the classification goal tasks where all three ran, and the share of each model's parameters trained."""
     columns = [t for t in TASKS if any(r["task"] == t for r in rows)]
     if not columns:
         return ""
-    families = {name: "MiniLM" if TASKS[name].classification else "SmolLM2" for name in columns}
-    models = list(dict.fromkeys(families.values()))
-    goal_mean = all(t in columns for t in CLASSIFICATION_GOAL_TASKS)
+    models_of = {name: TASKS[name].label.split(" / ")[0] for name in columns}
+    models = list(dict.fromkeys(models_of.values()))
+    # The 3-task mean sits after the last goal task, when all three ran.
+    mean_after = (
+        CLASSIFICATION_GOAL_TASKS[-1] if all(t in columns for t in CLASSIFICATION_GOAL_TASKS) else None
+    )
     header = ["method", f"share ({' / '.join(models)})"]
     for task in columns:
-        header.append(SHORT_NAMES.get(task, task))
-        if goal_mean and task == CLASSIFICATION_GOAL_TASKS[-1]:
-            header.append("mean of 3")
+        header += [TASKS[task].short] + (["mean of 3"] if task == mean_after else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     present = {r["method"] for r in rows}
     for method in (m for m in [ZERO_SHOT, *METHODS] if m in present):
         label = METHODS[method].label if method in METHODS else "zero-shot (floor)"
         shares = []
         for model in models:
-            found = [r for r in rows if r["method"] == method and families[r["task"]] == model]
+            found = [r for r in rows if r["method"] == method and models_of[r["task"]] == model]
             shares.append(f"{100 * found[0]['trainable_share']:.2f}%" if found else "–")
         cells = [label, " / ".join(shares)]
         for task in columns:
             row = _row(rows, task, method)
             spread = f" ± {row['test_std']:.1f}" if row and len(row["seeds"]) > 1 else ""
             cells.append(f"{row['test_mean']:.1f}{spread}" if row else "")
-            if goal_mean and task == CLASSIFICATION_GOAL_TASKS[-1]:
+            if task == mean_after:
                 scores = [_row(rows, t, method) for t in CLASSIFICATION_GOAL_TASKS]
                 cells.append(f"{statistics.mean(r['test_mean'] for r in scores):.1f}" if all(scores) else "")
         lines.append("| " + " | ".join(cells) + " |")
@@ -799,14 +797,21 @@ def compute_cell(task_name: str, method: str, lr: float | None, seed: int, quick
             return zero_shot_cell(task_name, quick)
         return train_cell(task_name, method, lr, seed, quick)
     except Exception as error:  # noqa: BLE001 - recorded, and the other cells go on
-        return {
-            "task": task_name,
-            "method": method,
-            "lr": lr,
-            "seed": seed,
-            "error": repr(error),
-            "traceback": traceback.format_exc(),
-        }
+        return error_record((task_name, method, lr, seed), error, traceback.format_exc())
+
+
+def error_record(
+    cell: tuple[str, str, float | None, int], error: BaseException, trace: str = ""
+) -> dict[str, Any]:
+    task_name, method, lr, seed = cell
+    return {
+        "task": task_name,
+        "method": method,
+        "lr": lr,
+        "seed": seed,
+        "error": repr(error),
+        "traceback": trace,
+    }
 
 
 def _start_worker(threads: int, precision: str) -> None:
@@ -863,8 +868,7 @@ class Runner:
                 try:
                     run = future.result()
                 except Exception as error:  # noqa: BLE001 - a worker died (e.g. out of memory)
-                    task_name, method, lr, seed = cell
-                    run = {"task": task_name, "method": method, "lr": lr, "seed": seed, "error": repr(error)}
+                    run = error_record(cell, error)
                 self.finish(cell, run)
 
     def finish(self, cell: tuple[str, str, float | None, int], run: dict[str, Any]) -> None:

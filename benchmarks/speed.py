@@ -769,11 +769,9 @@ def run_comparison(args, spec: ModelSpec, setting: Setting) -> tuple[dict, str]:
     if "train" in args.parts:
         measure_training(args, trained, train_batch, setting, raw, summaries)
 
-    inference = [runners[m] for m in methods]
-    infer_keys = ["gen_b1", "gen_b8"] if causal else ["infer"]
-    if "inference" not in args.parts:
-        infer_keys = []
-        inference = []
+    measured = "inference" in args.parts
+    inference = [runners[m] for m in methods] if measured else []
+    infer_keys = (["gen_b1", "gen_b8"] if causal else ["infer"]) if measured else []
     for runner in inference:
         if runner.model is not None:
             runner.model.eval()
