@@ -104,7 +104,7 @@ class MethodSpec:
 # 49.5 vs 58.5 at 3e-2), so it was dropped to fit the suite's budget. Full fine-tuning runs at its config's 5e-5
 # only (see "Cost": one point instead of two, which can only flatter the methods compared with it).
 PROMPT_GRID = (1e-2, 3e-2)
-METHODS: dict[str, MethodSpec] = {
+SMALL_METHODS: dict[str, MethodSpec] = {
     "ipt": MethodSpec("IPT (default)", "ipt", PROMPT_GRID),
     # The strongest IPT variant within the goal's 1.5% budget: the paper's own instance signal, a separate
     # trainable re-embedding of the source tokens ("Prefix + Random IPT", METHODS.md 3), hybrid injection into
@@ -123,10 +123,14 @@ METHODS: dict[str, MethodSpec] = {
 # A lever measured on request (``--methods ipt_p8``), never part of the default suite: ipt_ablation.py found a
 # shorter prompt better on Rotten Tomatoes validation (P=8 76.2 vs P=16 75.0), so it is checked on the goal tasks.
 EXTRA_METHODS = {"ipt_p8": MethodSpec("IPT (P=8)", "ipt", PROMPT_GRID, ("method_config.prompt_length=8",))}
-METHODS.update(EXTRA_METHODS)
-DEFAULT_METHODS = [name for name in METHODS if name not in EXTRA_METHODS]
+SMALL_METHODS.update(EXTRA_METHODS)
 PEFT_PROMPT_METHODS = ("peft_prompt_tuning", "peft_p_tuning", "peft_prefix_tuning")
 ZERO_SHOT = "zero_shot"  # the untrained model, generation tasks only
+FLOOR = (
+    "floor"  # converged tier, classification: logistic regression on the frozen model's mean-pooled states
+)
+UNTRAINED = (ZERO_SHOT, FLOOR)  # rows with no learning rate and no seeds
+UNTRAINED_LABELS = {ZERO_SHOT: "zero-shot (floor)", FLOOR: "frozen features + logistic regression (floor)"}
 
 
 @dataclass(frozen=True)
@@ -146,7 +150,7 @@ class Task:
     lr_grid: tuple[float, ...] | None = None
 
 
-TASKS: dict[str, Task] = {
+SMALL_TASKS: dict[str, Task] = {
     "rotten_tomatoes": Task(
         "MiniLM / Rotten Tomatoes (acc.)",
         "RT",
@@ -212,10 +216,10 @@ TASKS: dict[str, Task] = {
         grid_methods=(),
     ),
 }
-CLASSIFICATION_GOAL_TASKS = ("rotten_tomatoes", "bbc_news", "presuppositions_nli")
+SMALL_GOAL_TASKS = ("rotten_tomatoes", "bbc_news", "presuppositions_nli")
 
 # Every run, whatever the task: validation once, on the final model (train() always scores it).
-COMMON_OVERRIDES = ("training.eval_strategy='no'",)  # quoted: a bare YAML `no` is False
+SMALL_OVERRIDES = ("training.eval_strategy='no'",)  # quoted: a bare YAML `no` is False
 # Classification batches drawn by similar length (Trainer's LengthGroupedSampler: shuffled, then sorted within
 # groups of a few batches): random batches of Rotten Tomatoes / NLI pairs are 52% / 60% padding, so this cuts their
 # training time by about 40%. Not on E2E: its batches are 83% tokens already, and one grouped IPT run there scored
@@ -236,8 +240,167 @@ def precision_overrides() -> tuple[str, ...]:
     return ("training.bf16=true",) + (() if torch.cuda.is_available() else ("training.use_cpu=true",))
 
 
-QUICK_TASKS = ("rotten_tomatoes", "presuppositions_nli")
-QUICK_METHODS = ("ipt", "peft_prompt_tuning", "full")
+# ---------------------------------------------------------------------------------------------------------
+# The converged tier (--tier converged): budgets where the prompt methods have converged, the controlled test of
+# the instance prompt (IPT against its own task prefix alone), 3 seeds with 95% confidence intervals.
+
+# Every converged run validates once per epoch and stops when validation has not improved for PATIENCE epochs,
+# ending on its best epoch (training.early_stopping_patience: Trainer's EarlyStoppingCallback with
+# load_best_model_at_end); the test split is scored on that model and the steps run are recorded.
+CONVERGED_OVERRIDES = (
+    "training.eval_strategy=epoch",
+    "training.early_stopping_patience=2",
+    "training.logging_steps=50",
+)
+CONVERGED_TASKS: dict[str, Task] = {
+    "rotten_tomatoes": Task(
+        "MiniLM / Rotten Tomatoes (acc.)",
+        "RT",
+        "rotten_tomatoes",
+        ("data.train_size=null", "training.num_train_epochs=10"),
+        notes="all 6,824 train reviews, up to 10 epochs (2,140 steps, 34x the small suite's 63), early stopping "
+        "with patience 2 epochs; validation all 853, test all 853",
+    ),
+    "bbc_news": Task(
+        "MiniLM / BBC News (macro F1)",
+        "BBC",
+        "bbc_news",
+        ("data.train_size=null", "data.max_length=128", "training.num_train_epochs=20"),
+        notes="all 1,783 train articles, their first 128 tokens, up to 20 epochs (1,120 steps, 29x the small "
+        "suite's 39), patience 2; validation 218, test 224",
+    ),
+    "vitaminc": Task(
+        "MiniLM / VitaminC (macro F1)",
+        "VitC",
+        "vitaminc",
+        ("training.num_train_epochs=10",),
+        notes="4,000 of 43,734 train evidence-claim pairs, up to 10 epochs (1,250 steps), patience 2; validation "
+        "1,000 and test 2,000 of 5,467 each",
+    ),
+    "e2e": Task(
+        "SmolLM2 / E2E (BLEU)",
+        "E2E",
+        "e2e",
+        ("data.train_size=null", "training.num_train_epochs=6"),
+        classification=False,
+        notes="every training meaning representation (171 inputs, 828 pairs), up to 6 epochs (624 steps, 21x the "
+        "small suite's 30), patience 2; validation and test 21 inputs each, against all their references",
+    ),
+    "rotten_tomatoes_smollm2": Task(
+        "SmolLM2 / Rotten Tomatoes (acc.)",
+        "RT (SmolLM2)",
+        "rotten_tomatoes",
+        ("model=smollm2", "data.train_size=2000", "training.num_train_epochs=8"),
+        notes="SmolLM2-135M as a SEQ_CLS classifier (the last token's state): 2,000 train reviews, up to 8 epochs "
+        "(504 steps), patience 2; validation and test all 853",
+    ),
+}
+CONVERGED_GOAL_TASKS = ("rotten_tomatoes", "bbc_news", "vitaminc")
+IPT_INSTRUCTION = "Describe the restaurant in one fluent sentence using every attribute given."
+# One rate per method, no grid: prompt methods at P-tuning v2's 1e-2 (PromptTuning at its config's 3e-2), LoRA at
+# 1e-3 and full fine-tuning at 5e-5, the usual rates for runs this long. IPT and its task prefix alone share rate,
+# prompt length, budget and seeds: the controlled comparison.
+CONVERGED_METHODS: dict[str, MethodSpec] = {
+    "ipt_frozen": MethodSpec(
+        "IPT, frozen-model source", "ipt", (1e-2,), ("method_config.instance_source=frozen_model",)
+    ),
+    "ipt_embeddings": MethodSpec(
+        "IPT, embeddings source", "ipt", (1e-2,), ("method_config.instance_source=embeddings",)
+    ),
+    "ipt_token_table": MethodSpec(
+        "IPT, token-table source", "ipt", (1e-2,), ("method_config.instance_source=token_table",)
+    ),
+    "ipt_hidden": MethodSpec(
+        "IPT, hidden-state source (LPT)", "ipt", (1e-2,), ("method_config.instance_source=hidden",)
+    ),
+    # the regularisers against memorisation: dropout on the instance codes and a lower rank
+    "ipt_frozen_reg": MethodSpec(
+        "IPT, frozen-model source, dropout 0.1, rank 8",
+        "ipt",
+        (1e-2,),
+        (
+            "method_config.instance_source=frozen_model",
+            "method_config.prompt_dropout=0.1",
+            "method_config.instance_rank=8",
+        ),
+    ),
+    "prefix_alone": MethodSpec(
+        "IPT's task prefix alone (PrefixTuningV2, flat)",
+        "prefix_v2",
+        (1e-2,),
+        ("method_config.reparameterize=false", "method_config.prefix_length=16"),
+    ),
+    "prefix_v2": MethodSpec("PrefixTuningV2 (as configured)", "prefix_v2", (1e-3,)),
+    "peft_prompt_tuning": MethodSpec("peft PromptTuning", "prompt_tuning", (3e-2,)),
+    "peft_p_tuning": MethodSpec("peft P-tuning", "p_tuning", (1e-2,)),
+    "peft_prefix_tuning": MethodSpec("peft PrefixTuning", "peft_prefix_tuning", (1e-2,)),
+    "lora": MethodSpec("LoRA r=8", "lora", (1e-3,)),
+    "full": MethodSpec("full fine-tuning", "full", (5e-5,)),
+}
+IPT_CANDIDATES = ("ipt_frozen", "ipt_embeddings", "ipt_token_table", "ipt_hidden", "ipt_frozen_reg")
+# Task-specific overrides of a method, on top of its own: on E2E the controlled pair shares IPT's config, whose
+# task prefix starts from an instruction's keys/values at 1e-2 (configs/e2e_ipt.yaml), so the prefix alone does too.
+CONVERGED_METHOD_OVERRIDES = {
+    ("e2e", "prefix_alone"): (
+        "method_config.prefix_init=text",
+        f"method_config.prefix_init_text='{IPT_INSTRUCTION}'",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Tier:
+    name: str
+    tasks: dict[str, Task]
+    methods: dict[str, MethodSpec]
+    default_methods: list[str]
+    extra_methods: dict[str, MethodSpec]
+    goal_tasks: tuple[str, ...]
+    common_overrides: tuple[str, ...]
+    method_overrides: dict[tuple[str, str], tuple[str, ...]]  # (task family, method) -> overrides
+    results_stem: str  # results/<stem>.json, .md, .png
+    quick_tasks: tuple[str, ...]  # --quick: a CI smoke run of the tier's code path
+    quick_methods: tuple[str, ...]
+
+    def floors(self, task: Task) -> list[str]:
+        """The rows every task gets without training: the zero-shot model (generation), the frozen-feature
+        floor (classification, converged tier)."""
+        if not task.classification:
+            return [ZERO_SHOT]
+        return [FLOOR] if self.name == "converged" else []
+
+
+TIERS = {
+    "small": Tier(
+        "small",
+        SMALL_TASKS,
+        SMALL_METHODS,
+        [name for name in SMALL_METHODS if name not in EXTRA_METHODS],
+        EXTRA_METHODS,
+        SMALL_GOAL_TASKS,
+        SMALL_OVERRIDES,
+        {},
+        "quality",
+        ("rotten_tomatoes", "presuppositions_nli"),
+        ("ipt", "peft_prompt_tuning", "full"),
+    ),
+    "converged": Tier(
+        "converged",
+        CONVERGED_TASKS,
+        CONVERGED_METHODS,
+        [*CONVERGED_METHODS],
+        {},
+        CONVERGED_GOAL_TASKS,
+        CONVERGED_OVERRIDES,
+        CONVERGED_METHOD_OVERRIDES,
+        "quality_converged",
+        ("rotten_tomatoes", "vitaminc"),
+        ("ipt_frozen", "prefix_alone", FLOOR),
+    ),
+}
+TIER = TIERS["small"]  # set by main() and in each --jobs worker
+
+
 QUICK_OVERRIDES = (
     "data.train_size=96",
     "data.validation_size=64",
@@ -252,13 +415,14 @@ QUICK_OVERRIDES = (
 
 
 def config_path(task: Task, method: str) -> Path:
-    return CONFIGS / f"{task.family}_{METHODS[method].config_suffix if method != ZERO_SHOT else 'full'}.yaml"
+    suffix = "full" if method in (ZERO_SHOT, FLOOR) else TIER.methods[method].config_suffix
+    return CONFIGS / f"{task.family}_{suffix}.yaml"
 
 
 def lr_grid(task: Task, method: str) -> tuple[float, ...]:
     """The rates the default suite tries for this cell: the method's grid, or its config's LR alone."""
     if task.grid_methods is None or method in task.grid_methods:
-        return task.lr_grid or METHODS[method].lr_grid
+        return task.lr_grid or TIER.methods[method].lr_grid
     return (config_lr(task, method),)
 
 
@@ -301,8 +465,9 @@ def task_overrides(task: Task, quick: bool) -> list[str]:
 def run_overrides(task: Task, method: str, lr: float, seed: int, quick: bool) -> list[str]:
     return [
         *task_overrides(task, quick),
-        *METHODS[method].overrides,
-        *COMMON_OVERRIDES,
+        *TIER.methods[method].overrides,
+        *TIER.method_overrides.get((task.family, method), ()),
+        *TIER.common_overrides,
         *precision_overrides(),
         f"training.learning_rate={lr:g}",
         f"training.seed={seed}",
@@ -322,12 +487,12 @@ def train_cell(task_name: str, method: str, lr: float, seed: int, quick: bool) -
     """One ``peft-ipt train`` run, in-process, into a temporary output folder; what the table needs of it."""
     from peft_ipt.cli.train import train
 
-    task = TASKS[task_name]
+    task = TIER.tasks[task_name]
     overrides = run_overrides(task, method, lr, seed, quick)
     with tempfile.TemporaryDirectory(prefix="quality_") as output:
         results = train(config_path(task, method), overrides, output_dir=output)
     metric = results["main_metric"]
-    validation = results["validation_history"][-1]
+    validation = results.get("validation") or results["validation_history"][-1]
     return {
         "task": task_name,
         "method": method,
@@ -341,6 +506,9 @@ def train_cell(task_name: str, method: str, lr: float, seed: int, quick: bool) -
         "split_sizes": results["split_sizes"],
         "train_runtime_s": results["train_runtime_s"],
         "wall_time_s": results["wall_time_s"],
+        "steps": results.get("steps"),
+        "max_steps": results.get("max_steps"),
+        "best_step": results.get("best_step"),
         "torch_threads": torch_threads(),
         "precision": PRECISION,
         "budget": overrides[: len(overrides) - 2],  # without lr and seed
@@ -364,7 +532,7 @@ def zero_shot_cell(task_name: str, quick: bool) -> dict[str, Any]:
     from peft_ipt.cli.experiment import load_experiment
     from peft_ipt.cli.models import load_base_model, load_tokenizer, parameter_counts
 
-    task = TASKS[task_name]
+    task = TIER.tasks[task_name]
     start = time.time()
     overrides = task_overrides(task, quick)
     experiment = load_experiment(config_path(task, ZERO_SHOT), overrides)
@@ -391,6 +559,86 @@ def zero_shot_cell(task_name: str, quick: bool) -> dict[str, Any]:
         "budget": overrides,
         "setup": setup_of(experiment.to_dict(), ZERO_SHOT),
         "command": f"(no training) {config_path(task, ZERO_SHOT).relative_to(ROOT)}, base model scored",
+    }
+
+
+FLOOR_C_GRID = (0.01, 0.1, 1.0, 10.0)
+
+
+def floor_cell(task_name: str, quick: bool) -> dict[str, Any]:
+    """The frozen-feature floor: scikit-learn's LogisticRegression on the frozen model's mean-pooled last hidden
+    states (the pooling all-MiniLM-L6-v2 was trained for), C chosen on validation over FLOOR_C_GRID."""
+    import numpy as np
+    import torch
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, f1_score
+    from transformers import AutoModel
+
+    from peft_ipt.cli.data import load_splits
+    from peft_ipt.cli.experiment import load_experiment
+    from peft_ipt.cli.models import load_tokenizer
+
+    task = TIER.tasks[task_name]
+    start = time.time()
+    overrides = task_overrides(task, quick)
+    experiment = load_experiment(config_path(task, FLOOR), overrides)
+    splits = load_splits(experiment)
+    tokenizer = load_tokenizer(experiment)
+    model = AutoModel.from_pretrained(experiment.model_path).eval()
+
+    @torch.no_grad()
+    def pooled(texts: list[str]) -> np.ndarray:
+        out = []
+        for i in range(0, len(texts), 64):
+            batch = tokenizer(
+                texts[i : i + 64],
+                truncation=True,
+                max_length=experiment.data.max_length,
+                padding=True,
+                return_tensors="pt",
+            )
+            states = model(**batch).last_hidden_state
+            mask = batch["attention_mask"][..., None].to(states.dtype)
+            out.append(((states * mask).sum(1) / mask.sum(1)).float().numpy())
+        return np.concatenate(out)
+
+    features = {role: pooled(list(splits[role]["text"])) for role in ("train", "validation", "test")}
+    labels = {role: np.array(splits[role]["label"]) for role in features}
+
+    def scores(classifier, role: str) -> dict[str, float]:
+        predicted = classifier.predict(features[role])
+        return {
+            "accuracy": float(accuracy_score(labels[role], predicted)),
+            "macro_f1": float(f1_score(labels[role], predicted, average="macro")),
+            "examples": len(predicted),
+        }
+
+    fits = {}
+    for c in FLOOR_C_GRID:
+        classifier = LogisticRegression(C=c, max_iter=5000).fit(features["train"], labels["train"])
+        fits[c] = (classifier, scores(classifier, "validation"))
+    best_c = max(fits, key=lambda c: fits[c][1][experiment.metric])
+    classifier, validation = fits[best_c]
+    n_features, n_classes = features["train"].shape[1], len(splits.label_names)
+    return {
+        "task": task_name,
+        "method": FLOOR,
+        "lr": None,
+        "seed": 0,
+        "main_metric": experiment.metric,
+        "validation": validation,
+        "validation_by_c": {str(c): fit[1] for c, fit in fits.items()},
+        "best_c": best_c,
+        "test": scores(classifier, "test"),
+        "trainable_params": (n_features + 1) * (n_classes if n_classes > 2 else 1),
+        "all_params": sum(p.numel() for p in model.parameters()),
+        "split_sizes": splits.sizes(),
+        "train_runtime_s": 0.0,
+        "wall_time_s": time.time() - start,
+        "torch_threads": torch_threads(),
+        "budget": overrides,
+        "setup": setup_of(experiment.to_dict(), FLOOR),
+        "command": f"(logistic regression) {config_path(task, FLOOR).relative_to(ROOT)}, frozen mean-pooled states",
     }
 
 
@@ -438,12 +686,12 @@ def write_json(
                 "label": t.label,
                 "family": t.family,
                 "notes": t.notes,
-                "grid_methods": list(METHODS) if t.grid_methods is None else list(t.grid_methods),
+                "grid_methods": list(TIER.methods) if t.grid_methods is None else list(t.grid_methods),
                 "lr_grid": None if t.lr_grid is None else list(t.lr_grid),
             }
-            for name, t in TASKS.items()
+            for name, t in TIER.tasks.items()
         },
-        "lr_grids": {name: list(m.lr_grid) for name, m in METHODS.items()},
+        "lr_grids": {name: list(m.lr_grid) for name, m in TIER.methods.items()},
         "rows": rows,
         "goals": [{"goal": g, "status": s, "detail": d} for g, s, d in goals(rows)],
         "invocations": invocations,
@@ -459,7 +707,7 @@ def setup_of(experiment: dict[str, Any], method: str) -> str:
     run recorded before a config or a task budget changed no longer counts."""
     setup = json.loads(json.dumps(experiment))
     setup.pop("description", None)
-    if method == ZERO_SHOT:  # nothing is trained: only the model, data and decoding matter
+    if method in UNTRAINED:  # nothing is trained: only the model, data and decoding matter
         setup = {
             k: v for k, v in setup.items() if k in ("model", "task_type", "data", "metric", "generation")
         }
@@ -473,8 +721,8 @@ def current_setup(task_name: str, method: str, quick: bool) -> str:
     """setup_of() the experiment a run of this cell would resolve to today."""
     from peft_ipt.cli.experiment import load_experiment
 
-    task = TASKS[task_name]
-    if method == ZERO_SHOT:
+    task = TIER.tasks[task_name]
+    if method in UNTRAINED:
         overrides = task_overrides(task, quick)
     else:
         overrides = run_overrides(task, method, 1.0, 0, quick)  # lr and seed are dropped by setup_of
@@ -483,7 +731,11 @@ def current_setup(task_name: str, method: str, quick: bool) -> str:
 
 def is_current(run: dict[str, Any], quick: bool) -> bool:
     """A recorded run counts only if it succeeded and its setup is today's (else it is rerun, and left out)."""
-    if "error" in run or run.get("task") not in TASKS or run.get("method") not in (*METHODS, ZERO_SHOT):
+    if (
+        "error" in run
+        or run.get("task") not in TIER.tasks
+        or run.get("method") not in (*TIER.methods, *UNTRAINED)
+    ):
         return False
     return run.get("setup") == current_setup(run["task"], run["method"], quick)
 
@@ -523,7 +775,7 @@ def summarize(runs: dict[str, dict[str, Any]], quick: bool) -> list[dict[str, An
         chosen = [by_lr[best_lr][s] for s in sorted(by_lr[best_lr])]
         tests = [_points(r, "test", metric) for r in chosen]
         second = _secondary(metric)
-        grid = lr_grid(TASKS[task], method) if method in METHODS and not quick else ()
+        grid = lr_grid(TIER.tasks[task], method) if method in TIER.methods and not quick else ()
         rows.append(
             {
                 "task": task,
@@ -545,11 +797,25 @@ def summarize(runs: dict[str, dict[str, Any]], quick: bool) -> list[dict[str, An
                 "wall_time_s": statistics.mean(r["wall_time_s"] for r in chosen),
                 "grid_wall_time_s": sum(r["wall_time_s"] for r in found),
                 "test_examples": chosen[0]["test"].get("examples"),
+                "test_by_seed": {r["seed"]: _points(r, "test", metric) for r in chosen},
+                "ci95": ci95(tests),
+                "steps": statistics.mean(r["steps"] for r in chosen) if chosen[0].get("steps") else None,
+                "best_steps": [r.get("best_step") for r in chosen],
+                "max_steps": chosen[0].get("max_steps"),
             }
         )
-    order = {name: i for i, name in enumerate([*TASKS])}
-    methods = {name: i for i, name in enumerate([ZERO_SHOT, *METHODS])}
+    order = {name: i for i, name in enumerate([*TIER.tasks])}
+    methods = {name: i for i, name in enumerate([*UNTRAINED, *TIER.methods])}
     return sorted(rows, key=lambda r: (order.get(r["task"], 99), methods[r["method"]]))
+
+
+def ci95(values: list[float]) -> float:
+    """Half-width of the 95% confidence interval of the mean (Student's t, n - 1 degrees of freedom); 0 for n < 2."""
+    if len(values) < 2:
+        return 0.0
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values)))
 
 
 def _row(rows: list[dict[str, Any]], task: str, method: str) -> dict[str, Any] | None:
@@ -557,10 +823,14 @@ def _row(rows: list[dict[str, Any]], task: str, method: str) -> dict[str, Any] |
 
 
 def goals(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    return converged_goals(rows) if TIER.name == "converged" else small_goals(rows)
+
+
+def small_goals(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
     """(goal, PASS | MISS | NOT RUN, detail). A verdict needs every cell it compares; until then the detail shows
     the gaps on the tasks that have both sides, marked as partial."""
     out = []
-    tasks = CLASSIFICATION_GOAL_TASKS
+    tasks = TIER.goal_tasks
 
     def test(task: str, method: str) -> float | None:
         row = _row(rows, task, method)
@@ -573,14 +843,14 @@ def goals(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
         gap = statistics.mean(test(t, a) - test(t, b) for t in both) if both else None
         return gap, both, missing
 
-    measured_extras = [m for m in EXTRA_METHODS if any(r["method"] == m for r in rows)]
+    measured_extras = [m for m in TIER.extra_methods if any(r["method"] == m for r in rows)]
     for ipt in ("ipt", "ipt_token_table", *measured_extras):
-        label = METHODS[ipt].label
+        label = TIER.methods[ipt].label
         goal = f"{label} beats every peft prompt method by >= 2 points (mean over the 3 classification tasks)"
         gaps = {other: mean_gap(ipt, other) for other in PEFT_PROMPT_METHODS}
         missing = sorted({cell for _, _, cells in gaps.values() for cell in cells})
         shown = [
-            f"vs {METHODS[other].label} {gap:+.1f}"
+            f"vs {TIER.methods[other].label} {gap:+.1f}"
             + ("" if len(both) == len(tasks) else f" (partial: {', '.join(both)})")
             for other, (gap, both, _) in gaps.items()
             if gap is not None
@@ -630,6 +900,180 @@ def goals(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
     return out
 
 
+def chosen_ipt(rows: list[dict[str, Any]]) -> str | None:
+    """The converged tier's IPT default: the candidate with the best mean *validation* score at seed 0 over the
+    goal tasks (never test), among candidates measured on all of them; None until one is."""
+    scores = {}
+    for method in IPT_CANDIDATES:
+        found = [_row(rows, t, method) for t in TIER.goal_tasks]
+        if all(found):
+            scores[method] = statistics.mean(r["validation"] for r in found)
+    return max(scores, key=scores.get) if scores else None
+
+
+def paired_differences(rows: list[dict[str, Any]], a: str, b: str) -> dict[str, list[float]]:
+    """Per task (and "mean" over the goal tasks), the per-seed differences test(a) - test(b) on the seeds both ran."""
+    out: dict[str, list[float]] = {}
+    for task in TIER.tasks:
+        row_a, row_b = _row(rows, task, a), _row(rows, task, b)
+        if row_a and row_b:
+            seeds = sorted(set(row_a["test_by_seed"]) & set(row_b["test_by_seed"]))
+            out[task] = [row_a["test_by_seed"][s] - row_b["test_by_seed"][s] for s in seeds]
+    rows_a = [_row(rows, t, a) for t in TIER.goal_tasks]
+    rows_b = [_row(rows, t, b) for t in TIER.goal_tasks]
+    if all(rows_a) and all(rows_b):
+        seeds = set.intersection(*(set(r["test_by_seed"]) for r in rows_a + rows_b))
+        out["mean"] = [
+            statistics.mean(
+                ra["test_by_seed"][s] - rb["test_by_seed"][s] for ra, rb in zip(rows_a, rows_b, strict=True)
+            )
+            for s in sorted(seeds)
+        ]
+    return out
+
+
+def _mean_over_goal_tasks(rows: list[dict[str, Any]], method: str) -> float | None:
+    found = [_row(rows, t, method) for t in TIER.goal_tasks]
+    return statistics.mean(r["test_mean"] for r in found) if all(found) else None
+
+
+def converged_goals(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """The issue's goals (a)-(d), on test, for the IPT variant chosen on validation (:func:`chosen_ipt`)."""
+    ipt = chosen_ipt(rows)
+    tasks = ", ".join(TIER.goal_tasks)
+    goal_a = f"(a) IPT beats its own task prefix alone by >= 2 points on the mean of {tasks}, paired 95% CI above 0"
+    goal_b = "(b) IPT beats every peft prompt method by >= 2 points on that mean"
+    goal_c = "(c) IPT at or above the frozen-feature floor on every task"
+    goal_d = "(d) IPT within 1 point of full fine-tuning on that mean, at <= 1.5% trainable parameters"
+    if ipt is None:
+        return [
+            (g, "NOT RUN", "no IPT candidate has run on every goal task")
+            for g in (goal_a, goal_b, goal_c, goal_d)
+        ]
+    label = f"{TIER.methods[ipt].label} (chosen on validation)"
+    out = []
+    diffs = paired_differences(rows, ipt, "prefix_alone").get("mean")
+    if not diffs:
+        out.append((goal_a, "NOT RUN", "the task prefix alone has not run on every goal task"))
+    else:
+        gap, half = statistics.mean(diffs), ci95(diffs)
+        passed = gap >= 2.0 and gap - half > 0 and len(diffs) >= 3
+        out.append(
+            (
+                goal_a,
+                "PASS" if passed else "MISS",
+                f"{label}: {gap:+.2f} ± {half:.2f} over {len(diffs)} seeds",
+            )
+        )
+    mine = _mean_over_goal_tasks(rows, ipt)
+    gaps = {m: _mean_over_goal_tasks(rows, m) for m in PEFT_PROMPT_METHODS}
+    shown = "; ".join(f"vs {TIER.methods[m].label} {mine - v:+.1f}" for m, v in gaps.items() if v is not None)
+    if any(v is None for v in gaps.values()):
+        missing = [m for m, v in gaps.items() if v is None]
+        out.append(
+            (goal_b, "NOT RUN", f"missing {', '.join(missing)}" + (f"; so far {shown}" if shown else ""))
+        )
+    else:
+        out.append((goal_b, "PASS" if all(mine - v >= 2 for v in gaps.values()) else "MISS", shown))
+    per_task, missing = [], []
+    for task in TIER.tasks:
+        row, floor = _row(rows, task, ipt), _row(rows, task, FLOOR)
+        if TIER.tasks[task].classification and row and floor:
+            per_task.append((task, row["test_mean"] - floor["test_mean"]))
+        elif TIER.tasks[task].classification:
+            missing.append(task)
+    shown = ", ".join(f"{t} {g:+.1f}" for t, g in per_task)
+    if missing:
+        out.append(
+            (goal_c, "NOT RUN", f"missing {', '.join(missing)}" + (f"; so far {shown}" if shown else ""))
+        )
+    else:
+        out.append((goal_c, "PASS" if all(g >= 0 for _, g in per_task) else "MISS", shown))
+    full = _mean_over_goal_tasks(rows, "full")
+    shares = [r["trainable_share"] for r in (_row(rows, t, ipt) for t in TIER.goal_tasks) if r]
+    if full is None:
+        out.append((goal_d, "NOT RUN", "full fine-tuning has not run on every goal task"))
+    else:
+        passed = mine - full >= -1.0 and max(shares) <= 0.015
+        out.append(
+            (
+                goal_d,
+                "PASS" if passed else "MISS",
+                f"IPT - full {mine - full:+.1f}; trainable up to {100 * max(shares):.2f}%",
+            )
+        )
+    return out
+
+
+def converged_summary(rows: list[dict[str, Any]]) -> str:
+    """Every task side by side: test mean ± 95% CI (seeds), the goal-task mean, the paired IPT - prefix table."""
+    ipt = chosen_ipt(rows)
+    columns = [t for t in TIER.tasks if any(r["task"] == t for r in rows)]
+    header = ["method", "trainable (MiniLM / SmolLM2)"]
+    for task in columns:
+        header.append(TIER.tasks[task].short)
+        if task == TIER.goal_tasks[-1]:
+            header.append("mean of 3")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method in (m for m in [*UNTRAINED, *TIER.methods] if any(r["method"] == m for r in rows)):
+        label = TIER.methods[method].label if method in TIER.methods else UNTRAINED_LABELS[method]
+        if method == ipt:
+            label = f"**{label} (IPT default)**"
+        shares = []
+        for model in ("MiniLM", "SmolLM2"):
+            found = [
+                r for r in rows if r["method"] == method and TIER.tasks[r["task"]].label.startswith(model)
+            ]
+            shares.append(f"{100 * found[0]['trainable_share']:.2f}%" if found else "–")
+        cells = [label, " / ".join(shares)]
+        for task in columns:
+            row = _row(rows, task, method)
+            if row is None:
+                cells.append("")
+            elif len(row["seeds"]) > 1:
+                cells.append(f"{row['test_mean']:.1f} ± {row['ci95']:.1f} ({len(row['seeds'])})")
+            else:
+                cells.append(f"{row['test_mean']:.1f} (1)")
+            if task == TIER.goal_tasks[-1]:
+                mean = _mean_over_goal_tasks(rows, method)
+                cells.append("" if mean is None else f"{mean:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    if ipt is None:
+        return text
+    lines = [
+        "",
+        f"Paired difference, {TIER.methods[ipt].label} minus its task prefix alone (same rate, prompt length, budget "
+        "and seeds), test points, mean ± 95% CI over the seeds both ran:",
+        "",
+        "| task | IPT | task prefix alone | IPT - prefix | seeds |",
+        "|---|---|---|---|---|",
+    ]
+    for task, diffs in paired_differences(rows, ipt, "prefix_alone").items():
+        if task == "mean":
+            name, a, b = (
+                "mean of 3",
+                _mean_over_goal_tasks(rows, ipt),
+                _mean_over_goal_tasks(rows, "prefix_alone"),
+            )
+        else:
+            name, a, b = (
+                TIER.tasks[task].short,
+                _row(rows, task, ipt)["test_mean"],
+                _row(rows, task, "prefix_alone")["test_mean"],
+            )
+        lines.append(
+            f"| {name} | {a:.1f} | {b:.1f} | {statistics.mean(diffs):+.2f} ± {ci95(diffs):.2f} | {len(diffs)} |"
+        )
+    return text + "\n".join(lines) + "\n"
+
+
+def _steps(row: dict[str, Any]) -> str:
+    if not row.get("steps"):
+        return "-"
+    return f"{row['steps']:.0f} (of {row['max_steps']})"
+
+
 def _format_params(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K" if n >= 1e3 else str(n)
 
@@ -637,9 +1081,9 @@ def _format_params(n: int) -> str:
 def markdown(rows: list[dict[str, Any]], tasks: list[str], quick: bool) -> str:
     lines = []
     for task in tasks:
-        spec = TASKS[task]
-        extras = [m for m in EXTRA_METHODS if any(r["task"] == task and r["method"] == m for r in rows)]
-        methods = ([ZERO_SHOT] if not spec.classification else []) + DEFAULT_METHODS + extras
+        spec = TIER.tasks[task]
+        extras = [m for m in TIER.extra_methods if any(r["task"] == task and r["method"] == m for r in rows)]
+        methods = TIER.floors(spec) + TIER.default_methods + extras
         task_rows = [r for r in rows if r["task"] == task]
         metric = task_rows[0]["metric"] if task_rows else ("accuracy" if spec.classification else "bleu")
         second = _secondary(metric)
@@ -652,24 +1096,24 @@ def markdown(rows: list[dict[str, Any]], tasks: list[str], quick: bool) -> str:
             else f"**Quick smoke run, not a result**: {', '.join(QUICK_OVERRIDES)}, the config's learning rate.",
             "",
             f"| method | test {metric} | test {second} | best lr | val. {metric} | seeds | trainable | share "
-            "| s / run | LRs tried |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| s / run | LRs tried | steps run (of max) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for method in methods:
-            label = METHODS[method].label if method in METHODS else "zero-shot (floor)"
+            label = TIER.methods[method].label if method in TIER.methods else UNTRAINED_LABELS[method]
             row = _row(rows, task, method)
             if row is None:
-                lines.append(f"| {label} | not run | | | | | | | | |")
+                lines.append(f"| {label} | not run | | | | | | | | | |")
                 continue
             spread = f" ± {row['test_std']:.1f}" if len(row["seeds"]) > 1 else ""
             tried = ", ".join(f"{lr:g}" for lr in row["lrs_tried"]) or "-"
-            if method in METHODS and not row["lr_grid_complete"]:
+            if method in TIER.methods and not row["lr_grid_complete"]:
                 tried += " (grid incomplete)"
             lines.append(
                 f"| {label} | {row['test_mean']:.1f}{spread} | {row['secondary_mean']:.1f} | "
                 f"{'-' if row['best_lr'] is None else format(row['best_lr'], 'g')} | {row['validation']:.1f} | "
                 f"{len(row['seeds'])} | {_format_params(row['trainable_params'])} | "
-                f"{100 * row['trainable_share']:.2f}% | {row['wall_time_s']:.0f} | {tried} |"
+                f"{100 * row['trainable_share']:.2f}% | {row['wall_time_s']:.0f} | {tried} | {_steps(row)} |"
             )
         lines.append("")
     lines += ["### Goals", ""]
@@ -680,22 +1124,20 @@ def markdown(rows: list[dict[str, Any]], tasks: list[str], quick: bool) -> str:
 def summary(rows: list[dict[str, Any]]) -> str:
     """Every task side by side, one row per method: the test score (± std over seeds where several ran), the mean
     over the classification goal tasks where all three ran, and the share of each model's parameters trained."""
-    columns = [t for t in TASKS if any(r["task"] == t for r in rows)]
+    columns = [t for t in TIER.tasks if any(r["task"] == t for r in rows)]
     if not columns:
         return ""
-    models_of = {name: TASKS[name].label.split(" / ")[0] for name in columns}
+    models_of = {name: TIER.tasks[name].label.split(" / ")[0] for name in columns}
     models = list(dict.fromkeys(models_of.values()))
     # The 3-task mean sits after the last goal task, when all three ran.
-    mean_after = (
-        CLASSIFICATION_GOAL_TASKS[-1] if all(t in columns for t in CLASSIFICATION_GOAL_TASKS) else None
-    )
+    mean_after = TIER.goal_tasks[-1] if all(t in columns for t in TIER.goal_tasks) else None
     header = ["method", f"share ({' / '.join(models)})"]
     for task in columns:
-        header += [TASKS[task].short] + (["mean of 3"] if task == mean_after else [])
+        header += [TIER.tasks[task].short] + (["mean of 3"] if task == mean_after else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     present = {r["method"] for r in rows}
-    for method in (m for m in [ZERO_SHOT, *METHODS] if m in present):
-        label = METHODS[method].label if method in METHODS else "zero-shot (floor)"
+    for method in (m for m in [*UNTRAINED, *TIER.methods] if m in present):
+        label = TIER.methods[method].label if method in TIER.methods else UNTRAINED_LABELS[method]
         shares = []
         for model in models:
             found = [r for r in rows if r["method"] == method and models_of[r["task"]] == model]
@@ -706,7 +1148,7 @@ def summary(rows: list[dict[str, Any]]) -> str:
             spread = f" ± {row['test_std']:.1f}" if row and len(row["seeds"]) > 1 else ""
             cells.append(f"{row['test_mean']:.1f}{spread}" if row else "")
             if task == mean_after:
-                scores = [_row(rows, t, method) for t in CLASSIFICATION_GOAL_TASKS]
+                scores = [_row(rows, t, method) for t in TIER.goal_tasks]
                 cells.append(f"{statistics.mean(r['test_mean'] for r in scores):.1f}" if all(scores) else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -717,7 +1159,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    tasks = [t for t in TASKS if any(r["task"] == t for r in rows)]
+    tasks = [t for t in TIER.tasks if any(r["task"] == t for r in rows)]
     if not tasks:
         return
     columns = min(4, len(tasks))
@@ -725,11 +1167,13 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     figure = Figure(figsize=(4.6 * columns + 2.2, 3.9 * lines), constrained_layout=True)
     FigureCanvasAgg(figure)
     axes = figure.subplots(lines, columns, squeeze=False).ravel()
-    colors = {name: f"C{i}" for i, name in enumerate(METHODS)}
+    colors = {name: f"C{i}" for i, name in enumerate(TIER.methods)}
     for axis, task in zip(axes, tasks, strict=False):
         for row in (r for r in rows if r["task"] == task):
-            if row["method"] == ZERO_SHOT:
-                axis.axhline(row["test_mean"], color="gray", ls="--", lw=1, label="zero-shot")
+            if row["method"] in UNTRAINED:
+                axis.axhline(
+                    row["test_mean"], color="gray", ls="--", lw=1, label=UNTRAINED_LABELS[row["method"]]
+                )
                 continue
             axis.errorbar(
                 row["trainable_params"],
@@ -737,12 +1181,12 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
                 yerr=row["test_std"] or None,
                 fmt="o",
                 color=colors[row["method"]],
-                label=METHODS[row["method"]].label,
+                label=TIER.methods[row["method"]].label,
                 capsize=3,
             )
         axis.set_xscale("log")
         metric = next(r["metric"] for r in rows if r["task"] == task)
-        axis.set(title=TASKS[task].label, xlabel="trainable parameters", ylabel=f"test {metric}")
+        axis.set(title=TIER.tasks[task].label, xlabel="trainable parameters", ylabel=f"test {metric}")
         axis.grid(alpha=0.3, which="both")
     for axis in axes[len(tasks) :]:
         axis.set_visible(False)
@@ -764,14 +1208,21 @@ def write_reports(
     runs = load_runs(path) if runs is None else runs
     invocations = load_invocations(path) if invocations is None else invocations
     rows = summarize(runs, quick)
-    tasks = [t for t in TASKS if not quick or t in QUICK_TASKS]
+    tasks = [t for t in TIER.tasks if not quick or t in TIER.quick_tasks]
     text = markdown(rows, tasks, quick)
-    if not quick and rows:
+    if not quick and rows and TIER.name == "converged":
+        text = (
+            "### Summary\n\nTest scores (accuracy on Rotten Tomatoes, macro F1 on BBC News and VitaminC, BLEU on E2E) "
+            "at budgets where the methods converged (early stopping on validation), mean ± 95% CI over the seeds run "
+            "(count in brackets); per task below.\n\n" + converged_summary(rows) + "\n" + text
+        )
+    elif not quick and rows:
         text = (
             "### Summary\n\nTest scores (accuracy on Rotten Tomatoes, macro F1 on BBC News and NLI, BLEU on E2E) at "
             "each method's best validation rate; per task below.\n\n" + summary(rows) + "\n" + text
         )
-    title = "# Quality benchmark" + (" (quick smoke run)" if quick else "")
+    title = "# Quality benchmark" + (", converged tier" if TIER.name == "converged" else "")
+    title += " (quick smoke run)" if quick else ""
     path.with_suffix(".md").write_text(f"{title}\n\n{text}")
     plot(rows, path.with_suffix(".png"))
     write_json(path, runs, rows, invocations)
@@ -795,6 +1246,8 @@ def compute_cell(task_name: str, method: str, lr: float | None, seed: int, quick
     try:
         if method == ZERO_SHOT:
             return zero_shot_cell(task_name, quick)
+        if method == FLOOR:
+            return floor_cell(task_name, quick)
         return train_cell(task_name, method, lr, seed, quick)
     except Exception as error:  # noqa: BLE001 - recorded, and the other cells go on
         return error_record((task_name, method, lr, seed), error, traceback.format_exc())
@@ -814,13 +1267,13 @@ def error_record(
     }
 
 
-def _start_worker(threads: int, precision: str) -> None:
-    """A ``--jobs`` worker process: its own torch threads, the parent's precision, and no output of its own (the
-    parent reports each run as it lands, and an error comes back in the run's record with its traceback)."""
+def _start_worker(threads: int, precision: str, tier: str) -> None:
+    """A ``--jobs`` worker process: its own torch threads, the parent's precision and tier, and no output of its own
+    (the parent reports each run as it lands, and an error comes back in the run's record with its traceback)."""
     import torch
 
-    global PRECISION
-    PRECISION = precision
+    global PRECISION, TIER
+    PRECISION, TIER = precision, TIERS[tier]
 
     torch.set_num_threads(threads)
     _quiet_libraries()
@@ -859,7 +1312,10 @@ class Runner:
             return
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(
-            self.jobs, mp_context=context, initializer=_start_worker, initargs=(self.threads, PRECISION)
+            self.jobs,
+            mp_context=context,
+            initializer=_start_worker,
+            initargs=(self.threads, PRECISION, TIER.name),
         ) as pool:
             futures = {pool.submit(compute_cell, *cell, self.quick): cell for cell in todo}
             self.bar.set_description(f"quality ({self.jobs} jobs)")
@@ -896,18 +1352,22 @@ def plan(args: argparse.Namespace, task: Task, method: str) -> tuple[float, ...]
 
 
 def main(argv: list[str] | None = None) -> int:
+    global PRECISION, TIER
+    tier_parser = argparse.ArgumentParser(add_help=False)
+    tier_parser.add_argument("--tier", choices=list(TIERS), default="small")
+    TIER = TIERS[tier_parser.parse_known_args(argv)[0].tier]
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, parents=[tier_parser]
     )
     parser.add_argument(
-        "--tasks", nargs="+", choices=list(TASKS), help="default: all (--quick: a MiniLM pair)"
+        "--tasks", nargs="+", choices=list(TIER.tasks), help="default: all (--quick: a MiniLM pair)"
     )
     parser.add_argument(
         "--methods",
         nargs="+",
-        choices=[*METHODS, ZERO_SHOT],
-        help="default: all but the extra levers (ipt_p8), with the zero-shot floor of generation tasks (--quick: "
-        "three)",
+        choices=[*TIER.methods, *UNTRAINED],
+        help="default: all but the extra levers (ipt_p8), with the floors: zero-shot on generation tasks, and on "
+        "classification tasks of the converged tier the frozen-feature logistic regression (--quick: three)",
     )
     parser.add_argument(
         "--seeds",
@@ -949,14 +1409,13 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, help="results JSON (default: results/quality.json or quality_quick.json)"
     )
     args = parser.parse_args(argv)
-    global PRECISION
     PRECISION = args.precision
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1 (got {args.jobs})")
-    if args.quick and args.tasks and any(TASKS[t].family == "e2e" for t in args.tasks):
+    if args.quick and args.tasks and any(TIER.tasks[t].family == "e2e" for t in args.tasks):
         parser.error("--quick is MiniLM only; drop the e2e tasks or --quick")
     suffix = "" if args.precision == "bf16" else f"_{args.precision}"
-    path = args.out or RESULTS / f"quality{'_quick' if args.quick else ''}{suffix}.json"
+    path = args.out or RESULTS / f"{TIER.results_stem}{'_quick' if args.quick else ''}{suffix}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     if args.report:
         text, _ = write_reports(path, args.quick)
@@ -978,26 +1437,27 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or (1 if args.jobs > 1 else torch.get_num_threads())
     torch.set_num_threads(threads)
     _quiet_libraries()
-    tasks = args.tasks or (list(QUICK_TASKS) if args.quick else list(TASKS))
-    methods = args.methods or (list(QUICK_METHODS) if args.quick else DEFAULT_METHODS)
+    tasks = args.tasks or (list(TIER.quick_tasks) if args.quick else list(TIER.tasks))
+    methods = args.methods or (list(TIER.quick_methods) if args.quick else TIER.default_methods)
     seeds = args.seeds[:1] if args.quick else args.seeds
     start = time.time()
 
     planned = []
     for task_name in tasks:
-        task = TASKS[task_name]
-        if not task.classification and (not args.methods or ZERO_SHOT in args.methods):
-            planned.append((task_name, ZERO_SHOT, None, [0]))
-        for method in (m for m in methods if m != ZERO_SHOT):
+        task = TIER.tasks[task_name]
+        for floor in TIER.floors(task):
+            if floor in methods or not args.methods:
+                planned.append((task_name, floor, None, [0]))
+        for method in (m for m in methods if m not in UNTRAINED):
             planned.append((task_name, method, plan(args, task, method), seeds))
     total = sum(
-        1 if m == ZERO_SHOT else len(lrs) * len(s) if args.grid_all_seeds else len(lrs) + len(s) - 1
+        1 if m in UNTRAINED else len(lrs) * len(s) if args.grid_all_seeds else len(lrs) + len(s) - 1
         for _, m, lrs, s in planned
     )
     # First every grid (and zero-shot) cell; then the further seeds, at the rate their grid chose.
     grid_cells = []
     for task_name, method, lrs, run_seeds in planned:
-        grid_seeds = [0] if method == ZERO_SHOT else run_seeds if args.grid_all_seeds else run_seeds[:1]
+        grid_seeds = [0] if method in UNTRAINED else run_seeds if args.grid_all_seeds else run_seeds[:1]
         grid_cells += [(task_name, method, lr, seed) for seed in grid_seeds for lr in lrs or [None]]
     with tqdm(total=total, desc="quality", unit="run", file=sys.stderr) as bar:
         runner = Runner(path, args.quick, args.force, args.jobs, threads, bar)
@@ -1005,7 +1465,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = summarize(load_runs(path), args.quick)
         seed_cells = []
         for task_name, method, _, run_seeds in planned:
-            rest = [] if method == ZERO_SHOT or args.grid_all_seeds else run_seeds[1:]
+            rest = [] if method in UNTRAINED or args.grid_all_seeds else run_seeds[1:]
             row = _row(rows, task_name, method)
             if row is None:  # every grid run failed
                 bar.update(len(rest))

@@ -97,7 +97,7 @@ def test_a_non_finite_input_to_the_instance_encoder_names_the_module_it_surfaced
     with pytest.raises(
         FloatingPointError, match=r"adapter 'default', module \S+ \(its parameters are finite"
     ):
-        model(input_ids=ids, labels=ids)
+        model(input_ids=ids)  # no labels: every token is source, the infinite one included
 
 
 def test_evaluation_does_not_check_for_non_finite_prefixes():
@@ -108,3 +108,20 @@ def test_evaluation_does_not_check_for_non_finite_prefixes():
         next(iter(model.base_model.prompt_modules["default"].parameters())).view(-1)[0] = float("nan")
         model.eval()
         model(input_ids=token_batch())  # no host sync at inference: outputs are the caller's to check
+
+
+def test_a_non_finite_value_outside_the_source_never_reaches_the_prompt():
+    """Targets and padding are masked out of the instance signal by value, not only by weight: an infinite
+    embedding there (0 * inf is NaN) must leave the prompt finite."""
+    config = InstancePromptConfig(task_type="CAUSAL_LM", instance_source="embeddings", init_weights=False)
+    model = get_peft_model(tiny_model("llama"), config)
+    ids = token_batch()
+    with torch.no_grad():
+        model.get_input_embeddings().weight[ids[:, -1]] = float("inf")  # the last token: a target below
+    labels = torch.full_like(ids, -100)
+    labels[:, -1] = ids[:, -1]
+    model.train()
+    model(
+        input_ids=ids, labels=labels
+    )  # raises FloatingPointError if the target's inf leaked into the prompt
+    assert all(torch.isfinite(keys).all() for keys, *_ in model.base_model._prefixes.values())

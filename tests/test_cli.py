@@ -295,6 +295,55 @@ def test_push_to_hub_failure_says_what_failed_and_where_the_run_is(classificatio
 # -- causal LM: train, generate, eval ----------------------------------------------------------------------
 
 
+def early_stopping_run(assets, name: str, learning_rate: float) -> dict:
+    experiment = {
+        **CLASSIFICATION,
+        "training": {
+            **CLASSIFICATION["training"],
+            "learning_rate": learning_rate,
+            "max_steps": 40,
+            "early_stopping_patience": 2,
+        },
+    }
+    output = assets / name
+    assert (
+        main(
+            ["train", str(write_experiment(assets, f"{name}.yaml", experiment)), "--output-dir", str(output)]
+        )
+        == 0
+    )
+    return json.loads((output / "metrics.json").read_text())
+
+
+def test_early_stopping_ends_once_validation_stops_improving(assets):
+    # At learning rate 0 the validation score never improves on the first evaluation (step 2), so the run stops
+    # after 2 more evaluations, at step 6 of 40, and the checkpoints it kept for that are gone.
+    metrics = early_stopping_run(assets, "es_flat", 0.0)
+    assert (metrics["steps"], metrics["max_steps"], metrics["best_step"]) == (6, 40, 2)
+    assert [e["step"] for e in metrics["validation_history"]] == [2, 4, 6]
+    assert not (assets / "es_flat" / "checkpoints").exists()
+
+
+def test_early_stopping_keeps_and_tests_the_best_evaluated_model(assets):
+    metrics = early_stopping_run(assets, "es_best", 0.5)  # large steps: validation goes up and down
+    history = metrics["validation_history"]
+    best = max(history, key=lambda e: e["eval_accuracy"])  # the first best, as Trainer keeps it
+    assert metrics["best_step"] == best["step"] and metrics["validation"] == best
+    assert metrics["steps"] < 40 and history[-1]["step"] != best["step"]  # it stopped, on a worse model
+    # The saved adapter is that model: reloaded, it scores the best evaluation's validation accuracy.
+    experiment, output = load_run(assets / "es_best")
+    from peft_ipt.cli.data import load_splits
+    from peft_ipt.cli.evaluation import evaluate_split
+    from peft_ipt.cli.models import load_tokenizer, load_trained
+
+    splits = load_splits(experiment)
+    tokenizer = load_tokenizer(experiment)
+    model = load_trained(experiment, output, tokenizer, splits.label_names)
+    assert (
+        evaluate_split(model, tokenizer, splits.validation, experiment)["accuracy"] == best["eval_accuracy"]
+    )
+
+
 def test_causal_lm_run_writes_generation_metrics(generation_run):
     results = json.loads((generation_run / "metrics.json").read_text())
     assert set(results["test"]) == {"bleu", "rouge_l", "examples"}

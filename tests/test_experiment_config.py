@@ -269,7 +269,7 @@ def test_shipped_configs_cover_every_method_on_every_task():
     pairs = {
         (load_experiment(p).data.name, load_experiment(p).method) for p in CONFIGS if p.name != "default.yaml"
     }
-    data_sets = {"rotten_tomatoes", "bbc_news", "presuppositions_nli", "e2e_nlg"}
+    data_sets = {"rotten_tomatoes", "bbc_news", "presuppositions_nli", "vitaminc", "e2e_nlg"}
     methods = {
         "ipt",
         "prefix_v2",
@@ -287,3 +287,29 @@ def test_default_config_is_ipt_on_minilm_and_rotten_tomatoes():
     assert (experiment.model, experiment.task_type, experiment.method) == ("minilm", "SEQ_CLS", "ipt")
     assert experiment.data.name == "rotten_tomatoes" and experiment.method_config == {}
     assert experiment.metric == "accuracy"
+
+
+def test_early_stopping_needs_validation_during_training(folder, no_model_loads):
+    path = write(folder, changed(training__early_stopping_patience=2, training__eval_strategy="no"))
+    assert train_error(path) == (
+        f"{path}: training.early_stopping_patience needs validation during training, but training.eval_strategy is "
+        "'no'; set it to 'epoch' or 'steps'"
+    )
+
+
+def test_early_stopping_threshold_without_patience_is_refused(folder, no_model_loads):
+    path = write(folder, changed(training__early_stopping_threshold=0.01))
+    assert train_error(path) == (
+        f"{path}: training.early_stopping_threshold needs training.early_stopping_patience (the evaluations to wait)"
+    )
+
+
+def test_early_stopping_saves_at_the_evaluation_cadence_and_keeps_the_best_by_the_main_metric(folder):
+    experiment = load_experiment(
+        write(folder, BASE),
+        ["training.early_stopping_patience=3", "training.eval_strategy=steps", "training.eval_steps=5"],
+    )
+    arguments = training_arguments(experiment, folder)
+    assert (arguments.save_strategy, arguments.save_steps, arguments.eval_steps) == ("steps", 5, 5)
+    assert arguments.load_best_model_at_end and arguments.metric_for_best_model == "eval_accuracy"
+    assert arguments.greater_is_better

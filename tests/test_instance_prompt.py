@@ -18,6 +18,7 @@ VARIANTS = [
     {"injection": "prefix", "instance_source": "embeddings", "instance_encoder": "lstm"},
     {"injection": "hybrid", "instance_source": "hidden", "instance_encoder": "mlp"},
     {"injection": "input", "instance_encoder": "none"},
+    {"injection": "hybrid", "instance_source": "frozen_model"},
 ]
 
 
@@ -74,7 +75,9 @@ def test_the_prompt_differs_between_instances_and_not_between_calls():
         assert_same_prefixes(first, prefix_snapshot(model), same=False)
 
 
-@pytest.mark.parametrize("variant", VARIANTS[:4], ids=lambda v: "-".join(map(str, v.values())))
+@pytest.mark.parametrize(
+    "variant", [*VARIANTS[:4], VARIANTS[5]], ids=lambda v: "-".join(map(str, v.values()))
+)
 def test_changing_only_the_target_tokens_leaves_the_prompt_unchanged(variant):
     """Causal LM with teacher forcing: tokens with a label are targets and never feed the prompt."""
     model = ipt_model(**variant)
@@ -123,7 +126,9 @@ def test_seq2seq_prompt_comes_from_the_encoder_input_only(arch):
     assert_same_prefixes(*prompts)
 
 
-@pytest.mark.parametrize("variant", VARIANTS[:4], ids=lambda v: "-".join(map(str, v.values())))
+@pytest.mark.parametrize(
+    "variant", [*VARIANTS[:4], VARIANTS[5]], ids=lambda v: "-".join(map(str, v.values()))
+)
 def test_padding_never_enters_the_instance_representation(variant):
     model = ipt_model("bert", "SEQ_CLS", **variant)
     ids = token_batch(1, 6)

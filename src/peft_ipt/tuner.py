@@ -12,8 +12,11 @@ recomputation in backward reads the very tensors of the forward.
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
@@ -32,6 +35,36 @@ SitePrefixes = dict[tuple[str, int], tuple]
 BASE_ROW = "__base__"  # peft's name for rows that use no adapter
 # Names transformers gives learned absolute-position tables (BERT/RoBERTa, BART/OPT, GPT-2, ViT-style).
 POSITION_TABLES = ("position_embeddings", "embed_positions", "wpe", "position_embedding")
+# The modules a user may call on their own, by role: the whole transformers model, its backbone (``base_model``:
+# BertModel inside BertForSequenceClassification, LlamaModel inside LlamaForCausalLM) and, for encoder-decoder
+# models, the encoder and the decoder. Each call of one of them computes its own prompts from its own inputs.
+MODEL_CALL, BACKBONE_CALL, ENCODER_CALL, DECODER_CALL = "model", "backbone", "encoder", "decoder"
+
+
+def entry_points(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(module, role) for every module of ``model`` that a user may call directly, outermost first."""
+    found = [(model, MODEL_CALL)]
+    backbone = getattr(model, "base_model", model)
+    if isinstance(backbone, nn.Module) and backbone is not model:
+        found.append((backbone, BACKBONE_CALL))
+    if getattr(model.config, "is_encoder_decoder", False):
+        found += [(model.get_encoder(), ENCODER_CALL), (model.get_decoder(), DECODER_CALL)]
+    unique: dict[int, tuple[nn.Module, str]] = {}
+    for module, role in found:
+        unique.setdefault(id(module), (module, role))
+    return list(unique.values())
+
+
+def in_backward() -> bool:
+    """True while autograd runs a backward pass: where gradient checkpointing recomputes layers."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def gradient_checkpointing_on(model: nn.Module) -> bool:
+    flag = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5.23's name
+    if flag is None:
+        flag = getattr(model, "is_gradient_checkpointing", False)
+    return bool(flag)
 
 
 def position_limit(model: nn.Module) -> int | None:
@@ -53,7 +86,7 @@ def position_limit(model: nn.Module) -> int | None:
 
 @dataclass
 class PromptInputs:
-    """What a prompt module may read of one model call. Only the source side: see :meth:`source_mask`."""
+    """What a prompt module may read of one model call. Only the source side: see :meth:`source`."""
 
     input_ids: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None
@@ -63,6 +96,9 @@ class PromptInputs:
         None  # explicit (B, T) mask of source tokens, given by the user/collator
     )
     is_encoder_decoder: bool = False
+    # Runs the frozen model on this call's source (see PromptTuner.frozen_states); set by the tuner.
+    frozen_runner: Callable[[PromptInputs], torch.Tensor] | None = field(default=None, repr=False)
+    _frozen: torch.Tensor | None = field(default=None, repr=False)
 
     def select(self, rows: torch.Tensor) -> PromptInputs:
         """The same call restricted to some rows of the batch (for mixed-adapter batches)."""
@@ -74,6 +110,7 @@ class PromptInputs:
             pick(self.labels),
             pick(self.source_mask),
             self.is_encoder_decoder,
+            frozen_runner=lambda _: self.frozen_states()[rows],
         )
 
     @property
@@ -99,6 +136,17 @@ class PromptInputs:
         elif self.labels is not None and not self.is_encoder_decoder and self.labels.shape == shape:
             mask &= self.labels == -100
         return mask
+
+    def frozen_states(self) -> torch.Tensor:
+        """(B, T', d) last hidden states of the frozen model (no prefix, no gradient) on the source tokens only,
+        computed once per call; T' <= T covers every source position."""
+        if self._frozen is None:
+            if self.frozen_runner is None:
+                raise RuntimeError(
+                    "peft_ipt: this call has no frozen model to read (a bug: please report it)"
+                )
+            self._frozen = self.frozen_runner(self)
+        return self._frozen
 
 
 def init_token_ids(config, model: nn.Module, length: int) -> torch.Tensor:
@@ -235,9 +283,22 @@ class PromptTuner(BaseTuner):
         self._enabled = True
         self.capturing = False
         self._captured: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._calls: list[nn.Module] = []  # the entry points whose forward is running, outermost first
+        self._prefixes_off = False  # the frozen pass of instance_source='frozen_model'
+        self._reentrant_sites: set[tuple[str, int]] = set()
+        self._call_rng: tuple | None = None
+        self._call_row_adapters: list[str] | None = None
         self._injection = PrefixInjection(model, self)
         self._position_limit = position_limit(model)
-        self._hook = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        self._causal = any(getattr(m, "is_causal", False) for m, *_ in self._injection.sites)
+        self._hooks = []
+        for module, role in entry_points(model):
+            self._hooks.append(
+                module.register_forward_pre_hook(functools.partial(self._enter, role), with_kwargs=True)
+            )
+            self._hooks.append(
+                module.register_forward_hook(functools.partial(self._leave, role), always_call=True)
+            )
 
     @property
     def prompt_layer(self) -> PromptLayer:
@@ -363,8 +424,11 @@ class PromptTuner(BaseTuner):
                 "prefixes live in attention, not in weights: they cannot be merged into the base model. "
                 "Use unload() to get the base model back, or keep the adapter (fold() removes the MLP for inference)."
             )
-        self._hook.remove()
+        for handle in self._hooks:
+            handle.remove()
         self._injection.remove()
+        if getattr(self.model, "peft_config", None) is self.peft_config:
+            del self.model.peft_config  # as peft's own tuners leave it: the base model as it was
         for name, module in list(self.model.named_modules()):
             if isinstance(module, AuxiliaryTrainingWrapper):
                 parent = self.model.get_submodule(name.rpartition(".")[0]) if "." in name else self.model
@@ -446,7 +510,7 @@ class PromptTuner(BaseTuner):
         finally:
             self._row_adapters = None
 
-    def _inputs_from_call(self, args: tuple, kwargs: dict, source_mask) -> PromptInputs:
+    def _inputs_from_call(self, args: tuple, kwargs: dict, source_mask=None) -> PromptInputs:
         input_ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
         return PromptInputs(
             input_ids=input_ids,
@@ -455,21 +519,100 @@ class PromptTuner(BaseTuner):
             labels=kwargs.get("labels"),
             source_mask=source_mask,
             is_encoder_decoder=bool(getattr(self.model.config, "is_encoder_decoder", False)),
+            frozen_runner=self._run_frozen,
         )
 
-    def _before_forward(self, model: nn.Module, args: tuple, kwargs: dict):
+    def _enter(self, role: str, module: nn.Module, args: tuple, kwargs: dict):
+        """Forward pre-hook of every entry point: the outermost call computes the prompts from its own inputs.
+
+        A call nested in another (the model calling its backbone, the frozen pass) uses the outer call's prompts,
+        and so does a decoding step of generation.
+        """
         source_mask = kwargs.pop("source_mask", None)
-        if self._pinned or self.capturing or not self._enabled:
+        outermost = not self._calls
+        self._calls.append(module)
+        if not outermost or self._pinned or self.capturing or self._prefixes_off or not self._enabled:
+            return args, kwargs
+        try:
+            return self._start_entry(role, args, kwargs, source_mask)
+        except BaseException:
+            self._calls.pop()  # the always-called _leave then finds another module on top and does nothing
+            raise
+
+    def _leave(self, role: str, module: nn.Module, args: tuple, output):
+        """Forward hook (always called, also on an error) of every entry point."""
+        if not self._calls or self._calls[-1] is not module:
+            return None
+        self._calls.pop()
+        if self._calls or output is None:
+            return None
+        return self._finish_call(role, output)
+
+    def _start_entry(self, role: str, args: tuple, kwargs: dict, source_mask) -> tuple[tuple, dict]:
+        if not self.active_adapters:
             return args, kwargs
         inputs = self._inputs_from_call(args, kwargs, source_mask)
         self._check_length(inputs, kwargs)
-        if self._instance_wise() and self._prefixes is not None:
-            past = kwargs.get("past_key_values")
-            decoding = past is not None and past.get_seq_length() > 0
-            if decoding or inputs.tokens is None:
-                return args, kwargs  # a decoding step: the instance prompt of the prefill stays
+        if self._instance_wise():
+            if role == DECODER_CALL:
+                raise ValueError(
+                    "the decoder of an encoder-decoder model was called on its own, but the instance prompt is built "
+                    "from the encoder's input, which this call does not have. Call the whole model "
+                    "(model(input_ids=..., decoder_input_ids=...)) or its encoder."
+                )
+            if self._prefixes is not None:
+                past = kwargs.get("past_key_values")
+                decoding = past is not None and past.get_seq_length() > 0
+                if decoding or inputs.tokens is None:
+                    return args, kwargs  # a decoding step: the instance prompt of the prefill stays
         self._start_call(inputs)
         return self._transform_call(args, kwargs, inputs)
+
+    def _finish_call(self, role: str, output):
+        """Hook for methods that change the outermost call's output (input-level prompts); default: unchanged."""
+        return None
+
+    @contextmanager
+    def _without_prefixes(self):
+        self._prefixes_off = True
+        try:
+            yield
+        finally:
+            self._prefixes_off = False
+
+    @torch.no_grad()
+    def _run_frozen(self, inputs: PromptInputs) -> torch.Tensor:
+        """The frozen model's last hidden states of a call's source (instance_source='frozen_model', IDPG-style).
+
+        One extra forward of the backbone (the encoder of encoder-decoder models) in eval mode, without gradient
+        and with every prefix off. Only source tokens are visible to it (targets and padding are masked as keys).
+        Decoder-only models number the source tokens 0, 1, ... whatever the padding side, and the sequence is cut
+        after the last source token, so targets cost nothing.
+        """
+        source = inputs.source()
+        if source is None:
+            raise ValueError("the instance prompt needs input_ids or inputs_embeds in the model call")
+        encoder_decoder = bool(getattr(self.model.config, "is_encoder_decoder", False))
+        backbone = (
+            self.model.get_encoder() if encoder_decoder else getattr(self.model, "base_model", self.model)
+        )
+        tokens = inputs.input_ids if inputs.input_ids is not None else inputs.inputs_embeds
+        call = {"attention_mask": source.long()}
+        if self._causal and not encoder_decoder:
+            present = source.any(0).nonzero()
+            end = int(present.max()) + 1 if len(present) else 1
+            tokens, call["attention_mask"] = tokens[:, :end], call["attention_mask"][:, :end]
+            if "position_ids" in inspect.signature(backbone.forward).parameters:
+                call["position_ids"] = (call["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        call["input_ids" if inputs.input_ids is not None else "inputs_embeds"] = tokens
+        was_training = backbone.training
+        backbone.eval()
+        try:
+            with self._without_prefixes():
+                output = backbone(**call)
+        finally:
+            backbone.train(was_training)
+        return output[0]
 
     def _positions_added(self) -> int:
         """Positions the active adapter adds to the input (an input-level prompt); prefixes add none."""
@@ -551,8 +694,39 @@ class PromptTuner(BaseTuner):
         """A new sequence: compute every layer's prefix from its source."""
         self._inputs = inputs
         self._instance_done = False
+        self._reentrant_sites = set()
+        self._call_row_adapters = self._row_adapters
+        self._call_rng = self._rng_state() if torch.is_grad_enabled() else None
         self._prefixes = self._compute_prefixes(inputs)
         self._check_finite(self._prefixes, inputs)
+
+    def _rng_state(self) -> tuple:
+        """The random state the prompts are computed from (their dropout), for reentrant recomputation."""
+        device = self._device()
+        cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        return torch.get_rng_state(), device, cuda
+
+    def _recompute(self, site: tuple[str, int]) -> tuple:
+        """Reentrant gradient checkpointing: one site's prefix, computed afresh inside the recomputed layer.
+
+        The layer ran under no_grad in the forward, and in backward each recomputed layer runs a backward of its
+        own; a prefix graph shared by all layers would be freed by the first of them. So each layer gets a graph of
+        its own, from the call's inputs and random state: the same values, and the gradients the prompt module
+        gets from every layer sum to those of a forward without checkpointing.
+        """
+        cpu_state, device, cuda_state = self._call_rng or (None, None, None)
+        devices = [device] if cuda_state is not None else []
+        with torch.random.fork_rng(devices=devices, enabled=cpu_state is not None):
+            if cpu_state is not None:
+                torch.set_rng_state(cpu_state)
+                if cuda_state is not None:
+                    torch.cuda.set_rng_state(cuda_state, device)
+            outer, self._row_adapters = self._row_adapters, self._call_row_adapters
+            try:
+                prefixes = self._compute_prefixes(self._inputs)
+            finally:
+                self._row_adapters = outer
+        return prefixes[site]
 
     def _transform_call(self, args: tuple, kwargs: dict, inputs: PromptInputs) -> tuple[tuple, dict]:
         """Hook for methods that change the call itself (input-level prompts); default: unchanged."""
@@ -566,9 +740,22 @@ class PromptTuner(BaseTuner):
         return output
 
     def prefix_for(self, site: AttentionSite) -> tuple | None:
-        if self._prefixes is None or not self._enabled or self.capturing:
+        if not self._enabled or self.capturing or self._prefixes_off:
             return None
-        return self._prefixes.get((site.kind, site.layer))
+        key = (site.kind, site.layer)
+        entry = None if self._prefixes is None else self._prefixes.get(key)
+        if not self._calls:
+            if not in_backward():
+                raise RuntimeError(
+                    f"peft_ipt: a {site.kind}-attention module (layer {site.layer}) ran outside a call of the model, "
+                    "its backbone, encoder or decoder, so its prefix would be an earlier call's. Call one of those "
+                    "(e.g. model.get_base_model()(...) or .get_encoder()(...)); they compute their own prompts."
+                )
+            if key in self._reentrant_sites and torch.is_grad_enabled():
+                return self._recompute(key)  # reentrant gradient checkpointing recomputes this layer
+        elif entry is not None and entry[0].requires_grad and not torch.is_grad_enabled():
+            self._reentrant_sites.add(key)  # a training forward run without grad: reentrant checkpointing
+        return entry
 
     def generate(self, *args, **kwargs):
         """``model.generate`` with the prompt computed once from the source, then reused at every step."""
@@ -576,7 +763,11 @@ class PromptTuner(BaseTuner):
         inputs = self._inputs_from_call(args, kwargs, source_mask)
         if self._enabled and self.active_adapters:
             self._check_length(inputs, {})
-        self._start_call(inputs)
+        self._calls.append(self.model)  # the frozen pass of the prompt computation is nested in this call
+        try:
+            self._start_call(inputs)
+        finally:
+            self._calls.pop()
         if self._enabled and self.active_adapters:
             args, kwargs = self._generate_call(args, kwargs, inputs)
         self._pinned = True

@@ -92,6 +92,10 @@ TRAINING_KEYS = (
     "report_to",
     "neftune_noise_alpha",
 )
+# Keys of `training:` that are ours, not TrainingArguments fields: early stopping on the validation metric. With
+# a patience set, the run evaluates and saves at the same cadence, keeps the best checkpoint and ends on it
+# (Trainer's EarlyStoppingCallback with load_best_model_at_end); the test split is scored on that model.
+EARLY_STOPPING_KEYS = {"early_stopping_patience": int | None, "early_stopping_threshold": float}
 
 # Our defaults where TrainingArguments' own do not suit short adapter runs; `training:` overrides each.
 TRAINING_DEFAULTS = {
@@ -241,9 +245,29 @@ class Experiment:
         return METHODS[self.method]
 
     @property
+    def early_stopping_patience(self) -> int | None:
+        return self.training.get("early_stopping_patience")
+
+    @property
     def training_settings(self) -> dict[str, Any]:
-        """The TrainingArguments fields of the run: ours (TRAINING_DEFAULTS) updated by ``training:``."""
-        return {**TRAINING_DEFAULTS, **self.training}
+        """The TrainingArguments fields of the run: ours (TRAINING_DEFAULTS) updated by ``training:``.
+
+        With ``early_stopping_patience`` the run also keeps its best checkpoint by the main validation metric:
+        checkpoints at the evaluation cadence (unless ``save_strategy`` is set), the best one loaded at the end.
+        """
+        settings = {**TRAINING_DEFAULTS, **self.training}
+        for key in EARLY_STOPPING_KEYS:
+            settings.pop(key, None)
+        if self.early_stopping_patience is not None:
+            settings["load_best_model_at_end"] = True
+            settings.setdefault("metric_for_best_model", f"eval_{self.metric}")
+            settings.setdefault("greater_is_better", True)
+            if "save_strategy" not in self.training:
+                settings["save_strategy"] = settings["eval_strategy"]
+                if "eval_steps" in settings:
+                    settings["save_steps"] = settings["eval_steps"]
+            settings.setdefault("save_total_limit", 1)  # Trainer keeps the best one besides
+        return settings
 
     @property
     def model_path(self) -> str:
@@ -459,7 +483,7 @@ def training_hints() -> dict[str, Any]:
     from transformers import TrainingArguments
 
     hints = typing.get_type_hints(TrainingArguments)
-    return {name: hints[name] for name in TRAINING_KEYS}
+    return {**{name: hints[name] for name in TRAINING_KEYS}, **EARLY_STOPPING_KEYS}
 
 
 def training_choices() -> dict[str, tuple[str, ...]]:
@@ -513,6 +537,31 @@ def _validate_data(check: _Checker, raw: Any, source: str) -> DataConfig:
     return DataConfig(**data)
 
 
+def _validate_early_stopping(check: _Checker, training: dict[str, Any]) -> None:
+    patience = training.get("early_stopping_patience")
+    check.positive("training.early_stopping_patience", patience)
+    if "early_stopping_threshold" in training and patience is None:
+        raise check.error(
+            "training.early_stopping_threshold",
+            "needs training.early_stopping_patience (the evaluations to wait)",
+        )
+    if patience is None:
+        return
+    strategy = training.get("eval_strategy", TRAINING_DEFAULTS["eval_strategy"])
+    if strategy == "no":
+        raise check.error(
+            "training.early_stopping_patience",
+            "needs validation during training, but training.eval_strategy is 'no'; set it to 'epoch' or 'steps'",
+        )
+    saving = training.get("save_strategy")
+    if saving is not None and saving != strategy:
+        raise check.error(
+            "training.save_strategy",
+            f"must match training.eval_strategy ({strategy!r}) with early stopping, which keeps the best evaluated "
+            f"checkpoint (got {saving!r}); leave save_strategy unset",
+        )
+
+
 def _resolve_model(check: _Checker, model: str, source: str) -> str:
     """A bundled name stays as it is; a local folder (relative to the file or the working directory) becomes
     absolute, so the saved experiment works from anywhere; anything else is taken as a Hub id."""
@@ -550,6 +599,7 @@ def validate(raw: dict[str, Any], source: str = "<dict>", from_set: set[str] | N
     for key, allowed in training_choices().items():
         if key in training:  # Trainer itself would fall back to its default on an unknown value
             check.choice(f"training.{key}", training[key], allowed)
+    _validate_early_stopping(check, training)
     if method.config_path is None and raw.get("method_config"):
         raise check.error(
             "method_config", f"must be empty for method {raw['method']!r} (got {raw['method_config']})"

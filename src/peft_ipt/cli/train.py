@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -72,7 +73,7 @@ def make_trainer(
     score_validation: Callable,
 ):
     """A Trainer; for generation tasks each evaluation also decodes the validation inputs and scores them."""
-    from transformers import Trainer
+    from transformers import EarlyStoppingCallback, Trainer
 
     class GenerationTrainer(Trainer):
         def evaluation_loop(self, *args, **kwargs):
@@ -82,6 +83,10 @@ def make_trainer(
             return result
 
     classification = experiment.task_type == "SEQ_CLS"
+    callbacks = [MarkCompleteCheckpoints(), StopAtTheLastStep()]
+    if experiment.early_stopping_patience is not None:
+        threshold = experiment.training.get("early_stopping_threshold", 0.0)
+        callbacks.append(EarlyStoppingCallback(experiment.early_stopping_patience, threshold))
     return (Trainer if classification else GenerationTrainer)(
         model=model,
         args=arguments,
@@ -90,7 +95,7 @@ def make_trainer(
         data_collator=collator_for(experiment, tokenizer),
         processing_class=tokenizer,
         compute_metrics=trainer_classification_metrics if classification else None,
-        callbacks=[MarkCompleteCheckpoints(), StopAtTheLastStep()],
+        callbacks=callbacks,
     )
 
 
@@ -197,10 +202,17 @@ def train(
     print(f"[peft-ipt] test: {_format(test)}")
 
     history = trainer.state.log_history
+    validations = [e for e in history if "eval_loss" in e]
+    best_step = trainer.state.best_global_step if experiment.early_stopping_patience else None
     results = {
         "test": test,
         "main_metric": experiment.metric,
-        "validation_history": [e for e in history if "eval_loss" in e],
+        # the validation scores of the model that was tested: the best evaluation with early stopping
+        "validation": next((e for e in validations if e.get("step") == best_step), validations[-1]),
+        "steps": trainer.state.global_step,
+        "max_steps": trainer.state.max_steps,
+        "best_step": best_step,
+        "validation_history": validations,
         "train_history": [e for e in history if "loss" in e],
         **counts,
         "split_sizes": splits.sizes(),
@@ -237,8 +249,15 @@ def write_run(
     repo: str | None,
 ) -> None:
     """The output folder: adapter, experiment.yaml, metrics.json, training_curves.png, README.md."""
-    if (output / CHECKPOINTS).is_dir() and not any((output / CHECKPOINTS).iterdir()):
-        (output / CHECKPOINTS).rmdir()
+    checkpoints = output / CHECKPOINTS
+    if checkpoints.is_dir() and not any(checkpoints.iterdir()):
+        checkpoints.rmdir()
+    elif (
+        checkpoints.is_dir()
+        and experiment.early_stopping_patience
+        and "save_strategy" not in experiment.training
+    ):
+        shutil.rmtree(checkpoints)  # written only to keep the best model: it is the adapter saved below
     model.save_pretrained(output)  # peft writes a stub README.md here; ours replaces it below
     if experiment.method == "full":
         tokenizer.save_pretrained(output)

@@ -9,7 +9,7 @@ from peft.utils import PeftType
 
 from ..base_config import PromptConfigBase, check_positive_int, layer_list
 
-INSTANCE_SOURCES = ("token_table", "embeddings", "hidden")
+INSTANCE_SOURCES = ("token_table", "embeddings", "frozen_model", "hidden")
 INSTANCE_ENCODERS = ("none", "mlp", "cnn", "lstm")
 INJECTIONS = ("input", "prefix", "hybrid")
 
@@ -38,9 +38,10 @@ class InstancePromptConfig(PromptConfigBase):
         default="embeddings",
         metadata={
             "help": "'token_table': IPT's separate trainable re-embedding of the first instance_tokens source tokens "
-            "(hashed into table_size buckets); 'embeddings': the model's frozen input embeddings (IDPG-style); "
-            "'hidden': hidden states entering attention layer hidden_layer (LPT-style); the prompt then enters from "
-            "that layer on."
+            "(hashed into table_size buckets); 'embeddings': the model's frozen input embeddings; 'frozen_model': the "
+            "frozen model's own last hidden states of the source, from one extra forward without gradient and with "
+            "the prefixes off (IDPG-style; once per generate()); 'hidden': hidden states entering attention layer "
+            "hidden_layer (LPT-style); the prompt then enters from that layer on."
         },
     )
     instance_encoder: str = field(

@@ -79,12 +79,16 @@ class InstancePromptModule(PromptModule):
                 )
             vectors = self.table(torch.gather(inputs.input_ids, 1, index))
         else:
-            embeds = (
-                inputs.inputs_embeds
-                if inputs.inputs_embeds is not None
-                else self._embeddings(inputs.input_ids)
-            )
-            vectors = torch.gather(embeds, 1, index[..., None].expand(-1, -1, embeds.shape[-1])).float()
+            if self.config.instance_source == "frozen_model":
+                states = inputs.frozen_states()  # (B, T' <= T, d), covering every source position
+            elif inputs.inputs_embeds is not None:
+                states = inputs.inputs_embeds
+            else:
+                states = self._embeddings(inputs.input_ids)
+            index = index.clamp(max=states.shape[1] - 1)  # invalid entries may point past a cut frozen pass
+            vectors = torch.gather(states, 1, index[..., None].expand(-1, -1, states.shape[-1])).float()
+            # Masked positions of the frozen pass may hold anything (NaN where a row sees no key at all).
+            vectors = torch.where(valid[..., None], vectors, torch.zeros_like(vectors))
         return self.encode(vectors, valid)
 
     def input_prompt(self, inputs: PromptInputs) -> torch.Tensor:

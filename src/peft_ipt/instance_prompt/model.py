@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..attention import SiteLayout
-from ..tuner import PromptInputs, PromptTuner
+from ..tuner import ENCODER_CALL, PromptInputs, PromptTuner, gradient_checkpointing_on
 from .config import InstancePromptConfig
 from .encoders import first_source_tokens
 from .layer import InstancePromptModule
@@ -29,7 +29,6 @@ class InstancePromptModel(PromptTuner):
         super()._pre_injection_hook(model, config, adapter_name)
         self._hidden_hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
         self._trim: tuple[int, int, int] | None = None
-        self._output_hook = model.register_forward_hook(self._trim_outputs)
         self._encoder_only = not getattr(model.config, "is_encoder_decoder", False) and not any(
             getattr(module, "is_causal", False) for module, *_ in self._injection.sites
         )
@@ -79,7 +78,6 @@ class InstancePromptModel(PromptTuner):
         if not merge:
             for handle in self._hidden_hooks.values():
                 handle.remove()
-            self._output_hook.remove()
         return super()._unload_and_optionally_merge(merge=merge, **kwargs)
 
     def _positions_added(self) -> int:
@@ -95,8 +93,15 @@ class InstancePromptModel(PromptTuner):
 
     def _hidden_states_hook(self, attention: nn.Module, args: tuple, kwargs: dict):
         module = self._active_module()
-        if module is None or module.config.instance_source != "hidden":
+        if module is None or module.config.instance_source != "hidden" or self._prefixes_off:
             return None
+        if module.training and not torch.is_grad_enabled() and gradient_checkpointing_on(self.model):
+            raise ValueError(
+                "instance_source='hidden' cannot train under reentrant gradient checkpointing: the prompt built at "
+                "hidden_layer feeds the later layers across checkpoint boundaries, which reentrant recomputation "
+                "cannot differentiate. Use gradient_checkpointing_kwargs={'use_reentrant': False}, or another "
+                "instance_source."
+            )
         hidden = kwargs.get("hidden_states", args[0] if args else None)  # (B, T, d)
         source = self._inputs.source() if self._inputs is not None else None
         if self._instance_done and (self._pinned or source is None or source.shape != hidden.shape[:2]):
@@ -171,16 +176,14 @@ class InstancePromptModel(PromptTuner):
         # generate() from inputs_embeds returns only new tokens; give back prompt + new tokens as usual.
         return torch.cat([source.repeat_interleave(output.shape[0] // source.shape[0], dim=0), output], dim=1)
 
-    def _trim_outputs(self, model: nn.Module, args, output):
+    def _finish_call(self, role: str, output):
+        """Trim an input-level prompt's positions out of the per-token outputs of the call that inserted it."""
         if self._trim is None:
-            return output
+            return None
         at, P, length = self._trim
         self._trim = None
-        names = (
-            ("encoder_last_hidden_state",)
-            if getattr(model.config, "is_encoder_decoder", False)
-            else PER_TOKEN_OUTPUTS
-        )
+        encoder_side = role == ENCODER_CALL or not getattr(self.model.config, "is_encoder_decoder", False)
+        names = PER_TOKEN_OUTPUTS if encoder_side else ("encoder_last_hidden_state",)
 
         def cut(tensor, per_token_2d: bool = False):
             # per-token outputs: (B, T+P, ...) with 3 dims, or QA's (B, T+P) span logits; never (B, labels)
@@ -193,8 +196,6 @@ class InstancePromptModel(PromptTuner):
             if getattr(output, name, None) is not None:
                 span = name in ("start_logits", "end_logits")
                 setattr(output, name, cut(getattr(output, name), per_token_2d=span))
-        if getattr(output, "hidden_states", None) is not None and not getattr(
-            model.config, "is_encoder_decoder", False
-        ):
+        if getattr(output, "hidden_states", None) is not None and encoder_side:
             output.hidden_states = tuple(cut(h) for h in output.hidden_states)
         return output
