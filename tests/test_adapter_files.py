@@ -46,18 +46,49 @@ def edit_config(folder, **changes) -> None:
 # -- untrusted and broken folders --------------------------------------------------------------------------
 
 
-def test_a_pickle_only_adapter_is_refused_unless_the_caller_opts_in(saved):
+def test_an_adapter_saved_as_a_pickle_loads_back_identically(saved):
     folder, model = saved
-    torch.save(load_file(folder / WEIGHTS), folder / "adapter_model.bin")
-    (folder / WEIGHTS).unlink()
-    edit_config(folder, weights_sha256=None)  # as saved with safe_serialization=False by another tool
-    with pytest.raises(AdapterFileError, match=r"adapter_model\.bin is a pickle.*allow_pickled_adapters"):
-        load(folder)
-    with peft_ipt.allow_pickled_adapters():
-        loaded = load(folder)
+    with torch.no_grad():
+        next(iter(model.base_model.prompt_modules["default"].parameters())).add_(1.0)  # unlike the first save
+    model.save_pretrained(folder, safe_serialization=False)  # over the safetensors adapter of the fixture
+    assert (folder / "adapter_model.bin").is_file() and not (
+        folder / WEIGHTS
+    ).exists()  # it would shadow the pickle
+    loaded = load(folder)
     for name, value in adapter_weights(model).items():
         torch.testing.assert_close(adapter_weights(loaded)[name], value, rtol=0, atol=0)
-    with pytest.raises(AdapterFileError):  # the opt-in ends with its block
+
+
+class Payload:
+    """Pickles as a call of print: what a malicious adapter would hide in its weights file."""
+
+    def __reduce__(self):
+        return (print, ("code from the pickle ran",))
+
+
+def test_a_pickle_that_holds_more_than_tensors_is_refused_without_running_it(saved, capsys):
+    folder, model = saved
+    weights = load_file(folder / WEIGHTS)
+    torch.save({**weights, "extra": Payload()}, folder / "adapter_model.bin")
+    (folder / WEIGHTS).unlink()
+    edit_config(folder, weights_sha256=None)  # as saved with safe_serialization=False by another tool
+    with pytest.raises(
+        AdapterFileError, match=r"adapter_model\.bin is a pickle that holds more than tensors.*allow_pickled"
+    ):
+        load(folder)
+    assert "code from the pickle ran" not in capsys.readouterr().out
+    with peft_ipt.allow_pickled_adapters(), pytest.raises(Exception):  # noqa: B017 - peft's own weights_only load
+        load(folder)  # the opt-in hands it to peft, whose torch.load(weights_only=True) refuses it too
+    assert "code from the pickle ran" not in capsys.readouterr().out
+
+
+def test_a_corrupt_pickle_is_refused_naming_the_file(saved):
+    folder, model = saved
+    model.save_pretrained(folder, safe_serialization=False)
+    data = (folder / "adapter_model.bin").read_bytes()
+    (folder / "adapter_model.bin").write_bytes(data[: len(data) // 2])
+    edit_config(folder, weights_sha256=None)
+    with pytest.raises(AdapterFileError, match=r"adapter_model\.bin is not a readable pickle"):
         load(folder)
 
 
@@ -141,6 +172,7 @@ def test_a_hub_repo_with_only_a_pickle_is_refused_before_peft_downloads_weights(
     folder, _ = saved
     torch.save(load_file(folder / WEIGHTS), folder / "adapter_model.bin")
     (folder / WEIGHTS).unlink()
+    edit_config(folder, weights_sha256=None)
     import huggingface_hub
     from huggingface_hub.errors import EntryNotFoundError
 
@@ -153,8 +185,14 @@ def test_a_hub_repo_with_only_a_pickle_is_refused_before_peft_downloads_weights(
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     monkeypatch.setattr(peft.config, "hf_hub_download", fake_download)
     config_cls = type(PeftConfig.from_pretrained(folder))
-    with pytest.raises(AdapterFileError, match="is a pickle"):
+    config_cls.from_pretrained("someone/adapter")  # a tensors-only pickle passes the checks
+    torch.save({**load_file_from_pickle(folder), "extra": Payload()}, folder / "adapter_model.bin")
+    with pytest.raises(AdapterFileError, match="is a pickle that holds more than tensors"):
         config_cls.from_pretrained("someone/adapter")
+
+
+def load_file_from_pickle(folder):
+    return torch.load(folder / "adapter_model.bin", weights_only=True)
 
 
 # -- saving ----------------------------------------------------------------------------------------------

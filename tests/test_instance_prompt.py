@@ -370,25 +370,52 @@ def test_two_adapters_disable_and_unload():
         assert torch.equal(model.unload()(input_ids=ids).logits, reference)
 
 
-@pytest.mark.parametrize(
-    "variant", [VARIANTS[0], VARIANTS[3], VARIANTS[4]], ids=lambda v: "-".join(map(str, v.values()))
-)
-def test_gradient_checkpointing_gives_the_same_loss_and_gradients(variant):
-    results = []
-    for checkpointing in (False, True):
-        model = ipt_model(**variant)
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.train()
-        ids = token_batch()
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+CHECKPOINTED = [
+    *VARIANTS,
+    {"injection": "hybrid", "instance_source": "token_table", "instance_encoder": "lstm"},
+    {"injection": "hybrid", "instance_source": "frozen_model", "prompt_dropout": 0.3},  # replayed draws
+]
+
+
+def checkpointed_step(arch: str, task: str, variant: dict, checkpointing: str | None):
+    torch.manual_seed(0)
+    model = ipt_model(arch, task, **variant)
+    if checkpointing:
+        reentrant = checkpointing == "reentrant"
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.enable_input_require_grads()
+    model.train()
+    model.base_model.model.config.use_cache = False
+    inputs = model_inputs(arch, task)
+    labels = (
+        torch.tensor([0, 1]) if task == "SEQ_CLS" else inputs.get("decoder_input_ids", inputs["input_ids"])
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        loss = model(**inputs, labels=labels).loss
         loss.backward()
-        results.append(
-            (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
-        )
-    torch.testing.assert_close(results[0][0], results[1][0])
-    for name, grad in results[0][1].items():
-        torch.testing.assert_close(grad, results[1][1][name], rtol=1e-4, atol=1e-6)
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("variant", CHECKPOINTED, ids=lambda v: "-".join(map(str, v.values())))
+@pytest.mark.parametrize(
+    ("arch", "task"), [("llama", "CAUSAL_LM"), ("bert", "SEQ_CLS"), ("bart", "SEQ_2_SEQ_LM")]
+)
+@pytest.mark.parametrize("checkpointing", ["non-reentrant", "reentrant"])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(variant, arch, task, checkpointing):
+    if variant["injection"] == "input" and task == "SEQ_CLS" and arch == "llama":
+        return  # refused at get_peft_model (test_forward_backward_on_every_task_type)
+    if variant.get("instance_source") == "hidden" and checkpointing == "reentrant":
+        with pytest.raises(ValueError, match="instance_source='hidden' cannot train under reentrant"):
+            checkpointed_step(arch, task, variant, checkpointing)
+        return
+    loss, grads = checkpointed_step(arch, task, variant, None)
+    loss_checkpointed, grads_checkpointed = checkpointed_step(arch, task, variant, checkpointing)
+    torch.testing.assert_close(loss, loss_checkpointed)
+    assert grads.keys() == grads_checkpointed.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, grads_checkpointed[name], rtol=1e-4, atol=1e-6)
+    assert any(g.abs().sum() > 0 for n, g in grads.items() if "ipt_encoder" in n)
 
 
 def test_bf16_autocast_forward_and_generate():

@@ -183,12 +183,15 @@ def test_left_padded_seq2seq_batch_matches_single_examples(arch):
         ("t5", "SEQ_2_SEQ_LM"),
     ],
 )
-def test_gradient_checkpointing_gives_the_same_loss_and_gradients(arch, task):
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["no-dropout", "dropout"])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(arch, task, reentrant, dropout):
     results = []
     for checkpointing in (False, True):
-        model = prefix_model(arch, task, init_weights=False)
+        torch.manual_seed(0)  # the same dropout draws on both sides
+        model = prefix_model(arch, task, init_weights=False, prefix_dropout=dropout)
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
             model.enable_input_require_grads()
         model.train()
         model.base_model.model.config.use_cache = False
@@ -198,14 +201,17 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(arch, task):
             if task == "SEQ_CLS"
             else inputs.get("decoder_input_ids", inputs["input_ids"])
         )
-        loss = model(**inputs, labels=labels).loss
-        loss.backward()
+        with torch.random.fork_rng():
+            torch.manual_seed(1)
+            loss = model(**inputs, labels=labels).loss
+            loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         results.append((loss.detach(), grads))
     (loss_a, grads_a), (loss_b, grads_b) = results
     torch.testing.assert_close(loss_a, loss_b)
     assert grads_a.keys() == grads_b.keys()
     for name in grads_a:
+        assert grads_a[name].abs().sum() > 0, name
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6)
 
 
@@ -223,17 +229,28 @@ def test_disable_adapter_gives_the_base_model_logits_exactly():
         assert not torch.allclose(model(input_ids=ids).logits, reference)
 
 
-def test_unload_restores_the_base_model_and_its_attention_implementation():
-    base = tiny_model("gpt2", attn="eager")
-    ids = token_batch()
+@pytest.mark.parametrize("config_class", [PrefixTuningV2Config, InstancePromptConfig])
+@pytest.mark.parametrize(("arch", "task"), [("gpt2", "CAUSAL_LM"), ("bart", "SEQ_2_SEQ_LM")])
+def test_unload_gives_back_the_base_model_as_it_was(config_class, arch, task):
+    base = tiny_model(arch, task, attn="eager")
+    inputs = model_inputs(arch, task)
+    hooks = {name: (len(m._forward_pre_hooks), len(m._forward_hooks)) for name, m in base.named_modules()}
     with torch.no_grad():
-        reference = base(input_ids=ids).logits
-    model = get_peft_model(base, PrefixTuningV2Config(task_type="CAUSAL_LM", prefix_length=4))
+        reference = main_output(base(**inputs))
+    model = get_peft_model(base, config_class(task_type=task, init_weights=False))
     assert base.config._attn_implementation == "peft_ipt_eager"
     restored = model.unload()
-    assert restored.config._attn_implementation == "eager"
+    assert restored is base and restored.config._attn_implementation == "eager"
+    assert not hasattr(restored, "peft_config")  # as LoRA's unload leaves it
+    assert {name: (len(m._forward_pre_hooks), len(m._forward_hooks)) for name, m in base.named_modules()} == hooks
     with torch.no_grad():
-        assert torch.equal(restored(input_ids=ids).logits, reference)
+        assert torch.equal(main_output(restored(**inputs)), reference)
+    again = get_peft_model(restored, config_class(task_type=task, init_weights=False))  # a fresh adapter
+    with torch.no_grad():
+        assert not torch.allclose(main_output(again(**inputs)), reference, atol=1e-4)
+
+
+def test_merge_and_unload_is_refused_with_the_reason():
     with pytest.raises(ValueError, match="cannot be merged"):
         prefix_model().merge_and_unload()
 

@@ -4,9 +4,11 @@
 ``<OurConfig>.from_pretrained`` first and only then call peft's ``load_peft_weights``. That is the one hook we own
 ahead of the weights, so the folder is vetted there:
 
-- **No unpickling.** peft falls back to ``adapter_model.bin`` (a pickle) when no safetensors file exists. Our
-  adapters are always written as safetensors, so a pickle-only folder is refused unless the caller opts in with
-  :func:`allow_pickled_adapters`.
+- **No code from pickles.** peft falls back to ``adapter_model.bin`` (a pickle, what ``save_pretrained(...,
+  safe_serialization=False)`` writes) when no safetensors file exists. A pickle that holds tensors only is read
+  with ``torch.load(weights_only=True)``, whose unpickler builds nothing but tensors and plain containers and runs
+  no code from the file; it loads. A pickle that needs anything more is refused, unread, unless the caller opts in
+  with :func:`allow_pickled_adapters`.
 - **Corrupt or truncated weights.** The safetensors header is parsed and its byte ranges checked against the file
   size, so a cut-off download fails here with the file's name rather than inside the loader.
 - **Half-written folders.** ``save_pretrained`` writes the weights first and the config last; our config records the
@@ -71,6 +73,21 @@ def weights_file_in(folder: str | os.PathLike) -> Path | None:
     return None
 
 
+def newest_weights_file_in(folder: str | os.PathLike) -> Path | None:
+    """The weights file peft has just written to ``folder``, the other format's file of an older save removed.
+
+    peft writes one file, safetensors or (``safe_serialization=False``) a pickle, and loads safetensors first: an
+    older adapter's safetensors left beside a new pickle would be loaded in its place.
+    """
+    found = [
+        Path(folder) / name for name in (SAFETENSORS_NAME, PICKLE_NAME) if (Path(folder) / name).is_file()
+    ]
+    if len(found) == 2:
+        found.sort(key=lambda path: path.stat().st_mtime_ns)
+        found.pop(0).unlink()
+    return found[0] if found else None
+
+
 def check_safetensors(path: Path) -> None:
     """Refuse a safetensors file whose header is unreadable or whose tensors run past the end of the file."""
     size = path.stat().st_size
@@ -95,6 +112,38 @@ def check_safetensors(path: Path) -> None:
         raise AdapterFileError(f"{path} is not a valid safetensors file ({error!r}): {fix}") from error
     except ValueError as error:
         raise AdapterFileError(f"{path} is not a valid safetensors file: {error}; {fix}") from error
+
+
+def check_tensors_only_pickle(path: Path) -> None:
+    """Refuse a pickled adapter unless it is a mapping of names to tensors, read without running its code.
+
+    ``torch.load(weights_only=True)`` unpickles with an allow-list (tensors, storages, plain containers and
+    numbers): any other object in the file stops it before that object is built, so nothing of the file runs.
+    """
+    import pickle
+
+    import torch
+
+    refusal = (
+        f"{path} is a pickle that holds more than tensors ({{why}}), and there is no {SAFETENSORS_NAME} beside it. "
+        "Unpickling such a file runs code from it, so peft-ipt does not load it. If you trust its source, load it "
+        "inside `with peft_ipt.allow_pickled_adapters():` and save it again (safetensors is the default)."
+    )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise AdapterFileError(refusal.format(why=str(error).splitlines()[0][:200])) from None
+    except (EOFError, RuntimeError, ValueError, OSError) as error:
+        raise AdapterFileError(
+            f"{path} is not a readable pickle ({type(error).__name__}: {error}): the file is corrupt or was cut off; "
+            "save or download the adapter again"
+        ) from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise AdapterFileError(
+            refusal.format(why=f"a {type(state).__name__}, not a mapping of names to tensors")
+        )
 
 
 def resolve_weights(model_id: str, subfolder: str | None, hub_kwargs: dict) -> Path | None:
@@ -128,11 +177,7 @@ def check_adapter_weights(weights: Path | None, expected_digest: str | None) -> 
         return
     if weights.name == PICKLE_NAME:
         if not _allow_pickle.get():
-            raise AdapterFileError(
-                f"{weights} is a pickle and there is no {SAFETENSORS_NAME} beside it. Unpickling runs code from the "
-                "file, so peft-ipt does not load pickled adapters from unknown sources. If you trust it, load it "
-                "inside `with peft_ipt.allow_pickled_adapters():` and save it again (safetensors is the default)."
-            )
+            check_tensors_only_pickle(weights)
     else:
         check_safetensors(weights)
     if expected_digest is not None and weights_digest(weights) != expected_digest:

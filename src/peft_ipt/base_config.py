@@ -11,7 +11,7 @@ from .adapter_files import (
     check_adapter_weights,
     resolve_weights,
     weights_digest,
-    weights_file_in,
+    newest_weights_file_in,
     write_config_atomically,
 )
 from .attention import CROSS, DECODER, ENCODER, SELF, SiteLayout
@@ -178,7 +178,7 @@ class PromptConfigBase(PeftConfig):
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         """Record the checksum of the weights peft has just written beside us, then write the config atomically."""
-        weights = weights_file_in(save_directory)
+        weights = newest_weights_file_in(save_directory)
         self.weights_sha256 = None if weights is None else weights_digest(weights)
         write_config_atomically(
             lambda folder: super(PromptConfigBase, self).save_pretrained(folder, **kwargs), save_directory
