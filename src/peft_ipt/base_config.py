@@ -9,9 +9,9 @@ from peft.config import PeftConfig
 from ._version import __version__
 from .adapter_files import (
     check_adapter_weights,
+    newest_weights_file_in,
     resolve_weights,
     weights_digest,
-    newest_weights_file_in,
     write_config_atomically,
 )
 from .attention import CROSS, DECODER, ENCODER, SELF, SiteLayout
