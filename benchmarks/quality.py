@@ -324,6 +324,13 @@ CONVERGED_METHODS: dict[str, MethodSpec] = {
             "method_config.instance_rank=8",
         ),
     ),
+    # the paper's instance scale: the instance part's effective step 20x smaller than the task prefix's
+    "ipt_frozen_scale": MethodSpec(
+        "IPT, frozen-model source, instance scale 0.05",
+        "ipt",
+        (1e-2,),
+        ("method_config.instance_source=frozen_model", "method_config.instance_scale=0.05"),
+    ),
     "prefix_alone": MethodSpec(
         "IPT's task prefix alone (PrefixTuningV2, flat)",
         "prefix_v2",
@@ -337,7 +344,14 @@ CONVERGED_METHODS: dict[str, MethodSpec] = {
     "lora": MethodSpec("LoRA r=8", "lora", (1e-3,)),
     "full": MethodSpec("full fine-tuning", "full", (5e-5,)),
 }
-IPT_CANDIDATES = ("ipt_frozen", "ipt_embeddings", "ipt_token_table", "ipt_hidden", "ipt_frozen_reg")
+IPT_CANDIDATES = (
+    "ipt_frozen",
+    "ipt_embeddings",
+    "ipt_token_table",
+    "ipt_hidden",
+    "ipt_frozen_reg",
+    "ipt_frozen_scale",
+)
 # Task-specific overrides of a method, on top of its own: on E2E the controlled pair shares IPT's config, whose
 # task prefix starts from an instruction's keys/values at 1e-2 (configs/e2e_ipt.yaml), so the prefix alone does too.
 CONVERGED_METHOD_OVERRIDES = {
@@ -1389,6 +1403,11 @@ def main(argv: list[str] | None = None) -> int:
         "--report", action="store_true", help="only rebuild tables, goals and plot from the JSON"
     )
     parser.add_argument(
+        "--print-chosen",
+        action="store_true",
+        help="converged tier: print the IPT candidate chosen on validation so far (for scripts), then exit",
+    )
+    parser.add_argument(
         "--threads", type=int, help="torch CPU threads per run (default: torch's; with --jobs > 1: 1)"
     )
     parser.add_argument(
@@ -1417,6 +1436,9 @@ def main(argv: list[str] | None = None) -> int:
     suffix = "" if args.precision == "bf16" else f"_{args.precision}"
     path = args.out or RESULTS / f"{TIER.results_stem}{'_quick' if args.quick else ''}{suffix}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
+    if args.print_chosen:
+        print(chosen_ipt(summarize(load_runs(path), args.quick)) or "")
+        return 0
     if args.report:
         text, _ = write_reports(path, args.quick)
         print(text)

@@ -242,7 +242,9 @@ def test_unload_gives_back_the_base_model_as_it_was(config_class, arch, task):
     restored = model.unload()
     assert restored is base and restored.config._attn_implementation == "eager"
     assert not hasattr(restored, "peft_config")  # as LoRA's unload leaves it
-    assert {name: (len(m._forward_pre_hooks), len(m._forward_hooks)) for name, m in base.named_modules()} == hooks
+    assert {
+        name: (len(m._forward_pre_hooks), len(m._forward_hooks)) for name, m in base.named_modules()
+    } == hooks
     with torch.no_grad():
         assert torch.equal(main_output(restored(**inputs)), reference)
     again = get_peft_model(restored, config_class(task_type=task, init_weights=False))  # a fresh adapter

@@ -60,32 +60,38 @@ class UnsupportedModelError(ValueError):
     """The model cannot take peft-ipt's prefixes."""
 
 
-def _widen_mask(
+def widen_mask(
     mask: torch.Tensor | None,
     prefix_len: int,
-    query: torch.Tensor,
+    q_len: int,
     key_len: int,
     causal: bool,
     valid: torch.Tensor | None = None,
+    device: torch.device | None = None,
+    masked_is_true: bool = False,
 ) -> torch.Tensor | None:
-    """Prepend ``prefix_len`` visible columns to an attention mask (bool or additive float).
+    """Prepend ``prefix_len`` visible columns to an attention mask (bool or additive float) over ``key_len`` keys.
 
     ``valid`` (B, P) marks, per row, which prefix columns are real (mixed-adapter batches); None: all are.
+    ``masked_is_true``: a bool mask where True hides a key (MPT's convention) instead of showing it.
     """
     if mask is None:
-        if valid is None and (not causal or query.shape[2] == 1):
+        if valid is None and (not causal or q_len == 1):
             return None  # every key is visible to every query, prefix included
         # The implementation would have used is_causal=True, which torch aligns top-left and so is wrong once
         # keys outnumber queries. Build the bottom-right aligned causal mask explicitly.
-        q_len = query.shape[2]
-        rows = torch.arange(q_len, device=query.device)[:, None] + (key_len - q_len)
-        visible = torch.arange(key_len, device=query.device)[None, :] <= rows
+        rows = torch.arange(q_len, device=device)[:, None] + (key_len - q_len)
+        visible = torch.arange(key_len, device=device)[None, :] <= rows
         if not causal:
             visible = torch.ones_like(visible)
-        mask = visible[None, None]  # (1, 1, q, kv)
+        mask = (~visible if masked_is_true else visible)[None, None]  # (1, 1, q, kv)
+    shown = not masked_is_true  # the bool value that lets a query see a key
     if valid is None:
         pad_shape = (*mask.shape[:-1], prefix_len)
-        pad = mask.new_ones(pad_shape) if mask.dtype == torch.bool else mask.new_zeros(pad_shape)
+        if mask.dtype == torch.bool:
+            pad = torch.full(pad_shape, shown, dtype=torch.bool, device=mask.device)
+        else:
+            pad = mask.new_zeros(pad_shape)
         return torch.cat([pad, mask], dim=-1)
     batch = valid.shape[0]
     mask = mask.expand(batch, *mask.shape[1:])
@@ -94,10 +100,12 @@ def _widen_mask(
         columns = torch.zeros_like(columns, dtype=mask.dtype).masked_fill(
             ~columns, torch.finfo(mask.dtype).min
         )
+    elif masked_is_true:
+        columns = ~columns
     return torch.cat([columns, mask], dim=-1)
 
 
-def _match_batch(prefix: torch.Tensor, batch: int) -> torch.Tensor:
+def match_batch(prefix: torch.Tensor, batch: int) -> torch.Tensor:
     """(b, ...) -> (batch, ...): broadcast a task-level prefix, or repeat per-row prompts for beams/samples."""
     b = prefix.shape[0]
     if b == batch:
@@ -132,7 +140,7 @@ def prefix_attention_forward(
         return site.inner(module, query, key, value, attention_mask, **kwargs)
     prefix_key, prefix_value, *valid = prefix  # (B|1, n_kv_heads, P, head_dim); valid (B, P) if rows differ
     batch, key_len = key.shape[0], key.shape[2]
-    valid = _match_batch(valid[0], batch) if valid else None
+    valid = match_batch(valid[0], batch) if valid else None
     prefix_len = prefix_key.shape[2]
     if prefix_key.shape[1] != key.shape[1] or prefix_key.shape[3] != key.shape[3]:
         raise RuntimeError(
@@ -141,12 +149,18 @@ def prefix_attention_forward(
             "the adapter was built for another model"
         )
     # (B, n_kv_heads, P + T, head_dim); the cache never holds the prefix, so positions stay the model's own.
-    key = torch.cat([_match_batch(prefix_key, batch).to(key.dtype), key], dim=2)
-    value = torch.cat([_match_batch(prefix_value, batch).to(value.dtype), value], dim=2)
+    key = torch.cat([match_batch(prefix_key, batch).to(key.dtype), key], dim=2)
+    value = torch.cat([match_batch(prefix_value, batch).to(value.dtype), value], dim=2)
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", False) if causal is None else causal
-    attention_mask = _widen_mask(
-        attention_mask, prefix_len, query, key_len, causal and site.kind != CROSS, valid
+    attention_mask = widen_mask(
+        attention_mask,
+        prefix_len,
+        query.shape[2],
+        key_len,
+        causal and site.kind != CROSS,
+        valid,
+        query.device,
     )
     position_bias = kwargs.get("position_bias")
     if position_bias is not None:  # T5-style additive bias: no bias towards the prefix
@@ -259,8 +273,9 @@ def layout_of(sites) -> SiteLayout:
     return SiteLayout(shapes)
 
 
-def check_model_supported(model: nn.Module) -> str:
-    """Raise a clear error unless prefixes can enter this model's attention; return its implementation."""
+def check_transformers_model(model: nn.Module) -> str:
+    """Raise a clear error unless ``model`` is a transformers model with a supported attention implementation;
+    return that implementation (``eager`` or ``sdpa``)."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "set_attn_implementation"):
         raise UnsupportedModelError(
@@ -274,12 +289,61 @@ def check_model_supported(model: nn.Module) -> str:
             f"{', '.join(SUPPORTED_IMPLEMENTATIONS)}); load the model with attn_implementation='sdpa'. "
             "flash-attention kernels take no per-layer key/value prefix with the padding layout transformers uses."
         )
-    if not model._can_set_attn_implementation():
-        raise UnsupportedModelError(
-            f"{type(model).__name__} ({config.model_type}) does not route attention through "
-            "transformers.AttentionInterface, so peft-ipt cannot add prefixes to it"
-        )
     return base_impl
+
+
+class AttentionPath:
+    """How prefixes enter one family of models: where the attention sites are, and the door into each.
+
+    The registry path below serves every model whose attention goes through transformers' AttentionInterface; the
+    architectures whose attention does not have one small path each in :mod:`peft_ipt.architectures`. Every path
+    asks the same :class:`PrefixProvider` for a site's prefix, so the methods never learn which path runs.
+    """
+
+    name = "registry"
+
+    def sites(self, model: nn.Module) -> list[tuple[nn.Module, str, int, int, int]]:
+        return discover_sites(model)
+
+    def install(self, model: nn.Module, sites, provider_ref) -> None:
+        base_impl = check_transformers_model(model)
+        for module, kind, layer, n_kv, head_dim in sites:
+            site = AttentionSite(kind, layer, n_kv, head_dim, _inner_implementation(module, base_impl))
+            site.provider = provider_ref
+            module.__dict__[SITE_ATTR] = site  # a plain attribute: not a submodule, not in the state dict
+        self._base_impl = base_impl
+        self.enable(model)
+
+    def enable(self, model: nn.Module) -> None:
+        model.set_attn_implementation(REGISTERED_PREFIX + self._base_impl)
+
+    def disable(self, model: nn.Module) -> None:
+        model.set_attn_implementation(self._base_impl)
+
+    def remove(self, model: nn.Module, sites) -> None:
+        self.disable(model)
+        for module, *_ in sites:
+            module.__dict__.pop(SITE_ATTR, None)
+
+
+def attention_path_for(model: nn.Module) -> AttentionPath:
+    """The path prefixes take into ``model``: the attention registry where transformers routes the model's
+    attention through it, else the architecture's own path; anything else is refused, naming what is supported."""
+    check_transformers_model(model)
+    from .architectures import ARCHITECTURE_PATHS, supported_model_types
+
+    if model._can_set_attn_implementation():
+        return AttentionPath()
+    for path in ARCHITECTURE_PATHS:
+        if path.handles(model):
+            return path.new()
+    config = model.config
+    raise UnsupportedModelError(
+        f"{type(model).__name__} ({config.model_type}) does not route attention through "
+        "transformers.AttentionInterface, and peft-ipt has no path of its own for it. Supported without the "
+        f"registry: {', '.join(supported_model_types())}; with it, every model whose attention transformers routes "
+        "through AttentionInterface (`peft-ipt supported-models` lists the model types of this transformers)."
+    )
 
 
 class PrefixInjection:
@@ -287,23 +351,20 @@ class PrefixInjection:
 
     def __init__(self, model: nn.Module, provider: PrefixProvider):
         self.model = model
-        self.base_impl = check_model_supported(model)
-        self.sites = discover_sites(model)
+        self.path = attention_path_for(model)
+        self.sites = self.path.sites(model)
         self.layout = layout_of(self.sites)
-        provider_ref = weakref.ref(provider)
-        for module, kind, layer, n_kv, head_dim in self.sites:
-            site = AttentionSite(kind, layer, n_kv, head_dim, _inner_implementation(module, self.base_impl))
-            site.provider = provider_ref
-            module.__dict__[SITE_ATTR] = site  # a plain attribute: not a submodule, not in the state dict
-        self.enable()
+        # Decoder-only self-attention masks the future (a path of its own knows; the registry's modules say so).
+        self.causal = getattr(self.path, "causal", None)
+        if self.causal is None:
+            self.causal = any(getattr(module, "is_causal", False) for module, *_ in self.sites)
+        self.path.install(model, self.sites, weakref.ref(provider))
 
     def enable(self) -> None:
-        self.model.set_attn_implementation(REGISTERED_PREFIX + self.base_impl)
+        self.path.enable(self.model)
 
     def disable(self) -> None:
-        self.model.set_attn_implementation(self.base_impl)
+        self.path.disable(self.model)  # the user's own attention, bit for bit
 
     def remove(self) -> None:
-        self.disable()
-        for module, *_ in self.sites:
-            module.__dict__.pop(SITE_ATTR, None)
+        self.path.remove(self.model, self.sites)

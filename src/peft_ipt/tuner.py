@@ -290,7 +290,7 @@ class PromptTuner(BaseTuner):
         self._call_row_adapters: list[str] | None = None
         self._injection = PrefixInjection(model, self)
         self._position_limit = position_limit(model)
-        self._causal = any(getattr(m, "is_causal", False) for m, *_ in self._injection.sites)
+        self._causal = self._injection.causal
         self._hooks = []
         for module, role in entry_points(model):
             self._hooks.append(

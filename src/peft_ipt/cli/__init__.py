@@ -6,6 +6,7 @@ IPT's token table.
     peft-ipt eval OUTPUT_DIR
     peft-ipt generate OUTPUT_DIR "text" [--max-new-tokens N]
     peft-ipt pretrain-table --data NAME [--out table.safetensors] [--table-size 2048] [--rank 32]
+    peft-ipt supported-models
 
 The methods never import this package; it only uses their public configs through peft.
 """
@@ -68,6 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     table.add_argument("--epochs", type=int, default=5)
     table.add_argument("--max-examples", type=int, default=20000)
     table.add_argument("--seed", type=int, default=0)
+
+    commands.add_parser(
+        "supported-models", help="list the model types of the installed transformers and how prefixes enter them"
+    )
     return parser
 
 
@@ -85,6 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .train import evaluate_run
 
             evaluate_run(args.output_dir)
+        elif args.command == "supported-models":
+            from ..architectures import supported_models_table
+
+            print(supported_models_table())
         elif args.command == "generate":
             from .generate import generate
 

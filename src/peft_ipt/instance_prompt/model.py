@@ -29,8 +29,8 @@ class InstancePromptModel(PromptTuner):
         super()._pre_injection_hook(model, config, adapter_name)
         self._hidden_hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
         self._trim: tuple[int, int, int] | None = None
-        self._encoder_only = not getattr(model.config, "is_encoder_decoder", False) and not any(
-            getattr(module, "is_causal", False) for module, *_ in self._injection.sites
+        self._encoder_only = (
+            not getattr(model.config, "is_encoder_decoder", False) and not self._injection.causal
         )
         self._sites = {(kind, layer): module for module, kind, layer, *_ in self._injection.sites}
 

@@ -1,0 +1,79 @@
+"""Architectures whose attention transformers does not route through ``AttentionInterface``: one small path each.
+
+Every path finds the model's attention sites and opens one door into each: a hook that asks the same
+:class:`~peft_ipt.attention.PrefixProvider` as the registry path for the site's prefix and puts it in front of the
+keys and values. The methods never learn which path runs.
+
+- :mod:`.cache_view`: decoders that hand each attention call its layer's cache (GPT-J, CodeGen, Bloom, Falcon); the
+  door stands a view in for that cache which returns the prefix in front of the cached keys and values.
+- :mod:`.deberta`: DeBERTa and DeBERTa-v2, whose disentangled attention adds relative-position scores; a prefix key
+  has no position, so it gets the content score only.
+
+A model type whose attention goes through the registry in the installed transformers (GPT-J and CodeGen from 5.24)
+takes the registry path instead.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from .cache_view import CACHE_VIEW_PATHS
+from .deberta import DEBERTA_PATHS
+
+ARCHITECTURE_PATHS = (*CACHE_VIEW_PATHS, *DEBERTA_PATHS)
+# Model types the test suite runs on tiny models (tests/conftest.py, tests/test_architectures.py).
+TESTED_MODEL_TYPES = (
+    "bart",
+    "bert",
+    "bloom",
+    "codegen",
+    "deberta",
+    "deberta-v2",
+    "falcon",
+    "gpt2",
+    "gptj",
+    "llama",
+    "roberta",
+    "t5",
+)
+
+
+def supported_model_types() -> list[str]:
+    """The model types served by a path of their own (besides every model on the attention registry)."""
+    return sorted(path.model_type for path in ARCHITECTURE_PATHS)
+
+
+def model_types_by_path() -> dict[str, str]:
+    """Every model type the installed transformers knows, with the path peft-ipt takes into it: ``registry`` where
+    its modeling file routes attention through ``ALL_ATTENTION_FUNCTIONS``, the path's module where peft-ipt has
+    one of its own, else ``refused``. Read from the modeling files' text, without importing them."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES, model_type_to_module_name
+
+    spec = importlib.util.find_spec("transformers")
+    models = Path(spec.submodule_search_locations[0]) / "models"
+    own = {path.model_type: type(path).__module__.rpartition(".")[2] for path in ARCHITECTURE_PATHS}
+    found = {}
+    for model_type in sorted(CONFIG_MAPPING_NAMES):
+        module = model_type_to_module_name(model_type)
+        modeling = models / module / f"modeling_{module}.py"
+        if not modeling.is_file():
+            continue  # a configuration without a PyTorch model of its own
+        if "ALL_ATTENTION_FUNCTIONS" in modeling.read_text(encoding="utf-8"):
+            found[model_type] = "registry"
+        else:
+            found[model_type] = own.get(model_type, "refused")
+    return found
+
+
+def supported_models_table() -> str:
+    """`peft-ipt supported-models`: one line per model type, its path and whether the test suite runs it."""
+    import transformers
+
+    rows = model_types_by_path()
+    lines = [f"transformers {transformers.__version__}: {len(rows)} model types", "", "model type  path  tested"]
+    for model_type, path in rows.items():
+        lines.append(f"{model_type}  {path}  {'yes' if model_type in TESTED_MODEL_TYPES else '-'}")
+    served = sum(path != "refused" for path in rows.values())
+    lines += ["", f"{served} served, {len(rows) - served} refused with a clear error at get_peft_model."]
+    return "\n".join(lines)

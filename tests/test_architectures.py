@@ -1,0 +1,314 @@
+"""Architectures whose attention transformers does not route through its registry (in the installed version): GPT-J,
+CodeGen, Bloom, Falcon (rotary and ALiBi, multi-query and grouped), DeBERTa and DeBERTa-v2. Each takes a path of
+its own (peft_ipt.architectures); where a version moves a model type onto the registry, the registry path serves it
+and these tests hold the same."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import VOCAB, token_batch
+from peft import PeftModel, get_peft_model
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    BloomConfig,
+    CodeGenConfig,
+    DebertaConfig,
+    DebertaV2Config,
+    FalconConfig,
+    GPTJConfig,
+    GPTNeoConfig,
+    MptConfig,
+)
+
+from peft_ipt import InstancePromptConfig, PrefixTuningV2Config
+from peft_ipt.architectures import supported_model_types
+from peft_ipt.architectures.deberta import V1, V2, _attend
+
+IDS = {"vocab_size": VOCAB, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+DECODERS = {
+    "gptj": lambda: GPTJConfig(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64, **IDS),
+    "codegen": lambda: CodeGenConfig(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64, **IDS),
+    "bloom": lambda: BloomConfig(hidden_size=32, n_layer=2, n_head=4, **IDS),
+    "falcon": lambda: FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, **IDS),
+    "falcon-alibi": lambda: FalconConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, alibi=True, **IDS
+    ),
+    "falcon-multi-query": lambda: FalconConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, multi_query=True, **IDS
+    ),
+    "falcon-grouped": lambda: FalconConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        new_decoder_architecture=True,
+        num_kv_heads=2,
+        **IDS,
+    ),
+}
+ENCODERS = {
+    "deberta": lambda: DebertaConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        relative_attention=True,
+        pos_att_type=["c2p", "p2c"],
+        max_relative_positions=16,
+        **IDS,
+    ),
+    "deberta-v2": lambda: DebertaV2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        relative_attention=True,
+        pos_att_type=["c2p", "p2c"],
+        max_relative_positions=16,
+        position_buckets=8,
+        **IDS,
+    ),
+}
+METHODS = {
+    "prefix_v2": lambda task: PrefixTuningV2Config(task_type=task, prefix_length=3, init_weights=False),
+    "ipt": lambda task: InstancePromptConfig(task_type=task, prompt_length=3, init_weights=False),
+    "ipt_frozen": lambda task: InstancePromptConfig(
+        task_type=task, prompt_length=3, init_weights=False, instance_source="frozen_model"
+    ),
+}
+
+
+def decoder(name: str, attn: str = "eager", seed: int = 0):
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(DECODERS[name](), attn_implementation=attn).eval()
+
+
+def encoder(name: str, seed: int = 0):
+    config = ENCODERS[name]()
+    config.num_labels = 3
+    torch.manual_seed(seed)
+    return AutoModelForSequenceClassification.from_config(config).eval()
+
+
+def trainable_grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("name", list(DECODERS))
+def test_a_decoder_prefix_changes_the_logits_trains_and_disables_exactly(name, method):
+    base = decoder(name)
+    ids = token_batch()
+    with torch.no_grad():
+        reference = base(input_ids=ids).logits
+    model = get_peft_model(base, METHODS[method]("CAUSAL_LM"))
+    model.train()
+    logits = model(input_ids=ids).logits
+    assert logits.shape == reference.shape and not torch.allclose(logits, reference, atol=1e-4)
+    labels = ids.clone()
+    labels[:, :4] = -100  # the source the instance prompt reads
+    model(input_ids=ids, labels=labels).loss.backward()
+    grads = trainable_grads(model)
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+    model.eval()
+    with model.disable_adapter(), torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, reference)
+
+
+@pytest.mark.parametrize("method", ["prefix_v2", "ipt"])
+@pytest.mark.parametrize("name", list(DECODERS))
+def test_a_decoder_generates_the_same_with_and_without_the_cache_and_as_a_manual_loop(name, method):
+    model = get_peft_model(decoder(name), METHODS[method]("CAUSAL_LM")).eval()
+    model.generation_config.eos_token_id = None  # a random model may end early; the manual loop does not
+    ids = token_batch(2, 6)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        cached = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+        uncached = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, use_cache=False
+        )
+        manual = ids
+        for _ in range(5):
+            manual = torch.cat([manual, model(input_ids=manual).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(cached, uncached) and torch.equal(cached, manual)
+
+
+@pytest.mark.parametrize("method", ["prefix_v2", "ipt"])
+@pytest.mark.parametrize("name", list(DECODERS))
+def test_a_left_padded_decoder_batch_matches_each_row_alone(name, method):
+    model = get_peft_model(decoder(name), METHODS[method]("CAUSAL_LM")).eval()
+    model.generation_config.eos_token_id = None
+    short, long = token_batch(1, 4, seed=2), token_batch(1, 7, seed=3)
+    batch = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1), long])
+    mask = torch.cat(
+        [torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 4, dtype=torch.long)], 1)]
+    )
+    mask = torch.cat([mask, torch.ones(1, 7, dtype=torch.long)])
+    kwargs = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        together = model.generate(input_ids=batch, attention_mask=mask, **kwargs)
+        alone = [
+            model.generate(input_ids=row, attention_mask=torch.ones_like(row), **kwargs)
+            for row in (short, long)
+        ]
+    assert torch.equal(together[0, 3:], alone[0][0]) and torch.equal(together[1], alone[1][0])
+
+
+@pytest.mark.parametrize("name", ["gptj", "codegen", "falcon", "falcon-grouped"])
+def test_a_prefix_of_the_models_own_keys_and_values_acts_as_those_tokens_in_front(name):
+    """Rotary decoders: the keys and values the model computes for P tokens, as a prefix, with the input's positions
+    moved on by P, give exactly the logits of those P tokens put in front of the input."""
+    base = decoder(name)
+    model = get_peft_model(
+        base, PrefixTuningV2Config(task_type="CAUSAL_LM", prefix_length=3, reparameterize=False)
+    )
+    words, ids = token_batch(1, 3, seed=4), token_batch(1, 6, seed=5)
+    tuner = model.base_model
+    tuner.prompt_modules["default"].set_prefix(tuner.record_activations(words[0]))
+    with torch.no_grad():
+        shifted = model(input_ids=ids, position_ids=torch.arange(3, 9)[None]).logits
+        with model.disable_adapter():
+            reference = model(input_ids=torch.cat([words, ids], 1)).logits[:, 3:]
+    torch.testing.assert_close(shifted, reference, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("name", ["gptj", "bloom", "falcon-alibi", "deberta", "deberta-v2"])
+def test_gradient_checkpointing_gives_the_same_gradients(name, reentrant):
+    results = []
+    for checkpointing in (False, True):
+        is_decoder = name in DECODERS
+        base = decoder(name) if is_decoder else encoder(name)
+        task = "CAUSAL_LM" if is_decoder else "SEQ_CLS"
+        model = get_peft_model(
+            base, PrefixTuningV2Config(task_type=task, prefix_length=3, init_weights=False)
+        )
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            model.enable_input_require_grads()
+        model.train()
+        ids = token_batch()
+        labels = ids if is_decoder else torch.tensor([0, 2])
+        with torch.random.fork_rng():
+            torch.manual_seed(1)
+            model(input_ids=ids, labels=labels, use_cache=False).loss.backward()
+        results.append({n: g.clone() for n, g in trainable_grads(model).items()})
+    assert results[0].keys() == results[1].keys()
+    for key, grad in results[0].items():
+        torch.testing.assert_close(grad, results[1][key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("name", list(ENCODERS))
+def test_a_deberta_prefix_changes_the_logits_trains_and_disables_exactly(name, method):
+    base = encoder(name)
+    ids = token_batch()
+    mask = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
+    with torch.no_grad():
+        reference = base(input_ids=ids, attention_mask=mask).logits
+    model = get_peft_model(base, METHODS[method]("SEQ_CLS"))
+    model.train()
+    output = model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 2]))
+    assert output.logits.shape == reference.shape
+    output.loss.backward()
+    grads = trainable_grads(model)
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
+    model.eval()
+    with torch.no_grad():
+        assert not torch.allclose(model(input_ids=ids, attention_mask=mask).logits, reference, atol=1e-4)
+        with model.disable_adapter():
+            assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, reference)
+
+
+@pytest.mark.parametrize("name", list(ENCODERS))
+def test_deberta_attention_with_an_empty_prefix_is_the_original_attention(name):
+    """Our disentangled attention computes what transformers' does when the prefix is empty."""
+    base = encoder(name)
+    attention = next(m for m in base.modules() if type(m).__name__ == "DisentangledSelfAttention")
+    version = V1 if name == "deberta" else V2
+    hidden = torch.randn(2, 7, 32)
+    mask = torch.ones(2, 1, 7, 7, dtype=torch.bool)
+    mask[1, :, :, 5:] = False
+    encoder_module = base.deberta.encoder
+    relative = encoder_module.get_rel_pos(hidden)
+    embeddings = encoder_module.get_rel_embedding()
+    empty = (torch.zeros(1, 4, 0, 8), torch.zeros(1, 4, 0, 8))
+    with torch.no_grad():
+        ours = _attend(version, attention, empty, hidden, mask, True, None, relative, embeddings)
+        theirs = attention(hidden, mask, True, None, relative, embeddings)
+    torch.testing.assert_close(ours[0], theirs[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours[1], theirs[1], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(ENCODERS))
+def test_a_deberta_prefix_key_gets_no_relative_position_score(name):
+    """Raise every relative-position score by c: the input's keys all gain c, a prefix key gains nothing, so its
+    attention weight against any input key falls by exactly exp(-c)."""
+    base = encoder(name)
+    attention = next(m for m in base.modules() if type(m).__name__ == "DisentangledSelfAttention")
+    version = V1 if name == "deberta" else V2
+    scorer = "disentangled_att_bias" if name == "deberta" else "disentangled_attention_bias"
+    hidden = torch.randn(1, 5, 32)
+    mask = torch.ones(1, 1, 5, 5, dtype=torch.bool)
+    relative, embeddings = base.deberta.encoder.get_rel_pos(hidden), base.deberta.encoder.get_rel_embedding()
+    prefix = (torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8))
+    with torch.no_grad():
+        _, before = _attend(version, attention, prefix, hidden, mask, True, None, relative, embeddings)
+        original = getattr(attention, scorer)
+        setattr(attention, scorer, lambda *a: original(*a) + 3.0)
+        _, after = _attend(version, attention, prefix, hidden, mask, True, None, relative, embeddings)
+    ratio_before = before[..., :2] / before[..., 2:3]  # prefix columns against the first input key
+    ratio_after = after[..., :2] / after[..., 2:3]
+    torch.testing.assert_close(ratio_after, ratio_before * torch.exp(torch.tensor(-3.0)), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("name", ["falcon", "deberta-v2"])
+def test_save_and_load_round_trip_on_a_path_of_its_own(name, tmp_path):
+    is_decoder = name in DECODERS
+    build = (lambda: decoder(name)) if is_decoder else (lambda: encoder(name))
+    task = "CAUSAL_LM" if is_decoder else "SEQ_CLS"
+    model = get_peft_model(build(), METHODS["ipt"](task)).eval()
+    ids = token_batch()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(build(), tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, expected)
+
+
+def test_flash_attention_is_refused_on_a_path_of_its_own_too():
+    base = decoder("falcon")
+    base.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="attn_implementation='flash_attention_2' is not supported"):
+        get_peft_model(base, METHODS["prefix_v2"]("CAUSAL_LM"))
+
+
+def test_the_supported_model_types_are_listed():
+    assert {"bloom", "codegen", "deberta", "deberta-v2", "falcon", "gptj"} <= set(supported_model_types())
+
+
+@pytest.mark.parametrize("config", [GPTNeoConfig, MptConfig], ids=["gpt_neo", "mpt"])
+def test_an_architecture_without_a_path_is_refused_naming_the_supported_ones(config):
+    kwargs = {"hidden_size": 32, "num_layers": 2, "num_heads": 4} if config is GPTNeoConfig else {}
+    if config is GPTNeoConfig:
+        kwargs["attention_types"] = [[["global", "local"], 1]]
+    else:
+        kwargs = {"d_model": 32, "n_layers": 2, "n_heads": 4}
+    base = AutoModelForCausalLM.from_config(config(vocab_size=VOCAB, **kwargs))
+    with pytest.raises(ValueError, match=r"does not route attention through transformers.AttentionInterface.*bloom"):
+        get_peft_model(base, METHODS["prefix_v2"]("CAUSAL_LM"))
+
+
+def test_supported_models_names_each_tested_model_types_path(capsys):
+    from peft_ipt.cli import main
+
+    assert main(["supported-models"]) == 0
+    lines = dict(line.split("  ", 1) for line in capsys.readouterr().out.splitlines() if line.count("  ") == 2)
+    registry = {"bart", "bert", "gpt2", "llama", "roberta", "t5"}
+    assert all(lines[t] == "registry  yes" for t in registry)
+    assert lines["deberta"] == lines["deberta-v2"] == "deberta  yes"
+    assert lines["gpt_neo"] == "refused  -"
+    # GPT-J and CodeGen moved onto the registry in transformers 5.24: either way they are served and tested
+    assert all(lines[t] in ("cache_view  yes", "registry  yes") for t in ("gptj", "codegen", "bloom", "falcon"))
