@@ -7,8 +7,10 @@ import subprocess
 import sys
 import textwrap
 
+import peft
 import pytest
 import torch
+import transformers
 from conftest import AUTO, CONFIGS, tiny_model, token_batch
 from peft import LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model
 from safetensors.torch import load_file
@@ -67,6 +69,20 @@ def perturb_head(model) -> None:
                 param.add_(torch.randn_like(param))
 
 
+def peft_run(model, **inputs):
+    """A forward of peft's own PrefixTuning; skipped, with peft's reason, where peft itself cannot run the model
+    (peft 0.21 refuses models without a past-key-values cache, e.g. encoders under transformers 5.24)."""
+    try:
+        return model(**inputs)
+    except ValueError as error:
+        if "does not support past key values" in str(error):
+            pytest.skip(
+                f"peft {peft.__version__}'s PrefixTuning cannot run {type(model.get_base_model()).__name__} "
+                f"with transformers {transformers.__version__}: {error}"
+            )
+        raise
+
+
 def peft_prefix(make, task="CAUSAL_LM", **config):
     """A plain peft PrefixTuning model with a random, non-trivial prefix."""
     model = get_peft_model(make(task), PrefixTuningConfig(task_type=task, num_virtual_tokens=P, **config))
@@ -118,7 +134,7 @@ def test_export_then_plain_peft_gives_equal_logits_on_a_position_free_model(task
     loaded = PeftModel.from_pretrained(nope_model(task), tmp_path)
     with torch.no_grad():
         reference = main_output(nope_model(task)(**batch))
-        output = main_output(loaded(**batch))
+        output = main_output(peft_run(loaded, **batch))
     assert not torch.allclose(output, reference, atol=1e-4)  # the prefix (and head) did arrive
     assert torch.equal(output, expected)
 
@@ -129,7 +145,7 @@ def test_import_from_peft_gives_equal_logits_on_a_position_free_model(task, tmp_
     theirs.save_pretrained(tmp_path)
     batch = padded_batch()
     with torch.no_grad():
-        expected = main_output(theirs(**batch))
+        expected = main_output(peft_run(theirs, **batch))
     model = import_from_peft_prefix_tuning(nope_model(task), tmp_path)
     assert isinstance(model.peft_config["default"], PrefixTuningV2Config)
     assert model.peft_config["default"].reparameterize is False
@@ -143,7 +159,7 @@ def test_import_of_a_peft_adapter_trained_with_prefix_projection_gives_equal_log
     theirs.save_pretrained(tmp_path)
     batch = padded_batch()
     with torch.no_grad():
-        expected = theirs(**batch).logits
+        expected = peft_run(theirs, **batch).logits
         model = import_from_peft_prefix_tuning(nope_model(), tmp_path)
         torch.testing.assert_close(model(**batch).logits, expected, rtol=1e-5, atol=1e-6)
 
@@ -192,7 +208,7 @@ def test_on_positional_models_peft_equals_ours_with_positions_shifted_by_the_pre
     ids = token_batch(2, 6)
     positions = torch.arange(6).expand(2, -1)
     with torch.no_grad():
-        peft_logits = theirs(input_ids=ids).logits
+        peft_logits = peft_run(theirs, input_ids=ids).logits
         assert not torch.allclose(model(input_ids=ids, position_ids=positions).logits, peft_logits, atol=1e-4)
         assert torch.equal(model(input_ids=ids, position_ids=positions + P).logits, peft_logits)
 
