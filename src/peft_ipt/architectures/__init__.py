@@ -71,7 +71,11 @@ def supported_models_table() -> str:
     import transformers
 
     rows = model_types_by_path()
-    lines = [f"transformers {transformers.__version__}: {len(rows)} model types", "", "model type  path  tested"]
+    lines = [
+        f"transformers {transformers.__version__}: {len(rows)} model types",
+        "",
+        "model type  path  tested",
+    ]
     for model_type, path in rows.items():
         lines.append(f"{model_type}  {path}  {'yes' if model_type in TESTED_MODEL_TYPES else '-'}")
     served = sum(path != "refused" for path in rows.values())

