@@ -20,15 +20,15 @@ Results: ``benchmarks/results/prefix_init.{json,md}`` (runs merged by method/ini
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import tempfile
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).resolve().parent / "results"
+from harness import RESULTS, ROOT, ResultsFile, markdown_table, train_command, train_run  # noqa: E402
+
 TEXT = "Describe the restaurant in one fluent sentence using every attribute given."
 # Each initialisation is set explicitly, whatever the shipped config chooses (e2e_ipt.yaml ships with "text").
 INITS = {
@@ -70,28 +70,24 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--report", action="store_true", help="only rebuild the table from the JSON")
     args = parser.parse_args(argv)
+    results_file = ResultsFile(RESULTS / "prefix_init.json")
     if args.report:
-        write_table(json.loads((RESULTS / "prefix_init.json").read_text()))
+        write_table(results_file.field("runs", {}))
         return
     import torch
 
-    from peft_ipt.cli.train import train
-
     torch.set_num_threads(args.threads)
-    path = RESULTS / "prefix_init.json"
-    runs = json.loads(path.read_text()) if path.is_file() else {}
+    runs = results_file.field("runs", {})
     for method in args.methods:
         config = ROOT / "configs" / f"e2e_{method}.yaml"
         for init in args.inits:
             overrides = ["training.eval_strategy=no", *INITS[init]]
             base_loss, start_loss = initial_loss(config, overrides)
-            with tempfile.TemporaryDirectory() as output:
-                results = train(config, overrides, output_dir=output)
+            results = train_run(config, overrides)
             runs[f"{method}/{init}"] = {
                 "method": method,
                 "init": init,
-                "command": f"peft-ipt train {config.relative_to(ROOT)} "
-                + " ".join(f"--set '{o}'" for o in overrides),
+                "command": train_command(config, overrides),
                 "base_loss": base_loss,
                 "initial_loss": start_loss,
                 "last_logged_train_loss": results["train_history"][-1].get("loss"),
@@ -100,8 +96,7 @@ def main(argv=None) -> None:
                 },
                 "test": {k: v for k, v in results["test"].items() if "bleu" in k or "rouge" in k},
             }
-            RESULTS.mkdir(exist_ok=True)
-            path.write_text(json.dumps(runs, indent=2))
+            results_file.write({"runs": runs})
             write_table(runs)
 
 
@@ -114,18 +109,31 @@ def write_table(runs: dict) -> None:
         "Losses: the first 16 training rows, before training. Scores: sacrebleu BLEU and rouge-score ROUGE-L "
         "(0-100) of greedy outputs against all references of each of the 21 test inputs.",
         "",
-        "| method | prefix_init | loss: base model | loss: untrained adapter | test BLEU | test ROUGE-L |",
-        "|---|---|---|---|---|---|",
     ]
+    table = []
     for run in runs.values():
         test = run["test"]
         bleu = next((v for k, v in test.items() if k.endswith("bleu")), float("nan"))
         rouge = next((v for k, v in test.items() if "rouge" in k), float("nan"))
-        lines.append(
-            f"| {run['method']} | {run['init']} | {run['base_loss']:.2f} | {run['initial_loss']:.2f} | "
-            f"{bleu:.1f} | {rouge:.1f} |"
+        table.append(
+            [
+                run["method"],
+                run["init"],
+                f"{run['base_loss']:.2f}",
+                f"{run['initial_loss']:.2f}",
+                f"{bleu:.1f}",
+                f"{rouge:.1f}",
+            ]
         )
-    markdown = "\n".join(lines) + "\n"
+    header = [
+        "method",
+        "prefix_init",
+        "loss: base model",
+        "loss: untrained adapter",
+        "test BLEU",
+        "test ROUGE-L",
+    ]
+    markdown = "\n".join(lines) + "\n" + markdown_table(header, table)
     (RESULTS / "prefix_init.md").write_text(markdown)
     print(markdown)
 

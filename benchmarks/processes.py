@@ -40,7 +40,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 METHODS = ("v2", "ipt", "peft_prefix", "lora")
-RESULTS = Path(__file__).resolve().parent / "results"
+from harness import RESULTS, markdown_table, write_outputs  # noqa: E402
 
 
 def worker(args) -> None:
@@ -145,29 +145,27 @@ def main(argv=None) -> None:
                 }
             )
     n = args.processes
-    lines = [
-        f"# Training step: 1 process vs {n} DDP processes ({args.model}, CPU, {args.threads} threads in all)",
-        "",
+    markdown = (
+        f"# Training step: 1 process vs {n} DDP processes ({args.model}, CPU, {args.threads} threads in all)\n\n"
         f"Global batch {args.batch} x {args.seq} tokens, P={args.prefix_length}; median of {args.steps} steps "
         f"after {args.warmup} warm-up. 1 process uses {args.threads} threads; each of the {n} gloo ranks "
-        f"{max(1, args.threads // n)}, on the same cores.",
-        "",
-        f"| method | tokens/s, 1 process | tokens/s, {n} processes | speedup |",
-        "|---|---|---|---|",
-    ]
-    for row in rows:
-        lines.append(
-            f"| {row['label']} | {row['tokens_per_s']['1']:.0f} | {row['tokens_per_s'][str(n)]:.0f} | "
-            f"{row['speedup']:.2f}x |"
-        )
-    markdown = "\n".join(lines) + "\n"
-    print(markdown)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / f"speed_{args.model}_processes"
-    stem.with_suffix(".md").write_text(markdown)
+        f"{max(1, args.threads // n)}, on the same cores.\n\n"
+    )
+    markdown += markdown_table(
+        ["method", "tokens/s, 1 process", f"tokens/s, {n} processes", "speedup"],
+        [
+            [
+                r["label"],
+                f"{r['tokens_per_s']['1']:.0f}",
+                f"{r['tokens_per_s'][str(n)]:.0f}",
+                f"{r['speedup']:.2f}x",
+            ]
+            for r in rows
+        ],
+    )
     settings = {k: v for k, v in vars(args).items() if k not in ("worker", "method", "out", "out_dir")}
     document = {"settings": settings, "cores": os.cpu_count(), "torch": torch.__version__, "rows": rows}
-    stem.with_suffix(".json").write_text(json.dumps(document, indent=2))
+    write_outputs(f"speed_{args.model}_processes", document, markdown, args.out_dir)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ Usage (from the repository root, with the package installed)::
     python benchmarks/speed.py --model smollm2 --parts inference --methods bare,v2,v2_folded,ipt,peft_prefix,lora
                                                        # generation only, fewer methods: speed_smollm2_inference.*
     python benchmarks/speed.py --model smollm2 --scaling   # cost as the prefix length and the sequence grow
-    python benchmarks/speed.py --model smollm2 --profile   # where decoding time goes in peft-ipt's attention
     python benchmarks/speed.py --model smollm2 --device cuda --dtype bf16
 
 Methods, all at the same prefix / prompt length P (``--prefix-length``, default 16):
@@ -19,7 +18,9 @@ Methods, all at the same prefix / prompt length P (``--prefix-length``, default 
 - ``v2``: peft-ipt ``PrefixTuningV2Config(prefix_length=P)`` (default: the MLP reparameterisation);
   ``v2_flat``: the same with ``reparameterize=False``, which is peft PrefixTuning's default parameterisation;
   ``v2_folded`` (inference rows only): ``v2`` after ``model.fold()``, the MLP folded into flat keys/values.
-- ``ipt``: peft-ipt ``InstancePromptConfig(prompt_length=P)``, otherwise defaults (hybrid injection).
+- ``ipt``: peft-ipt ``InstancePromptConfig(prompt_length=P)``, otherwise defaults (hybrid injection);
+  ``ipt_frozen``: the same with ``instance_source="frozen_model"``, whose instance signal costs one extra forward of
+  the frozen model without gradient (once per training step, once per ``generate`` call).
 - ``peft_prefix``: peft ``PrefixTuningConfig(num_virtual_tokens=P)`` (flat, peft's default);
   ``peft_prefix_mlp``: the same with ``prefix_projection=True, encoder_hidden_size=512``, like for like with
   ``v2``'s MLP; ``peft_prompt``: peft
@@ -55,18 +56,18 @@ of the per-round paired ratios (a method's time over the reference's time in the
 numbers on a shared CPU are noisy; read the ratios.
 
 Results go to ``benchmarks/results/speed_<model>.{json,md,png}`` (``speed_<model>_scaling.*`` for
-``--scaling``, ``speed_<model>_profile.{json,md}`` for ``--profile``, ``speed_quick.*`` for ``--quick``), and the
-markdown is printed.
+``--scaling``, ``speed_quick.*`` for ``--quick``), and the markdown is printed.
+
+An earlier ``--profile`` mode timed peft-ipt's attention wrapper under torch.profiler and prototyped a prefix held in
+the KV cache; its finding is in the README (Speed and memory) and the prototype is gone.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import gc
 import itertools
-import json
 import os
 import platform
 import statistics
@@ -84,15 +85,14 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model  # noqa: E402
 from tqdm import tqdm  # noqa: E402
-from transformers.cache_utils import DynamicCache, DynamicLayer  # noqa: E402
 
 import peft_ipt  # noqa: E402
-import peft_ipt.attention as ipt_attention  # noqa: E402
 from peft_ipt import InstancePromptConfig, PrefixTuningV2Config  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import RESULTS, figure, quartiles, save_figure, write_outputs  # noqa: E402
 
 LABELS = {
     "bare": "bare model",
@@ -100,6 +100,7 @@ LABELS = {
     "v2_flat": "peft-ipt PrefixTuningV2 (flat)",
     "v2_folded": "peft-ipt PrefixTuningV2 (folded)",
     "ipt": "peft-ipt InstancePrompt",
+    "ipt_frozen": "peft-ipt InstancePrompt (frozen-model source)",
     "peft_prefix": "peft PrefixTuning",
     "peft_prefix_mlp": "peft PrefixTuning (MLP)",
     "peft_prompt": "peft PromptTuning",
@@ -113,6 +114,7 @@ REFERENCES = ("bare", "peft_prefix")
 TARGETS = [
     ("train_step", ("v2",), "peft_prefix", 1.0, "<="),
     ("train_step", ("ipt",), "peft_prefix", 1.1, "<="),
+    ("train_step", ("ipt_frozen",), "peft_prefix", 1.35, "<="),
     ("gen_b1", ("v2", "v2_folded"), "peft_prefix", 0.95, ">="),
     ("gen_b8", ("v2", "v2_folded"), "peft_prefix", 0.95, ">="),
     ("gen_b1", ("v2", "v2_folded"), "bare", 0.9, ">="),
@@ -201,6 +203,8 @@ def make_config(method: str, task: str, P: int):
         return PrefixTuningV2Config(task_type=task, prefix_length=P, reparameterize=False)
     if method == "ipt":
         return InstancePromptConfig(task_type=task, prompt_length=P)
+    if method == "ipt_frozen":
+        return InstancePromptConfig(task_type=task, prompt_length=P, instance_source="frozen_model")
     if method == "peft_prefix":
         return PrefixTuningConfig(task_type=task, num_virtual_tokens=P)
     if method == "peft_prefix_mlp":  # like for like with v2's default: the same MLP width
@@ -423,13 +427,6 @@ def measure_peaks(runners: list[Runner], batch: dict, setting: Setting) -> dict[
 # Summaries
 
 
-def _quartiles(values: list[float]) -> tuple[float, float]:
-    if len(values) < 2:
-        return (values[0], values[0]) if values else (float("nan"), float("nan"))
-    q = statistics.quantiles(values, n=4, method="inclusive")
-    return q[0], q[2]
-
-
 def summarise(raw: dict[str, dict | str], work: float, higher_is_better: bool) -> dict[str, dict | str]:
     """Median value (``work / seconds`` for throughputs, seconds otherwise) and ratios to each reference.
 
@@ -459,7 +456,7 @@ def summarise(raw: dict[str, dict | str], work: float, higher_is_better: bool) -
                 entry[f"{prefix}vs_{ref}"] = 1 / ratio if higher_is_better else ratio
                 paired = [t / r for t, r in zip(mine, theirs, strict=False) if r and t]
                 paired = [1 / x for x in paired] if higher_is_better else paired
-                entry[f"{prefix}vs_{ref}_iqr"] = _quartiles(paired)
+                entry[f"{prefix}vs_{ref}_iqr"] = quartiles(paired)
         out[method] = entry
     return out
 
@@ -644,12 +641,7 @@ def environment(args, setting: Setting) -> dict:
 def plot_ratios(
     summaries: dict[str, dict], keys: list[str], methods: list[str], title: str, path: Path
 ) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 4.6), squeeze=False)
+    fig, axes = figure(1, len(keys), (4.2, 4.6))
     for ax, key in zip(axes[0], keys, strict=True):
         name, unit, _, higher = MEASUREMENTS[key]
         shown = [m for m in methods if isinstance(summaries.get(key, {}).get(m), dict)]
@@ -674,17 +666,7 @@ def plot_ratios(
     axes[0][0].set_ylabel("ratio (dashed: targets)")
     axes[0][0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def write_outputs(stem: str, data: dict, markdown: str, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{stem}.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
-    (out_dir / f"{stem}.md").write_text(markdown + "\n")
-    print(markdown)
-    print(f"\nwrote {out_dir / stem}.json / .md" + (" / .png" if (out_dir / f"{stem}.png").exists() else ""))
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1022,13 +1004,8 @@ def run_scaling(args, spec: ModelSpec, setting: Setting) -> tuple[dict, str]:
 
 
 def _plot_scaling(points: list[dict], model: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     axes_names = list(dict.fromkeys(p["axis"] for p in points))
-    fig, axes = plt.subplots(1, len(axes_names), figsize=(5 * len(axes_names), 4), squeeze=False)
+    fig, axes = figure(1, len(axes_names), (5, 4))
     for ax, axis in zip(axes[0], axes_names, strict=True):
         sub = [p for p in points if p["axis"] == axis]
         xs = [p["value"] for p in sub]
@@ -1048,485 +1025,7 @@ def _plot_scaling(points: list[dict], model: str, path: Path) -> None:
         ax.set_ylabel("ratio")
         ax.legend(fontsize=7)
     fig.suptitle(f"{model}: PrefixTuningV2 relative cost as {' and '.join(axes_names)} grow", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Profile: where decoding time goes in peft-ipt's attention, and a prototype of a fix
-#
-# (1) One generate call per method under torch.profiler, with record_function ranges around peft-ipt's attention
-#     function and its helpers, the attention kernel and the KV-cache update. The ranges are installed by wrapping
-#     those functions before the models are built (the library is not edited); they cost a few microseconds a call,
-#     so (1) gives shares of a profiled run, not timings.
-# (2) Unprofiled round-robin timings of PrefixTuningV2 (folded) as it is, against monkeypatched variants, each on its
-#     own copy of the model:
-#     - "prefix in cache" (the proposed fix): generate() hands the model a DynamicCache whose layers start with the
-#       layer's prefix keys/values but report their length without them, so positions and mask sizes stay the
-#       model's own; the attention function then only widens the mask. One concatenation per layer and decoding step
-#       (the cache's own) instead of two; the prefix is copied into the cache once per generate call.
-#     - "no prefix" (a floor, not a method): the attention function calls the kernel directly, skipping the prefix.
-
-PROFILE_RANGES = {
-    "generate": "generate",
-    "forward": "train::forward",
-    "backward": "train::backward",
-    "optimizer": "train::optimizer_step",
-    "ipt_attention": "ipt::prefix_attention_forward",
-    "ipt_prefix_for": "ipt::prefix_for",
-    "ipt_match_batch": "ipt::match_batch",
-    "ipt_widen_mask": "ipt::widen_mask",
-    "ipt_pre_hook": "ipt::forward_pre_hook",
-    "kernel": "attention::sdpa",
-    "cache_update": "cache::update",
-}
-PROTO_IMPL, FLOOR_IMPL = "peft_ipt_proto_sdpa", "peft_ipt_noprefix_sdpa"
-
-
-def _ranged(fn: Callable, name: str) -> Callable:
-    @functools.wraps(fn)
-    def wrapped(*args, **kwargs):
-        with torch.profiler.record_function(name):
-            return fn(*args, **kwargs)
-
-    return wrapped
-
-
-@contextlib.contextmanager
-def profile_ranges():
-    """Wrap peft-ipt's attention pieces, the sdpa kernel and the cache update in named profiler ranges."""
-    from transformers import AttentionInterface
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    from peft_ipt.tuner import PromptTuner
-
-    patches = [
-        (ipt_attention, "_widen_mask", PROFILE_RANGES["ipt_widen_mask"]),
-        (ipt_attention, "_match_batch", PROFILE_RANGES["ipt_match_batch"]),
-        (PromptTuner, "prefix_for", PROFILE_RANGES["ipt_prefix_for"]),
-        (PromptTuner, "_before_forward", PROFILE_RANGES["ipt_pre_hook"]),  # bound when a model is built
-        (DynamicLayer, "update", PROFILE_RANGES["cache_update"]),
-    ]
-    originals = [(owner, name, owner.__dict__[name]) for owner, name, _ in patches]
-    kernels = {name: ALL_ATTENTION_FUNCTIONS[name] for name in ("sdpa", "peft_ipt_sdpa")}
-    try:
-        for owner, name, label in patches:
-            setattr(owner, name, _ranged(owner.__dict__[name], label))
-        # prefix sites capture ALL_ATTENTION_FUNCTIONS["sdpa"] when the model is built, so they get the wrapped one
-        AttentionInterface.register("sdpa", _ranged(kernels["sdpa"], PROFILE_RANGES["kernel"]))
-        AttentionInterface.register(
-            "peft_ipt_sdpa", _ranged(kernels["peft_ipt_sdpa"], PROFILE_RANGES["ipt_attention"])
-        )
-        yield
-    finally:
-        for owner, name, original in originals:
-            setattr(owner, name, original)
-        for name, fn in kernels.items():
-            AttentionInterface.register(name, fn)
-
-
-def _breakdown(events) -> dict[str, float]:
-    """Inclusive ms of every range (outermost occurrences only) and where aten::cat ran, from profiler events."""
-    out = dict.fromkeys(
-        [*PROFILE_RANGES, "kernel_in_ipt", "cat_in_ipt", "cat_in_cache", "cat_elsewhere"], 0.0
-    )
-    names = {label: key for key, label in PROFILE_RANGES.items()}
-    for event in events:
-        ancestors, parent = set(), event.cpu_parent
-        while parent is not None:
-            ancestors.add(parent.name)
-            parent = parent.cpu_parent
-        ms = event.cpu_time_total / 1000.0
-        key = names.get(event.name)
-        if key is not None and event.name not in ancestors:
-            out[key] += ms
-            if key == "kernel" and PROFILE_RANGES["ipt_attention"] in ancestors:
-                out["kernel_in_ipt"] += ms
-        if event.name == "aten::cat" and "aten::cat" not in ancestors:
-            if PROFILE_RANGES["ipt_attention"] in ancestors and PROFILE_RANGES["kernel"] not in ancestors:
-                out["cat_in_ipt"] += ms
-            elif PROFILE_RANGES["cache_update"] in ancestors:
-                out["cat_in_cache"] += ms
-            else:
-                out["cat_elsewhere"] += ms
-    out["ipt_own"] = out["ipt_attention"] - out["kernel_in_ipt"]  # our wrapper, without the kernel it calls
-    return out
-
-
-class PrefixedLayer(DynamicLayer):
-    """Prototype: a DynamicLayer that starts with its attention site's prefix but reports its length without it."""
-
-    def __init__(self, tuner, site):
-        super().__init__()
-        self.tuner, self.site, self.prefix_length = tuner, site, 0
-
-    def lazy_initialization(self, key_states, value_states):
-        super().lazy_initialization(key_states, value_states)
-        prefix = self.tuner.prefix_for(
-            self.site
-        )  # (B|1, n_kv, P, hd): generate() computed it before the model ran
-        if prefix is not None:
-            batch = key_states.shape[0]
-            self.keys = ipt_attention._match_batch(prefix[0], batch).to(self.dtype).contiguous()
-            self.values = ipt_attention._match_batch(prefix[1], batch).to(self.dtype).contiguous()
-            self.prefix_length = self.keys.shape[-2]
-
-    def get_seq_length(self) -> int:  # positions, cache_position and mask sizes exclude the prefix
-        return super().get_seq_length() - self.prefix_length if self.is_initialized else 0
-
-    def reset(self) -> None:
-        super().reset()
-        self.prefix_length = 0
-
-
-def _proto_attention(module, query, key, value, attention_mask, **kwargs):
-    """Prototype: when the cache already holds the prefix in front of ``key``/``value``, only widen the mask."""
-    site = module.__dict__[ipt_attention.SITE_ATTR]
-    provider = site.provider()
-    prefix = (
-        provider.prefix_for(site)
-        if provider is not None and getattr(provider, "_prefix_in_cache", False)
-        else None
-    )
-    if prefix is None:
-        return ipt_attention.prefix_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    prefix_len = prefix[0].shape[2]
-    causal = kwargs.get("is_causal")
-    causal = getattr(module, "is_causal", False) if causal is None else causal
-    mask = ipt_attention._widen_mask(attention_mask, prefix_len, query, key.shape[2] - prefix_len, causal)
-    return site.inner(module, query, key, value, mask, **kwargs)
-
-
-def _floor_attention(module, query, key, value, attention_mask, **kwargs):
-    return module.__dict__[ipt_attention.SITE_ATTR].inner(module, query, key, value, attention_mask, **kwargs)
-
-
-def _register_variants() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-    for name, fn in ((PROTO_IMPL, _proto_attention), (FLOOR_IMPL, _floor_attention)):
-        AttentionInterface.register(name, fn)
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-
-
-def use_prefix_in_cache(runner: Runner) -> None:
-    """Turn a peft-ipt runner into the prototype: prefix-holding cache in generate(), mask-only attention."""
-    tuner = runner.model.base_model
-    original = tuner.generate
-
-    def generate(*args, **kwargs):
-        cache = DynamicCache(config=tuner.model.config)
-        for module, kind, layer, *_ in tuner._injection.sites:
-            if kind == ipt_attention.SELF:
-                cache.layers[layer] = PrefixedLayer(tuner, module.__dict__[ipt_attention.SITE_ATTR])
-        tuner._prefix_in_cache = True
-        try:
-            return original(*args, past_key_values=cache, **kwargs)
-        finally:
-            tuner._prefix_in_cache = False
-
-    tuner.generate = generate
-    tuner.model.set_attn_implementation(PROTO_IMPL)
-
-
-def _ranged_train_step(runner: Runner, batch: dict, setting: Setting) -> None:
-    runner.optimizer.zero_grad(set_to_none=True)
-    with torch.profiler.record_function(PROFILE_RANGES["forward"]), setting.autocast():
-        loss = runner.model(**batch).loss
-    with torch.profiler.record_function(PROFILE_RANGES["backward"]):
-        loss.backward()
-    with torch.profiler.record_function(PROFILE_RANGES["optimizer"]):
-        runner.optimizer.step()
-
-
-PROFILE_PARTS = ("micro", "decode", "train", "ab")
-
-
-def _per_call_overhead(args, spec: ModelSpec, setting: Setting) -> list[dict]:
-    """CPU microseconds of one decoding-step attention call: peft-ipt's function against the kernel alone."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    runner = build_runner("v2_folded", spec, args.prefix_length, setting.device, trained=False)
-    if runner.error is not None:
-        return [{"error": runner.error}]
-    runner.model.eval()
-    generate(
-        runner, make_batch(spec, 1, 4, setting.device), 1, setting
-    )  # leaves the adapter's prefixes current
-    module = next(m for m in runner.model.modules() if ipt_attention.SITE_ATTR in m.__dict__)
-    site = module.__dict__[ipt_attention.SITE_ATTR]
-    prefix_key, prefix_value = runner.model.base_model.prefix_for(site)[:2]  # (1, n_kv, P, head_dim)
-    config = runner.model.config
-    function = ALL_ATTENTION_FUNCTIONS[config._attn_implementation]
-    kwargs = {"dropout": 0.0, "scaling": module.scaling}
-
-    def cpu_us(
-        fn, n: int = 2000
-    ) -> float:  # best of 5 runs of n calls: the call's cost, not the machine's load
-        best = float("inf")
-        for _ in range(5):
-            start = time.process_time()
-            for _ in range(n):
-                fn()
-            best = min(best, (time.process_time() - start) / n)
-        return best * 1e6
-
-    rows = []
-    for batch in (1, 8):
-        for cached in (args.prompt_length + 1, args.prompt_length + args.new_tokens):  # first and last step
-            shape = (batch, prefix_key.shape[1], cached, prefix_key.shape[3])
-            q = torch.randn(batch, config.num_attention_heads, 1, shape[3], device=setting.device)
-            k, v = torch.randn(shape, device=setting.device), torch.randn(shape, device=setting.device)
-            k_full = torch.cat([prefix_key.expand(batch, -1, -1, -1), k], 2)
-            v_full = torch.cat([prefix_value.expand(batch, -1, -1, -1), v], 2)
-            with torch.no_grad():
-                ours = cpu_us(lambda q=q, k=k, v=v: function(module, q, k, v, None, **kwargs))
-                full = cpu_us(lambda q=q, k=k_full, v=v_full: site.inner(module, q, k, v, None, **kwargs))
-                alone = cpu_us(lambda q=q, k=k, v=v: site.inner(module, q, k, v, None, **kwargs))
-                one_cat = cpu_us(lambda k=k, b=batch: torch.cat([prefix_key.expand(b, -1, -1, -1), k], 2))
-            calls = config.num_hidden_layers * args.new_tokens
-            rows.append(
-                {
-                    "batch": batch,
-                    "cached_tokens": cached,
-                    "ours_us": ours,
-                    "kernel_with_prefix_us": full,
-                    "kernel_without_prefix_us": alone,
-                    "one_cat_us": one_cat,
-                    "overhead_us": ours - full,
-                    "overhead_ms_per_generate": (ours - full) * calls / 1e3,
-                }
-            )
-    return rows
-
-
-def _profile_decode(args, spec: ModelSpec, setting: Setting) -> list[dict]:
-    from torch.profiler import ProfilerActivity, profile
-
-    rows = []
-    with profile_ranges():
-        runners = {
-            m: build_runner(m, spec, args.prefix_length, setting.device, trained=False)
-            for m in ("bare", "peft_prefix", "v2_folded", "ipt")
-        }
-    for batch_size in (1, 8):
-        batch = make_batch(spec, batch_size, args.prompt_length, setting.device, seed=batch_size)
-        for method, runner in runners.items():
-            if runner.error is not None:
-                rows.append({"method": method, "batch": batch_size, "error": runner.error})
-                continue
-            print(f"[speed] profiling generate: {method}, batch {batch_size}", file=sys.stderr)
-            runner.model.eval()
-            with profile_ranges():
-                generate(runner, batch, args.new_tokens, setting)  # warm-up
-                with profile(activities=[ProfilerActivity.CPU]) as prof:
-                    with torch.profiler.record_function(PROFILE_RANGES["generate"]):
-                        generate(runner, batch, args.new_tokens, setting)
-            rows.append({"method": method, "batch": batch_size, **_breakdown(prof.events())})
-    return rows
-
-
-def _profile_train(args, spec: ModelSpec, setting: Setting, train_batch: dict) -> list[dict]:
-    from torch.profiler import ProfilerActivity, profile
-
-    rows = []
-    for method in ("v2", "v2_flat", "ipt", "peft_prefix"):
-        with profile_ranges():
-            runner = build_runner(method, spec, args.prefix_length, setting.device, trained=True)
-        if runner.error is not None:
-            rows.append({"method": method, "error": runner.error})
-            continue
-        print(f"[speed] profiling a training step: {method}", file=sys.stderr)
-        runner.model.train()
-        with profile_ranges():
-            for _ in range(2):
-                train_step(runner, train_batch, setting)  # warm-up: AdamW's state exists
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                _ranged_train_step(runner, train_batch, setting)
-        rows.append({"method": method, **_breakdown(prof.events())})
-        del runner
-        gc.collect()
-    return rows
-
-
-AB_VARIANTS = {  # name -> method it is built from
-    "bare": "bare",
-    "peft_prefix": "peft_prefix",
-    "v2_folded": "v2_folded",
-    "v2_folded+prefix_in_cache": "v2_folded",
-    "v2_folded+no_prefix": "v2_folded",
-    "ipt": "ipt",
-    "ipt+prefix_in_cache": "ipt",
-}
-
-
-def _profile_ab(args, spec: ModelSpec, setting: Setting) -> dict:
-    """Unprofiled round-robin generate timings: the prototype fix and the floor against the methods as they are."""
-    _register_variants()
-    runners: list[Runner] = []
-    for name, method in AB_VARIANTS.items():
-        runner = build_runner(method, spec, args.prefix_length, setting.device, trained=False)
-        if runner.error is None:
-            if name.endswith("+prefix_in_cache"):
-                use_prefix_in_cache(runner)
-            elif name.endswith("+no_prefix"):
-                runner.model.base_model.model.set_attn_implementation(FLOOR_IMPL)
-            runner.model.eval()
-        runner.method = name
-        runners.append(runner)
-    same_tokens, raw, summaries = {}, {}, {}
-    for batch_size in (1, 8):
-        batch = make_batch(spec, batch_size, args.prompt_length, setting.device, seed=batch_size)
-        outputs = {r.method: generate(r, batch, args.new_tokens, setting) for r in runners if r.error is None}
-        for name, tokens in outputs.items():
-            base = name.split("+")[0]
-            if name != base and base in outputs:
-                same_tokens[f"{name} b{batch_size}"] = bool(torch.equal(tokens, outputs[base]))
-        key = f"gen_b{batch_size}"
-        raw[key] = round_robin(
-            runners,
-            lambda r, b=batch: generate(r, b, args.new_tokens, setting),
-            setting,
-            args.gen_warmup,
-            args.gen_repeats,
-            f"A/B generate b{batch_size}",
-        )
-        summaries[key] = summarise(raw[key], batch_size * args.new_tokens, True)
-    return {"raw": raw, "summary": summaries, "same_tokens": same_tokens}
-
-
-def _share(row: dict, key: str, total: float) -> str:
-    return f"{row[key]:.0f} ms ({100 * row[key] / total:.1f}%)" if row.get(key) else "—"
-
-
-def run_profile(args, spec: ModelSpec, setting: Setting) -> tuple[dict, str]:
-    if spec.task != "CAUSAL_LM":
-        raise SystemExit("--profile looks at decoding: use --model tiny or --model smollm2")
-    parts = args.profile
-    env = environment(args, setting)
-    P = args.prefix_length
-    data: dict = {
-        "environment": env,
-        "settings": {
-            "model": spec.name,
-            "prefix_length": P,
-            "prompt_length": args.prompt_length,
-            "new_tokens": args.new_tokens,
-            "gen_repeats": args.gen_repeats,
-            "parts": parts,
-        },
-    }
-    md = [
-        f"## Decoding and training-step profile: {spec.name} ({spec.description}), P = {P}",
-        "",
-        f"{env['device']}; {env['dtype']}; peft-ipt {env['library_state']}; `{env['command']}`. Generation: greedy, "
-        f"{args.prompt_length}-token prompts, {args.new_tokens} new tokens.",
-    ]
-    if "micro" in parts:
-        rows = data["per_call_us"] = _per_call_overhead(args, spec, setting)
-        md += [
-            "",
-            "### Cost of one decoding-step attention call (CPU µs, best of 5 x 2000 calls, layer 0)",
-            "",
-            "`peft-ipt` = the registered attention function (prefix lookup, two torch.cat of the prefix onto the "
-            "cached keys/values, mask widening, then sdpa); `kernel + prefix` = sdpa alone on keys that already "
-            "hold the prefix (what a cache holding the prefix would cost); overhead = the difference, times "
-            "layers x new tokens for one generate call.",
-            "",
-            "| batch | cached tokens | peft-ipt | kernel + prefix | kernel, no prefix | one torch.cat | overhead "
-            "per call | overhead per generate |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for r in rows:
-            if "error" in r:
-                md.append(f"| error: `{r['error']}` |" + " |" * 7)
-                continue
-            md.append(
-                f"| {r['batch']} | {r['cached_tokens']} | {r['ours_us']:.1f} | {r['kernel_with_prefix_us']:.1f} | "
-                f"{r['kernel_without_prefix_us']:.1f} | {r['one_cat_us']:.1f} | {r['overhead_us']:.1f} µs | "
-                f"{r['overhead_ms_per_generate']:.0f} ms |"
-            )
-    if "decode" in parts:
-        rows = data["decode_profile_ms"] = _profile_decode(args, spec, setting)
-        md += [
-            "",
-            "### One generate call under torch.profiler",
-            "",
-            "Shares of that call's wall time. The named ranges and the profiler add a few µs to every range, so "
-            "Python-heavy parts look larger than they are; the per-call table above and the unprofiled timings "
-            "below are the ones to compare.",
-            "",
-            "| method | batch | generate ms | sdpa kernel | cache update (its cat) | peft-ipt attention wrapper, "
-            "without the kernel | ↳ torch.cat of the prefix | ↳ widen mask | ↳ prefix_for | ↳ match batch | "
-            "forward pre-hook | other aten::cat |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for row in rows:
-            if "error" in row:
-                md.append(
-                    f"| {LABELS[row['method']]} | {row['batch']} | error: `{row['error']}` |" + " |" * 9
-                )
-                continue
-            t = row["generate"]
-            md.append(
-                f"| {LABELS[row['method']]} | {row['batch']} | {t:.0f} | {_share(row, 'kernel', t)} | "
-                f"{_share(row, 'cache_update', t)} ({_share(row, 'cat_in_cache', t)}) | {_share(row, 'ipt_own', t)} | "
-                f"{_share(row, 'cat_in_ipt', t)} | {_share(row, 'ipt_widen_mask', t)} | "
-                f"{_share(row, 'ipt_prefix_for', t)} | {_share(row, 'ipt_match_batch', t)} | "
-                f"{_share(row, 'ipt_pre_hook', t)} | {_share(row, 'cat_elsewhere', t)} |"
-            )
-    if "train" in parts:
-        train_batch = make_batch(spec, args.train_batch or spec.train_batch, args.train_seq, setting.device)
-        rows = data["train_profile_ms"] = _profile_train(args, spec, setting, train_batch)
-        md += [
-            "",
-            f"### One training step under torch.profiler (batch {list(train_batch['input_ids'].shape)})",
-            "",
-            "| method | step ms | forward | ↳ forward pre-hook (computes the prefixes) | ↳ peft-ipt attention "
-            "wrapper, without the kernel | ↳ torch.cat of the prefix | ↳ widen mask | ↳ sdpa kernel | ↳ cache "
-            "update | backward | AdamW step |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for row in rows:
-            if "error" in row:
-                md.append(f"| {LABELS[row['method']]} | error: `{row['error']}` |" + " |" * 9)
-                continue
-            t = row["forward"] + row["backward"] + row["optimizer"]
-            md.append(
-                f"| {LABELS[row['method']]} | {t:.0f} | {_share(row, 'forward', t)} | {_share(row, 'ipt_pre_hook', t)} "
-                f"| {_share(row, 'ipt_own', t)} | {_share(row, 'cat_in_ipt', t)} | {_share(row, 'ipt_widen_mask', t)} "
-                f"| {_share(row, 'kernel', t)} | {_share(row, 'cache_update', t)} | {_share(row, 'backward', t)} "
-                f"| {_share(row, 'optimizer', t)} |"
-            )
-    if "ab" in parts:
-        ab = data["ab"] = _profile_ab(args, spec, setting)
-        md += [
-            "",
-            f"### Prototype fix, unprofiled (median of {args.gen_repeats} round-robin repeats after "
-            f"{args.gen_warmup} warm-up rounds)",
-            "",
-            "`+ prefix_in_cache`: generate() passes a DynamicCache whose layers hold the prefix in front and report "
-            "their length without it; the attention function only widens the mask (monkeypatched in this script). "
-            "`+ no_prefix`: the attention function skips the prefix entirely (a floor, not a method).",
-            "",
-        ]
-        labels = {
-            name: " + ".join([LABELS[name.split("+")[0]], *name.split("+")[1:]]) for name in AB_VARIANTS
-        }
-        for key in ("gen_b1", "gen_b8"):
-            md += [measurement_table(ab["summary"], key, list(AB_VARIANTS), labels), ""]
-        md.append(
-            "Greedy tokens equal to those of the method as it is: "
-            + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in ab["same_tokens"].items())
-            + "."
-        )
-    return data, "\n".join(md)
-
-
-# ---------------------------------------------------------------------------------------------------
-# CLI
+    save_figure(fig, path)
 
 
 PARTS = ("train", "inference")
@@ -1538,14 +1037,6 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny model, 1 warm-up + 3 repeats: a smoke run")
     parser.add_argument(
         "--scaling", action="store_true", help="prefix-length and sequence-length scaling table"
-    )
-    parser.add_argument(
-        "--profile",
-        nargs="?",
-        const=",".join(PROFILE_PARTS),
-        default=None,
-        help="profile peft-ipt's attention; optionally a comma-separated subset of "
-        f"{', '.join(PROFILE_PARTS)} (default: all)",
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast")
@@ -1590,10 +1081,6 @@ def parse_args(argv=None):
         args.gen_repeats = args.gen_repeats or 3
     args.gen_repeats = args.gen_repeats or args.repeats
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if args.profile is not None:
-        args.profile = [p.strip() for p in args.profile.split(",") if p.strip()]
-        if not args.profile or any(p not in PROFILE_PARTS for p in args.profile):
-            parser.error(f"--profile parts must come from {', '.join(PROFILE_PARTS)} (got {args.profile})")
     unknown = [m for m in args.methods if m not in LABELS]
     if unknown:
         parser.error(f"unknown method(s) {unknown}; valid: {', '.join(LABELS)}")
@@ -1612,11 +1099,7 @@ def main(argv=None) -> None:
     spec = MODELS[args.model]
     start = time.perf_counter()
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    if args.profile:
-        data, markdown = run_profile(args, spec, setting)
-        parts = "" if set(args.profile) == set(PROFILE_PARTS) else "_" + "_".join(args.profile)
-        stem = f"speed_{spec.name}_profile{parts}"
-    elif args.scaling:
+    if args.scaling:
         data, markdown = run_scaling(args, spec, setting)
         stem = f"speed_{spec.name}_scaling"
     else:

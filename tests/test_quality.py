@@ -1,9 +1,8 @@
-"""Quality on a real model: IPT vs PrefixTuningV2 on the bundled all-MiniLM-L6-v2 + Rotten Tomatoes (marked slow).
+"""Quality on a real model (marked slow): both methods learn Rotten Tomatoes on the bundled all-MiniLM-L6-v2, through
+the CLI's own training, at a small budget (1,000 reviews, 2 epochs, the shipped configs' rate).
 
-The training loop is the IPT ablation benchmark's (``benchmarks/ipt_ablation.py``), so the test checks the very
-setting whose numbers the README reports: prompt length 16, 2,000 seeded training examples, the fixed
-853-example validation split, 2 epochs, batch 32, AdamW lr 1e-2 with warm-up and linear decay, seed 0. The
-classifier head trains alongside, as peft does for SEQ_CLS.
+The quality claims themselves (IPT against its own task prefix, peft's methods, LoRA, full fine-tuning) are measured
+at converged budgets over three seeds by ``benchmarks/quality.py --tier converged``, not here.
 """
 
 from __future__ import annotations
@@ -14,19 +13,29 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import ipt_ablation  # noqa: E402
+from harness import CONFIGS, train_run  # noqa: E402
 
 pytestmark = pytest.mark.slow
+BUDGET = [
+    "data.train_size=1000",
+    "data.validation_size=400",
+    "training.num_train_epochs=2",
+    "training.eval_strategy='no'",
+    "training.seed=0",
+]
 
 
-def test_ipt_beats_chance_widely_and_matches_or_beats_prefix_tuning_v2(all_threads):
-    train, validation = ipt_ablation.load_data()
-    ipt = ipt_ablation.run("default", 0, train, validation)
-    prefix = ipt_ablation.run("prefix_v2_flat", 0, train, validation)
-    print(
-        f"\nRotten Tomatoes validation accuracy: IPT {ipt['accuracy']:.4f}, PrefixTuningV2 {prefix['accuracy']:.4f}"
-    )
-    for result in (ipt, prefix):
-        assert result["loss_last_10"] < result["loss_first_10"]  # both learned something
-    assert ipt["accuracy"] > 0.65  # chance is 0.5 (balanced classes)
-    assert ipt["accuracy"] >= prefix["accuracy"]
+@pytest.mark.parametrize(
+    ("config", "overrides"),
+    [
+        ("rotten_tomatoes_ipt.yaml", ["method_config.instance_source=frozen_model"]),
+        ("rotten_tomatoes_ipt.yaml", ["method_config.instance_source=embeddings"]),
+        ("rotten_tomatoes_prefix_v2.yaml", []),
+    ],
+    ids=["ipt-frozen-model", "ipt-embeddings", "prefix-v2"],
+)
+def test_the_method_learns_the_task_well_above_chance(config, overrides, all_threads):
+    results = train_run(CONFIGS / config, [*BUDGET, *overrides])
+    losses = [entry["loss"] for entry in results["train_history"] if "loss" in entry]
+    assert losses[-1] < losses[0]  # it learned
+    assert results["test"]["accuracy"] > 0.65  # balanced classes: chance is 0.5
