@@ -1399,6 +1399,11 @@ def main(argv: list[str] | None = None) -> int:
         help="converged tier: print the IPT candidate chosen on validation so far (for scripts), then exit",
     )
     parser.add_argument(
+        "--print-ranking",
+        metavar="TASK",
+        help="converged tier: print the IPT candidates run on TASK, best validation score first, then exit",
+    )
+    parser.add_argument(
         "--threads", type=int, help="torch CPU threads per run (default: torch's; with --jobs > 1: 1)"
     )
     parser.add_argument(
@@ -1429,6 +1434,11 @@ def main(argv: list[str] | None = None) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     if args.print_chosen:
         print(chosen_ipt(summarize(load_runs(path), args.quick)) or "")
+        return 0
+    if args.print_ranking:
+        rows = [r for r in summarize(load_runs(path), args.quick) if r["task"] == args.print_ranking]
+        ranked = sorted((r for r in rows if r["method"] in IPT_CANDIDATES), key=lambda r: -r["validation"])
+        print(" ".join(r["method"] for r in ranked))
         return 0
     if args.report:
         text, _ = write_reports(path, args.quick)

@@ -318,3 +318,18 @@ def test_supported_models_names_each_tested_model_types_path(capsys):
     assert all(
         lines[t] in ("cache_view  yes", "registry  yes") for t in ("gptj", "codegen", "bloom", "falcon")
     )
+
+
+def test_a_module_that_bypasses_the_registry_is_refused_at_its_first_call_not_ignored():
+    """transformers decides a model is on the registry from its modeling file; a module there that computes its
+    attention itself (T5 in transformers 5.16) would silently ignore its prefix."""
+    from conftest import tiny_model
+
+    base = tiny_model("llama")
+    attention = base.model.layers[1].self_attn
+    attention.forward = lambda hidden_states, **kwargs: (torch.zeros_like(hidden_states), None)
+    model = get_peft_model(base, METHODS["prefix_v2"]("CAUSAL_LM"))
+    with pytest.raises(ValueError, match=r"LlamaAttention \(layer 1\) computes its attention itself"):
+        model(input_ids=token_batch())
+    with model.disable_adapter():
+        model(input_ids=token_batch())  # the user's own model runs as it is

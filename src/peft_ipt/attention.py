@@ -54,6 +54,9 @@ class AttentionSite:
     head_dim: int
     inner: Callable  # the user's attention implementation, called after the prefix is added
     provider: Callable[[], PrefixProvider | None] = field(repr=False, default=lambda: None)
+    reached: bool = (
+        False  # set by prefix_attention_forward: the registry path's check that the module uses it
+    )
 
 
 class UnsupportedModelError(ValueError):
@@ -132,6 +135,7 @@ def prefix_attention_forward(
             f"peft_ipt: {type(module).__name__} was not prepared for prefixes; it was probably added to the model "
             "after get_peft_model. Call get_peft_model again on the final model."
         )
+    site.reached = True
     provider = site.provider()
     if provider is not None and provider.capturing:
         provider.capture(site, key, value)
@@ -307,12 +311,43 @@ class AttentionPath:
 
     def install(self, model: nn.Module, sites, provider_ref) -> None:
         base_impl = check_transformers_model(model)
+        self._checks: dict[int, list] = {}
         for module, kind, layer, n_kv, head_dim in sites:
             site = AttentionSite(kind, layer, n_kv, head_dim, _inner_implementation(module, base_impl))
             site.provider = provider_ref
             module.__dict__[SITE_ATTR] = site  # a plain attribute: not a submodule, not in the state dict
+            self._check_first_call(module, site)
         self._base_impl = base_impl
         self.enable(model)
+
+    def _check_first_call(self, module: nn.Module, site: AttentionSite) -> None:
+        """Refuse a module that computes attention itself although its modeling file uses the registry elsewhere
+        (transformers' own test for the registry reads the file, not the module): its prefix would be ignored.
+
+        The first call of each module with the adapter on is watched: it must reach prefix_attention_forward. Once
+        it has, the watch is removed.
+        """
+
+        def before(_module, _args):
+            site.reached = False
+
+        def after(_module, _args, _output):
+            provider = site.provider()
+            if provider is None or not getattr(provider, "_enabled", True):
+                return  # the user's own attention runs while the adapter is off
+            if not site.reached:
+                raise UnsupportedModelError(
+                    f"{type(module).__name__} (layer {site.layer}) computes its attention itself in this transformers "
+                    "version instead of calling transformers.AttentionInterface, so peft-ipt's prefix would be "
+                    "ignored. Upgrade transformers, or see `peft-ipt supported-models`."
+                )
+            for handle in self._checks.pop(id(module), []):
+                handle.remove()
+
+        self._checks[id(module)] = [
+            module.register_forward_pre_hook(before),
+            module.register_forward_hook(after),
+        ]
 
     def enable(self, model: nn.Module) -> None:
         model.set_attn_implementation(REGISTERED_PREFIX + self._base_impl)
@@ -324,6 +359,8 @@ class AttentionPath:
         self.disable(model)
         for module, *_ in sites:
             module.__dict__.pop(SITE_ATTR, None)
+            for handle in self._checks.pop(id(module), []):
+                handle.remove()
 
 
 def attention_path_for(model: nn.Module) -> AttentionPath:
