@@ -10,12 +10,12 @@ export HF_HUB_OFFLINE := 1
 
 setup: $(VENV)/.setup-done
 
-$(VENV)/.setup-done: pyproject.toml
+$(VENV)/.setup-done: pyproject.toml constraints/newest.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, pinned: this version is a local CPU wheel; a looser spec pulls GBs of CUDA packages.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev,bench]"
+	$(PY) -m pip install --quiet -e ".[dev,bench]" -c constraints/newest.txt
 	touch $@
 
 run: setup
