@@ -139,9 +139,6 @@ def test_padding_never_enters_the_instance_representation(variant):
             padded = torch.cat([ids, torch.full((1, 5), filler)], dim=1)
             mask = torch.cat([torch.ones_like(ids), torch.zeros(1, 5, dtype=torch.long)], dim=1)
             model(input_ids=padded, attention_mask=mask)
-            if variant.get("instance_source") == "hidden":
-                # hidden states of real tokens themselves depend on nothing padded: same prompt
-                pass
             assert_same_prefixes(unpadded, prefix_snapshot(model))
 
 
@@ -495,4 +492,37 @@ def test_token_table_with_inputs_embeds_only_says_what_to_do():
     with torch.no_grad():
         from_embeds = model(inputs_embeds=model.get_input_embeddings()(token_batch())).logits
         from_ids = model(input_ids=token_batch()).logits
+    torch.testing.assert_close(from_embeds, from_ids)
+
+
+@pytest.mark.parametrize(
+    "generation", [{}, {"use_cache": False}, {"num_beams": 3}], ids=["cache", "no-cache", "beams"]
+)
+@pytest.mark.parametrize(("arch", "task"), [("llama", "CAUSAL_LM"), ("bart", "SEQ_2_SEQ_LM")])
+def test_the_frozen_models_extra_forward_runs_once_per_generate(arch, task, generation):
+    model = ipt_model(arch, task, instance_source="frozen_model")
+    tuner = model.base_model
+    runs = []
+    original = tuner._run_frozen
+    tuner._run_frozen = lambda inputs: runs.append(inputs) or original(inputs)
+    ids = token_batch(2, 6)
+    kwargs = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "max_new_tokens": 4,
+        "do_sample": False,
+    }
+    model.generate(**kwargs, **generation)
+    assert len(runs) == 1 and runs[0].tokens.shape == (2, 6)  # the prompt's source, before beams expand it
+    model.train()
+    model(input_ids=ids, labels=ids if task == "CAUSAL_LM" else token_batch(2, 4, seed=3))
+    assert len(runs) == 2  # and once per training forward
+
+
+def test_the_frozen_model_source_reads_inputs_embeds_when_that_is_all_the_call_has():
+    model = ipt_model("llama", instance_source="frozen_model").eval()
+    ids = token_batch(2, 6)
+    with torch.no_grad():
+        from_ids = model(input_ids=ids).logits
+        from_embeds = model(inputs_embeds=model.get_input_embeddings()(ids)).logits
     torch.testing.assert_close(from_embeds, from_ids)
