@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import SELF, AttentionSite, match_batch, widen_mask
+from .path import ArchitecturePath, Installation
 
 
 class PrefixedCache:
@@ -51,30 +52,13 @@ class PrefixedCache:
         return getattr(inner, name)
 
 
-@dataclass(frozen=True)
-class CacheViewPath:
-    model_type: str
-    attention_class: (
-        str  # the class name of the modules to open (flash-attention subclasses are refused earlier)
-    )
-    kv_heads: Callable[[nn.Module], int]  # heads of the keys the module passes to update()
-    bias_arg: str | None = None  # an additive position bias over keys, (..., keys): ALiBi
-
-    def handles(self, model: nn.Module) -> bool:
-        return getattr(model.config, "model_type", None) == self.model_type
-
-    def new(self) -> _CacheViewInstall:
-        return _CacheViewInstall(self)
-
-
-class _CacheViewInstall:
+class _CacheViewInstallation(Installation):
     """The path installed on one model: its hooks, removed again by ``remove``."""
 
     causal = True
 
     def __init__(self, spec: CacheViewPath):
-        self.spec = spec
-        self.name = spec.model_type
+        super().__init__(spec)
         self._handles: list = []
 
     def sites(self, model: nn.Module) -> list[tuple[nn.Module, str, int, int, int]]:
@@ -125,16 +109,19 @@ class _CacheViewInstall:
 
         return before_attention
 
-    def enable(self, model: nn.Module) -> None:
-        pass  # the hooks stay; a disabled provider hands them no prefix
-
-    def disable(self, model: nn.Module) -> None:
-        pass
-
     def remove(self, model: nn.Module, sites) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+@dataclass(frozen=True)
+class CacheViewPath(ArchitecturePath):
+    model_type: str
+    attention_class: str  # the modules to open, by class name (flash-attention classes are refused earlier)
+    kv_heads: Callable[[nn.Module], int]  # heads of the keys the module passes to update()
+    bias_arg: str | None = None  # an additive position bias over keys, (..., keys): ALiBi
+    installation = _CacheViewInstallation
 
 
 def _falcon_kv_heads(module: nn.Module) -> int:

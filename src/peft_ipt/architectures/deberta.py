@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import SELF, AttentionSite, UnsupportedModelError, _first_int, match_batch, widen_mask
+from .path import ArchitecturePath, Installation
 
 ATTENTION_CLASS = "DisentangledSelfAttention"
 
@@ -137,24 +138,8 @@ def _attend(
     return context, probs if output_attentions else None
 
 
-@dataclass(frozen=True)
-class DebertaPath:
-    model_type: str
-    version: Version
-
-    def handles(self, model: nn.Module) -> bool:
-        return getattr(model.config, "model_type", None) == self.model_type
-
-    def new(self) -> _DebertaInstall:
-        return _DebertaInstall(self)
-
-
-class _DebertaInstall:
+class _DebertaInstallation(Installation):
     causal = False
-
-    def __init__(self, spec: DebertaPath):
-        self.spec = spec
-        self.name = spec.model_type
 
     def sites(self, model: nn.Module) -> list[tuple[nn.Module, str, int, int, int]]:
         return [
@@ -201,15 +186,16 @@ class _DebertaInstall:
                 forward, module
             )  # this instance only; remove() restores the class's
 
-    def enable(self, model: nn.Module) -> None:
-        pass  # the doors stay; a disabled provider hands them no prefix
-
-    def disable(self, model: nn.Module) -> None:
-        pass
-
     def remove(self, model: nn.Module, sites) -> None:
         for module, *_ in sites:
             module.__dict__.pop("forward", None)
+
+
+@dataclass(frozen=True)
+class DebertaPath(ArchitecturePath):
+    model_type: str
+    version: Version
+    installation = _DebertaInstallation
 
 
 DEBERTA_PATHS = (DebertaPath("deberta", V1), DebertaPath("deberta-v2", V2))
