@@ -343,6 +343,31 @@ CONVERGED_METHODS: dict[str, MethodSpec] = {
         PAIR_GRID,
         ("method_config.instance_source=frozen_model", "method_config.instance_scale=0.05"),
     ),
+    # the paper's own layout (Prefix + Random IPT): a trainable re-embedding of the source tokens, the first P of
+    # them as the prompt, added to the first layer's task prefix at scale 0.05
+    "ipt_paper": MethodSpec(
+        "IPT as in the paper (token table, no encoder, first layer, scale 0.05)",
+        "ipt",
+        PAIR_GRID,
+        (
+            "method_config.instance_source=token_table",
+            "method_config.instance_encoder=none",
+            "method_config.instance_layers=[0]",
+            "method_config.instance_scale=0.05",
+        ),
+    ),
+    # a router over 16 learned prompts, driven by the frozen model's pooled states: instance-wise, but each
+    # prompt a convex mix of shared ones, so it cannot become a code for one training example
+    "ipt_mixture": MethodSpec(
+        "IPT, frozen-model source, mixture of 16 prompts",
+        "ipt",
+        PAIR_GRID,
+        (
+            "method_config.instance_source=frozen_model",
+            "method_config.instance_encoder=mixture",
+            "method_config.encoder_hidden_size=16",
+        ),
+    ),
     "prefix_alone": MethodSpec(
         "IPT's task prefix alone (PrefixTuningV2, flat)",
         "prefix_v2",
@@ -363,6 +388,8 @@ IPT_CANDIDATES = (
     "ipt_hidden",
     "ipt_frozen_reg",
     "ipt_frozen_scale",
+    "ipt_paper",
+    "ipt_mixture",
 )
 # Task-specific overrides of a method, on top of its own: on E2E the controlled pair shares IPT's config, whose
 # task prefix starts from an instruction's keys/values at 1e-2 (configs/e2e_ipt.yaml), so the prefix alone does too.

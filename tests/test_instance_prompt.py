@@ -19,6 +19,7 @@ VARIANTS = [
     {"injection": "hybrid", "instance_source": "hidden", "instance_encoder": "mlp"},
     {"injection": "input", "instance_encoder": "none"},
     {"injection": "hybrid", "instance_source": "frozen_model"},
+    {"injection": "hybrid", "instance_source": "frozen_model", "instance_encoder": "mixture"},
 ]
 
 
@@ -76,7 +77,7 @@ def test_the_prompt_differs_between_instances_and_not_between_calls():
 
 
 @pytest.mark.parametrize(
-    "variant", [*VARIANTS[:4], VARIANTS[5]], ids=lambda v: "-".join(map(str, v.values()))
+    "variant", [*VARIANTS[:4], *VARIANTS[5:]], ids=lambda v: "-".join(map(str, v.values()))
 )
 def test_changing_only_the_target_tokens_leaves_the_prompt_unchanged(variant):
     """Causal LM with teacher forcing: tokens with a label are targets and never feed the prompt."""
@@ -127,7 +128,7 @@ def test_seq2seq_prompt_comes_from_the_encoder_input_only(arch):
 
 
 @pytest.mark.parametrize(
-    "variant", [*VARIANTS[:4], VARIANTS[5]], ids=lambda v: "-".join(map(str, v.values()))
+    "variant", [*VARIANTS[:4], *VARIANTS[5:]], ids=lambda v: "-".join(map(str, v.values()))
 )
 def test_padding_never_enters_the_instance_representation(variant):
     model = ipt_model("bert", "SEQ_CLS", **variant)
@@ -460,7 +461,7 @@ def test_a_pretrained_table_is_loaded_and_can_be_frozen(tmp_path):
     [
         (
             {"instance_encoder": "transformer"},
-            r"instance_encoder must be one of \('none', 'mlp', 'cnn', 'lstm'\) \(got 'transformer'\)",
+            r"instance_encoder must be one of \('none', 'mlp', 'cnn', 'lstm', 'mixture'\) \(got 'transformer'\)",
         ),
         ({"instance_source": "audio"}, r"instance_source must be one of .* \(got 'audio'\)"),
         ({"injection": "output"}, r"injection must be one of .* \(got 'output'\)"),
@@ -526,3 +527,17 @@ def test_the_frozen_model_source_reads_inputs_embeds_when_that_is_all_the_call_h
         from_ids = model(input_ids=ids).logits
         from_embeds = model(inputs_embeds=model.get_input_embeddings()(ids)).logits
     torch.testing.assert_close(from_embeds, from_ids)
+
+
+def test_a_mixture_prompt_is_a_convex_mix_of_its_learned_prompts():
+    from peft_ipt.instance_prompt.encoders import MixtureEncoder
+
+    encoder = MixtureEncoder(dim=8, prompt_length=3, rank=4, hidden=5)
+    x, valid = torch.randn(6, 7, 8), torch.ones(6, 7, dtype=torch.bool)
+    codes = encoder(x, valid)  # (B, P, r)
+    weights = torch.softmax(encoder.router(x.mean(1)), -1)
+    torch.testing.assert_close(codes, torch.einsum("bk,kpr->bpr", weights, encoder.codes))
+    with torch.no_grad():
+        encoder.codes.copy_(encoder.codes[:1].expand_as(encoder.codes))  # K copies of one prompt
+    same = encoder(x, valid)
+    torch.testing.assert_close(same, same[:1].expand_as(same))  # then no input can have a prompt of its own

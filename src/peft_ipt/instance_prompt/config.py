@@ -11,7 +11,7 @@ from peft.utils import PeftType
 from ..base_config import PromptConfigBase, check_positive_int, layer_list
 
 INSTANCE_SOURCES = ("token_table", "embeddings", "frozen_model", "hidden")
-INSTANCE_ENCODERS = ("none", "mlp", "cnn", "lstm")
+INSTANCE_ENCODERS = ("none", "mlp", "cnn", "lstm", "mixture")
 INJECTIONS = ("input", "prefix", "hybrid")
 
 
@@ -65,7 +65,9 @@ class InstancePromptConfig(PromptConfigBase):
     instance_encoder: str = field(
         default="mlp",
         metadata={
-            "help": "'none' (the first P source vectors are the prompt), 'mlp' (mean-pool + bottleneck), 'cnn' (TextCNN 3/4/5), 'lstm' (BiLSTM)."
+            "help": "'none' (the first P source vectors are the prompt), 'mlp' (mean-pool + bottleneck), 'cnn' (TextCNN "
+            "3/4/5), 'lstm' (BiLSTM), 'mixture' (a router over encoder_hidden_size learned prompts: each input's "
+            "prompt is a softmax-weighted mix of them)."
         },
     )
     instance_tokens: int = field(
@@ -81,7 +83,10 @@ class InstancePromptConfig(PromptConfigBase):
         },
     )
     encoder_hidden_size: int = field(
-        default=64, metadata={"help": "Bottleneck / channel / LSTM size of the instance encoder."}
+        default=64,
+        metadata={
+            "help": "Bottleneck / channel / LSTM size of the instance encoder; for 'mixture', the prompts mixed."
+        },
     )
     table_size: int = field(
         default=2048, metadata={"help": "Buckets of the hashed token table (instance_source='token_table')."}

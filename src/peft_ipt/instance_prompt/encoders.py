@@ -146,4 +146,27 @@ class LSTMEncoder(nn.Module):
         return self.out(masked_mean(h, valid)).view(x.shape[0], *self.shape)
 
 
-ENCODERS = {"none": NoEncoder, "mlp": MLPEncoder, "cnn": CNNEncoder, "lstm": LSTMEncoder}
+class MixtureEncoder(nn.Module):
+    """A router over K learned prompts: softmax(Linear(d, K)(mean-pooled source)) weights K codes (K, P, r).
+
+    Each input's prompt is a convex mix of K shared prompts (K = encoder_hidden_size), so it can follow what the
+    input is about but cannot become a code of its own for every training example, as a free generator can.
+    """
+
+    def __init__(self, dim: int, prompt_length: int, rank: int, hidden: int):
+        super().__init__()
+        self.router = nn.Linear(dim, hidden)
+        self.codes = nn.Parameter(torch.randn(hidden, prompt_length, rank) * rank**-0.5)
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        weights = torch.softmax(self.router(masked_mean(x, valid)), dim=-1)  # (B, K)
+        return torch.einsum("bk,kpr->bpr", weights, self.codes)
+
+
+ENCODERS = {
+    "none": NoEncoder,
+    "mlp": MLPEncoder,
+    "cnn": CNNEncoder,
+    "lstm": LSTMEncoder,
+    "mixture": MixtureEncoder,
+}
