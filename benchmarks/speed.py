@@ -20,7 +20,8 @@ Methods, all at the same prefix / prompt length P (``--prefix-length``, default 
   ``v2_folded`` (inference rows only): ``v2`` after ``model.fold()``, the MLP folded into flat keys/values.
 - ``ipt``: peft-ipt ``InstancePromptConfig(prompt_length=P)``, otherwise defaults (hybrid injection);
   ``ipt_frozen``: the same with ``instance_source="frozen_model"``, whose instance signal costs one extra forward of
-  the frozen model without gradient (once per training step, once per ``generate`` call).
+  the frozen model without gradient (once per training step, once per ``generate`` call); ``ipt_frozen_half``: that
+  pass stopped at the middle layer (``frozen_layers`` = half the layers), half its cost.
 - ``peft_prefix``: peft ``PrefixTuningConfig(num_virtual_tokens=P)`` (flat, peft's default);
   ``peft_prefix_mlp``: the same with ``prefix_projection=True, encoder_hidden_size=512``, like for like with
   ``v2``'s MLP; ``peft_prompt``: peft
@@ -101,6 +102,7 @@ LABELS = {
     "v2_folded": "peft-ipt PrefixTuningV2 (folded)",
     "ipt": "peft-ipt InstancePrompt",
     "ipt_frozen": "peft-ipt InstancePrompt (frozen-model source)",
+    "ipt_frozen_half": "peft-ipt InstancePrompt (frozen-model source, half depth)",
     "peft_prefix": "peft PrefixTuning",
     "peft_prefix_mlp": "peft PrefixTuning (MLP)",
     "peft_prompt": "peft PromptTuning",
@@ -114,7 +116,7 @@ REFERENCES = ("bare", "peft_prefix")
 TARGETS = [
     ("train_step", ("v2",), "peft_prefix", 1.0, "<="),
     ("train_step", ("ipt",), "peft_prefix", 1.1, "<="),
-    ("train_step", ("ipt_frozen",), "peft_prefix", 1.35, "<="),
+    ("train_step", ("ipt_frozen", "ipt_frozen_half"), "peft_prefix", 1.35, "<="),
     ("gen_b1", ("v2", "v2_folded"), "peft_prefix", 0.95, ">="),
     ("gen_b8", ("v2", "v2_folded"), "peft_prefix", 0.95, ">="),
     ("gen_b1", ("v2", "v2_folded"), "bare", 0.9, ">="),
@@ -203,7 +205,7 @@ def make_config(method: str, task: str, P: int):
         return PrefixTuningV2Config(task_type=task, prefix_length=P, reparameterize=False)
     if method == "ipt":
         return InstancePromptConfig(task_type=task, prompt_length=P)
-    if method == "ipt_frozen":
+    if method in ("ipt_frozen", "ipt_frozen_half"):  # half: frozen_layers set from the model in build_runner
         return InstancePromptConfig(task_type=task, prompt_length=P, instance_source="frozen_model")
     if method == "peft_prefix":
         return PrefixTuningConfig(task_type=task, num_virtual_tokens=P)
@@ -240,7 +242,10 @@ def build_runner(method: str, spec: ModelSpec, P: int, device: torch.device, tra
         model = spec.load()
         if method != "bare":
             torch.manual_seed(1234)  # v2 and v2_folded start from the same adapter weights
-            model = get_peft_model(model, make_config(method, spec.task, P))
+            config = make_config(method, spec.task, P)
+            if method == "ipt_frozen_half":
+                config.frozen_layers = model.config.num_hidden_layers // 2
+            model = get_peft_model(model, config)
             if method == "v2_folded":
                 model.base_model.fold()
         model.to(device)

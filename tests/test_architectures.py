@@ -76,6 +76,9 @@ METHODS = {
     "ipt_frozen": lambda task: InstancePromptConfig(
         task_type=task, prompt_length=3, init_weights=False, instance_source="frozen_model"
     ),
+    "ipt_frozen_shallow": lambda task: InstancePromptConfig(
+        task_type=task, prompt_length=3, init_weights=False, instance_source="frozen_model", frozen_layers=1
+    ),
 }
 
 

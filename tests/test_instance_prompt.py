@@ -20,6 +20,7 @@ VARIANTS = [
     {"injection": "input", "instance_encoder": "none"},
     {"injection": "hybrid", "instance_source": "frozen_model"},
     {"injection": "hybrid", "instance_source": "frozen_model", "instance_encoder": "mixture"},
+    {"injection": "prefix", "instance_source": "frozen_model", "frozen_layers": 1},
 ]
 
 
@@ -505,7 +506,7 @@ def test_the_frozen_models_extra_forward_runs_once_per_generate(arch, task, gene
     tuner = model.base_model
     runs = []
     original = tuner._run_frozen
-    tuner._run_frozen = lambda inputs: runs.append(inputs) or original(inputs)
+    tuner._run_frozen = lambda inputs, depth=None: runs.append(inputs) or original(inputs, depth)
     ids = token_batch(2, 6)
     kwargs = {
         "input_ids": ids,
@@ -541,3 +542,43 @@ def test_a_mixture_prompt_is_a_convex_mix_of_its_learned_prompts():
         encoder.codes.copy_(encoder.codes[:1].expand_as(encoder.codes))  # K copies of one prompt
     same = encoder(x, valid)
     torch.testing.assert_close(same, same[:1].expand_as(same))  # then no input can have a prompt of its own
+
+
+@pytest.mark.parametrize(
+    ("arch", "task"), [("llama", "CAUSAL_LM"), ("bert", "SEQ_CLS"), ("bart", "SEQ_2_SEQ_LM")]
+)
+def test_a_shallow_frozen_pass_stops_at_its_layer_and_reads_what_enters_it(arch, task):
+    model = ipt_model(arch, task, instance_source="frozen_model", frozen_layers=1).eval()
+    tuner = model.base_model
+    attention = {(kind, layer): m for m, kind, layer, *_ in tuner._injection.sites}
+    kind = "encoder" if arch == "bart" else "self"
+    entering, called = [], []
+    attention[(kind, 1)].register_forward_pre_hook(
+        lambda m, a, k: entering.append(k.get("hidden_states", a[0] if a else None)), with_kwargs=True
+    )
+    attention[(kind, 1)].register_forward_hook(lambda *a: called.append(1))
+    ids = token_batch(2, 6)
+    inputs = tuner._inputs_from_call((), {"input_ids": ids})
+    with torch.no_grad():
+        states = tuner._run_frozen(inputs, 1)
+        assert not called  # layer 1 never ran: the pass stopped where its attention begins
+        with model.disable_adapter():
+            (encoder_call if arch == "bart" else backbone_call)(model, ids)
+    torch.testing.assert_close(states, entering[-1])  # what the bare model feeds layer 1
+
+
+def backbone_call(model, ids):
+    model.get_base_model().base_model(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+
+def encoder_call(model, ids):
+    model.get_base_model().get_encoder()(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+
+def test_frozen_layers_is_checked_against_the_source_and_the_model():
+    with pytest.raises(ValueError, match="frozen_layers=1 needs instance_source='frozen_model'"):
+        InstancePromptConfig(frozen_layers=1)
+    with pytest.raises(
+        ValueError, match=r"frozen_layers=2 must be below the model's 2 self-attention layers \(1..1\)"
+    ):
+        ipt_model(instance_source="frozen_model", frozen_layers=2)

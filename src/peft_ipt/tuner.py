@@ -24,7 +24,7 @@ from peft.utils.other import AuxiliaryTrainingWrapper, set_additional_trainable_
 from torch import nn
 
 from .adapter_files import AdapterFileError
-from .attention import AttentionSite, PrefixInjection, SiteLayout
+from .attention import ENCODER, SELF, AttentionSite, PrefixInjection, SiteLayout
 
 # What a prompt module returns: kind -> (keys, values), indexed by layer slot, each slot (B|1, n_kv, P, head_dim)
 # or None (no prefix there); a stacked (L, B|1, n_kv, P, head_dim) tensor or a list of per-slot tensors.
@@ -53,6 +53,18 @@ def entry_points(model: nn.Module) -> list[tuple[nn.Module, str]]:
     for module, role in found:
         unique.setdefault(id(module), (module, role))
     return list(unique.values())
+
+
+class _FrozenPassDone(Exception):
+    """Ends a frozen pass where the hidden states it was run for enter a layer; carries them."""
+
+    def __init__(self, hidden: torch.Tensor):
+        super().__init__()
+        self.hidden = hidden
+
+
+def _stop_frozen_pass(module: nn.Module, args: tuple, kwargs: dict):
+    raise _FrozenPassDone(kwargs.get("hidden_states", args[0] if args else None))
 
 
 def in_backward() -> bool:
@@ -96,9 +108,9 @@ class PromptInputs:
         None  # explicit (B, T) mask of source tokens, given by the user/collator
     )
     is_encoder_decoder: bool = False
-    # Runs the frozen model on this call's source (see PromptTuner.frozen_states); set by the tuner.
-    frozen_runner: Callable[[PromptInputs], torch.Tensor] | None = field(default=None, repr=False)
-    _frozen: torch.Tensor | None = field(default=None, repr=False)
+    # Runs the frozen model on this call's source (PromptTuner._run_frozen(inputs, depth)); set by the tuner.
+    frozen_runner: Callable[[PromptInputs, int | None], torch.Tensor] | None = field(default=None, repr=False)
+    _frozen: dict = field(default_factory=dict, repr=False)
 
     def select(self, rows: torch.Tensor) -> PromptInputs:
         """The same call restricted to some rows of the batch (for mixed-adapter batches)."""
@@ -110,7 +122,7 @@ class PromptInputs:
             pick(self.labels),
             pick(self.source_mask),
             self.is_encoder_decoder,
-            frozen_runner=lambda _: self.frozen_states()[rows],
+            frozen_runner=lambda _, depth: self.frozen_states(depth)[rows],
         )
 
     @property
@@ -137,16 +149,15 @@ class PromptInputs:
             mask &= self.labels == -100
         return mask
 
-    def frozen_states(self) -> torch.Tensor:
-        """(B, T', d) last hidden states of the frozen model (no prefix, no gradient) on the source tokens only,
-        computed once per call; T' <= T covers every source position."""
-        if self._frozen is None:
+    def frozen_states(self, depth: int | None = None) -> torch.Tensor:
+        """(B, T', d) hidden states of the frozen model (no prefix, no gradient) on the source tokens only: the last
+        ones, or with ``depth`` those entering layer ``depth``. Computed once per call; T' <= T covers every source
+        position."""
+        if depth not in self._frozen:
             if self.frozen_runner is None:
-                raise RuntimeError(
-                    "peft_ipt: this call has no frozen model to read (a bug: please report it)"
-                )
-            self._frozen = self.frozen_runner(self)
-        return self._frozen
+                raise RuntimeError("peft_ipt: this call has no frozen model to read (a bug: please report it)")
+            self._frozen[depth] = self.frozen_runner(self, depth)
+        return self._frozen[depth]
 
 
 def init_token_ids(config, model: nn.Module, length: int) -> torch.Tensor:
@@ -581,13 +592,14 @@ class PromptTuner(BaseTuner):
             self._prefixes_off = False
 
     @torch.no_grad()
-    def _run_frozen(self, inputs: PromptInputs) -> torch.Tensor:
-        """The frozen model's last hidden states of a call's source (instance_source='frozen_model', IDPG-style).
+    def _run_frozen(self, inputs: PromptInputs, depth: int | None = None) -> torch.Tensor:
+        """The frozen model's hidden states of a call's source (instance_source='frozen_model', IDPG-style).
 
         One extra forward of the backbone (the encoder of encoder-decoder models) in eval mode, without gradient
         and with every prefix off. Only source tokens are visible to it (targets and padding are masked as keys).
         Decoder-only models number the source tokens 0, 1, ... whatever the padding side, and the sequence is cut
-        after the last source token, so targets cost nothing.
+        after the last source token, so targets cost nothing. With ``depth`` the pass stops where layer ``depth``'s
+        attention begins and returns the hidden states entering it: the first ``depth`` layers' cost.
         """
         source = inputs.source()
         if source is None:
@@ -605,14 +617,23 @@ class PromptTuner(BaseTuner):
             if "position_ids" in inspect.signature(backbone.forward).parameters:
                 call["position_ids"] = (call["attention_mask"].cumsum(-1) - 1).clamp(min=0)
         call["input_ids" if inputs.input_ids is not None else "inputs_embeds"] = tokens
+        stop = None
+        if depth is not None:
+            kind = ENCODER if encoder_decoder else SELF
+            attention = next(m for m, k, layer, *_ in self._injection.sites if k == kind and layer == depth)
+            stop = attention.register_forward_pre_hook(_stop_frozen_pass, with_kwargs=True)
         was_training = backbone.training
         backbone.eval()
         try:
             with self._without_prefixes():
-                output = backbone(**call)
+                output = backbone(**call)[0]
+        except _FrozenPassDone as done:
+            output = done.hidden
         finally:
             backbone.train(was_training)
-        return output[0]
+            if stop is not None:
+                stop.remove()
+        return output
 
     def _positions_added(self) -> int:
         """Positions the active adapter adds to the input (an input-level prompt); prefixes add none."""

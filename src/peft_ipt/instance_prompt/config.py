@@ -123,6 +123,14 @@ class InstancePromptConfig(PromptConfigBase):
             "help": "instance_source='hidden': the attention layer whose input hidden states feed the encoder (LPT: the middle layer). None: the middle layer."
         },
     )
+    frozen_layers: int | None = field(
+        default=None,
+        metadata={
+            "help": "instance_source='frozen_model': how many layers the frozen pass runs; the signal is then the "
+            "hidden states entering layer frozen_layers (LPT's middle-layer representation, at that share of a "
+            "forward's cost). None: the whole model's last hidden states (IDPG)."
+        },
+    )
     prompt_dropout: float = field(
         default=0.0, metadata={"help": "Dropout on the instance prompt codes during training."}
     )
@@ -161,6 +169,13 @@ class InstancePromptConfig(PromptConfigBase):
                 or self.hidden_layer < 0
             ):
                 raise ValueError(f"hidden_layer must be a layer index >= 0 (got {self.hidden_layer!r})")
+        if self.frozen_layers is not None:
+            if self.instance_source != "frozen_model":
+                raise ValueError(
+                    f"frozen_layers={self.frozen_layers} needs instance_source='frozen_model' "
+                    f"(got {self.instance_source!r})"
+                )
+            check_positive_int(self, "frozen_layers")
         if self.instance_source == "hidden" and self.injection == "input":
             raise ValueError(
                 "instance_source='hidden' enters the prompt at a middle layer, so it needs injection='prefix' or "
@@ -191,6 +206,14 @@ class InstancePromptConfig(PromptConfigBase):
     def check_model(self, model, layout) -> None:
         super().check_model(model, layout)
         self.resolved_instance_layers(layout)
+        if self.frozen_layers is not None:
+            kind = "encoder" if "encoder" in layout.shapes else "self"
+            n_layers = layout.shapes[kind][0]
+            if self.frozen_layers >= n_layers:
+                raise ValueError(
+                    f"frozen_layers={self.frozen_layers} must be below the model's {n_layers} {kind}-attention layers "
+                    f"(1..{n_layers - 1}); None runs the whole model"
+                )
 
     def hidden_source(self, layout) -> tuple[str, int]:
         """(attention kind, layer) whose input feeds instance_source='hidden'."""

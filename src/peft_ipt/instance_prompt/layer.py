@@ -80,7 +80,9 @@ class InstancePromptModule(PromptModule):
             vectors = self.table(torch.gather(inputs.input_ids, 1, index))
         else:
             if self.config.instance_source == "frozen_model":
-                states = inputs.frozen_states()  # (B, T' <= T, d), covering every source position
+                states = inputs.frozen_states(
+                    self.config.frozen_layers
+                )  # (B, T' <= T, d): every source position
             elif inputs.inputs_embeds is not None:
                 states = inputs.inputs_embeds
             else:
