@@ -30,7 +30,8 @@ Methods, all at the same prefix / prompt length P (``--prefix-length``, default 
 Measurements:
 
 1. training step: ``zero_grad`` + forward + backward + ``AdamW.step`` on one fixed batch (causal LMs: 8 x 64
-   tokens, the LM loss on every token; MiniLM: 32 x 64, SEQ_CLS with 2 labels).
+   tokens, the first 32 a prompt without loss, which IPT's instance signal reads, the LM loss on the other 32;
+   MiniLM: 32 x 64, SEQ_CLS with 2 labels).
 2. greedy generation: tokens/s = batch x new tokens / wall time of one ``generate`` call (prefill included).
    Prompts are 32 random tokens, all the same length (no padding); ``min_new_tokens = max_new_tokens = 64`` so
    EOS never ends a row early. Batch 1 and batch 8.
@@ -295,7 +296,9 @@ def make_batch(spec: ModelSpec, batch: int, seq: int, device: torch.device, seed
     ids = torch.randint(3, spec.vocab, (batch, seq), generator=generator)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if spec.task == "CAUSAL_LM":
+        # instruction-style rows: the first half is the prompt (no loss; the source IPT reads), the rest the target
         inputs["labels"] = ids.clone()
+        inputs["labels"][:, : seq // 2] = -100
     else:
         inputs["labels"] = torch.randint(0, 2, (batch,), generator=generator)
     return {k: v.to(device) for k, v in inputs.items()}
