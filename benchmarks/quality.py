@@ -89,6 +89,7 @@ from harness import (  # noqa: E402
     ResultsFile,
     ci95,
     figure,
+    markdown_table,
     save_figure,
     train_command,
     train_run,
@@ -1039,6 +1040,34 @@ def converged_goals(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
     return out
 
 
+def candidates_table(rows: list[dict[str, Any]]) -> str:
+    """The IPT candidates and the task prefix alone side by side on validation (the choice's criterion), with test
+    for reference; the chosen one is the best mean validation over the goal tasks among those run on all three."""
+    ipt = chosen_ipt(rows)
+    header = ["candidate", "trainable (MiniLM)"]
+    for task in TIER.goal_tasks:
+        header.append(f"{TIER.tasks[task].short} val. / test (lr)")
+    header.append("mean val.")
+    table = []
+    for method in (*IPT_CANDIDATES, "prefix_alone"):
+        found = {t: _row(rows, t, method) for t in TIER.goal_tasks}
+        if not any(found.values()):
+            continue
+        share = next(r["trainable_share"] for r in found.values() if r)
+        label = TIER.methods[method].label + (" **(chosen)**" if method == ipt else "")
+        cells = [label, f"{100 * share:.2f}%"]
+        for row in found.values():
+            cells.append(
+                f"{row['validation']:.1f} / {row['test_by_seed'][0]:.1f} ({row['best_lr']:g})"
+                if row and 0 in row["test_by_seed"]
+                else ""
+            )
+        complete = all(found.values())
+        cells.append(f"{statistics.mean(r['validation'] for r in found.values()):.1f}" if complete else "")
+        table.append(cells)
+    return markdown_table(header, table)
+
+
 def converged_summary(rows: list[dict[str, Any]]) -> str:
     """Every task side by side: test mean ± 95% CI (seeds), the goal-task mean, the paired IPT - prefix table."""
     ipt = chosen_ipt(rows)
@@ -1246,7 +1275,12 @@ def write_reports(
         text = (
             "### Summary\n\nTest scores (accuracy on Rotten Tomatoes, macro F1 on BBC News and VitaminC, BLEU on E2E) "
             "at budgets where the methods converged (early stopping on validation), mean ± 95% CI over the seeds run "
-            "(count in brackets); per task below.\n\n" + converged_summary(rows) + "\n" + text
+            "(count in brackets); per task below.\n\n" + converged_summary(rows) + "\n### IPT candidates\n\n"
+            "Validation at seed 0 (the choice's criterion) and test, at each candidate's best rate tried; the default "
+            "is the best mean validation over the three goal tasks among the candidates run on all of them.\n\n"
+            + candidates_table(rows)
+            + "\n"
+            + text
         )
     elif not quick and rows:
         text = (
