@@ -592,23 +592,33 @@ def zero_shot_cell(task_name: str, quick: bool) -> dict[str, Any]:
     model = load_base_model(experiment, tokenizer, splits.label_names).eval()
     validation = evaluate_split(model, tokenizer, splits.validation, experiment)
     test = evaluate_split(model, tokenizer, splits.test, experiment)
+    record = untrained_record(task_name, ZERO_SHOT, experiment, splits, overrides, start)
     return {
-        "task": task_name,
-        "method": ZERO_SHOT,
-        "lr": None,
-        "seed": 0,
-        "main_metric": experiment.metric,
+        **record,
         "validation": validation,
         "test": test,
         "trainable_params": 0,
         "all_params": parameter_counts(model)["all_params"],
+        "command": f"(no training) {config_path(task, ZERO_SHOT).relative_to(ROOT)}, base model scored",
+    }
+
+
+def untrained_record(
+    task_name: str, method: str, experiment, splits, overrides, start: float
+) -> dict[str, Any]:
+    """What the zero-shot and frozen-feature rows record besides their scores and sizes."""
+    return {
+        "task": task_name,
+        "method": method,
+        "lr": None,
+        "seed": 0,
+        "main_metric": experiment.metric,
         "split_sizes": splits.sizes(),
         "train_runtime_s": 0.0,
         "wall_time_s": time.time() - start,
         "torch_threads": torch_threads(),
         "budget": overrides,
-        "setup": setup_of(experiment.to_dict(), ZERO_SHOT),
-        "command": f"(no training) {config_path(task, ZERO_SHOT).relative_to(ROOT)}, base model scored",
+        "setup": setup_of(experiment.to_dict(), method),
     }
 
 
@@ -671,23 +681,13 @@ def floor_cell(task_name: str, quick: bool) -> dict[str, Any]:
     classifier, validation = fits[best_c]
     n_features, n_classes = features["train"].shape[1], len(splits.label_names)
     return {
-        "task": task_name,
-        "method": FLOOR,
-        "lr": None,
-        "seed": 0,
-        "main_metric": experiment.metric,
+        **untrained_record(task_name, FLOOR, experiment, splits, overrides, start),
         "validation": validation,
         "validation_by_c": {str(c): fit[1] for c, fit in fits.items()},
         "best_c": best_c,
         "test": scores(classifier, "test"),
         "trainable_params": (n_features + 1) * (n_classes if n_classes > 2 else 1),
         "all_params": sum(p.numel() for p in model.parameters()),
-        "split_sizes": splits.sizes(),
-        "train_runtime_s": 0.0,
-        "wall_time_s": time.time() - start,
-        "torch_threads": torch_threads(),
-        "budget": overrides,
-        "setup": setup_of(experiment.to_dict(), FLOOR),
         "command": f"(logistic regression) {config_path(task, FLOOR).relative_to(ROOT)}, frozen mean-pooled states",
     }
 
