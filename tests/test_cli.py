@@ -295,7 +295,7 @@ def test_push_to_hub_failure_says_what_failed_and_where_the_run_is(classificatio
 # -- causal LM: train, generate, eval ----------------------------------------------------------------------
 
 
-def early_stopping_run(assets, name: str, learning_rate: float) -> dict:
+def early_stopping_run(assets, name: str, learning_rate: float, **stopping) -> dict:
     experiment = {
         **CLASSIFICATION,
         "training": {
@@ -303,6 +303,7 @@ def early_stopping_run(assets, name: str, learning_rate: float) -> dict:
             "learning_rate": learning_rate,
             "max_steps": 40,
             "early_stopping_patience": 2,
+            **stopping,
         },
     }
     output = assets / name
@@ -322,6 +323,13 @@ def test_early_stopping_ends_once_validation_stops_improving(assets):
     assert (metrics["steps"], metrics["max_steps"], metrics["best_step"]) == (6, 40, 2)
     assert [e["step"] for e in metrics["validation_history"]] == [2, 4, 6]
     assert not (assets / "es_flat" / "checkpoints").exists()
+
+
+def test_early_stopping_counts_only_from_its_minimum_step(assets):
+    # the same flat run, but the evaluation at step 4 does not count: the 2 that do are at steps 6 and 8
+    metrics = early_stopping_run(assets, "es_min_steps", 0.0, early_stopping_min_steps=6)
+    assert (metrics["steps"], metrics["best_step"]) == (8, 2)
+    assert [e["step"] for e in metrics["validation_history"]] == [2, 4, 6, 8]
 
 
 def test_early_stopping_keeps_and_tests_the_best_evaluated_model(assets):

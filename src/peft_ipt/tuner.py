@@ -155,7 +155,9 @@ class PromptInputs:
         position."""
         if depth not in self._frozen:
             if self.frozen_runner is None:
-                raise RuntimeError("peft_ipt: this call has no frozen model to read (a bug: please report it)")
+                raise RuntimeError(
+                    "peft_ipt: this call has no frozen model to read (a bug: please report it)"
+                )
             self._frozen[depth] = self.frozen_runner(self, depth)
         return self._frozen[depth]
 

@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 COMPLETE_MARKER = "CHECKPOINT_COMPLETE"
@@ -161,3 +162,48 @@ class StopAtTheLastStep(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if 0 < state.max_steps <= state.global_step:  # global_step > 0 before training: resumed
             raise TrainingFinished(f"step {state.global_step} of {state.max_steps}: nothing left to train")
+
+
+class StopWhenValidationStalls(TrainerCallback, ExportableState):
+    """Early stopping on the main validation metric: stop once it has not improved (by more than ``threshold``) for
+    ``patience`` evaluations, counting only from ``min_steps`` on; before that the run always goes on. The best
+    checkpoint is kept either way (``load_best_model_at_end``). Its counters travel in checkpoints, so a resumed run
+    stops where the uninterrupted one would."""
+
+    def __init__(
+        self, metric: str, greater_is_better: bool, patience: int, threshold: float = 0.0, min_steps: int = 0
+    ):
+        self.metric = metric
+        self.greater_is_better = greater_is_better
+        self.patience = patience
+        self.threshold = threshold
+        self.min_steps = min_steps
+        self.best: float | None = None
+        self.stalled = 0
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        value = (metrics or {}).get(self.metric)
+        if value is None:
+            return
+        margin = self.threshold if self.greater_is_better else -self.threshold
+        improved = self.best is None or (
+            value > self.best + margin if self.greater_is_better else value < self.best + margin
+        )
+        if improved:
+            self.best, self.stalled = value, 0
+        elif state.global_step >= self.min_steps:
+            self.stalled += 1
+        if self.stalled >= self.patience:
+            control.should_training_stop = True
+
+    def state(self) -> dict:
+        return {
+            "args": {
+                "metric": self.metric,
+                "greater_is_better": self.greater_is_better,
+                "patience": self.patience,
+                "threshold": self.threshold,
+                "min_steps": self.min_steps,
+            },
+            "attributes": {"best": self.best, "stalled": self.stalled},
+        }

@@ -94,8 +94,13 @@ TRAINING_KEYS = (
 )
 # Keys of `training:` that are ours, not TrainingArguments fields: early stopping on the validation metric. With
 # a patience set, the run evaluates and saves at the same cadence, keeps the best checkpoint and ends on it
-# (Trainer's EarlyStoppingCallback with load_best_model_at_end); the test split is scored on that model.
-EARLY_STOPPING_KEYS = {"early_stopping_patience": int | None, "early_stopping_threshold": float}
+# (load_best_model_at_end); the test split is scored on that model. It stops after `patience` evaluations without
+# improvement (by more than `threshold`), counted from `early_stopping_min_steps` on (default 0).
+EARLY_STOPPING_KEYS = {
+    "early_stopping_patience": int | None,
+    "early_stopping_threshold": float,
+    "early_stopping_min_steps": int,
+}
 
 # Our defaults where TrainingArguments' own do not suit short adapter runs; `training:` overrides each.
 TRAINING_DEFAULTS = {

@@ -28,6 +28,7 @@ from .checkpoints import (
     CheckpointError,
     MarkCompleteCheckpoints,
     StopAtTheLastStep,
+    StopWhenValidationStalls,
     TrainingFinished,
     latest_complete,
     require_complete,
@@ -73,7 +74,7 @@ def make_trainer(
     score_validation: Callable,
 ):
     """A Trainer; for generation tasks each evaluation also decodes the validation inputs and scores them."""
-    from transformers import EarlyStoppingCallback, Trainer
+    from transformers import Trainer
 
     class GenerationTrainer(Trainer):
         def evaluation_loop(self, *args, **kwargs):
@@ -85,8 +86,16 @@ def make_trainer(
     classification = experiment.task_type == "SEQ_CLS"
     callbacks = [MarkCompleteCheckpoints(), StopAtTheLastStep()]
     if experiment.early_stopping_patience is not None:
-        threshold = experiment.training.get("early_stopping_threshold", 0.0)
-        callbacks.append(EarlyStoppingCallback(experiment.early_stopping_patience, threshold))
+        settings = experiment.training_settings
+        callbacks.append(
+            StopWhenValidationStalls(
+                settings["metric_for_best_model"],
+                settings["greater_is_better"],
+                experiment.early_stopping_patience,
+                experiment.training.get("early_stopping_threshold", 0.0),
+                experiment.training.get("early_stopping_min_steps", 0),
+            )
+        )
     return (Trainer if classification else GenerationTrainer)(
         model=model,
         args=arguments,
