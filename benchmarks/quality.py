@@ -57,6 +57,19 @@ classification tasks is 24 runs, about 14 min. ``--jobs 2`` (two one-thread runs
 the 8 Rotten Tomatoes seed-1 cells in 451 s, against 465 s for the same cells at seed 0 with two threads (1.03x):
 torch already keeps both cores busy here, so jobs are for machines with more cores than one run uses.
 ``--quick`` (6 runs) takes about half a minute.
+
+The converged tier (``--tier converged``, results in ``quality_converged.*``) runs where the methods have converged:
+every run evaluates on validation each epoch, stops when validation has not improved for 2 epochs (never before
+10x the small suite's steps: ``training.early_stopping_min_steps``), restores its best checkpoint, and records the
+steps it ran. Tasks (``CONVERGED_TASKS``): Rotten Tomatoes on its whole training split, BBC News, VitaminC (4,000
+pairs, test 2,000) as the goal tasks on MiniLM; E2E on SmolLM2 with every training meaning representation; Rotten
+Tomatoes on SmolLM2-135M as a SEQ_CLS classifier. Rows: the IPT candidates (``IPT_CANDIDATES``: each instance
+source and regulariser tried), IPT's own task prefix alone (``prefix_alone``: PrefixTuningV2, flat, same P), peft's
+prompt methods, LoRA, full fine-tuning, and the frozen-feature floor (scikit-learn ``LogisticRegression`` on the
+frozen model's mean-pooled states, C chosen on validation). IPT and the prefix alone share the grid ``PAIR_GRID``;
+the default IPT is the candidate with the best mean validation score at seed 0 over the goal tasks
+(``--print-chosen``; never test), and the report gives the paired difference IPT - prefix alone per seed with its
+95% CI. A run there takes 3-7 min on Rotten Tomatoes, about 7 on BBC News and 15 on VitaminC (``--threads 2``).
 """
 
 from __future__ import annotations
