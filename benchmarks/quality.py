@@ -1283,6 +1283,32 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     save_figure(fig, path)
 
 
+def plot_paired(rows: list[dict[str, Any]], path: Path) -> None:
+    """The controlled comparison at a glance: per task (and the goal-task mean), each seed's test difference
+    IPT - its task prefix alone, their mean with its 95% CI, the zero line and goal (a)'s +2."""
+    ipt = chosen_ipt(rows)
+    diffs = paired_differences(rows, ipt, "prefix_alone") if ipt else {}
+    if not diffs:
+        return
+    fig, grid = figure(1, 1, (1.3 * len(diffs) + 2.5, 3.6))
+    axis = grid[0, 0]
+    names = [("mean of 3" if task == "mean" else TIER.tasks[task].short) for task in diffs]
+    for x, values in enumerate(diffs.values()):
+        axis.scatter([x + 0.12] * len(values), values, color="C0", s=14, alpha=0.6, zorder=3)
+        half = ci95(values) if len(values) > 1 else 0.0
+        axis.errorbar(x - 0.12, statistics.mean(values), yerr=half or None, fmt="o", color="C3", capsize=4)
+    axis.axhline(0.0, color="gray", lw=1)
+    axis.axhline(2.0, color="gray", ls="--", lw=1, label="goal (a): +2 on the mean")
+    axis.set_xticks(range(len(names)), names)
+    axis.set(
+        ylabel="test points, IPT - prefix alone",
+        title=f"{TIER.methods[ipt].label} minus its task prefix alone\n(red: mean ± 95% CI over seeds; blue: each seed)",
+    )
+    axis.grid(alpha=0.3, axis="y")
+    axis.legend(loc="best", fontsize=8)
+    save_figure(fig, path)
+
+
 def write_reports(
     path: Path,
     quick: bool,
@@ -1315,6 +1341,8 @@ def write_reports(
     title += " (quick smoke run)" if quick else ""
     path.with_suffix(".md").write_text(f"{title}\n\n{text}")
     plot(rows, path.with_suffix(".png"))
+    if not quick and TIER.name == "converged":
+        plot_paired(rows, path.with_name(f"{path.stem}_paired.png"))
     write_results(path, runs, rows, invocations)
     return text, rows
 
