@@ -1021,7 +1021,8 @@ def converged_goals(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
             (
                 goal_a,
                 "PASS" if passed else "MISS",
-                f"{label}: {gap:+.2f} ± {half:.2f} over {len(diffs)} seeds",
+                f"{label}: {gap:+.2f} ± {half:.2f} over {len(diffs)} seeds"
+                + ("" if len(diffs) >= 3 else " (the goal needs 3: so far)"),
             )
         )
     mine = _mean_over_goal_tasks(rows, ipt)
@@ -1029,9 +1030,10 @@ def converged_goals(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
     shown = "; ".join(f"vs {TIER.methods[m].label} {mine - v:+.1f}" for m, v in gaps.items() if v is not None)
     if any(v is None for v in gaps.values()):
         missing = [m for m, v in gaps.items() if v is None]
-        out.append(
-            (goal_b, "NOT RUN", f"missing {', '.join(missing)}" + (f"; so far {shown}" if shown else ""))
-        )
+        short = [m for m, v in gaps.items() if v is not None and mine - v < 2]
+        # already missed against a method measured, whatever the others give
+        status = "MISS" if short else "NOT RUN"
+        out.append((goal_b, status, f"missing {', '.join(missing)}" + (f"; so far {shown}" if shown else "")))
     else:
         out.append((goal_b, "PASS" if all(mine - v >= 2 for v in gaps.values()) else "MISS", shown))
     per_task, missing = [], []
@@ -1042,7 +1044,12 @@ def converged_goals(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
         elif TIER.tasks[task].classification:
             missing.append(task)
     shown = ", ".join(f"{t} {g:+.1f}" for t, g in per_task)
-    if missing:
+    below = [t for t, g in per_task if g < 0]
+    if missing and below:  # already missed, whatever the tasks still to run give
+        out.append(
+            (goal_c, "MISS", f"below the floor on {', '.join(below)}; {shown}; not run: {', '.join(missing)}")
+        )
+    elif missing:
         out.append(
             (goal_c, "NOT RUN", f"missing {', '.join(missing)}" + (f"; so far {shown}" if shown else ""))
         )
