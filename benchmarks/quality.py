@@ -344,6 +344,13 @@ CONVERGED_METHODS: dict[str, MethodSpec] = {
     "ipt_embeddings": MethodSpec(
         "IPT, embeddings source", "ipt", PAIR_GRID, ("method_config.instance_source=embeddings",)
     ),
+    # the third regulariser against memorisation: AdamW's decoupled weight decay, on the default source
+    "ipt_embeddings_wd": MethodSpec(
+        "IPT, embeddings source, weight decay 0.1",
+        "ipt",
+        PAIR_GRID,
+        ("method_config.instance_source=embeddings", "training.weight_decay=0.1"),
+    ),
     "ipt_token_table": MethodSpec(
         "IPT, token-table source", "ipt", PAIR_GRID, ("method_config.instance_source=token_table",)
     ),
@@ -409,6 +416,7 @@ CONVERGED_METHODS: dict[str, MethodSpec] = {
 IPT_CANDIDATES = (
     "ipt_frozen",
     "ipt_embeddings",
+    "ipt_embeddings_wd",
     "ipt_token_table",
     "ipt_hidden",
     "ipt_frozen_reg",
