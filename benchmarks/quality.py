@@ -874,6 +874,7 @@ def summarize(runs: dict[str, dict[str, Any]], quick: bool) -> list[dict[str, An
                 "grid_wall_time_s": sum(r["wall_time_s"] for r in found),
                 "test_examples": chosen[0]["test"].get("examples"),
                 "test_by_seed": {r["seed"]: _points(r, "test", metric) for r in chosen},
+                "validation_by_seed": {r["seed"]: _points(r, "validation", metric) for r in chosen},
                 "ci95": ci95(tests),
                 "steps": statistics.mean(r["steps"] for r in chosen) if chosen[0].get("steps") else None,
                 "best_steps": [r.get("best_step") for r in chosen],
@@ -973,8 +974,8 @@ def chosen_ipt(rows: list[dict[str, Any]]) -> str | None:
     scores = {}
     for method in IPT_CANDIDATES:
         found = [_row(rows, t, method) for t in TIER.goal_tasks]
-        if all(found):
-            scores[method] = statistics.mean(r["validation"] for r in found)
+        if all(r and 0 in r["validation_by_seed"] for r in found):
+            scores[method] = statistics.mean(r["validation_by_seed"][0] for r in found)
     return max(scores, key=scores.get) if scores else None
 
 
@@ -1097,12 +1098,14 @@ def candidates_table(rows: list[dict[str, Any]]) -> str:
         cells = [label, f"{100 * share:.2f}%"]
         for row in found.values():
             cells.append(
-                f"{row['validation']:.1f} / {row['test_by_seed'][0]:.1f} ({row['best_lr']:g})"
+                f"{row['validation_by_seed'][0]:.1f} / {row['test_by_seed'][0]:.1f} ({row['best_lr']:g})"
                 if row and 0 in row["test_by_seed"]
                 else ""
             )
-        complete = all(found.values())
-        cells.append(f"{statistics.mean(r['validation'] for r in found.values()):.1f}" if complete else "")
+        complete = all(r and 0 in r["validation_by_seed"] for r in found.values())
+        cells.append(
+            f"{statistics.mean(r['validation_by_seed'][0] for r in found.values()):.1f}" if complete else ""
+        )
         table.append(cells)
     return markdown_table(header, table)
 
@@ -1565,7 +1568,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.print_ranking:
         rows = [r for r in summarize(load_runs(path), args.quick) if r["task"] == args.print_ranking]
-        ranked = sorted((r for r in rows if r["method"] in IPT_CANDIDATES), key=lambda r: -r["validation"])
+        found = [r for r in rows if r["method"] in IPT_CANDIDATES and 0 in r["validation_by_seed"]]
+        ranked = sorted(found, key=lambda r: -r["validation_by_seed"][0])
         print(" ".join(r["method"] for r in ranked))
         return 0
     if args.report:
