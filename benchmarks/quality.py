@@ -1270,7 +1270,12 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     lines = math.ceil(len(tasks) / columns)
     fig, grid = figure(lines, columns, (4.6, 3.9), extra_width=2.2)
     axes = grid.ravel()
-    colors = {name: f"C{i}" for i, name in enumerate(TIER.methods)}
+    from matplotlib import colormaps
+
+    # more methods than the default cycle's 10 colours: tab20's, and a marker each, so no two rows look alike
+    palette = colormaps["tab20"]
+    colors = {name: palette(i % 20) for i, name in enumerate(TIER.methods)}
+    markers = {name: "os^Dv<>PX*"[i % 10] for i, name in enumerate(TIER.methods)}
     for axis, task in zip(axes, tasks, strict=False):
         for row in (r for r in rows if r["task"] == task):
             if row["method"] in UNTRAINED:
@@ -1282,7 +1287,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
                 row["trainable_params"],
                 row["test_mean"],
                 yerr=row["test_std"] or None,
-                fmt="o",
+                fmt=markers[row["method"]],
                 color=colors[row["method"]],
                 label=TIER.methods[row["method"]].label,
                 capsize=3,
