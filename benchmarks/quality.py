@@ -890,6 +890,11 @@ def _row(rows: list[dict[str, Any]], task: str, method: str) -> dict[str, Any] |
     return next((r for r in rows if r["task"] == task and r["method"] == method), None)
 
 
+def _seed0_validation(row: dict[str, Any] | None) -> float | None:
+    """A row's validation score at seed 0, the IPT choice's criterion; None if the row or its seed 0 is missing."""
+    return row["validation_by_seed"].get(0) if row else None
+
+
 def goals(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
     return converged_goals(rows) if TIER.name == "converged" else small_goals(rows)
 
@@ -973,9 +978,9 @@ def chosen_ipt(rows: list[dict[str, Any]]) -> str | None:
     goal tasks (never test), among candidates measured on all of them; None until one is."""
     scores = {}
     for method in IPT_CANDIDATES:
-        found = [_row(rows, t, method) for t in TIER.goal_tasks]
-        if all(r and 0 in r["validation_by_seed"] for r in found):
-            scores[method] = statistics.mean(r["validation_by_seed"][0] for r in found)
+        found = [_seed0_validation(_row(rows, t, method)) for t in TIER.goal_tasks]
+        if None not in found:
+            scores[method] = statistics.mean(found)
     return max(scores, key=scores.get) if scores else None
 
 
@@ -1097,15 +1102,14 @@ def candidates_table(rows: list[dict[str, Any]]) -> str:
         label = TIER.methods[method].label + (" **(chosen)**" if method == ipt else "")
         cells = [label, f"{100 * share:.2f}%"]
         for row in found.values():
+            validation = _seed0_validation(row)
             cells.append(
-                f"{row['validation_by_seed'][0]:.1f} / {row['test_by_seed'][0]:.1f} ({row['best_lr']:g})"
-                if row and 0 in row["test_by_seed"]
+                f"{validation:.1f} / {row['test_by_seed'][0]:.1f} ({row['best_lr']:g})"
+                if validation is not None
                 else ""
             )
-        complete = all(r and 0 in r["validation_by_seed"] for r in found.values())
-        cells.append(
-            f"{statistics.mean(r['validation_by_seed'][0] for r in found.values()):.1f}" if complete else ""
-        )
+        validations = [_seed0_validation(r) for r in found.values()]
+        cells.append(f"{statistics.mean(validations):.1f}" if None not in validations else "")
         table.append(cells)
     return markdown_table(header, table)
 
@@ -1318,8 +1322,9 @@ def plot_paired(rows: list[dict[str, Any]], path: Path) -> None:
     names = [("mean of 3" if task == "mean" else TIER.tasks[task].short) for task in diffs]
     for x, values in enumerate(diffs.values()):
         axis.scatter([x + 0.12] * len(values), values, color="C0", s=14, alpha=0.6, zorder=3)
-        half = ci95(values) if len(values) > 1 else 0.0
-        axis.errorbar(x - 0.12, statistics.mean(values), yerr=half or None, fmt="o", color="C3", capsize=4)
+        axis.errorbar(
+            x - 0.12, statistics.mean(values), yerr=ci95(values) or None, fmt="o", color="C3", capsize=4
+        )
     axis.axhline(0.0, color="gray", lw=1)
     axis.axhline(2.0, color="gray", ls="--", lw=1, label="goal (a): +2 on the mean")
     axis.set_xticks(range(len(names)), names)
@@ -1573,8 +1578,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.print_ranking:
         rows = [r for r in summarize(load_runs(path), args.quick) if r["task"] == args.print_ranking]
-        found = [r for r in rows if r["method"] in IPT_CANDIDATES and 0 in r["validation_by_seed"]]
-        ranked = sorted(found, key=lambda r: -r["validation_by_seed"][0])
+        found = [r for r in rows if r["method"] in IPT_CANDIDATES and _seed0_validation(r) is not None]
+        ranked = sorted(found, key=lambda r: -_seed0_validation(r))
         print(" ".join(r["method"] for r in ranked))
         return 0
     if args.report:
