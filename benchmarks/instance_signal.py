@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 from harness import RESULTS, ROOT, ResultsFile, ci95, figure, markdown_table, save_figure
+from quality import QUICK_OVERRIDES, library_versions
 
 METHOD = "ipt_embeddings"  # the converged tier's chosen default (quality.py --tier converged --print-chosen)
 QUALITY = RESULTS / "quality_converged.json"
@@ -70,8 +71,6 @@ def recorded_run(task: str, seed: int) -> dict[str, Any]:
 
 def trained_folder(run: dict[str, Any], quick: bool) -> Path:
     """Retrain the recorded command into a kept folder (skipped when the folder holds a finished run)."""
-    from quality import QUICK_OVERRIDES
-
     from peft_ipt.cli.train import train
 
     folder = (
@@ -211,6 +210,7 @@ def score(run: dict[str, Any], quick: bool) -> dict[str, Any]:
         "folder": str(folder.relative_to(ROOT)),
         "interventions": rows,
         **magnitudes,
+        "versions": library_versions(),
     }
 
 
@@ -275,7 +275,7 @@ def write_report(out: Path) -> None:
         ax.set_xticks(range(len(INTERVENTIONS)), [k.replace(" ", "\n") for k in INTERVENTIONS], fontsize=8)
         low = min(means)
         ax.set_ylim(max(0.0, low - 5), max(means) + 2)
-        ax.set_title(f"{task} ({metric}), seeds {len(seeds)}", fontsize=9)
+        ax.set_title(f"{task} ({metric}), {len(seeds)} seed{'s' if len(seeds) > 1 else ''}", fontsize=9)
         ax.set_ylabel("test points")
     save_figure(fig, out.with_suffix(".png"))
     text = "\n".join(lines)

@@ -592,6 +592,7 @@ def train_cell(task_name: str, method: str, lr: float, seed: int, quick: bool) -
         "max_steps": results.get("max_steps"),
         "best_step": results.get("best_step"),
         "torch_threads": torch_threads(),
+        "versions": library_versions(),
         "precision": PRECISION,
         "budget": overrides[: len(overrides) - 2],  # without lr and seed
         "setup": setup_of(results["experiment"], method),
@@ -603,6 +604,16 @@ def torch_threads() -> int:
     import torch
 
     return torch.get_num_threads()
+
+
+def library_versions() -> dict[str, str]:
+    """The versions a run trained under: peft's own PrefixTuning, for one, refuses BERT-family models from
+    transformers 5.24 on, so its rows may come from another environment than the rest."""
+    import peft
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
 
 
 def zero_shot_cell(task_name: str, quick: bool) -> dict[str, Any]:
@@ -649,6 +660,7 @@ def untrained_record(
         "train_runtime_s": 0.0,
         "wall_time_s": time.time() - start,
         "torch_threads": torch_threads(),
+        "versions": library_versions(),
         "budget": overrides,
         "setup": setup_of(experiment.to_dict(), method),
     }
