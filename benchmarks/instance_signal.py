@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 from harness import RESULTS, ROOT, ResultsFile, ci95, figure, markdown_table, save_figure
-from quality import QUICK_OVERRIDES, library_versions
+from quality import QUICK_OVERRIDES, _row, library_versions
 
 METHOD = "ipt_embeddings"  # the converged tier's chosen default (quality.py --tier converged --print-chosen)
 QUALITY = RESULTS / "quality_converged.json"
@@ -50,7 +50,7 @@ INTERVENTIONS = ("own", "shuffled", "batch mean", "task prefix only")
 def recorded_run(task: str, seed: int) -> dict[str, Any]:
     """The converged tier's run of the default IPT at its chosen rate, for this task and seed."""
     document = ResultsFile(QUALITY)
-    row = next((r for r in document.field("rows", []) if (r["task"], r["method"]) == (task, METHOD)), None)
+    row = _row(document.field("rows", []), task, METHOD)
     if row is None:
         raise SystemExit(
             f"{QUALITY} has no {METHOD} row for task {task!r}: run `python benchmarks/quality.py --tier converged "
@@ -103,20 +103,19 @@ class CodeIntervention:
         return codes
 
     def __enter__(self) -> CodeIntervention:
-        module, encode_inputs = self.module, self.module.encode_inputs
+        encode_inputs = self.module.encode_inputs
 
-        def prefixes(inputs):
-            module._last_task = module._task_parts()
+        def replaced(inputs):  # the module's prefixes() sets its task part, then combines what this returns
             codes = encode_inputs(inputs)
             if self.kind == "own":
                 self._measure(codes)
-            return module.combine(self.codes(codes))
+            return self.codes(codes)
 
-        module.prefixes = prefixes  # an instance attribute: shadows the method until __exit__
+        self.module.encode_inputs = replaced  # an instance attribute: shadows the method until __exit__
         return self
 
     def __exit__(self, *exc) -> None:
-        del self.module.prefixes
+        del self.module.encode_inputs
 
     def _measure(self, codes: torch.Tensor) -> None:
         full, task = self.module.combine(codes), self.module.combine(None)
