@@ -207,3 +207,101 @@ class StopWhenValidationStalls(TrainerCallback, ExportableState):
             },
             "attributes": {"best": self.best, "stalled": self.stalled},
         }
+
+
+# -- peft's prompt encoders that its checkpoints cannot restore ----------------------------------------------
+#
+# peft saves a reparameterised prompt encoder (P-tuning's MLP or LSTM, PrefixTuning's prefix_projection) as its
+# *output*, the prompts inference needs, and `load_adapter` loads that into the encoder's *input* embedding. On a
+# model still training, which keeps the encoder, every later forward passes the saved prompts through the encoder a
+# second time. For PrefixTuning the shapes differ and loading fails (peft issue 2256); for P-tuning they agree, so
+# Trainer's best-model restore and its resume load the wrong prompts without a word (peft issue 1247): a converged
+# P-tuning run scored 10 points below its own best validation on the restored model. So for these methods the
+# CLI's Trainer also saves every trainable weight under its own name, and restores from that file instead of
+# through peft's loading. The adapter file itself stays what peft writes: it is what inference loads.
+TRAINABLE_FILE = "trainable_weights.safetensors"
+
+
+def reparameterized_prompt_encoder(model):
+    """The training prompt encoder of a peft prompt method whose adapter file cannot restore it; else None."""
+    from peft import PeftModel, PeftType
+
+    if not isinstance(model, PeftModel):
+        return None
+    config = model.active_peft_config
+    if not config.is_prompt_learning or config.inference_mode:
+        return None  # in inference mode the encoder is the saved prompts themselves
+    if config.peft_type == PeftType.P_TUNING or getattr(config, "prefix_projection", False):
+        return model.prompt_encoder[model.active_adapter]
+    return None
+
+
+def save_trainable_weights(model, folder: str | Path) -> None:
+    """Every trainable weight (the prompt encoder whole, the task head), under its name in ``model``."""
+    from safetensors.torch import save_file
+
+    weights = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    save_file(weights, str(Path(folder) / TRAINABLE_FILE))
+
+
+def restore_trainable_weights(model, folder: str | Path) -> None:
+    """Load what :func:`save_trainable_weights` wrote into ``folder`` back into ``model``, in place."""
+    import torch
+    from safetensors.torch import load_file
+
+    path = Path(folder) / TRAINABLE_FILE
+    method = model.active_peft_config.peft_type.value
+    if not path.is_file():
+        raise CheckpointError(
+            f"{folder} has no {TRAINABLE_FILE}: its {method} prompt encoder cannot be restored from "
+            "adapter_model.safetensors alone (peft saves the encoder's output there, and loading it into a "
+            "model that is training passes the prompts through the encoder twice). The checkpoint was not "
+            "written by `peft-ipt train`; train from the start, or resume from a checkpoint peft-ipt wrote"
+        )
+    saved = load_file(str(path))
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if saved.keys() != trainable.keys() or any(saved[k].shape != p.shape for k, p in trainable.items()):
+        raise CheckpointError(
+            f"{path} does not match this {method} model: it holds {sorted(saved)[:4]}..., the model trains "
+            f"{sorted(trainable)[:4]}... (or their shapes differ). Resume with the experiment that wrote it"
+        )
+    with torch.no_grad():
+        for name, p in trainable.items():
+            p.copy_(saved[name])
+
+
+def with_prompt_encoder_checkpoints(trainer_class: type) -> type:
+    """``trainer_class`` whose checkpoints restore a reparameterised peft prompt encoder correctly."""
+
+    class PromptEncoderCheckpointsTrainer(trainer_class):
+        def _takes_over(self, model) -> bool:
+            if reparameterized_prompt_encoder(model) is None:
+                return False
+            if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+                raise CheckpointError(
+                    f"{model.active_peft_config.peft_type.value} checkpoints under DeepSpeed or FSDP: peft cannot "
+                    "restore its prompt encoder and peft-ipt restores it only from whole weights. Train without "
+                    "training.load_best_model_at_end / early stopping and without --resume, or use one process"
+                )
+            return True
+
+        def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+            super()._save(output_dir, state_dict)
+            if reparameterized_prompt_encoder(self.model) is not None:
+                save_trainable_weights(self.model, output_dir or self.args.output_dir)
+
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+            target = self.model if model is None else model
+            if self._takes_over(target):
+                restore_trainable_weights(target, resume_from_checkpoint)
+            else:
+                super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+        def _load_best_model(self) -> None:
+            if self._takes_over(self.model):
+                restore_trainable_weights(self.model, self.state.best_model_checkpoint)
+            else:
+                super()._load_best_model()
+
+    PromptEncoderCheckpointsTrainer.__name__ = trainer_class.__name__
+    return PromptEncoderCheckpointsTrainer

@@ -32,6 +32,7 @@ from .checkpoints import (
     TrainingFinished,
     latest_complete,
     require_complete,
+    with_prompt_encoder_checkpoints,
 )
 from .data import Splits, collator_for, load_splits, tokenize
 from .evaluation import evaluate_split, generate_texts
@@ -96,7 +97,7 @@ def make_trainer(
                 experiment.training.get("early_stopping_min_steps", 0),
             )
         )
-    return (Trainer if classification else GenerationTrainer)(
+    return with_prompt_encoder_checkpoints(Trainer if classification else GenerationTrainer)(
         model=model,
         args=arguments,
         train_dataset=tokenize(splits.train, tokenizer, experiment),
