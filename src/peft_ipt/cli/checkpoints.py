@@ -216,7 +216,7 @@ class StopWhenValidationStalls(TrainerCallback, ExportableState):
 # model still training, which keeps the encoder, every later forward passes the saved prompts through the encoder a
 # second time. For PrefixTuning the shapes differ and loading fails (peft issue 2256); for P-tuning they agree, so
 # Trainer's best-model restore and its resume load the wrong prompts without a word (peft issue 1247): a converged
-# P-tuning run scored 10 points below its own best validation on the restored model. So for these methods the
+# P-tuning run on Rotten Tomatoes tested 64.9 on the restored model, 76.2 with the restore below (same training). So for these methods the
 # CLI's Trainer also saves every trainable weight under its own name, and restores from that file instead of
 # through peft's loading. The adapter file itself stays what peft writes: it is what inference loads.
 TRAINABLE_FILE = "trainable_weights.safetensors"
