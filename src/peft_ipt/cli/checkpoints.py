@@ -216,9 +216,9 @@ class StopWhenValidationStalls(TrainerCallback, ExportableState):
 # model still training, which keeps the encoder, every later forward passes the saved prompts through the encoder a
 # second time. For PrefixTuning the shapes differ and loading fails (peft issue 2256); for P-tuning they agree, so
 # Trainer's best-model restore and its resume load the wrong prompts without a word (peft issue 1247): a converged
-# P-tuning run on Rotten Tomatoes tested 64.9 on the restored model, 76.2 with the restore below (same training). So for these methods the
-# CLI's Trainer also saves every trainable weight under its own name, and restores from that file instead of
-# through peft's loading. The adapter file itself stays what peft writes: it is what inference loads.
+# P-tuning run on Rotten Tomatoes tested 64.9 on the restored model, 76.2 with the restore below (same training).
+# So for these methods the CLI's Trainer also saves every trainable weight under its own name, and restores from
+# that file instead of through peft's loading. The adapter file itself stays what peft writes: inference loads it.
 TRAINABLE_FILE = "trainable_weights.safetensors"
 
 
@@ -236,11 +236,15 @@ def reparameterized_prompt_encoder(model):
     return None
 
 
+def _trainable_parameters(model) -> dict:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
 def save_trainable_weights(model, folder: str | Path) -> None:
     """Every trainable weight (the prompt encoder whole, the task head), under its name in ``model``."""
     from safetensors.torch import save_file
 
-    weights = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    weights = {name: p.detach().cpu().contiguous() for name, p in _trainable_parameters(model).items()}
     save_file(weights, str(Path(folder) / TRAINABLE_FILE))
 
 
@@ -259,7 +263,7 @@ def restore_trainable_weights(model, folder: str | Path) -> None:
             "written by `peft-ipt train`; train from the start, or resume from a checkpoint peft-ipt wrote"
         )
     saved = load_file(str(path))
-    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    trainable = _trainable_parameters(model)
     if saved.keys() != trainable.keys() or any(saved[k].shape != p.shape for k, p in trainable.items()):
         raise CheckpointError(
             f"{path} does not match this {method} model: it holds {sorted(saved)[:4]}..., the model trains "
