@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 from harness import RESULTS, ROOT, ResultsFile, ci95, figure, markdown_table, save_figure
-from quality import QUICK_OVERRIDES, _row, library_versions
+from quality import QUICK_OVERRIDES, find_row, library_versions
 
 METHOD = "ipt_embeddings"  # the converged tier's chosen default (quality.py --tier converged --print-chosen)
 QUALITY = RESULTS / "quality_converged.json"
@@ -50,7 +50,7 @@ INTERVENTIONS = ("own", "shuffled", "batch mean", "task prefix only")
 def recorded_run(task: str, seed: int) -> dict[str, Any]:
     """The converged tier's run of the default IPT at its chosen rate, for this task and seed."""
     document = ResultsFile(QUALITY)
-    row = _row(document.field("rows", []), task, METHOD)
+    row = find_row(document.field("rows", []), task, METHOD)
     if row is None:
         raise SystemExit(
             f"{QUALITY} has no {METHOD} row for task {task!r}: run `python benchmarks/quality.py --tier converged "

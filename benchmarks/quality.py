@@ -351,6 +351,14 @@ CONVERGED_METHODS: dict[str, MethodSpec] = {
         PAIR_GRID,
         ("method_config.instance_source=embeddings", "training.weight_decay=0.1"),
     ),
+    # the paper's instance scale on the default source: the task prefix steps at the prefix alone's rate while the
+    # instance part's output moves 20x slower, so the generator cannot outrun the task prefix it is added to
+    "ipt_embeddings_scale": MethodSpec(
+        "IPT, embeddings source, instance scale 0.05",
+        "ipt",
+        PAIR_GRID,
+        ("method_config.instance_source=embeddings", "method_config.instance_scale=0.05"),
+    ),
     "ipt_token_table": MethodSpec(
         "IPT, token-table source", "ipt", PAIR_GRID, ("method_config.instance_source=token_table",)
     ),
@@ -417,6 +425,7 @@ IPT_CANDIDATES = (
     "ipt_frozen",
     "ipt_embeddings",
     "ipt_embeddings_wd",
+    "ipt_embeddings_scale",
     "ipt_token_table",
     "ipt_hidden",
     "ipt_frozen_reg",
@@ -898,7 +907,8 @@ def summarize(runs: dict[str, dict[str, Any]], quick: bool) -> list[dict[str, An
     return sorted(rows, key=lambda r: (order.get(r["task"], 99), methods[r["method"]]))
 
 
-def _row(rows: list[dict[str, Any]], task: str, method: str) -> dict[str, Any] | None:
+def find_row(rows: list[dict[str, Any]], task: str, method: str) -> dict[str, Any] | None:
+    """One method's summary row on one task (instance_signal.py reads the default IPT's), or None if not run."""
     return next((r for r in rows if r["task"] == task and r["method"] == method), None)
 
 
@@ -918,7 +928,7 @@ def small_goals(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
     tasks = TIER.goal_tasks
 
     def test(task: str, method: str) -> float | None:
-        row = _row(rows, task, method)
+        row = find_row(rows, task, method)
         return None if row is None else row["test_mean"]
 
     def mean_gap(a: str, b: str) -> tuple[float | None, list[str], list[str]]:
@@ -954,7 +964,7 @@ def small_goals(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
 
         goal = f"{label} within 1 point of full fine-tuning (mean over the 3 classification tasks), <= 1.5% trainable"
         gap, both, missing = mean_gap(ipt, "full")
-        shares = [_row(rows, t, ipt)["trainable_share"] for t in tasks if _row(rows, t, ipt)]
+        shares = [find_row(rows, t, ipt)["trainable_share"] for t in tasks if find_row(rows, t, ipt)]
         per_task = ", ".join(f"{t} {test(t, ipt) - test(t, 'full'):+.1f}" for t in both)
         share = f"trainable up to {100 * max(shares):.2f}%" if shares else ""
         if missing:
@@ -990,7 +1000,7 @@ def chosen_ipt(rows: list[dict[str, Any]]) -> str | None:
     goal tasks (never test), among candidates measured on all of them; None until one is."""
     scores = {}
     for method in IPT_CANDIDATES:
-        found = [_seed0_validation(_row(rows, t, method)) for t in TIER.goal_tasks]
+        found = [_seed0_validation(find_row(rows, t, method)) for t in TIER.goal_tasks]
         if None not in found:
             scores[method] = statistics.mean(found)
     return max(scores, key=scores.get) if scores else None
@@ -1000,12 +1010,12 @@ def paired_differences(rows: list[dict[str, Any]], a: str, b: str) -> dict[str, 
     """Per task (and "mean" over the goal tasks), the per-seed differences test(a) - test(b) on the seeds both ran."""
     out: dict[str, list[float]] = {}
     for task in TIER.tasks:
-        row_a, row_b = _row(rows, task, a), _row(rows, task, b)
+        row_a, row_b = find_row(rows, task, a), find_row(rows, task, b)
         if row_a and row_b:
             seeds = sorted(set(row_a["test_by_seed"]) & set(row_b["test_by_seed"]))
             out[task] = [row_a["test_by_seed"][s] - row_b["test_by_seed"][s] for s in seeds]
-    rows_a = [_row(rows, t, a) for t in TIER.goal_tasks]
-    rows_b = [_row(rows, t, b) for t in TIER.goal_tasks]
+    rows_a = [find_row(rows, t, a) for t in TIER.goal_tasks]
+    rows_b = [find_row(rows, t, b) for t in TIER.goal_tasks]
     if all(rows_a) and all(rows_b):
         seeds = set.intersection(*(set(r["test_by_seed"]) for r in rows_a + rows_b))
         out["mean"] = [
@@ -1018,7 +1028,7 @@ def paired_differences(rows: list[dict[str, Any]], a: str, b: str) -> dict[str, 
 
 
 def _mean_over_goal_tasks(rows: list[dict[str, Any]], method: str) -> float | None:
-    found = [_row(rows, t, method) for t in TIER.goal_tasks]
+    found = [find_row(rows, t, method) for t in TIER.goal_tasks]
     return statistics.mean(r["test_mean"] for r in found) if all(found) else None
 
 
@@ -1064,7 +1074,7 @@ def converged_goals(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
         out.append((goal_b, "PASS" if all(mine - v >= 2 for v in gaps.values()) else "MISS", shown))
     per_task, missing = [], []
     for task in TIER.tasks:
-        row, floor = _row(rows, task, ipt), _row(rows, task, FLOOR)
+        row, floor = find_row(rows, task, ipt), find_row(rows, task, FLOOR)
         if TIER.tasks[task].classification and row and floor:
             per_task.append((task, row["test_mean"] - floor["test_mean"]))
         elif TIER.tasks[task].classification:
@@ -1082,7 +1092,7 @@ def converged_goals(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
     else:
         out.append((goal_c, "PASS" if all(g >= 0 for _, g in per_task) else "MISS", shown))
     full = _mean_over_goal_tasks(rows, "full")
-    shares = [r["trainable_share"] for r in (_row(rows, t, ipt) for t in TIER.goal_tasks) if r]
+    shares = [r["trainable_share"] for r in (find_row(rows, t, ipt) for t in TIER.goal_tasks) if r]
     if full is None:
         out.append((goal_d, "NOT RUN", "full fine-tuning has not run on every goal task"))
     else:
@@ -1107,7 +1117,7 @@ def candidates_table(rows: list[dict[str, Any]]) -> str:
     header.append("mean val.")
     table = []
     for method in (*IPT_CANDIDATES, "prefix_alone"):
-        found = {t: _row(rows, t, method) for t in TIER.goal_tasks}
+        found = {t: find_row(rows, t, method) for t in TIER.goal_tasks}
         if not any(found.values()):
             continue
         share = next(r["trainable_share"] for r in found.values() if r)
@@ -1148,7 +1158,7 @@ def converged_summary(rows: list[dict[str, Any]]) -> str:
             shares.append(f"{100 * found[0]['trainable_share']:.2f}%" if found else "–")
         cells = [label, " / ".join(shares)]
         for task in columns:
-            row = _row(rows, task, method)
+            row = find_row(rows, task, method)
             if row is None:
                 cells.append("")
             elif len(row["seeds"]) > 1:
@@ -1180,8 +1190,8 @@ def converged_summary(rows: list[dict[str, Any]]) -> str:
         else:
             name, a, b = (
                 TIER.tasks[task].short,
-                _row(rows, task, ipt)["test_mean"],
-                _row(rows, task, "prefix_alone")["test_mean"],
+                find_row(rows, task, ipt)["test_mean"],
+                find_row(rows, task, "prefix_alone")["test_mean"],
             )
         lines.append(
             f"| {name} | {a:.1f} | {b:.1f} | {statistics.mean(diffs):+.2f} ± {ci95(diffs):.2f} | {len(diffs)} |"
@@ -1223,7 +1233,7 @@ def markdown(rows: list[dict[str, Any]], tasks: list[str], quick: bool) -> str:
         ]
         for method in methods:
             label = TIER.methods[method].label if method in TIER.methods else UNTRAINED_LABELS[method]
-            row = _row(rows, task, method)
+            row = find_row(rows, task, method)
             if row is None:
                 lines.append(f"| {label} | not run | | | | | | | | |" + (" |" if steps else ""))
                 continue
@@ -1267,11 +1277,11 @@ def summary(rows: list[dict[str, Any]]) -> str:
             shares.append(f"{100 * found[0]['trainable_share']:.2f}%" if found else "–")
         cells = [label, " / ".join(shares)]
         for task in columns:
-            row = _row(rows, task, method)
+            row = find_row(rows, task, method)
             spread = f" ± {row['test_std']:.1f}" if row and len(row["seeds"]) > 1 else ""
             cells.append(f"{row['test_mean']:.1f}{spread}" if row else "")
             if task == mean_after:
-                scores = [_row(rows, t, method) for t in TIER.goal_tasks]
+                scores = [find_row(rows, t, method) for t in TIER.goal_tasks]
                 cells.append(f"{statistics.mean(r['test_mean'] for r in scores):.1f}" if all(scores) else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -1643,7 +1653,7 @@ def main(argv: list[str] | None = None) -> int:
         seed_cells = []
         for task_name, method, _, run_seeds in planned:
             rest = [] if method in UNTRAINED or args.grid_all_seeds else run_seeds[1:]
-            row = _row(rows, task_name, method)
+            row = find_row(rows, task_name, method)
             if row is None:  # every grid run failed
                 bar.update(len(rest))
                 continue
