@@ -1170,33 +1170,46 @@ def converged_summary(rows: list[dict[str, Any]]) -> str:
                 cells.append("" if mean is None else f"{mean:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
-    if ipt is None:
-        return text
+    # The chosen IPT's paired table, then any other candidate that shares at least two seeds with the prefix alone on
+    # a task (a lever being tested at more than one seed before it could be chosen).
+    others = [
+        m
+        for m in IPT_CANDIDATES
+        if m != ipt and any(len(d) >= 2 for d in paired_differences(rows, m, "prefix_alone").values())
+    ]
+    for method in ([ipt] if ipt else []) + others:
+        text += paired_table(rows, method)
+    return text
+
+
+def paired_table(rows: list[dict[str, Any]], method: str) -> str:
+    """One IPT candidate minus its task prefix alone, per task (and the goal-task mean once all three ran): each
+    side's test mean, and the mean ± 95% CI of the per-seed differences on the seeds both ran."""
     lines = [
         "",
-        f"Paired difference, {TIER.methods[ipt].label} minus its task prefix alone (same rate, prompt length, budget "
+        f"Paired difference, {TIER.methods[method].label} minus its task prefix alone (same prompt length, budget "
         "and seeds), test points, mean ± 95% CI over the seeds both ran:",
         "",
         "| task | IPT | task prefix alone | IPT - prefix | seeds |",
         "|---|---|---|---|---|",
     ]
-    for task, diffs in paired_differences(rows, ipt, "prefix_alone").items():
+    for task, diffs in paired_differences(rows, method, "prefix_alone").items():
         if task == "mean":
             name, a, b = (
                 "mean of 3",
-                _mean_over_goal_tasks(rows, ipt),
+                _mean_over_goal_tasks(rows, method),
                 _mean_over_goal_tasks(rows, "prefix_alone"),
             )
         else:
             name, a, b = (
                 TIER.tasks[task].short,
-                find_row(rows, task, ipt)["test_mean"],
+                find_row(rows, task, method)["test_mean"],
                 find_row(rows, task, "prefix_alone")["test_mean"],
             )
         lines.append(
             f"| {name} | {a:.1f} | {b:.1f} | {statistics.mean(diffs):+.2f} ± {ci95(diffs):.2f} | {len(diffs)} |"
         )
-    return text + "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n"
 
 
 def _steps(row: dict[str, Any]) -> str:
