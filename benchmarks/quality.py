@@ -1184,7 +1184,8 @@ def converged_summary(rows: list[dict[str, Any]]) -> str:
 
 def paired_table(rows: list[dict[str, Any]], method: str) -> str:
     """One IPT candidate minus its task prefix alone, per task (and the goal-task mean once all three ran): each
-    side's test mean, and the mean ± 95% CI of the per-seed differences on the seeds both ran."""
+    side's test mean over the seeds both ran (for the mean, over each side's own), and the mean ± 95% CI of the
+    per-seed differences."""
     lines = [
         "",
         f"Paired difference, {TIER.methods[method].label} minus its task prefix alone (same prompt length, budget "
@@ -1201,10 +1202,12 @@ def paired_table(rows: list[dict[str, Any]], method: str) -> str:
                 _mean_over_goal_tasks(rows, "prefix_alone"),
             )
         else:
+            ours, theirs = find_row(rows, task, method), find_row(rows, task, "prefix_alone")
+            seeds = sorted(set(ours["test_by_seed"]) & set(theirs["test_by_seed"]))
             name, a, b = (
                 TIER.tasks[task].short,
-                find_row(rows, task, method)["test_mean"],
-                find_row(rows, task, "prefix_alone")["test_mean"],
+                statistics.mean(ours["test_by_seed"][s] for s in seeds),
+                statistics.mean(theirs["test_by_seed"][s] for s in seeds),
             )
         lines.append(
             f"| {name} | {a:.1f} | {b:.1f} | {statistics.mean(diffs):+.2f} ± {ci95(diffs):.2f} | {len(diffs)} |"
