@@ -4,12 +4,14 @@ Usage (from the repository root, with the package installed)::
 
     python benchmarks/instance_signal.py --threads 2                          # Rotten Tomatoes and BBC News, seed 0
     python benchmarks/instance_signal.py --tasks rotten_tomatoes --seeds 0 1 2
+    python benchmarks/instance_signal.py --method ipt_embeddings              # another IPT candidate of the tier
     python benchmarks/instance_signal.py --report                             # rebuild table and plot from the JSON
     python benchmarks/instance_signal.py --quick --tasks rotten_tomatoes      # smoke run: tiny budget, quick files
 
-For each task and seed it retrains the converged tier's default IPT run (``quality.py --tier converged``: the exact
-``peft-ipt train`` command recorded in ``results/quality_converged.json`` at the rate chosen there) into
-``outputs/instance_signal/<task>_seed<k>/`` (kept, so a rerun reuses it), reloads the saved adapter with
+For each task and seed it retrains one IPT candidate's run of the converged tier (``--method``; default the tier's
+chosen IPT, ``quality.py --tier converged --print-chosen``): the exact ``peft-ipt train`` command recorded in
+``results/quality_converged.json`` at the rate chosen there, into ``outputs/instance_signal/<method>/<task>_seed<k>/``
+(kept, so a rerun reuses it). It reloads the saved adapter with
 ``PeftModel.from_pretrained`` and scores the test split four ways, changing nothing but the instance prompt codes
 (B, P, r) the encoder hands to the per-layer heads:
 
@@ -24,7 +26,8 @@ as a learned offset, ``batch mean`` would match ``own``. Each row gives the scor
 paired bootstrap 95% CI over the test examples (scipy), and the share of test predictions the intervention changes.
 Two magnitudes come with it, over the test inputs: the instance part's norm over the task prefix's (keys and values,
 every layer) and the input-specific share of the instance part (its norm after removing the batch mean, over its
-norm). Results: ``results/instance_signal.{json,md,png}``; each (task, seed) is recorded as soon as it is scored.
+norm). Results: ``results/instance_signal.{json,md,png}``; each (method, task, seed) is recorded as soon as it is
+scored.
 ``--quick`` trains at quality.py's smoke budget (``QUICK_OVERRIDES``) into ``outputs/instance_signal_quick/`` and
 writes ``results/instance_signal_quick.*``: it checks the code path, its numbers mean nothing.
 """
@@ -37,34 +40,46 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import quality
 import torch
 from harness import RESULTS, ROOT, ResultsFile, ci95, figure, markdown_table, save_figure
 from quality import QUICK_OVERRIDES, find_row, library_versions
 
-METHOD = "ipt_embeddings"  # the converged tier's chosen default (quality.py --tier converged --print-chosen)
 QUALITY = RESULTS / "quality_converged.json"
 OUTPUTS = ROOT / "outputs"
 INTERVENTIONS = ("own", "shuffled", "batch mean", "task prefix only")
 
 
-def recorded_run(task: str, seed: int) -> dict[str, Any]:
-    """The converged tier's run of the default IPT at its chosen rate, for this task and seed."""
+def chosen_method() -> str:
+    """The converged tier's chosen IPT candidate, from its recorded rows (validation at seed 0, never test)."""
+    quality.TIER = quality.TIERS["converged"]
+    chosen = quality.chosen_ipt(quality.summarize(quality.load_runs(QUALITY), quick=False))
+    if chosen is None:
+        raise SystemExit(
+            f"{QUALITY} has no IPT candidate run on every goal task yet: pass --method, or run the converged tier "
+            "first (`python benchmarks/quality.py --tier converged`)"
+        )
+    return chosen
+
+
+def recorded_run(task: str, seed: int, method: str) -> dict[str, Any]:
+    """The converged tier's run of this IPT candidate at its chosen rate, for this task and seed."""
     document = ResultsFile(QUALITY)
-    row = find_row(document.field("rows", []), task, METHOD)
+    row = find_row(document.field("rows", []), task, method)
     if row is None:
         raise SystemExit(
-            f"{QUALITY} has no {METHOD} row for task {task!r}: run `python benchmarks/quality.py --tier converged "
-            f"--tasks {task} --methods {METHOD}` first"
+            f"{QUALITY} has no {method} row for task {task!r}: run `python benchmarks/quality.py --tier converged "
+            f"--tasks {task} --methods {method}` first"
         )
     runs = [
         r
         for r in document.runs().values()
-        if (r["task"], r["method"], r["seed"]) == (task, METHOD, seed) and r["lr"] == row["best_lr"]
+        if (r["task"], r["method"], r["seed"]) == (task, method, seed) and r["lr"] == row["best_lr"]
     ]
     if not runs:
         raise SystemExit(
-            f"{QUALITY} has no {METHOD} run for task {task!r} at seed {seed} and its chosen rate {row['best_lr']:g}: "
-            f"run `python benchmarks/quality.py --tier converged --tasks {task} --methods {METHOD} --seeds 0 {seed}`"
+            f"{QUALITY} has no {method} run for task {task!r} at seed {seed} and its chosen rate {row['best_lr']:g}: "
+            f"run `python benchmarks/quality.py --tier converged --tasks {task} --methods {method} --seeds 0 {seed}`"
         )
     return runs[0]
 
@@ -76,6 +91,7 @@ def trained_folder(run: dict[str, Any], quick: bool) -> Path:
     folder = (
         OUTPUTS
         / ("instance_signal_quick" if quick else "instance_signal")
+        / run["method"]
         / f"{run['task']}_seed{run['seed']}"
     )
     if (folder / "metrics.json").is_file():
@@ -200,6 +216,7 @@ def score(run: dict[str, Any], quick: bool) -> dict[str, Any]:
         + ")"
     )
     return {
+        "method": run["method"],
         "task": run["task"],
         "seed": run["seed"],
         "lr": run["lr"],
@@ -216,7 +233,7 @@ def score(run: dict[str, Any], quick: bool) -> dict[str, Any]:
 def record(result: dict[str, Any], out: Path) -> None:
     document = ResultsFile(out)
     runs = document.runs()
-    runs[f"{result['task']}/{result['seed']}"] = result
+    runs[f"{result['method']}/{result['task']}/{result['seed']}"] = result
     document.write(
         {"about": __doc__.split("\n\n")[0], "torch_threads": torch.get_num_threads(), "runs": runs}
     )
@@ -226,19 +243,20 @@ def write_report(out: Path) -> None:
     runs = ResultsFile(out).runs()
     if not runs:
         raise SystemExit(f"{out} holds no scored run yet: run `python benchmarks/instance_signal.py` first")
-    tasks = list(dict.fromkeys(r["task"] for r in runs.values()))
+    panels = list(dict.fromkeys((r["method"], r["task"]) for r in runs.values()))
     lines = [
         "# Does IPT's instance part carry information about its input?",
         "",
-        "The converged tier's default IPT (embeddings source, hybrid), retrained from its recorded command and "
+        "IPT candidates of the converged tier (hybrid injection), each retrained from its recorded command and "
         "scored on test with its prompt codes replaced (`python benchmarks/instance_signal.py`). Points of the "
         "task's metric; difference from `own` with a paired bootstrap 95% CI over test examples (one seed) or the "
         "95% CI over seeds (several); changed: share of test predictions that differ from `own`.",
         "",
     ]
-    fig, axes = figure(1, len(tasks), (4.2, 3.2))
-    for ax, task in zip(axes[0], tasks, strict=True):
-        found = [r for r in runs.values() if r["task"] == task]
+    fig, axes = figure(1, len(panels), (4.2, 3.2))
+    for ax, (method, task) in zip(axes[0], panels, strict=True):
+        label = quality.CONVERGED_METHODS[method].label
+        found = [r for r in runs.values() if (r["method"], r["task"]) == (method, task)]
         seeds = sorted(r["seed"] for r in found)
         metric = found[0]["metric"]
         table = []
@@ -262,7 +280,7 @@ def write_report(out: Path) -> None:
         ratio = sum(r["instance_over_task"] for r in found) / len(found)
         specific = sum(r["input_specific_share"] for r in found) / len(found)
         lines += [
-            f"## {task} ({metric}; seeds {', '.join(map(str, seeds))}; the quality run recorded "
+            f"## {label}: {task} ({metric}; seeds {', '.join(map(str, seeds))}; the quality run recorded "
             f"{', '.join(f'{v:.2f}' for v in recorded) or 'nothing at this budget (--quick)'})",
             "",
             markdown_table(["codes", "test", "difference from own", "changed"], table),
@@ -274,7 +292,9 @@ def write_report(out: Path) -> None:
         ax.set_xticks(range(len(INTERVENTIONS)), [k.replace(" ", "\n") for k in INTERVENTIONS], fontsize=8)
         low = min(means)
         ax.set_ylim(max(0.0, low - 5), max(means) + 2)
-        ax.set_title(f"{task} ({metric}), {len(seeds)} seed{'s' if len(seeds) > 1 else ''}", fontsize=9)
+        ax.set_title(
+            f"{label}\n{task} ({metric}), {len(seeds)} seed{'s' if len(seeds) > 1 else ''}", fontsize=8
+        )
         ax.set_ylabel("test points")
     save_figure(fig, out.with_suffix(".png"))
     text = "\n".join(lines)
@@ -287,6 +307,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", nargs="+", default=["rotten_tomatoes", "bbc_news"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument(
+        "--method",
+        choices=list(quality.IPT_CANDIDATES),
+        help="the IPT candidate to retrain (default: the converged tier's chosen one)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the quality runs used 2)")
     parser.add_argument("--report", action="store_true", help="rebuild the table and plot from the JSON only")
     parser.add_argument("--quick", action="store_true", help="smoke run at quality.py's smoke budget")
@@ -296,10 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = args.out or RESULTS / ("instance_signal_quick.json" if args.quick else "instance_signal.json")
     if not args.report:
+        method = args.method or chosen_method()
         torch.set_num_threads(args.threads)
         for task in args.tasks:
             for seed in args.seeds:
-                record(score(recorded_run(task, seed), args.quick), out)
+                record(score(recorded_run(task, seed, method), args.quick), out)
     write_report(out)
     return 0
 
