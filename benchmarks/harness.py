@@ -91,6 +91,12 @@ def ci95(values: Sequence[float]) -> float:
     return float(t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values)))
 
 
+def mean_ci(values: Sequence[float]) -> str:
+    """A signed mean with its 95% CI half-width, "+1.21 ± 2.34"; one value has no CI and says so."""
+    mean = statistics.mean(values)
+    return f"{mean:+.2f} ± {ci95(values):.2f}" if len(values) > 1 else f"{mean:+.2f} (one seed, no CI)"
+
+
 def quartiles(values: Sequence[float]) -> tuple[float, float]:
     """(p25, p75); one value gives itself twice, none gives NaNs."""
     if len(values) < 2:
