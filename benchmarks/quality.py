@@ -997,7 +997,7 @@ def small_goals(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
 
 
 def chosen_ipt(rows: list[dict[str, Any]]) -> str | None:
-    """The converged tier's IPT default: the candidate with the best mean *validation* score at seed 0 over the
+    """The converged tier's chosen IPT: the candidate with the best mean *validation* score at seed 0 over the
     goal tasks (never test), among candidates measured on all of them; None until one is."""
     scores = {}
     for method in IPT_CANDIDATES:
@@ -1391,8 +1391,8 @@ def write_reports(
             "### Summary\n\nTest scores (accuracy on Rotten Tomatoes, macro F1 on BBC News and VitaminC, BLEU on E2E) "
             "at budgets where the methods converged (early stopping on validation), mean ± 95% CI over the seeds run "
             "(count in brackets); per task below.\n\n" + converged_summary(rows) + "\n### IPT candidates\n\n"
-            "Validation at seed 0 (the choice's criterion) and test, at each candidate's best rate tried; the default "
-            "is the best mean validation over the three goal tasks among the candidates run on all of them.\n\n"
+            "Validation at seed 0 (the choice's criterion) and test, at each candidate's best rate tried; the chosen "
+            "one is the best mean validation over the three goal tasks among the candidates run on all of them.\n\n"
             + candidates_table(rows)
             + "\n"
             + text
