@@ -360,6 +360,18 @@ CONVERGED_METHODS: dict[str, MethodSpec] = {
         PAIR_GRID,
         ("method_config.instance_source=embeddings", "method_config.instance_scale=0.05"),
     ),
+    # each prompt position its own attention-weighted pool of the input's tokens, not one mean for all of them,
+    # with the chosen candidate's instance scale and rate: the encoder is the only change
+    "ipt_attention_scale": MethodSpec(
+        "IPT, embeddings source, attention pooling, instance scale 0.05",
+        "ipt",
+        PAIR_GRID,
+        (
+            "method_config.instance_source=embeddings",
+            "method_config.instance_encoder=attention",
+            "method_config.instance_scale=0.05",
+        ),
+    ),
     "ipt_token_table": MethodSpec(
         "IPT, token-table source", "ipt", PAIR_GRID, ("method_config.instance_source=token_table",)
     ),
@@ -427,6 +439,7 @@ IPT_CANDIDATES = (
     "ipt_embeddings",
     "ipt_embeddings_wd",
     "ipt_embeddings_scale",
+    "ipt_attention_scale",
     "ipt_token_table",
     "ipt_hidden",
     "ipt_frozen_reg",

@@ -96,7 +96,7 @@ def ipt_cases(draw) -> tuple[str, str, str, dict]:
         "prompt_length": draw(st.integers(1, 8)),
         "injection": injection,
         "instance_source": source,
-        "instance_encoder": draw(st.sampled_from(["none", "mlp", "cnn", "lstm"])),
+        "instance_encoder": draw(st.sampled_from(["none", "mlp", "cnn", "lstm", "attention"])),
         "instance_tokens": draw(st.integers(1, 12)),
         "instance_rank": draw(st.integers(1, 8)),
         "encoder_hidden_size": draw(st.integers(1, 16)),

@@ -21,7 +21,11 @@ VARIANTS = [
     {"injection": "hybrid", "instance_source": "frozen_model"},
     {"injection": "hybrid", "instance_source": "frozen_model", "instance_encoder": "mixture"},
     {"injection": "prefix", "instance_source": "frozen_model", "frozen_layers": 1},
+    {"injection": "hybrid", "instance_encoder": "attention"},
+    {"injection": "input", "instance_source": "token_table", "instance_encoder": "attention"},
 ]
+# the variants whose prompt enters as key/value prefixes, where prefix_snapshot can see it
+PREFIX_VARIANTS = [v for v in VARIANTS if v["injection"] != "input"]
 
 
 def ipt_model(arch="llama", task="CAUSAL_LM", **config):
@@ -78,7 +82,7 @@ def test_the_prompt_differs_between_instances_and_not_between_calls():
 
 
 @pytest.mark.parametrize(
-    "variant", [*VARIANTS[:4], *VARIANTS[5:]], ids=lambda v: "-".join(map(str, v.values()))
+    "variant", PREFIX_VARIANTS, ids=lambda v: "-".join(map(str, v.values()))
 )
 def test_changing_only_the_target_tokens_leaves_the_prompt_unchanged(variant):
     """Causal LM with teacher forcing: tokens with a label are targets and never feed the prompt."""
@@ -129,7 +133,7 @@ def test_seq2seq_prompt_comes_from_the_encoder_input_only(arch):
 
 
 @pytest.mark.parametrize(
-    "variant", [*VARIANTS[:4], *VARIANTS[5:]], ids=lambda v: "-".join(map(str, v.values()))
+    "variant", PREFIX_VARIANTS, ids=lambda v: "-".join(map(str, v.values()))
 )
 def test_padding_never_enters_the_instance_representation(variant):
     model = ipt_model("bert", "SEQ_CLS", **variant)
@@ -462,7 +466,8 @@ def test_a_pretrained_table_is_loaded_and_can_be_frozen(tmp_path):
     [
         (
             {"instance_encoder": "transformer"},
-            r"instance_encoder must be one of \('none', 'mlp', 'cnn', 'lstm', 'mixture'\) \(got 'transformer'\)",
+            r"instance_encoder must be one of \('none', 'mlp', 'cnn', 'lstm', 'mixture', 'attention'\) "
+            r"\(got 'transformer'\)",
         ),
         ({"instance_source": "audio"}, r"instance_source must be one of .* \(got 'audio'\)"),
         ({"injection": "output"}, r"injection must be one of .* \(got 'output'\)"),
@@ -542,6 +547,30 @@ def test_a_mixture_prompt_is_a_convex_mix_of_its_learned_prompts():
         encoder.codes.copy_(encoder.codes[:1].expand_as(encoder.codes))  # K copies of one prompt
     same = encoder(x, valid)
     torch.testing.assert_close(same, same[:1].expand_as(same))  # then no input can have a prompt of its own
+
+
+
+def test_attention_pooling_gives_each_prompt_position_its_own_pool_of_the_valid_tokens():
+    from peft_ipt.instance_prompt.encoders import AttentionEncoder, masked_mean
+
+    torch.manual_seed(0)
+    encoder = AttentionEncoder(dim=8, prompt_length=3, rank=4, hidden=5)
+    x = torch.randn(2, 6, 8)
+    valid = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    codes = encoder(x, valid)  # (B, P, r)
+    assert codes.shape == (2, 3, 4)
+    assert not torch.allclose(codes[:, 0], codes[:, 1])  # positions read different mixes
+    # each position's code is a convex mix of the valid tokens' value vectors, nothing of the padding
+    padded = x.clone()
+    padded[1, 4:] = 1e3
+    torch.testing.assert_close(encoder(padded, valid), codes)
+    with torch.no_grad():
+        encoder.keys.weight.zero_()  # every token scored alike: each position reads the plain mean
+    mean = masked_mean(encoder.values(x), valid)  # (B, r)
+    torch.testing.assert_close(encoder(x, valid), mean[:, None].expand(-1, 3, -1))
+    # a row with no valid token has nothing to read: zeros, not NaN
+    empty = encoder(x, torch.zeros_like(valid))
+    assert torch.equal(empty, torch.zeros_like(empty))
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from peft.utils import PeftType
 from ..base_config import PromptConfigBase, check_positive_int, layer_list
 
 INSTANCE_SOURCES = ("token_table", "embeddings", "frozen_model", "hidden")
-INSTANCE_ENCODERS = ("none", "mlp", "cnn", "lstm", "mixture")
+INSTANCE_ENCODERS = ("none", "mlp", "cnn", "lstm", "mixture", "attention")
 INJECTIONS = ("input", "prefix", "hybrid")
 
 
@@ -67,7 +67,8 @@ class InstancePromptConfig(PromptConfigBase):
         metadata={
             "help": "'none' (the first P source vectors are the prompt), 'mlp' (mean-pool + bottleneck), 'cnn' (TextCNN "
             "3/4/5), 'lstm' (BiLSTM), 'mixture' (a router over encoder_hidden_size learned prompts: each input's "
-            "prompt is a softmax-weighted mix of them)."
+            "prompt is a softmax-weighted mix of them), 'attention' (P learned queries each attend over the source vectors: "
+            "each prompt vector its own weighted pool of the input; encoder_hidden_size is the query width)."
         },
     )
     instance_tokens: int = field(

@@ -163,10 +163,35 @@ class MixtureEncoder(nn.Module):
         return torch.einsum("bk,kpr->bpr", weights, self.codes)
 
 
+class AttentionEncoder(nn.Module):
+    """P learned queries attend over the source vectors: each prompt vector reads its own weighted pool of them.
+
+    Mean pooling hands every prompt vector one average of the input, so an input's prompt can only say what its
+    words are on average. Here prompt position j scores every valid source token with its own query and takes the
+    softmax-weighted mix of their projections (one cross-attention head, as a Perceiver or Q-Former reads its
+    input): the paper's Random IPT takes the first P tokens as the prompt, this lets each position choose which
+    tokens it carries. ``hidden`` is the query/key width.
+    """
+
+    def __init__(self, dim: int, prompt_length: int, rank: int, hidden: int):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(prompt_length, hidden) * hidden**-0.5)
+        self.keys = nn.Linear(dim, hidden, bias=False)
+        self.values = nn.Linear(dim, rank)
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        scores = torch.einsum("ph,bnh->bpn", self.queries, self.keys(x)) * self.queries.shape[-1] ** -0.5
+        scores = scores.masked_fill(~valid[:, None, :], float("-inf"))  # (B, P, n)
+        # an all-invalid row has no token to read: its weights are NaN after the softmax, zero here
+        weights = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
+        return torch.einsum("bpn,bnr->bpr", weights, self.values(x))  # (B, P, r)
+
+
 ENCODERS = {
     "none": NoEncoder,
     "mlp": MLPEncoder,
     "cnn": CNNEncoder,
     "lstm": LSTMEncoder,
     "mixture": MixtureEncoder,
+    "attention": AttentionEncoder,
 }
