@@ -171,6 +171,9 @@ class Task:
     grid_methods: tuple[str, ...] | None = None
     # This task's rates for its grid methods, in place of their MethodSpec grids (None: those).
     lr_grid: tuple[float, ...] | None = None
+    # This task's evaluation cadence, applied after the tier's common overrides (which set one per epoch): a task
+    # of a few steps an epoch validates every few epochs instead.
+    evaluation: tuple[str, ...] = ()
 
 
 SMALL_TASKS: dict[str, Task] = {
@@ -327,6 +330,19 @@ CONVERGED_TASKS: dict[str, Task] = {
         ),
         notes="SmolLM2-135M as a SEQ_CLS classifier (the last token's state): 2,000 train reviews, up to 12 epochs "
         "(756 steps), at least 630 (as Rotten Tomatoes on MiniLM), patience 2; validation and test all 853",
+    ),
+    # The low-data column: where the IPT paper claims its largest gains (100 examples per label: Prefix + Pretrained
+    # IPT 7-12 points above the prefix on BoolQ and CB). One fixed subsample (data.seed 0) for every seed, so the
+    # seeds pair; 8 steps an epoch, so validation runs every 5 epochs and patience counts evaluations.
+    "rotten_tomatoes_256": Task(
+        "MiniLM / Rotten Tomatoes, 256 reviews (acc.)",
+        "RT-256",
+        "rotten_tomatoes",
+        ("data.train_size=256", "training.num_train_epochs=60", "training.early_stopping_min_steps=320"),
+        evaluation=("training.eval_strategy=steps", "training.eval_steps=40"),
+        notes="256 train reviews (one subsample for every seed), up to 60 epochs (480 steps), at least 320 (10x the "
+        "small suite's 32 on this size), validated every 40 steps (5 epochs), patience 2 evaluations; validation "
+        "and test all 853",
     ),
 }
 CONVERGED_GOAL_TASKS = ("rotten_tomatoes", "bbc_news", "vitaminc")
@@ -577,6 +593,7 @@ def run_overrides(task: Task, method: str, lr: float, seed: int, quick: bool) ->
         *TIER.methods[method].overrides,
         *TIER.method_overrides.get((task.family, method), ()),
         *TIER.common_overrides,
+        *task.evaluation,
         *precision_overrides(),
         f"training.learning_rate={lr:g}",
         f"training.seed={seed}",
@@ -614,6 +631,10 @@ def train_cell(task_name: str, method: str, lr: float, seed: int, quick: bool) -
         "steps": results.get("steps"),
         "max_steps": results.get("max_steps"),
         "best_step": results.get("best_step"),
+        # (step, validation score) per evaluation: whether the run had flattened out where it stopped
+        "validation_curve": [
+            [e["step"], e[f"eval_{metric}"]] for e in results["validation_history"] if f"eval_{metric}" in e
+        ],
         "torch_threads": torch_threads(),
         "versions": library_versions(),
         "precision": PRECISION,
@@ -1387,6 +1408,35 @@ def plot_paired(rows: list[dict[str, Any]], path: Path) -> None:
     save_figure(fig, path)
 
 
+def plot_curves(runs: dict[str, dict[str, Any]], path: Path) -> None:
+    """Validation score against step for every current run that recorded its curve, one panel per task, one colour
+    per method, one line per seed; a dot marks the step whose model was tested. Written only where a curve exists
+    (runs before 2026-12-02's fifth sitting did not record one)."""
+    curves: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for run in runs.values():
+        if run.get("validation_curve") and is_current(run, False):
+            curves.setdefault(run["task"], {}).setdefault(run["method"], []).append(run)
+    if not curves:
+        return
+    tasks = [t for t in TIER.tasks if t in curves]
+    fig, grid = figure(1, len(tasks), (4.6, 3.4))
+    for axis, task in zip(grid[0], tasks, strict=True):
+        for colour, (method, found) in enumerate(sorted(curves[task].items())):
+            for n, run in enumerate(sorted(found, key=lambda r: r["seed"])):
+                steps, scores = zip(*run["validation_curve"], strict=True)
+                scale = 100 if run["main_metric"] in ("accuracy", "macro_f1") else 1  # as _points
+                points = [scale * v for v in scores]
+                label = f"{TIER.methods[method].label} (lr {run['lr']:g})" if n == 0 else None
+                axis.plot(steps, points, color=f"C{colour}", lw=1, alpha=0.7, label=label)
+                if run.get("best_step") in steps:
+                    best = steps.index(run["best_step"])
+                    axis.plot(steps[best], points[best], "o", color=f"C{colour}", ms=4)
+        axis.set(title=TIER.tasks[task].label, xlabel="optimizer step", ylabel="validation")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=6, loc="lower right")
+    save_figure(fig, path)
+
+
 def write_reports(
     path: Path,
     quick: bool,
@@ -1421,6 +1471,7 @@ def write_reports(
     plot(rows, path.with_suffix(".png"))
     if not quick and TIER.name == "converged":
         plot_paired(rows, path.with_name(f"{path.stem}_paired.png"))
+        plot_curves(runs, path.with_name(f"{path.stem}_curves.png"))
     write_results(path, runs, rows, invocations)
     return text, rows
 

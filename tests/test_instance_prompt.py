@@ -81,9 +81,7 @@ def test_the_prompt_differs_between_instances_and_not_between_calls():
         assert_same_prefixes(first, prefix_snapshot(model), same=False)
 
 
-@pytest.mark.parametrize(
-    "variant", PREFIX_VARIANTS, ids=lambda v: "-".join(map(str, v.values()))
-)
+@pytest.mark.parametrize("variant", PREFIX_VARIANTS, ids=lambda v: "-".join(map(str, v.values())))
 def test_changing_only_the_target_tokens_leaves_the_prompt_unchanged(variant):
     """Causal LM with teacher forcing: tokens with a label are targets and never feed the prompt."""
     model = ipt_model(**variant)
@@ -132,9 +130,7 @@ def test_seq2seq_prompt_comes_from_the_encoder_input_only(arch):
     assert_same_prefixes(*prompts)
 
 
-@pytest.mark.parametrize(
-    "variant", PREFIX_VARIANTS, ids=lambda v: "-".join(map(str, v.values()))
-)
+@pytest.mark.parametrize("variant", PREFIX_VARIANTS, ids=lambda v: "-".join(map(str, v.values())))
 def test_padding_never_enters_the_instance_representation(variant):
     model = ipt_model("bert", "SEQ_CLS", **variant)
     ids = token_batch(1, 6)
@@ -547,7 +543,6 @@ def test_a_mixture_prompt_is_a_convex_mix_of_its_learned_prompts():
         encoder.codes.copy_(encoder.codes[:1].expand_as(encoder.codes))  # K copies of one prompt
     same = encoder(x, valid)
     torch.testing.assert_close(same, same[:1].expand_as(same))  # then no input can have a prompt of its own
-
 
 
 def test_attention_pooling_gives_each_prompt_position_its_own_pool_of_the_valid_tokens():
