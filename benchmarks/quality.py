@@ -1249,9 +1249,13 @@ def paired_table(rows: list[dict[str, Any]], method: str) -> str:
 
 
 def _steps(row: dict[str, Any]) -> str:
+    """Mean steps run (of the cap); seeds whose best validation came at the cap itself are counted, as the budget
+    may have stopped them before they converged."""
     if not row.get("steps"):
         return "-"
-    return f"{row['steps']:.0f} (of {row['max_steps']})"
+    at_cap = sum(best == row["max_steps"] for best in row["best_steps"])
+    capped = f"; best at the cap: {at_cap} of {len(row['best_steps'])}" if at_cap else ""
+    return f"{row['steps']:.0f} (of {row['max_steps']}){capped}"
 
 
 def _format_params(n: int) -> str:
