@@ -344,6 +344,20 @@ CONVERGED_TASKS: dict[str, Task] = {
         "small suite's 32 on this size), validated every 40 steps (5 epochs), patience 2 evaluations; validation "
         "and test all 853",
     ),
+    "bbc_news_256": Task(
+        "MiniLM / BBC News, 256 articles (macro F1)",
+        "BBC-256",
+        "bbc_news",
+        (
+            "data.train_size=256",
+            "data.max_length=128",
+            "training.num_train_epochs=60",
+            "training.early_stopping_min_steps=320",
+        ),
+        evaluation=("training.eval_strategy=steps", "training.eval_steps=40"),
+        notes="256 train articles (one subsample for every seed), their first 128 tokens, up to 60 epochs (480 "
+        "steps), at least 320, validated every 40 steps (5 epochs), patience 2 evaluations; validation 218, test 224",
+    ),
 }
 CONVERGED_GOAL_TASKS = ("rotten_tomatoes", "bbc_news", "vitaminc")
 IPT_INSTRUCTION = "Describe the restaurant in one fluent sentence using every attribute given."
