@@ -5,12 +5,13 @@ Usage (from the repository root, with the package installed)::
     python benchmarks/instance_signal.py --threads 2                          # Rotten Tomatoes and BBC News, seed 0
     python benchmarks/instance_signal.py --tasks rotten_tomatoes --seeds 0 1 2
     python benchmarks/instance_signal.py --method ipt_embeddings              # another IPT candidate of the tier
+    python benchmarks/instance_signal.py --precision fp32 --method ipt_embeddings_scale --tasks rotten_tomatoes_256
     python benchmarks/instance_signal.py --report                             # rebuild table and plot from the JSON
     python benchmarks/instance_signal.py --quick --tasks rotten_tomatoes      # smoke run: tiny budget, quick files
 
 For each task and seed it retrains one IPT candidate's run of the converged tier (``--method``; default the tier's
 chosen IPT, ``quality.py --tier converged --print-chosen``): the exact ``peft-ipt train`` command recorded in
-``results/quality_converged.json`` at the rate chosen there, into ``outputs/instance_signal/<method>/<task>_seed<k>/``
+``results/quality_converged.json`` (``--precision fp32``: ``quality_converged_fp32.json``) at the rate chosen there, into ``outputs/instance_signal/<method>/<task>_seed<k>/``
 (kept, so a rerun reuses it). It reloads the saved adapter with
 ``PeftModel.from_pretrained`` and scores the test split four ways, changing nothing but the instance prompt codes
 (B, P, r) the encoder hands to the per-layer heads:
@@ -45,31 +46,44 @@ import torch
 from harness import RESULTS, ROOT, ResultsFile, ci95, figure, markdown_table, save_figure
 from quality import QUICK_OVERRIDES, find_row, library_versions
 
-QUALITY = RESULTS / "quality_converged.json"
 OUTPUTS = ROOT / "outputs"
 INTERVENTIONS = ("own", "shuffled", "batch mean", "task prefix only")
 
 
-def chosen_method() -> str:
+def quality_file(precision: str) -> Path:
+    """The converged tier's results for runs trained in this precision (quality.py --precision)."""
+    return RESULTS / (
+        "quality_converged.json" if precision == "bf16" else f"quality_converged_{precision}.json"
+    )
+
+
+def precision_flag(precision: str) -> str:
+    return "" if precision == "bf16" else f" --precision {precision}"
+
+
+def chosen_method(precision: str) -> str:
     """The converged tier's chosen IPT candidate, from its recorded rows (validation at seed 0, never test)."""
     quality.TIER = quality.TIERS["converged"]
-    chosen = quality.chosen_ipt(quality.summarize(quality.load_runs(QUALITY), quick=False))
+    quality.PRECISION = precision  # which runs count as current
+    source = quality_file(precision)
+    chosen = quality.chosen_ipt(quality.summarize(quality.load_runs(source), quick=False))
     if chosen is None:
         raise SystemExit(
-            f"{QUALITY} has no IPT candidate run on every goal task yet: pass --method, or run the converged tier "
+            f"{source} has no IPT candidate run on every goal task yet: pass --method, or run the converged tier "
             "first (`python benchmarks/quality.py --tier converged`)"
         )
     return chosen
 
 
-def recorded_run(task: str, seed: int, method: str) -> dict[str, Any]:
+def recorded_run(task: str, seed: int, method: str, precision: str) -> dict[str, Any]:
     """The converged tier's run of this IPT candidate at its chosen rate, for this task and seed."""
-    document = ResultsFile(QUALITY)
+    source = quality_file(precision)
+    document = ResultsFile(source)
     row = find_row(document.field("rows", []), task, method)
     if row is None:
         raise SystemExit(
-            f"{QUALITY} has no {method} row for task {task!r}: run `python benchmarks/quality.py --tier converged "
-            f"--tasks {task} --methods {method}` first"
+            f"{source} has no {method} row for task {task!r}: run `python benchmarks/quality.py --tier converged "
+            f"--tasks {task} --methods {method}{precision_flag(precision)}` first"
         )
     runs = [
         r
@@ -78,10 +92,17 @@ def recorded_run(task: str, seed: int, method: str) -> dict[str, Any]:
     ]
     if not runs:
         raise SystemExit(
-            f"{QUALITY} has no {method} run for task {task!r} at seed {seed} and its chosen rate {row['best_lr']:g}: "
-            f"run `python benchmarks/quality.py --tier converged --tasks {task} --methods {method} --seeds 0 {seed}`"
+            f"{source} has no {method} run for task {task!r} at seed {seed} and its chosen rate {row['best_lr']:g}: "
+            f"run `python benchmarks/quality.py --tier converged --tasks {task} --methods {method} --seeds 0 {seed}"
+            f"{precision_flag(precision)}`"
         )
     return runs[0]
+
+
+def precision_tag(run: dict[str, Any]) -> str:
+    """'' for the tier's main (bf16) runs, '_fp32' for those of its fp32 file: folders and keys stay apart."""
+    precision = run.get("precision", "bf16")
+    return "" if precision == "bf16" else f"_{precision}"
 
 
 def trained_folder(run: dict[str, Any], quick: bool) -> Path:
@@ -92,7 +113,7 @@ def trained_folder(run: dict[str, Any], quick: bool) -> Path:
         OUTPUTS
         / ("instance_signal_quick" if quick else "instance_signal")
         / run["method"]
-        / f"{run['task']}_seed{run['seed']}"
+        / f"{run['task']}_seed{run['seed']}{precision_tag(run)}"
     )
     if (folder / "metrics.json").is_file():
         return folder
@@ -219,6 +240,7 @@ def score(run: dict[str, Any], quick: bool) -> dict[str, Any]:
         "method": run["method"],
         "task": run["task"],
         "seed": run["seed"],
+        "precision": run.get("precision", "bf16"),
         "lr": run["lr"],
         "metric": metric,
         "recorded_test": None if quick else run["test"][metric],
@@ -233,7 +255,7 @@ def score(run: dict[str, Any], quick: bool) -> dict[str, Any]:
 def record(result: dict[str, Any], out: Path) -> None:
     document = ResultsFile(out)
     runs = document.runs()
-    runs[f"{result['method']}/{result['task']}/{result['seed']}"] = result
+    runs[f"{result['method']}/{result['task']}/{result['seed']}{precision_tag(result)}"] = result
     document.write(
         {"about": __doc__.split("\n\n")[0], "torch_threads": torch.get_num_threads(), "runs": runs}
     )
@@ -243,7 +265,7 @@ def write_report(out: Path) -> None:
     runs = ResultsFile(out).runs()
     if not runs:
         raise SystemExit(f"{out} holds no scored run yet: run `python benchmarks/instance_signal.py` first")
-    panels = list(dict.fromkeys((r["method"], r["task"]) for r in runs.values()))
+    panels = list(dict.fromkeys((r["method"], r["task"], r.get("precision", "bf16")) for r in runs.values()))
     lines = [
         "# Does IPT's instance part carry information about its input?",
         "",
@@ -254,9 +276,14 @@ def write_report(out: Path) -> None:
         "",
     ]
     fig, axes = figure(1, len(panels), (4.2, 3.2))
-    for ax, (method, task) in zip(axes[0], panels, strict=True):
+    for ax, (method, task, precision) in zip(axes[0], panels, strict=True):
         label = quality.CONVERGED_METHODS[method].label
-        found = [r for r in runs.values() if (r["method"], r["task"]) == (method, task)]
+        found = [
+            r
+            for r in runs.values()
+            if (r["method"], r["task"], r.get("precision", "bf16")) == (method, task, precision)
+        ]
+        where = task if precision == "bf16" else f"{task}, {precision}"
         seeds = sorted(r["seed"] for r in found)
         metric = found[0]["metric"]
         table = []
@@ -280,7 +307,7 @@ def write_report(out: Path) -> None:
         ratio = sum(r["instance_over_task"] for r in found) / len(found)
         specific = sum(r["input_specific_share"] for r in found) / len(found)
         lines += [
-            f"## {label}: {task} ({metric}; seeds {', '.join(map(str, seeds))}; the quality run recorded "
+            f"## {label}: {where} ({metric}; seeds {', '.join(map(str, seeds))}; the quality run recorded "
             f"{', '.join(f'{v:.2f}' for v in recorded) or 'nothing at this budget (--quick)'})",
             "",
             markdown_table(["codes", "test", "difference from own", "changed"], table),
@@ -293,7 +320,7 @@ def write_report(out: Path) -> None:
         low = min(means)
         ax.set_ylim(max(0.0, low - 5), max(means) + 2)
         ax.set_title(
-            f"{label}\n{task} ({metric}), {len(seeds)} seed{'s' if len(seeds) > 1 else ''}", fontsize=8
+            f"{label}\n{where} ({metric}), {len(seeds)} seed{'s' if len(seeds) > 1 else ''}", fontsize=8
         )
         ax.set_ylabel("test points")
     save_figure(fig, out.with_suffix(".png"))
@@ -312,6 +339,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=list(quality.IPT_CANDIDATES),
         help="the IPT candidate to retrain (default: the converged tier's chosen one)",
     )
+    parser.add_argument(
+        "--precision",
+        choices=quality.PRECISIONS,
+        default="bf16",
+        help="retrain a run of the tier's file for this precision (fp32: results/quality_converged_fp32.json)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the quality runs used 2)")
     parser.add_argument("--report", action="store_true", help="rebuild the table and plot from the JSON only")
     parser.add_argument("--quick", action="store_true", help="smoke run at quality.py's smoke budget")
@@ -321,11 +354,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = args.out or RESULTS / ("instance_signal_quick.json" if args.quick else "instance_signal.json")
     if not args.report:
-        method = args.method or chosen_method()
+        method = args.method or chosen_method(args.precision)
         torch.set_num_threads(args.threads)
         for task in args.tasks:
             for seed in args.seeds:
-                record(score(recorded_run(task, seed, method), args.quick), out)
+                record(score(recorded_run(task, seed, method, args.precision), args.quick), out)
     write_report(out)
     return 0
 
