@@ -1434,13 +1434,14 @@ def plot_paired(rows: list[dict[str, Any]], path: Path) -> None:
     save_figure(fig, path)
 
 
-def plot_curves(runs: dict[str, dict[str, Any]], path: Path) -> None:
-    """Validation score against step for every current run that recorded its curve, one panel per task, one colour
-    per method, one line per seed; a dot marks the step whose model was tested. Written only where a curve exists
-    (runs before 2026-12-02's fifth sitting did not record one)."""
+def plot_curves(runs: dict[str, dict[str, Any]], rows: list[dict[str, Any]], path: Path) -> None:
+    """Validation score against step for every current run at its row's chosen rate that recorded its curve, one
+    panel per task, one colour per method, one line per seed; a dot marks the step whose model was tested. Written
+    only where a curve exists (runs before 2026-12-02's fifth sitting did not record one)."""
     curves: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for run in runs.values():
-        if run.get("validation_curve") and is_current(run, False):
+        row = find_row(rows, run["task"], run["method"]) if is_current(run, False) else None
+        if run.get("validation_curve") and row and run["lr"] == row["best_lr"]:
             curves.setdefault(run["task"], {}).setdefault(run["method"], []).append(run)
     if not curves:
         return
@@ -1497,7 +1498,7 @@ def write_reports(
     plot(rows, path.with_suffix(".png"))
     if not quick and TIER.name == "converged":
         plot_paired(rows, path.with_name(f"{path.stem}_paired.png"))
-        plot_curves(runs, path.with_name(f"{path.stem}_curves.png"))
+        plot_curves(runs, rows, path.with_name(f"{path.stem}_curves.png"))
     write_results(path, runs, rows, invocations)
     return text, rows
 
