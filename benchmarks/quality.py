@@ -465,6 +465,20 @@ CONVERGED_METHODS: dict[str, MethodSpec] = {
         PAIR_GRID,
         ("method_config.reparameterize=false", "method_config.prefix_length=64"),
     ),
+    # a second control: the task prefix alone with the paper's MLP reparameterisation, its hidden size set so the
+    # trainable count matches IPT's (h = 56: 1.26% of MiniLM against 1.24%). IPT's instance part is a generator
+    # co-trained with the prefix, so part of a gain over the flat prefix may be reparameterisation, not the input.
+    # The MLP wants a smaller rate than flat prompts (configs/e2e_prefix_v2.yaml), hence 1e-3 in its grid.
+    "prefix_mlp": MethodSpec(
+        "task prefix alone, MLP reparameterisation (IPT's parameter count)",
+        "prefix_v2",
+        (1e-3, *PAIR_GRID),
+        (
+            "method_config.reparameterize=true",
+            "method_config.encoder_hidden_size=56",
+            "method_config.prefix_length=16",
+        ),
+    ),
     "prefix_v2": MethodSpec("PrefixTuningV2 (as configured)", "prefix_v2", (1e-3,)),
     "peft_prompt_tuning": MethodSpec("peft PromptTuning", "prompt_tuning", (3e-2,)),
     "peft_p_tuning": MethodSpec("peft P-tuning", "p_tuning", (1e-2,)),
