@@ -230,7 +230,10 @@ def test_disable_adapter_gives_the_base_model_logits_exactly():
 
 
 @pytest.mark.parametrize("config_class", [PrefixTuningV2Config, InstancePromptConfig])
-@pytest.mark.parametrize(("arch", "task"), [("gpt2", "CAUSAL_LM"), ("bart", "SEQ_2_SEQ_LM")])
+@pytest.mark.parametrize(
+    ("arch", "task"),
+    [("gpt2", "CAUSAL_LM"), ("bart", "SEQ_2_SEQ_LM"), ("bert", "SEQ_CLS"), ("llama", "TOKEN_CLS")],
+)
 def test_unload_gives_back_the_base_model_as_it_was(config_class, arch, task):
     base = tiny_model(arch, task, attn="eager")
     inputs = model_inputs(arch, task)
@@ -250,6 +253,18 @@ def test_unload_gives_back_the_base_model_as_it_was(config_class, arch, task):
     again = get_peft_model(restored, config_class(task_type=task, init_weights=False))  # a fresh adapter
     with torch.no_grad():
         assert not torch.allclose(main_output(again(**inputs)), reference, atol=1e-4)
+
+
+@pytest.mark.parametrize("config_class", [PrefixTuningV2Config, InstancePromptConfig])
+def test_unload_keeps_the_head_trained_beside_the_adapter_as_lora_does(config_class):
+    base = tiny_model("bert", "SEQ_CLS", attn="eager")
+    model = get_peft_model(base, config_class(task_type="SEQ_CLS"))
+    with torch.no_grad():
+        model.base_model.model.classifier.modules_to_save["default"].weight.add_(1.0)  # as training moves it
+    trained = model.base_model.model.classifier.modules_to_save["default"].weight.clone()
+    restored = model.unload()
+    assert isinstance(restored.classifier, torch.nn.Linear)
+    assert torch.equal(restored.classifier.weight, trained)
 
 
 def test_merge_and_unload_is_refused_with_the_reason():

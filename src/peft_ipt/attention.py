@@ -14,6 +14,7 @@ the current forward pass.
 
 from __future__ import annotations
 
+import copy
 import re
 import sys
 import weakref
@@ -46,6 +47,28 @@ class PrefixProvider(Protocol):
         """Called with the model's own keys/values when the provider is recording activations (word init)."""
 
 
+class ProviderRef:
+    """A site's reference to its provider (the tuner): weak, so a site never keeps a removed adapter alive, yet it
+    travels with its model. ``copy.deepcopy`` of the model (an EMA copy, TRL's reference model) gives sites that ask
+    the copy's provider, never the original's; a pickled model takes its provider along."""
+
+    __slots__ = ("_ref",)
+
+    def __init__(self, provider: PrefixProvider | None):
+        self._ref = weakref.ref(provider) if provider is not None else None
+
+    def __call__(self) -> PrefixProvider | None:
+        return self._ref() if self._ref is not None else None
+
+    def __deepcopy__(self, memo: dict) -> ProviderRef:
+        provider = self()
+        # Within a copy of the model the provider is in ``memo`` already: this returns its copy.
+        return ProviderRef(copy.deepcopy(provider, memo) if provider is not None else None)
+
+    def __reduce__(self):
+        return ProviderRef, (self(),)
+
+
 @dataclass(eq=False)
 class AttentionSite:
     kind: str
@@ -57,6 +80,10 @@ class AttentionSite:
     reached: bool = (
         False  # set by prefix_attention_forward: the registry path's check that the module uses it
     )
+    watch: list = field(
+        default_factory=list, repr=False
+    )  # the registry path's first-call hooks, until they pass
+    door: object = None  # what an architecture path's door needs at call time (e.g. DeBERTa's version)
 
 
 class UnsupportedModelError(ValueError):
@@ -311,43 +338,21 @@ class AttentionPath:
 
     def install(self, model: nn.Module, sites, provider_ref) -> None:
         base_impl = check_transformers_model(model)
-        self._checks: dict[int, list] = {}
         for module, kind, layer, n_kv, head_dim in sites:
             site = AttentionSite(kind, layer, n_kv, head_dim, _inner_implementation(module, base_impl))
             site.provider = provider_ref
             module.__dict__[SITE_ATTR] = site  # a plain attribute: not a submodule, not in the state dict
-            self._check_first_call(module, site)
+            # Refuse a module that computes attention itself although its modeling file uses the registry
+            # elsewhere (transformers' own test for the registry reads the file, not the module): its prefix would
+            # be ignored. The first call of each module with the adapter on is watched: it must reach
+            # prefix_attention_forward. The hooks find their site through the module, so a copied model's hooks
+            # watch the copy's sites.
+            site.watch = [
+                module.register_forward_pre_hook(_watch_before),
+                module.register_forward_hook(_watch_after),
+            ]
         self._base_impl = base_impl
         self.enable(model)
-
-    def _check_first_call(self, module: nn.Module, site: AttentionSite) -> None:
-        """Refuse a module that computes attention itself although its modeling file uses the registry elsewhere
-        (transformers' own test for the registry reads the file, not the module): its prefix would be ignored.
-
-        The first call of each module with the adapter on is watched: it must reach prefix_attention_forward. Once
-        it has, the watch is removed.
-        """
-
-        def before(_module, _args):
-            site.reached = False
-
-        def after(_module, _args, _output):
-            provider = site.provider()
-            if provider is None or not getattr(provider, "_enabled", True):
-                return  # the user's own attention runs while the adapter is off
-            if not site.reached:
-                raise UnsupportedModelError(
-                    f"{type(module).__name__} (layer {site.layer}) computes its attention itself in this transformers "
-                    "version instead of calling transformers.AttentionInterface, so peft-ipt's prefix would be "
-                    "ignored. Upgrade transformers, or see `peft-ipt supported-models`."
-                )
-            for handle in self._checks.pop(id(module), []):
-                handle.remove()
-
-        self._checks[id(module)] = [
-            module.register_forward_pre_hook(before),
-            module.register_forward_hook(after),
-        ]
 
     def enable(self, model: nn.Module) -> None:
         model.set_attn_implementation(REGISTERED_PREFIX + self._base_impl)
@@ -358,9 +363,29 @@ class AttentionPath:
     def remove(self, model: nn.Module, sites) -> None:
         self.disable(model)
         for module, *_ in sites:
-            module.__dict__.pop(SITE_ATTR, None)
-            for handle in self._checks.pop(id(module), []):
+            site = module.__dict__.pop(SITE_ATTR, None)
+            for handle in site.watch if site is not None else ():
                 handle.remove()
+
+
+def _watch_before(module: nn.Module, _args) -> None:
+    module.__dict__[SITE_ATTR].reached = False
+
+
+def _watch_after(module: nn.Module, _args, _output) -> None:
+    site = module.__dict__[SITE_ATTR]
+    provider = site.provider()
+    if provider is None or not getattr(provider, "_enabled", True):
+        return  # the user's own attention runs while the adapter is off
+    if not site.reached:
+        raise UnsupportedModelError(
+            f"{type(module).__name__} (layer {site.layer}) computes its attention itself in this transformers "
+            "version instead of calling transformers.AttentionInterface, so peft-ipt's prefix would be "
+            "ignored. Upgrade transformers, or see `peft-ipt supported-models`."
+        )
+    for handle in site.watch:
+        handle.remove()
+    site.watch = []
 
 
 def attention_path_for(model: nn.Module) -> AttentionPath:
@@ -395,7 +420,7 @@ class PrefixInjection:
         self.causal = getattr(self.path, "causal", None)
         if self.causal is None:
             self.causal = any(getattr(module, "is_causal", False) for module, *_ in self.sites)
-        self.path.install(model, self.sites, weakref.ref(provider))
+        self.path.install(model, self.sites, ProviderRef(provider))
 
     def enable(self) -> None:
         self.path.enable(self.model)

@@ -444,8 +444,13 @@ class PromptTuner(BaseTuner):
             del self.model.peft_config  # as peft's own tuners leave it: the base model as it was
         for name, module in list(self.model.named_modules()):
             if isinstance(module, AuxiliaryTrainingWrapper):
+                # As LoRA's unload: a head trained beside the adapter (modules_to_save, e.g. a classifier) stays,
+                # the active adapter's copy in place of the wrapper.
                 parent = self.model.get_submodule(name.rpartition(".")[0]) if "." in name else self.model
-                setattr(parent, name.rpartition(".")[2], module.get_base_layer())
+                unwrapped = module.unload_and_optionally_merge_module(
+                    merge=False, safe_merge=False, adapter_names=None
+                )
+                setattr(parent, name.rpartition(".")[2], unwrapped)
         return self.model
 
     # -- per-forward prefixes --------------------------------------------------------------------------------

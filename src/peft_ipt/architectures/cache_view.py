@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from operator import attrgetter
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import SELF, AttentionSite, match_batch, widen_mask
+from ..attention import SELF, SITE_ATTR, AttentionSite, match_batch, widen_mask
 from .path import ArchitecturePath, Installation
 
 
@@ -68,51 +69,54 @@ class _CacheViewInstallation(Installation):
     def install(self, model: nn.Module, sites, provider_ref) -> None:
         for module, kind, layer, n_kv, head_dim in sites:
             site = AttentionSite(kind, layer, n_kv, head_dim, inner=None, provider=provider_ref)
-            hook = self._door(site)
-            self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-
-    def _door(self, site: AttentionSite):
-        bias_arg = self.spec.bias_arg
-
-        def before_attention(module: nn.Module, args: tuple, kwargs: dict):
-            provider = site.provider()
-            if provider is None:
-                return None
-            cache = kwargs.get("layer_past")
-            if provider.capturing:
-                record = lambda key, value: provider.capture(site, key, value)  # noqa: E731
-                return args, {**kwargs, "layer_past": PrefixedCache(cache, None, None, record)}
-            prefix = provider.prefix_for(site)
-            if prefix is None:
-                return None
-            hidden = kwargs.get("hidden_states", args[0] if args else None)  # (B, T, d)
-            batch, q_len = hidden.shape[:2]
-            prefix_key, prefix_value, *valid = prefix  # (B|1, n_kv, P, head_dim)
-            if prefix_key.shape[1] != site.n_kv_heads:
-                raise RuntimeError(
-                    f"peft_ipt: the prefix at layer {site.layer} has {prefix_key.shape[1]} key/value heads but "
-                    f"{type(module).__name__} has {site.n_kv_heads}: the adapter was built for another model"
-                )
-            length = prefix_key.shape[2]
-            key_len = q_len + (cache.get_seq_length(site.layer) if cache is not None else 0)
-            valid = match_batch(valid[0], batch) if valid else None
-            kwargs = dict(kwargs)
-            kwargs["layer_past"] = PrefixedCache(
-                cache, match_batch(prefix_key, batch), match_batch(prefix_value, batch), None
-            )
-            kwargs["attention_mask"] = widen_mask(
-                kwargs.get("attention_mask"), length, q_len, key_len, True, valid, hidden.device
-            )
-            if bias_arg is not None and kwargs.get(bias_arg) is not None:
-                kwargs[bias_arg] = F.pad(kwargs[bias_arg], (length, 0))
-            return args, kwargs
-
-        return before_attention
+            site.door = self.spec.bias_arg
+            # The hook finds its site through the module, so a copied model's hooks serve the copy's sites.
+            module.__dict__[SITE_ATTR] = site
+            self._handles.append(module.register_forward_pre_hook(_before_attention, with_kwargs=True))
 
     def remove(self, model: nn.Module, sites) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for module, *_ in sites:
+            module.__dict__.pop(SITE_ATTR, None)
+
+
+def _before_attention(module: nn.Module, args: tuple, kwargs: dict):
+    """The door: a forward pre-hook that stands a PrefixedCache in for the layer's cache argument."""
+    site = module.__dict__[SITE_ATTR]
+    bias_arg = site.door
+    provider = site.provider()
+    if provider is None:
+        return None
+    cache = kwargs.get("layer_past")
+    if provider.capturing:
+        record = lambda key, value: provider.capture(site, key, value)  # noqa: E731
+        return args, {**kwargs, "layer_past": PrefixedCache(cache, None, None, record)}
+    prefix = provider.prefix_for(site)
+    if prefix is None:
+        return None
+    hidden = kwargs.get("hidden_states", args[0] if args else None)  # (B, T, d)
+    batch, q_len = hidden.shape[:2]
+    prefix_key, prefix_value, *valid = prefix  # (B|1, n_kv, P, head_dim)
+    if prefix_key.shape[1] != site.n_kv_heads:
+        raise RuntimeError(
+            f"peft_ipt: the prefix at layer {site.layer} has {prefix_key.shape[1]} key/value heads but "
+            f"{type(module).__name__} has {site.n_kv_heads}: the adapter was built for another model"
+        )
+    length = prefix_key.shape[2]
+    key_len = q_len + (cache.get_seq_length(site.layer) if cache is not None else 0)
+    valid = match_batch(valid[0], batch) if valid else None
+    kwargs = dict(kwargs)
+    kwargs["layer_past"] = PrefixedCache(
+        cache, match_batch(prefix_key, batch), match_batch(prefix_value, batch), None
+    )
+    kwargs["attention_mask"] = widen_mask(
+        kwargs.get("attention_mask"), length, q_len, key_len, True, valid, hidden.device
+    )
+    if bias_arg is not None and kwargs.get(bias_arg) is not None:
+        kwargs[bias_arg] = F.pad(kwargs[bias_arg], (length, 0))
+    return args, kwargs
 
 
 @dataclass(frozen=True)
@@ -130,8 +134,8 @@ def _falcon_kv_heads(module: nn.Module) -> int:
 
 
 CACHE_VIEW_PATHS = (
-    CacheViewPath("gptj", "GPTJAttention", lambda m: m.num_attention_heads),
-    CacheViewPath("codegen", "CodeGenAttention", lambda m: m.num_attention_heads),
-    CacheViewPath("bloom", "BloomAttention", lambda m: m.num_heads, bias_arg="alibi"),
+    CacheViewPath("gptj", "GPTJAttention", attrgetter("num_attention_heads")),
+    CacheViewPath("codegen", "CodeGenAttention", attrgetter("num_attention_heads")),
+    CacheViewPath("bloom", "BloomAttention", attrgetter("num_heads"), bias_arg="alibi"),
     CacheViewPath("falcon", "FalconAttention", _falcon_kv_heads, bias_arg="alibi"),
 )

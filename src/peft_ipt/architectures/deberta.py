@@ -17,15 +17,23 @@ Without a prefix it computes what the original forward computes (tested against 
 
 from __future__ import annotations
 
+import functools
 import sys
-import types
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import SELF, AttentionSite, UnsupportedModelError, _first_int, match_batch, widen_mask
+from ..attention import (
+    SELF,
+    SITE_ATTR,
+    AttentionSite,
+    UnsupportedModelError,
+    _first_int,
+    match_batch,
+    widen_mask,
+)
 from .path import ArchitecturePath, Installation
 
 ATTENTION_CLASS = "DisentangledSelfAttention"
@@ -149,46 +157,42 @@ class _DebertaInstallation(Installation):
         ]
 
     def install(self, model: nn.Module, sites, provider_ref) -> None:
-        version = self.spec.version
         for module, kind, layer, n_kv, head_dim in sites:
             site = AttentionSite(kind, layer, n_kv, head_dim, inner=None, provider=provider_ref)
-            original = type(module).forward
-
-            def forward(
-                self,
-                hidden_states,
-                attention_mask,
-                output_attentions=False,
-                query_states=None,
-                relative_pos=None,
-                rel_embeddings=None,
-                _site=site,
-                _original=original,
-            ):
-                provider = _site.provider()
-                call = (
-                    hidden_states,
-                    attention_mask,
-                    output_attentions,
-                    query_states,
-                    relative_pos,
-                    rel_embeddings,
-                )
-                if provider is not None and provider.capturing:
-                    _, key, value, _ = version.project(self, hidden_states, query_states)
-                    provider.capture(_site, key, value)
-                prefix = provider.prefix_for(_site) if provider is not None else None
-                if prefix is None:
-                    return _original(self, *call)
-                return _attend(version, self, prefix, *call)
-
-            module.forward = types.MethodType(
-                forward, module
-            )  # this instance only; remove() restores the class's
+            site.door = self.spec.version
+            # The door finds its site through the module, so a copied model's doors serve the copy's sites.
+            module.__dict__[SITE_ATTR] = site
+            # this instance only; remove() restores the class's
+            # (a partial, not a bound method: a copied or pickled module keeps its door)
+            module.forward = functools.partial(_door_forward, module)
 
     def remove(self, model: nn.Module, sites) -> None:
         for module, *_ in sites:
             module.__dict__.pop("forward", None)
+            module.__dict__.pop(SITE_ATTR, None)
+
+
+def _door_forward(
+    self,
+    hidden_states,
+    attention_mask,
+    output_attentions=False,
+    query_states=None,
+    relative_pos=None,
+    rel_embeddings=None,
+):
+    """The forward of a prepared ``DisentangledSelfAttention``: the class's own without a prefix, else _attend."""
+    site = self.__dict__[SITE_ATTR]
+    version = site.door
+    provider = site.provider()
+    call = (hidden_states, attention_mask, output_attentions, query_states, relative_pos, rel_embeddings)
+    if provider is not None and provider.capturing:
+        _, key, value, _ = version.project(self, hidden_states, query_states)
+        provider.capture(site, key, value)
+    prefix = provider.prefix_for(site) if provider is not None else None
+    if prefix is None:
+        return type(self).forward(self, *call)
+    return _attend(version, self, prefix, *call)
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,10 @@ class InstancePromptModule(PromptModule):
     def encode(self, vectors: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """(B, n, d) source vectors + (B, n) validity -> (B, P, r) prompt codes."""
         n = self.config.instance_tokens
-        return self.dropout(self.encoder(vectors[:, :n], valid[:, :n]))
+        # In the prompt module's own dtype: float32 by default, the base model's under autocast_adapter_dtype=False
+        # or after model.to(torch.bfloat16); the source may come from a model in another dtype.
+        vectors = vectors[:, :n].to(next(p.dtype for p in self.parameters() if p.is_floating_point()))
+        return self.dropout(self.encoder(vectors, valid[:, :n]))
 
     def encode_inputs(self, inputs: PromptInputs) -> torch.Tensor:
         source = inputs.source()
@@ -88,7 +91,7 @@ class InstancePromptModule(PromptModule):
             else:
                 states = self._embeddings(inputs.input_ids)
             index = index.clamp(max=states.shape[1] - 1)  # invalid entries may point past a cut frozen pass
-            vectors = torch.gather(states, 1, index[..., None].expand(-1, -1, states.shape[-1])).float()
+            vectors = torch.gather(states, 1, index[..., None].expand(-1, -1, states.shape[-1]))
             # Masked positions of the frozen pass may hold anything (NaN where a row sees no key at all).
             vectors = torch.where(valid[..., None], vectors, torch.zeros_like(vectors))
         return self.encode(vectors, valid)

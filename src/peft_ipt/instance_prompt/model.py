@@ -110,7 +110,7 @@ class InstancePromptModel(PromptTuner):
         if source is None or source.shape != hidden.shape[:2]:
             source = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
         index, valid = first_source_tokens(source, module.config.instance_tokens)
-        vectors = torch.gather(hidden, 1, index[..., None].expand(-1, -1, hidden.shape[-1])).float()
+        vectors = torch.gather(hidden, 1, index[..., None].expand(-1, -1, hidden.shape[-1]))
         self._prefixes = self.by_site(module, module.combine(module.encode(vectors, valid)))
         self._check_finite(self._prefixes, None)
         self._instance_done = True
