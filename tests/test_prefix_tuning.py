@@ -272,6 +272,17 @@ def test_merge_and_unload_is_refused_with_the_reason():
         prefix_model().merge_and_unload()
 
 
+@pytest.mark.parametrize("config_class", [PrefixTuningV2Config, InstancePromptConfig])
+def test_merge_adapter_is_refused_not_a_silent_no_op(config_class):
+    model = get_peft_model(tiny_model("llama"), config_class(task_type="CAUSAL_LM", init_weights=False))
+    with pytest.raises(ValueError, match="cannot be merged"):
+        model.merge_adapter()
+    with pytest.raises(ValueError, match="cannot be merged"):
+        model.merge_and_unload()
+    with pytest.raises(ValueError, match="add_weighted_adapter combines LoRA weight deltas"):
+        model.add_weighted_adapter(["default"], [1.0], "combined")
+
+
 @pytest.mark.parametrize(
     ("arch", "task"), [("llama", "CAUSAL_LM"), ("bert", "SEQ_CLS"), ("t5", "SEQ_2_SEQ_LM")]
 )

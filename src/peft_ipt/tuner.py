@@ -429,14 +429,28 @@ class PromptTuner(BaseTuner):
 
     # -- unload ---------------------------------------------------------------------------------------------
 
+    _NOT_MERGEABLE = (
+        "prefixes live in attention, not in weights: they cannot be merged into the base model. "
+        "Use unload() to get the base model back, or keep the adapter (fold() removes the MLP for inference)."
+    )
+
+    def _check_merge_allowed(self) -> None:
+        # merge_adapter() would otherwise find no layer to merge and return as if it had merged.
+        raise ValueError(self._NOT_MERGEABLE)
+
+    def add_weighted_adapter(self, *args, **kwargs):
+        raise ValueError(
+            "add_weighted_adapter combines LoRA weight deltas; a prefix adapter has none, and a weighted sum of "
+            "prefixes is not the mixture of the adapters. Serve several adapters in one batch instead "
+            "(`adapter_names=` per row, README: 'Serving several adapters in one batch'), or train one adapter on "
+            "the combined data."
+        )
+
     def _unload_and_optionally_merge(
         self, merge: bool = True, progressbar: bool = False, safe_merge=False, adapter_names=None
     ):
         if merge:
-            raise ValueError(
-                "prefixes live in attention, not in weights: they cannot be merged into the base model. "
-                "Use unload() to get the base model back, or keep the adapter (fold() removes the MLP for inference)."
-            )
+            raise ValueError(self._NOT_MERGEABLE)
         for handle in self._hooks:
             handle.remove()
         self._injection.remove()
