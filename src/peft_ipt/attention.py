@@ -99,18 +99,25 @@ def widen_mask(
     valid: torch.Tensor | None = None,
     device: torch.device | None = None,
     masked_is_true: bool = False,
+    top_left: bool = False,
 ) -> torch.Tensor | None:
     """Prepend ``prefix_len`` visible columns to an attention mask (bool or additive float) over ``key_len`` keys.
 
     ``valid`` (B, P) marks, per row, which prefix columns are real (mixed-adapter batches); None: all are.
     ``masked_is_true``: a bool mask where True hides a key (MPT's convention) instead of showing it.
+    ``top_left``: with no mask, a causal call of several queries means what ``is_causal=True`` means to torch's
+    SDPA, query i sees keys 0..i (the registry path: transformers passes no mask exactly when that is right, e.g. a static cache's prefill,
+    whose keys run past the queries into empty slots). Otherwise bottom-right: the last query sees the last key.
     """
     if mask is None:
         if valid is None and (not causal or q_len == 1):
             return None  # every key is visible to every query, prefix included
-        # The implementation would have used is_causal=True, which torch aligns top-left and so is wrong once
-        # keys outnumber queries. Build the bottom-right aligned causal mask explicitly.
-        rows = torch.arange(q_len, device=device)[:, None] + (key_len - q_len)
+        # The implementation would have used is_causal=True, which the prefix columns would shift. Build the
+        # causal mask over the model's own keys explicitly, and show the prefix in front of it.
+        offset = (
+            0 if top_left and q_len > 1 else key_len - q_len
+        )  # one query: SDPA's is_causal is off, all keys
+        rows = torch.arange(q_len, device=device)[:, None] + offset
         visible = torch.arange(key_len, device=device)[None, :] <= rows
         if not causal:
             visible = torch.ones_like(visible)
@@ -192,6 +199,7 @@ def prefix_attention_forward(
         causal and site.kind != CROSS,
         valid,
         query.device,
+        top_left=True,
     )
     position_bias = kwargs.get("position_bias")
     if position_bias is not None:  # T5-style additive bias: no bias towards the prefix
