@@ -57,3 +57,52 @@ def test_a_loaded_adapter_trains_further_with_is_trainable(config_cls, tmp_path)
     assert any(not torch.equal(a, b) for a, b in zip(before, trainable, strict=True))
     frozen = PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
     assert not any(p.requires_grad for p in frozen.parameters())
+
+
+LOW_MEMORY_CASES = [
+    (PrefixTuningV2Config, "CAUSAL_LM", "llama"),
+    (InstancePromptConfig, "CAUSAL_LM", "llama"),
+    (InstancePromptConfig, "SEQ_CLS", "bert"),  # with the classifier head peft keeps beside the adapter
+]
+
+
+@pytest.mark.parametrize(("config_cls", "task", "arch"), LOW_MEMORY_CASES)
+def test_low_cpu_mem_usage_loads_the_same_adapter(config_cls, task, arch, tmp_path):
+    """peft's low_cpu_mem_usage=True: empty weights on the meta device, then the file's tensors assigned."""
+    model = get_peft_model(tiny_model(arch, task), config_cls(task_type=task, init_weights=False)).eval()
+    ids = token_batch()
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path)
+
+    loaded = PeftModel.from_pretrained(tiny_model(arch, task), tmp_path, low_cpu_mem_usage=True).eval()
+    assert not any(p.is_meta for p in loaded.parameters())
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, reference)
+
+    other = get_peft_model(tiny_model(arch, task), config_cls(task_type=task, init_weights=False)).eval()
+    other.load_adapter(tmp_path, adapter_name="loaded", low_cpu_mem_usage=True)
+    other.set_adapter("loaded")
+    with torch.no_grad():
+        assert torch.equal(other(input_ids=ids).logits, reference)
+
+
+@pytest.mark.parametrize("config_cls", [PrefixTuningV2Config, InstancePromptConfig])
+def test_an_adapter_created_empty_refuses_to_run_until_its_weights_are_loaded(config_cls, tmp_path):
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    trained = get_peft_model(
+        tiny_model("llama"), config_cls(task_type="CAUSAL_LM", init_weights=False)
+    ).eval()
+    ids = token_batch()
+    with torch.no_grad():
+        reference = trained(input_ids=ids).logits
+    empty = get_peft_model(
+        tiny_model("llama"), config_cls(task_type="CAUSAL_LM"), low_cpu_mem_usage=True
+    ).eval()
+    assert all(p.is_meta for p in empty.parameters() if p.requires_grad)
+    with pytest.raises(RuntimeError, match="has no weights yet: it was created with low_cpu_mem_usage=True"):
+        empty(input_ids=ids)
+    set_peft_model_state_dict(empty, get_peft_model_state_dict(trained), low_cpu_mem_usage=True)
+    with torch.no_grad():
+        assert torch.equal(empty(input_ids=ids).logits, reference)

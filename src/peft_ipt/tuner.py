@@ -12,6 +12,7 @@ recomputation in backward reads the very tensors of the forward.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils.integrations import init_empty_weights
 from peft.utils.other import AuxiliaryTrainingWrapper, set_additional_trainable_modules
 from torch import nn
 
@@ -227,16 +229,32 @@ def first_non_finite_submodule(module: PromptModule, inputs: PromptInputs) -> st
     return found[0] if found else None
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
+
+
 class PromptLayer(nn.Module, BaseTunerLayer):
     """Holds each adapter's :class:`PromptModule` under its name, so peft's tooling (``get_model_status``,
     ``disable_adapter``, state-dict selection) sees an ordinary tuner layer."""
 
     adapter_layer_names = ("prompt",)
 
-    def __init__(self):
+    def __init__(self, model: nn.Module):
         super().__init__()
         self.prompt = nn.ModuleDict()
+        # The base model, referenced, never registered: where loaded prompts go (below).
+        object.__setattr__(self, "_model", model)
         self.register_load_state_dict_pre_hook(self._check_loaded_weights)
+
+    def _move_adapter_to_device_of_base_layer(
+        self, adapter_name: str, device: torch.device | None = None
+    ) -> None:
+        """peft's step after loading an adapter with low_cpu_mem_usage=True. A prompt layer has no base layer (the
+        tuner-layer default would look for one forever): its prompts go where the model's parameters are."""
+        module = self.prompt[adapter_name] if adapter_name in self.prompt else None
+        if module is None or any(p.is_meta for p in module.parameters()):
+            return
+        module.to(device if device is not None else _device_of(self._model))
 
     def _check_loaded_weights(self, module, state_dict, prefix, *args) -> None:
         """Refuse weights that do not fit an adapter exactly, before any of them is copied.
@@ -287,7 +305,7 @@ class PromptTuner(BaseTuner):
     # -- construction -------------------------------------------------------------------------------------------
 
     def _pre_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
-        setattr(self, self.modules_attr, PromptLayer())
+        setattr(self, self.modules_attr, PromptLayer(model))
         self._prefixes: SitePrefixes | None = None
         self._row_adapters: list[str] | None = None
         self._inputs: PromptInputs | None = None
@@ -338,10 +356,16 @@ class PromptTuner(BaseTuner):
     ) -> None:
         config = self.peft_config[adapter_name]
         config.check_model(model, self.layout)  # raises before anything is built
-        module = self.build_prompt_module(config, self.layout, model)
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        self.prompt_modules[adapter_name] = module.to(device)
-        self.initialize_prompt_module(config, module, model)
+        # low_cpu_mem_usage=True (as for LoRA): the weights are left on the meta device, for an adapter file to be
+        # loaded into them with load_state_dict(assign=True); get_peft_model and from_pretrained already build the
+        # tuner under init_empty_weights, add_adapter and load_adapter do not.
+        with init_empty_weights() if low_cpu_mem_usage else contextlib.nullcontext():
+            module = self.build_prompt_module(config, self.layout, model)
+        if any(p.is_meta for p in module.parameters()):
+            self.prompt_modules[adapter_name] = module
+        else:
+            self.prompt_modules[adapter_name] = module.to(_device_of(model))
+            self.initialize_prompt_module(config, module, model)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
         self._mark_only_adapters_as_trainable(model)
         if config.inference_mode:
@@ -478,6 +502,17 @@ class PromptTuner(BaseTuner):
                     out[(kind, layer)] = (keys[slot], values[slot])
         return out
 
+    def _check_weights_loaded(self, names) -> None:
+        for name in set(names) - {BASE_ROW}:
+            module = self.prompt_modules[name] if name in self.prompt_modules else None
+            if module is not None and next(module.parameters()).is_meta:
+                raise RuntimeError(
+                    f"adapter {name!r} has no weights yet: it was created with low_cpu_mem_usage=True, which leaves "
+                    "them on the meta device until an adapter file is loaded into it (PeftModel.from_pretrained, "
+                    "load_adapter, or set_peft_model_state_dict(..., low_cpu_mem_usage=True)). To train a new "
+                    "adapter, create it without low_cpu_mem_usage."
+                )
+
     def _compute_prefixes(self, inputs: PromptInputs) -> SitePrefixes | None:
         if not self._enabled or not self.active_adapters:
             return None
@@ -583,6 +618,7 @@ class PromptTuner(BaseTuner):
     def _start_entry(self, role: str, args: tuple, kwargs: dict, source_mask) -> tuple[tuple, dict]:
         if not self.active_adapters:
             return args, kwargs
+        self._check_weights_loaded(self._row_adapters or self.active_adapters)
         inputs = self._inputs_from_call(args, kwargs, source_mask)
         self._check_length(inputs, kwargs)
         if self._instance_wise():

@@ -41,7 +41,7 @@ class InstancePromptModel(PromptTuner):
                 "input_ids, which input-level prompts replace by embeddings. Use injection='hybrid' or 'prefix'."
             )
         module = InstancePromptModule(config, layout, model)
-        if config.table_path:
+        if config.table_path and not module.table.weight.is_meta:  # meta: an adapter file fills it
             module.table.load(config.table_path)
         if config.freeze_table:
             module.table.weight.requires_grad_(False)
