@@ -106,3 +106,57 @@ def test_an_adapter_created_empty_refuses_to_run_until_its_weights_are_loaded(co
     set_peft_model_state_dict(empty, get_peft_model_state_dict(trained), low_cpu_mem_usage=True)
     with torch.no_grad():
         assert torch.equal(empty(input_ids=ids).logits, reference)
+
+
+def _trainable_adapters(model) -> set[str]:
+    return {
+        name.split(".prompt.")[1].split(".")[0]
+        for name, p in model.named_parameters()
+        if p.requires_grad and ".prompt." in name
+    }
+
+
+@pytest.mark.parametrize("config_cls", [PrefixTuningV2Config, InstancePromptConfig])
+def test_set_requires_grad_trains_the_adapters_named(config_cls):
+    model = get_peft_model(tiny_model("bert", "SEQ_CLS"), config_cls(task_type="SEQ_CLS"))
+    model.add_adapter("other", config_cls(task_type="SEQ_CLS"))
+    assert _trainable_adapters(model) == {"default"}
+    model.set_requires_grad("other", requires_grad=True)
+    assert _trainable_adapters(model) == {"default", "other"}
+    head = model.base_model.model.classifier.modules_to_save
+    assert all(p.requires_grad for p in head["other"].parameters())
+    model.set_requires_grad(["default"], requires_grad=False)
+    assert _trainable_adapters(model) == {"other"}
+    with pytest.raises(ValueError, match="adapter 'nope' not found; available"):
+        model.set_requires_grad("nope")
+
+
+def test_set_requires_grad_keeps_a_frozen_token_table_frozen(tmp_path):
+    from peft_ipt.instance_prompt.encoders import HashedTokenTable
+
+    HashedTokenTable(64, 8).save(str(tmp_path / "table.safetensors"))
+    config = InstancePromptConfig(
+        task_type="CAUSAL_LM",
+        instance_source="token_table",
+        table_size=64,
+        instance_rank=8,
+        table_path=str(tmp_path / "table.safetensors"),
+        freeze_table=True,
+    )
+    model = get_peft_model(tiny_model("llama"), config)
+    model.set_requires_grad("default", requires_grad=True)
+    table = model.base_model.prompt_modules["default"].table.weight
+    assert not table.requires_grad
+    assert _trainable_adapters(model) == {"default"}
+
+
+@pytest.mark.parametrize("config_cls", [PrefixTuningV2Config, InstancePromptConfig])
+def test_disable_input_dtype_casting_runs_the_same_model(config_cls):
+    from peft.helpers import disable_input_dtype_casting
+
+    model = get_peft_model(tiny_model("llama"), config_cls(task_type="CAUSAL_LM", init_weights=False)).eval()
+    ids = token_batch()
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+        with disable_input_dtype_casting(model):
+            assert torch.equal(model(input_ids=ids).logits, reference)

@@ -238,6 +238,9 @@ class PromptLayer(nn.Module, BaseTunerLayer):
     ``disable_adapter``, state-dict selection) sees an ordinary tuner layer."""
 
     adapter_layer_names = ("prompt",)
+    # peft's disable_input_dtype_casting() switches this on every tuner layer. Prompts cast nothing on the way in
+    # (they are cast to the attention's dtype where they are used), so there is nothing for it to disable.
+    cast_input_dtype_enabled = True
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -419,6 +422,22 @@ class PromptTuner(BaseTuner):
         self.prompt_layer.set_adapter(names, inference_mode=inference_mode)
         self.active_adapter = names[0] if names else []
         self._prefixes = None
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        # peft's own looks for tuner layers inside the base model, where a prompt layer is not: it would return
+        # having changed nothing.
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        unknown = sorted(names - set(self.prompt_modules))
+        if unknown:
+            raise ValueError(f"adapter {unknown[0]!r} not found; available: {list(self.prompt_modules)}")
+        self.prompt_layer.set_requires_grad(sorted(names), requires_grad=requires_grad)
+        for module in self.model.modules():
+            if isinstance(module, AuxiliaryTrainingWrapper):
+                module.set_requires_grad(sorted(names), requires_grad=requires_grad)
+        self._keep_frozen_parts()
+
+    def _keep_frozen_parts(self) -> None:
+        """Parameters a config freezes stay frozen whatever is made trainable (IPT's freeze_table)."""
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
         self._enabled = enabled
