@@ -1316,7 +1316,8 @@ def markdown(rows: list[dict[str, Any]], tasks: list[str], quick: bool) -> str:
             if not quick
             else f"**Quick smoke run, not a result**: {', '.join(QUICK_OVERRIDES)}, the config's learning rate.",
             "",
-            f"| method | test {metric} | test {second} | best lr | val. {metric} | seeds | trainable | share "
+            f"| method | test {metric} (mean ± std over seeds) | test {second} | best lr | val. {metric} | seeds "
+            "| trainable | share "
             "| s / run | LRs tried |" + (" steps run (of max) |" if steps else ""),
             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if steps else ""),
         ]
