@@ -4,10 +4,13 @@ one full call gives: the prefix is never in the cache, and the model's own causa
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from conftest import tiny_model, token_batch
 from peft import get_peft_model
+from transformers import LlamaForCausalLM
 
 from peft_ipt import InstancePromptConfig, PrefixTuningV2Config
 
@@ -77,3 +80,76 @@ def test_a_mixed_adapter_batch_generates_with_a_static_cache_as_with_the_dynamic
     assert torch.equal(static.sequences, dynamic.sequences)
     for step_static, step_dynamic in zip(static.scores, dynamic.scores, strict=True):
         assert torch.allclose(step_static, step_dynamic, atol=1e-5)
+
+
+IPT_VARIANTS = {
+    "embeddings": {},
+    "frozen_model": {"instance_source": "frozen_model"},
+    "hidden": {"instance_source": "hidden"},
+}
+
+
+@pytest.mark.parametrize(
+    ("arch", "variant"),
+    # instance_source='hidden' is for decoder-only and encoder-only models
+    [("llama", v) for v in IPT_VARIANTS] + [("bart", v) for v in IPT_VARIANTS if v != "hidden"],
+)
+def test_the_base_models_own_generate_keeps_the_prefill_prompt_at_every_step(arch, variant):
+    """Decoding steps hand the model a cache (``cache=`` from transformers 5.24 on, ``past_key_values=`` before):
+    the instance prompt built at the prefill stays, never rebuilt from the one new token."""
+    task = "SEQ_2_SEQ_LM" if arch == "bart" else "CAUSAL_LM"
+    torch.manual_seed(0)
+    config = InstancePromptConfig(
+        task_type=task, prompt_length=3, init_weights=False, **IPT_VARIANTS[variant]
+    )
+    model = get_peft_model(tiny_model(arch, task), config).eval()
+    ids = token_batch(2, 7)
+    kwargs = {"max_new_tokens": 5, "min_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+    kwargs |= {"output_scores": True, "return_dict_in_generate": True}
+    through_peft = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+    inner = model.get_base_model().generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+    assert torch.equal(inner.sequences, through_peft.sequences)
+    for step_inner, step_peft in zip(inner.scores, through_peft.scores, strict=True):
+        assert torch.allclose(step_inner, step_peft, atol=1e-6)
+
+
+# transformers 5.24 renamed forward's past_key_values to cache (the old name still accepted); older versions know
+# only past_key_values.
+NEW_CACHE_NAME = "cache" in inspect.signature(LlamaForCausalLM.forward).parameters
+CACHE_NAMES = ["cache", "past_key_values"] if NEW_CACHE_NAME else ["past_key_values"]
+
+
+@pytest.mark.parametrize("cache_name", CACHE_NAMES)
+def test_a_manual_decoding_loop_reuses_the_prompt_of_its_prefill(cache_name):
+    torch.manual_seed(0)
+    config = InstancePromptConfig(task_type="CAUSAL_LM", prompt_length=3, init_weights=False)
+    model = get_peft_model(tiny_model("llama"), config).eval()
+    ids = token_batch(2, 7)
+    kwargs = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    generated = model.generate(input_ids=ids, output_logits=True, return_dict_in_generate=True, **kwargs)
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True)
+        steps = [out.logits[:, -1]]
+        for position in range(ids.shape[1], ids.shape[1] + 3):
+            token = generated.sequences[:, position : position + 1]
+            out = model(input_ids=token, use_cache=True, **{cache_name: out.past_key_values})
+            steps.append(out.logits[:, -1])
+    for manual, step in zip(steps, generated.logits, strict=True):
+        assert torch.allclose(manual, step, atol=1e-5)
+
+
+def test_input_level_prompts_refuse_the_base_models_generate_and_say_where_to_generate():
+    config = InstancePromptConfig(task_type="CAUSAL_LM", prompt_length=3, injection="input")
+    model = get_peft_model(tiny_model("llama"), config).eval()
+    ids = token_batch(2, 7)
+    with pytest.raises(ValueError, match="call generate\\(\\) on the PeftModel"):
+        model.get_base_model().generate(input_ids=ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
+
+
+def test_the_position_check_counts_the_tokens_in_a_cache_passed_as_cache():
+    model = get_peft_model(tiny_model("gpt2"), PrefixTuningV2Config(task_type="CAUSAL_LM")).eval()
+    ids = token_batch(1, 120)
+    with torch.no_grad():
+        cache = model(input_ids=ids, use_cache=True).past_key_values
+        with pytest.raises(ValueError, match=r"\+ 120 cached"):
+            model(input_ids=token_batch(1, 10), use_cache=True, **{CACHE_NAMES[0]: cache})

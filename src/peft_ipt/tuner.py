@@ -229,6 +229,13 @@ def first_non_finite_submodule(module: PromptModule, inputs: PromptInputs) -> st
     return found[0] if found else None
 
 
+def _cache_argument(kwargs: dict):
+    """A call's key/value cache: ``cache`` from transformers 5.24 on, ``past_key_values`` before (and, deprecated,
+    still accepted by 5.24's forward, which renames it only inside)."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
 def _device_of(model: nn.Module) -> torch.device:
     return next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
 
@@ -648,7 +655,7 @@ class PromptTuner(BaseTuner):
                     "(model(input_ids=..., decoder_input_ids=...)) or its encoder."
                 )
             if self._prefixes is not None:
-                past = kwargs.get("past_key_values")
+                past = _cache_argument(kwargs)
                 decoding = past is not None and past.get_seq_length() > 0
                 if decoding or inputs.tokens is None:
                     return args, kwargs  # a decoding step: the instance prompt of the prefill stays
@@ -722,7 +729,7 @@ class PromptTuner(BaseTuner):
         if limit is None or tokens is None:
             return
         added = self._positions_added()
-        past = kwargs.get("past_key_values")
+        past = _cache_argument(kwargs)
         cached = past.get_seq_length() if past is not None and not inputs.is_encoder_decoder else 0
         length = tokens.shape[1] + added + cached
         if length > limit:

@@ -134,7 +134,11 @@ class InstancePromptModel(PromptTuner):
 
         kwargs = {k: v for k, v in kwargs.items() if k != "input_ids"}
         if kwargs.get("position_ids") is not None:
-            raise ValueError("injection='input' shifts positions itself; do not pass position_ids")
+            raise ValueError(
+                "injection='input' inserts its prompt tokens and numbers the positions itself, so it refuses a call "
+                "that passes position_ids. Leave them out; to generate, call generate() on the PeftModel, not on "
+                "its base model, whose generate() passes them"
+            )
         kwargs["inputs_embeds"] = insert(embeds, None)
         mask = kwargs.get("attention_mask")
         kwargs["attention_mask"] = insert(
