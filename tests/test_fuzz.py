@@ -106,6 +106,8 @@ def ipt_cases(draw) -> tuple[str, str, str, dict]:
         "init_weights": draw(st.booleans()),
         **draw(stack_switches(arch)),
     }
+    if injection == "hybrid":
+        fields["task_prefix_hidden_size"] = draw(st.sampled_from([None, 4]))
     if injection != "input":
         fields["layers_to_transform"] = draw(layer_subsets)
         selected = as_list(fields["layers_to_transform"])

@@ -8,7 +8,7 @@ from conftest import tiny_model, token_batch
 from peft import PeftModel, get_peft_model
 from test_prefix_tuning import COMBOS, main_output, model_inputs
 
-from peft_ipt import InstancePromptConfig
+from peft_ipt import InstancePromptConfig, PrefixTuningV2Config
 from peft_ipt.instance_prompt.encoders import HashedTokenTable
 from peft_ipt.tuner import PromptInputs
 
@@ -469,6 +469,11 @@ def test_a_pretrained_table_is_loaded_and_can_be_frozen(tmp_path):
         ({"injection": "output"}, r"injection must be one of .* \(got 'output'\)"),
         ({"prompt_length": 0}, r"prompt_length must be an integer >= 1 \(got 0\)"),
         ({"hidden_layer": 1}, r"hidden_layer=1 needs instance_source='hidden'"),
+        ({"task_prefix_hidden_size": 0}, r"task_prefix_hidden_size must be an integer >= 1 \(got 0\)"),
+        (
+            {"task_prefix_hidden_size": 8, "injection": "prefix"},
+            r"task_prefix_hidden_size=8 reparameterises the task-level prefix, which only injection='hybrid' has",
+        ),
         ({"instance_source": "hidden", "injection": "input"}, r"needs injection='prefix' or 'hybrid'"),
         (
             {"instance_source": "token_table", "freeze_table": True},
@@ -606,3 +611,53 @@ def test_frozen_layers_is_checked_against_the_source_and_the_model():
         ValueError, match=r"frozen_layers=2 must be below the model's 2 self-attention layers \(1..1\)"
     ):
         ipt_model(instance_source="frozen_model", frozen_layers=2)
+
+
+# -- a reparameterised task prefix ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("arch", "task"), [("llama", "CAUSAL_LM"), ("bart", "SEQ_2_SEQ_LM")])
+def test_with_a_zero_instance_part_ipt_is_its_reparameterised_task_prefix_alone(arch, task):
+    """task_prefix_hidden_size: IPT's task prefix is PrefixTuningV2's MLP-reparameterised prefix, weight for weight;
+    with the instance part at its zero start the two models give the same logits (the controlled comparison)."""
+    torch.manual_seed(0)
+    ipt = get_peft_model(
+        tiny_model(arch, task),
+        InstancePromptConfig(task_type=task, prompt_length=4, task_prefix_hidden_size=8),
+    ).eval()
+    prefix = get_peft_model(
+        tiny_model(arch, task),
+        PrefixTuningV2Config(task_type=task, prefix_length=4, reparameterize=True, encoder_hidden_size=8),
+    ).eval()
+    tables = ipt.base_model.prompt_modules["default"].task
+    assert all(table.reparameterized for table in tables.values())
+    prefix_tables = prefix.base_model.prompt_modules["default"].tables
+    assert tables.keys() == prefix_tables.keys()
+    for kind, table in tables.items():
+        table.load_state_dict(prefix_tables[kind].state_dict())
+    inputs = {"input_ids": token_batch()}
+    if task == "SEQ_2_SEQ_LM":
+        inputs["decoder_input_ids"] = token_batch(2, 4, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(ipt(**inputs).logits, prefix(**inputs).logits, rtol=1e-5, atol=1e-5)
+        with ipt.disable_adapter():
+            bare = ipt(**inputs).logits
+        assert not torch.allclose(ipt(**inputs).logits, bare, atol=1e-4)
+
+
+def test_a_reparameterised_task_prefix_trains_and_reloads(tmp_path):
+    model = ipt_model(task_prefix_hidden_size=8)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(".task." in n and ".mlp." in n for n in trainable)
+    ids = token_batch()
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if ".task." in n)
+    model.eval()
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path).eval()
+    assert loaded.peft_config["default"].task_prefix_hidden_size == 8
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, reference)

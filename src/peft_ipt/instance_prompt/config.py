@@ -37,6 +37,7 @@ class InstancePromptConfig(PromptConfigBase):
         "instance_rank",
         "instance_scale",
         "instance_layers",
+        "task_prefix_hidden_size",
         "prefix_init",
         "layers_to_transform",
     )
@@ -135,6 +136,15 @@ class InstancePromptConfig(PromptConfigBase):
     prompt_dropout: float = field(
         default=0.0, metadata={"help": "Dropout on the instance prompt codes during training."}
     )
+    task_prefix_hidden_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "injection='hybrid': reparameterise the task-level prefix as prefix-tuning does (Li & Liang: an "
+            "embedding through Linear(d, h) -> tanh -> Linear(h, keys/values)) with this hidden size h. None: flat "
+            "keys/values (P-tuning v2). The controlled comparison for it is PrefixTuningV2Config(reparameterize=True, "
+            "encoder_hidden_size=h), the same task prefix without the instance part."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -195,6 +205,13 @@ class InstancePromptConfig(PromptConfigBase):
                 f"prefix_init={self.prefix_init!r} initialises the task-level prefix, which only "
                 f"injection='hybrid' has (got injection={self.injection!r}); use prefix_init='random'"
             )
+        if self.task_prefix_hidden_size is not None:
+            check_positive_int(self, "task_prefix_hidden_size")
+            if self.injection != "hybrid":
+                raise ValueError(
+                    f"task_prefix_hidden_size={self.task_prefix_hidden_size} reparameterises the task-level prefix, "
+                    f"which only injection='hybrid' has (got injection={self.injection!r}); leave it None"
+                )
         if self.instance_layers is not None:
             if self.injection == "input":
                 raise ValueError("instance_layers applies to injection='prefix' or 'hybrid', not 'input'")

@@ -52,7 +52,7 @@ class InstancePromptModule(PromptModule):
             width = 2 * n_kv * head_dim
             self.heads[kind] = nn.Linear(r, len(self.instance_layers[kind]) * width)
             if config.injection == "hybrid":
-                self.task[kind] = PrefixTable(P, len(carried) * width, 0, None)
+                self.task[kind] = PrefixTable(P, len(carried) * width, hidden, config.task_prefix_hidden_size)
                 if config.init_weights:
                     # Start as plain P-tuning v2: the instance part grows from zero, as LoRA's B does.
                     nn.init.zeros_(self.heads[kind].weight)
