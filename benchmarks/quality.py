@@ -120,6 +120,7 @@ class MethodSpec:
     config_suffix: str  # configs/<family>_<suffix>.yaml
     lr_grid: tuple[float, ...]
     overrides: tuple[str, ...] = ()  # --set overrides on top of the shipped config
+    own_prefix: str = "prefix_alone"  # an IPT candidate's controlled comparison: its own task prefix alone
 
 
 # Two points per prompt method: on Rotten Tomatoes (the 3-point grid's first runs) 3e-3 was never the best rate for
@@ -479,6 +480,19 @@ CONVERGED_METHODS: dict[str, MethodSpec] = {
             "method_config.prefix_length=16",
         ),
     ),
+    # the chosen recipe on top of prefix_mlp's task prefix (task_prefix_hidden_size=56): the controlled comparison
+    # when the task prefix is reparameterised, against prefix_mlp on the same grid
+    "ipt_mlp_scale": MethodSpec(
+        "IPT, embeddings source, instance scale 0.05, MLP-reparameterised task prefix",
+        "ipt",
+        (1e-3, *PAIR_GRID),
+        (
+            "method_config.instance_source=embeddings",
+            "method_config.instance_scale=0.05",
+            "method_config.task_prefix_hidden_size=56",
+        ),
+        own_prefix="prefix_mlp",
+    ),
     "prefix_v2": MethodSpec("PrefixTuningV2 (as configured)", "prefix_v2", (1e-3,)),
     "peft_prompt_tuning": MethodSpec("peft PromptTuning", "prompt_tuning", (3e-2,)),
     "peft_p_tuning": MethodSpec("peft P-tuning", "p_tuning", (1e-2,)),
@@ -492,6 +506,7 @@ IPT_CANDIDATES = (
     "ipt_embeddings_wd",
     "ipt_embeddings_scale",
     "ipt_attention_scale",
+    "ipt_mlp_scale",
     "ipt_token_table",
     "ipt_hidden",
     "ipt_frozen_reg",
@@ -1118,7 +1133,7 @@ def converged_goals(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
         ]
     label = f"{TIER.methods[ipt].label} (chosen on validation)"
     out = []
-    diffs = paired_differences(rows, ipt, "prefix_alone").get("mean")
+    diffs = paired_differences(rows, ipt, TIER.methods[ipt].own_prefix).get("mean")
     if not diffs:
         out.append((goal_a, "NOT RUN", "the task prefix alone has not run on every goal task"))
     else:
@@ -1246,7 +1261,8 @@ def converged_summary(rows: list[dict[str, Any]]) -> str:
     others = [
         m
         for m in IPT_CANDIDATES
-        if m != ipt and any(len(d) >= 2 for d in paired_differences(rows, m, "prefix_alone").values())
+        if m != ipt
+        and any(len(d) >= 2 for d in paired_differences(rows, m, TIER.methods[m].own_prefix).values())
     ]
     for method in ([ipt] if ipt else []) + others:
         text += paired_table(rows, method)
@@ -1257,23 +1273,24 @@ def paired_table(rows: list[dict[str, Any]], method: str) -> str:
     """One IPT candidate minus its task prefix alone, per task (and the goal-task mean once all three ran): each
     side's test mean over the seeds both ran (for the mean, over each side's own), and the mean ± 95% CI of the
     per-seed differences."""
+    prefix = TIER.methods[method].own_prefix
     lines = [
         "",
-        f"Paired difference, {TIER.methods[method].label} minus its task prefix alone (same prompt length, budget "
-        "and seeds), test points, mean ± 95% CI over the seeds both ran:",
+        f"Paired difference, {TIER.methods[method].label} minus its task prefix alone ({TIER.methods[prefix].label}; "
+        "same prompt length, budget and seeds), test points, mean ± 95% CI over the seeds both ran:",
         "",
         "| task | IPT | task prefix alone | IPT - prefix | seeds |",
         "|---|---|---|---|---|",
     ]
-    for task, diffs in paired_differences(rows, method, "prefix_alone").items():
+    for task, diffs in paired_differences(rows, method, prefix).items():
         if task == "mean":
             name, a, b = (
                 "mean of 3",
                 _mean_over_goal_tasks(rows, method),
-                _mean_over_goal_tasks(rows, "prefix_alone"),
+                _mean_over_goal_tasks(rows, prefix),
             )
         else:
-            ours, theirs = find_row(rows, task, method), find_row(rows, task, "prefix_alone")
+            ours, theirs = find_row(rows, task, method), find_row(rows, task, prefix)
             seeds = sorted(set(ours["test_by_seed"]) & set(theirs["test_by_seed"]))
             name, a, b = (
                 TIER.tasks[task].short,
@@ -1426,7 +1443,7 @@ def plot_paired(rows: list[dict[str, Any]], path: Path) -> None:
     """The controlled comparison at a glance: per task (and the goal-task mean), each seed's test difference
     IPT - its task prefix alone, their mean with its 95% CI, the zero line and goal (a)'s +2."""
     ipt = chosen_ipt(rows)
-    diffs = paired_differences(rows, ipt, "prefix_alone") if ipt else {}
+    diffs = paired_differences(rows, ipt, TIER.methods[ipt].own_prefix) if ipt else {}
     if not diffs:
         return
     fig, grid = figure(1, 1, (1.3 * len(diffs) + 2.5, 3.6))
