@@ -581,7 +581,7 @@ class PromptTuner(BaseTuner):
         return out
 
     def _device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return _device_of(self.model)
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
