@@ -80,9 +80,8 @@ class AttentionSite:
     reached: bool = (
         False  # set by prefix_attention_forward: the registry path's check that the module uses it
     )
-    watch: list = field(
-        default_factory=list, repr=False
-    )  # the registry path's first-call hooks, until they pass
+    # the registry path's first-call hooks, until they pass
+    watch: list = field(default_factory=list, repr=False)
     door: object = None  # what an architecture path's door needs at call time (e.g. DeBERTa's version)
 
 
@@ -106,17 +105,17 @@ def widen_mask(
     ``valid`` (B, P) marks, per row, which prefix columns are real (mixed-adapter batches); None: all are.
     ``masked_is_true``: a bool mask where True hides a key (MPT's convention) instead of showing it.
     ``top_left``: with no mask, a causal call of several queries means what ``is_causal=True`` means to torch's
-    SDPA, query i sees keys 0..i (the registry path: transformers passes no mask exactly when that is right, e.g. a static cache's prefill,
-    whose keys run past the queries into empty slots). Otherwise bottom-right: the last query sees the last key.
+    SDPA, query i sees keys 0..i (the registry path: transformers passes no mask exactly when that is right, e.g.
+    a static cache's prefill, whose keys run past the queries into empty slots). Otherwise bottom-right: the last
+    query sees the last key.
     """
     if mask is None:
         if valid is None and (not causal or q_len == 1):
             return None  # every key is visible to every query, prefix included
         # The implementation would have used is_causal=True, which the prefix columns would shift. Build the
         # causal mask over the model's own keys explicitly, and show the prefix in front of it.
-        offset = (
-            0 if top_left and q_len > 1 else key_len - q_len
-        )  # one query: SDPA's is_causal is off, all keys
+        # One query: SDPA's is_causal is off, so it sees every key (bottom-right alignment gives that too).
+        offset = 0 if top_left and q_len > 1 else key_len - q_len
         rows = torch.arange(q_len, device=device)[:, None] + offset
         visible = torch.arange(key_len, device=device)[None, :] <= rows
         if not causal:

@@ -415,6 +415,7 @@ class PromptTuner(BaseTuner):
         for name, module in self.prompt_modules.items():
             trainable = name in self.active_adapters and not self.peft_config[name].inference_mode
             module.requires_grad_(trainable)
+        self._keep_frozen_parts()
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
@@ -427,20 +428,21 @@ class PromptTuner(BaseTuner):
         if unknown:
             raise ValueError(f"adapter {unknown[0]!r} not found; available: {list(self.prompt_modules)}")
         self.prompt_layer.set_adapter(names, inference_mode=inference_mode)
+        self._keep_frozen_parts()
         self.active_adapter = names[0] if names else []
         self._prefixes = None
 
     def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
         # peft's own looks for tuner layers inside the base model, where a prompt layer is not: it would return
         # having changed nothing.
-        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
-        unknown = sorted(names - set(self.prompt_modules))
+        names = sorted({adapter_names} if isinstance(adapter_names, str) else set(adapter_names))
+        unknown = [n for n in names if n not in self.prompt_modules]
         if unknown:
             raise ValueError(f"adapter {unknown[0]!r} not found; available: {list(self.prompt_modules)}")
-        self.prompt_layer.set_requires_grad(sorted(names), requires_grad=requires_grad)
+        self.prompt_layer.set_requires_grad(names, requires_grad=requires_grad)
         for module in self.model.modules():
             if isinstance(module, AuxiliaryTrainingWrapper):
-                module.set_requires_grad(sorted(names), requires_grad=requires_grad)
+                module.set_requires_grad(names, requires_grad=requires_grad)
         self._keep_frozen_parts()
 
     def _keep_frozen_parts(self) -> None:

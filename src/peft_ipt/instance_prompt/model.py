@@ -56,14 +56,6 @@ class InstancePromptModel(PromptTuner):
                 self._hidden_states_hook, with_kwargs=True
             )
 
-    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
-        super()._mark_only_adapters_as_trainable(model)
-        self._keep_frozen_parts()
-
-    def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
-        super().set_adapter(adapter_name, inference_mode=inference_mode)
-        self._keep_frozen_parts()
-
     def _keep_frozen_parts(self) -> None:
         for name, module in self.prompt_modules.items():
             if self.peft_config.get(name) is not None and self.peft_config[name].freeze_table:
