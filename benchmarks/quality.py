@@ -23,7 +23,9 @@ test. Per task and method:
 
 1. the learning-rate grid (``MethodSpec.lr_grid``) runs at the first seed, on the tasks whose ``grid_methods``
    include the method (the three classification goal tasks: every method; ``e2e``: the goal pair PrefixTuningV2 and
-   peft PrefixTuning, over the task's own grid ``Task.lr_grid``); elsewhere the method runs at its config's learning rate only (a one-point "grid");
+   peft PrefixTuning, over the task's own grid ``Task.lr_grid``); elsewhere the method runs at its config's learning rate only (a one-point "grid").
+   A grid already recorded whole at another seed does not run again: a later call's seeds (``--seeds 5 6``) all run
+   at the rate it chose;
 2. the learning rate with the best validation score (the task's main metric) is kept; with several seeds, the
    others run at that rate only (``--grid-all-seeds`` runs the grid at every seed; the rate is then chosen by the
    mean validation score over the seeds run at every rate of the grid);
@@ -1657,6 +1659,17 @@ def plan(args: argparse.Namespace, task: Task, method: str) -> tuple[float, ...]
     return lr_grid(task, method)
 
 
+def recorded_grid_seed(
+    runs: dict[str, dict[str, Any]], task: str, method: str, lrs: tuple[float, ...], quick: bool
+) -> int | None:
+    """The first seed at which every rate of this cell's grid is already recorded (current runs only), or None."""
+    seeds: dict[int, set[float]] = {}
+    for run in runs.values():
+        if run.get("task") == task and run.get("method") == method and is_current(run, quick):
+            seeds.setdefault(run["seed"], set()).add(run["lr"])
+    return min((seed for seed, found in seeds.items() if set(lrs) <= found), default=None)
+
+
 def main(argv: list[str] | None = None) -> int:
     global PRECISION, TIER
     tier_parser = argparse.ArgumentParser(add_help=False)
@@ -1767,30 +1780,39 @@ def main(argv: list[str] | None = None) -> int:
     seeds = args.seeds[:1] if args.quick else args.seeds
     start = time.time()
 
+    # (task, method, rates, the seeds that run the grid, the seeds that run at the chosen rate)
     planned = []
+    recorded = load_runs(path)
     for task_name in tasks:
         task = TIER.tasks[task_name]
         for floor in TIER.floors(task):
             if floor in methods or not args.methods:
-                planned.append((task_name, floor, None, [0]))
+                planned.append((task_name, floor, None, [0], []))
         for method in (m for m in methods if m not in UNTRAINED):
-            planned.append((task_name, method, plan(args, task, method), seeds))
-    total = sum(
-        1 if m in UNTRAINED else len(lrs) * len(s) if args.grid_all_seeds else len(lrs) + len(s) - 1
-        for _, m, lrs, s in planned
-    )
+            lrs = plan(args, task, method)
+            if args.grid_all_seeds:
+                planned.append((task_name, method, lrs, seeds, []))
+                continue
+            # A grid already recorded at another seed is not run again at this call's first seed: every seed
+            # asked for runs at the rate that grid chose, so more seeds never change how the rate was chosen.
+            done_at = (
+                None if len(lrs) == 1 else recorded_grid_seed(recorded, task_name, method, lrs, args.quick)
+            )
+            if done_at is not None and done_at != seeds[0]:
+                planned.append((task_name, method, lrs, [], seeds))
+            else:
+                planned.append((task_name, method, lrs, seeds[:1], seeds[1:]))
+    total = sum(len(lrs or [None]) * len(grid) + len(rest) for _, _, lrs, grid, rest in planned)
     # First every grid (and zero-shot) cell; then the further seeds, at the rate their grid chose.
     grid_cells = []
-    for task_name, method, lrs, run_seeds in planned:
-        grid_seeds = [0] if method in UNTRAINED else run_seeds if args.grid_all_seeds else run_seeds[:1]
+    for task_name, method, lrs, grid_seeds, _ in planned:
         grid_cells += [(task_name, method, lr, seed) for seed in grid_seeds for lr in lrs or [None]]
     with tqdm(total=total, desc="quality", unit="run", file=sys.stderr) as bar:
         runner = Runner(path, args.quick, args.force, args.jobs, threads, bar)
         runner.run(grid_cells)
         rows = summarize(load_runs(path), args.quick)
         seed_cells = []
-        for task_name, method, _, run_seeds in planned:
-            rest = [] if method in UNTRAINED or args.grid_all_seeds else run_seeds[1:]
+        for task_name, method, _, _, rest in planned:
             row = find_row(rows, task_name, method)
             if row is None:  # every grid run failed
                 bar.update(len(rest))
