@@ -160,3 +160,18 @@ def test_disable_input_dtype_casting_runs_the_same_model(config_cls):
         reference = model(input_ids=ids).logits
         with disable_input_dtype_casting(model):
             assert torch.equal(model(input_ids=ids).logits, reference)
+
+
+@pytest.mark.parametrize("config_cls", [PrefixTuningV2Config, InstancePromptConfig])
+def test_inject_adapter_in_model_refuses_and_names_get_peft_model(config_cls):
+    """peft's low-level API returns the bare model and drops the tuner, which holds these adapters' weights: the
+    prompt would still change the outputs, but no optimizer or state dict of the returned model would see it."""
+    from peft import inject_adapter_in_model
+
+    model = tiny_model("gpt2")
+    with pytest.raises(ValueError, match="get_peft_model"):
+        inject_adapter_in_model(config_cls(task_type="CAUSAL_LM"), model)
+    # nothing was left behind: the model runs as before
+    ids = token_batch()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, tiny_model("gpt2")(input_ids=ids).logits)

@@ -311,6 +311,10 @@ class PromptTuner(BaseTuner):
     prefix: str
     modules_attr: str  # name of the PromptLayer on the tuner
     target_module_mapping: dict = {}
+    # The adapter's weights live on the tuner, not in the base model's modules: peft's inject_adapter_in_model, which
+    # returns the bare model and drops the tuner, would leave them out of model.parameters() and its state dict (an
+    # optimizer would never see them). peft refuses such tuners there and names get_peft_model as the fix.
+    uses_shared_state = True
 
     # -- construction -------------------------------------------------------------------------------------------
 
