@@ -22,13 +22,16 @@ run: setup
 	$(FETCH) configs/default.yaml
 	$(VENV)/bin/peft-ipt train
 
+# pytest-xdist: one worker per core (at most 4); each mechanics test runs on one thread (tests/conftest.py).
+PYTEST := $(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadgroup
+
 test: setup
 	$(FETCH) --all
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 test-fast: setup
 	$(FETCH) --all
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff format --check src tests benchmarks

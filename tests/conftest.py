@@ -21,13 +21,15 @@ import peft_ipt  # noqa: F401  (registers the methods)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers.logging.set_verbosity_error()
 # The mechanics tests run tiny models, where thread start-up costs more than it saves (about 30x on a loaded
-# 2-core machine). Tests on the real bundled models raise it again with the ``all_threads`` fixture.
+# 2-core machine). Tests on the real bundled models raise it again with the ``all_threads`` fixture: to their
+# share of the cores when pytest-xdist runs several workers (``-n``), so the workers never oversubscribe them.
 torch.set_num_threads(1)
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 
 
 @pytest.fixture
 def all_threads():
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // WORKERS))
     yield
     torch.set_num_threads(1)
 

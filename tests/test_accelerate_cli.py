@@ -24,6 +24,10 @@ from peft_ipt.cli import main
 from peft_ipt.cli.checkpoints import COMPLETE_MARKER, require_complete
 from peft_ipt.cli.train import CHECKPOINTS, CLIError, _check_data_parallel, evaluate_run
 
+# Under pytest-xdist (`make test`), this file's tests stay in one worker, so its launched two-process run (the module
+# fixture, the file's slowest step) trains once.
+pytestmark = pytest.mark.xdist_group("accelerate_cli")
+
 REPO = Path(__file__).resolve().parents[1]
 MULTI_CPU = REPO / "configs" / "accelerate" / "multi_cpu.yaml"
 # 48 rows, 4 per process and step: 6 steps an epoch with 2 processes (12 with one).
