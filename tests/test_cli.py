@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
     BartConfig,
@@ -290,6 +291,24 @@ def test_push_to_hub_failure_says_what_failed_and_where_the_run_is(classificatio
     ) as info:
         push(Offline(), None, classification_run, "me/tiny", experiment)
     assert str(classification_run) in str(info.value)
+
+
+def test_bf16_autocast_on_the_cpu_trains_close_to_float32_with_float32_weights(assets, tmp_path):
+    """The benchmarks' bf16 path (``training.bf16=true``, ``training.use_cpu=true``) through Trainer. CI's benchmark
+    smoke runs train in fp32 (a CPU without native bf16 emulates it several times slower), so it is tested here."""
+    config = write_experiment(assets, "bf16.yaml", CLASSIFICATION)
+    curves = {}
+    for precision, overrides in (("fp32", []), ("bf16", ["training.bf16=true", "training.use_cpu=true"])):
+        output = tmp_path / precision
+        sets = [arg for override in overrides for arg in ("--set", override)]
+        assert main(["train", str(config), "--output-dir", str(output), *sets]) == 0
+        history = json.loads((output / "metrics.json").read_text())["train_history"]
+        curves[precision] = torch.tensor([entry["loss"] for entry in history if "loss" in entry])
+        saved = load_file(output / "adapter_model.safetensors")
+        assert saved and all(t.dtype == torch.float32 for t in saved.values())  # autocast: weights stay fp32
+    assert len(curves["bf16"]) == 4 and torch.isfinite(curves["bf16"]).all()
+    assert not torch.equal(curves["bf16"], curves["fp32"])  # autocast was on
+    torch.testing.assert_close(curves["bf16"], curves["fp32"], rtol=0.05, atol=0.05)
 
 
 # -- causal LM: train, generate, eval ----------------------------------------------------------------------
