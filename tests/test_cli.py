@@ -200,6 +200,16 @@ def generation_run(assets) -> Path:
     return output
 
 
+def set_flags(overrides: list[str]) -> list[str]:
+    """``--set`` flags for the CLI, one per override."""
+    return [arg for override in overrides for arg in ("--set", override)]
+
+
+def train_losses(metrics: dict) -> list[float]:
+    """The training losses logged in a run's metrics.json."""
+    return [entry["loss"] for entry in metrics["train_history"] if "loss" in entry]
+
+
 def front_matter(card: str) -> dict:
     match = re.match(r"^---\n(.*?)\n---\n", card, re.S)
     assert match, "the card starts with a YAML metadata block"
@@ -300,10 +310,8 @@ def test_bf16_autocast_on_the_cpu_trains_close_to_float32_with_float32_weights(a
     curves = {}
     for precision, overrides in (("fp32", []), ("bf16", ["training.bf16=true", "training.use_cpu=true"])):
         output = tmp_path / precision
-        sets = [arg for override in overrides for arg in ("--set", override)]
-        assert main(["train", str(config), "--output-dir", str(output), *sets]) == 0
-        history = json.loads((output / "metrics.json").read_text())["train_history"]
-        curves[precision] = torch.tensor([entry["loss"] for entry in history if "loss" in entry])
+        assert main(["train", str(config), "--output-dir", str(output), *set_flags(overrides)]) == 0
+        curves[precision] = torch.tensor(train_losses(json.loads((output / "metrics.json").read_text())))
         saved = load_file(output / "adapter_model.safetensors")
         assert saved and all(t.dtype == torch.float32 for t in saved.values())  # autocast: weights stay fp32
     assert len(curves["bf16"]) == 4 and torch.isfinite(curves["bf16"]).all()
@@ -547,9 +555,9 @@ def test_default_job_beats_chance_on_rotten_tomatoes(tmp_path, all_threads):
         "data.test_size=400",
         "training.disable_tqdm=true",
     ]
-    assert main(["train", "--output-dir", str(output), *(a for o in shortened for a in ("--set", o))]) == 0
+    assert main(["train", "--output-dir", str(output), *set_flags(shortened)]) == 0
     metrics = json.loads((output / "metrics.json").read_text())
-    losses = [entry["loss"] for entry in metrics["train_history"] if "loss" in entry]
+    losses = train_losses(metrics)
     assert losses[-1] < losses[0]  # it learned
     assert metrics["split_sizes"]["test"] == 400
     assert metrics["test"]["accuracy"] > 0.6  # balanced classes: chance is 0.5
