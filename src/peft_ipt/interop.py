@@ -38,8 +38,11 @@ padding):
   absolute positions (GPT-2, BERT, RoBERTa) the two otherwise read other rows of the position table, and for RoPE
   (Llama) attention among real tokens is unchanged (relative) but each query meets the prefix keys (unrotated in
   both) at angle ``i + P`` instead of ``i``.
-So a prefix trained with one method is a good starting point for the other, but not the same function on
-positional models; fine-tune briefly after moving it if exact behaviour matters.
+Models that place keys by their index in tables of their own differ in where the prefix sits as well: peft's
+prefix takes the first P indices, ours none (Bloom and Falcon give it the first token's ALiBi position, MPT the
+ALiBi bias of distance zero from each query, GPT-Neo's local layers see it from every query, where peft's falls out
+of their window). So a prefix trained with one method is a good starting point for the other, but not the same
+function on positional models; fine-tune briefly after moving it if exact behaviour matters.
 """
 
 from __future__ import annotations

@@ -589,6 +589,16 @@ class PromptTuner(BaseTuner):
     def _device(self) -> torch.device:
         return _device_of(self.model)
 
+    def forward(self, *args, **kwargs):
+        """The base model's forward. peft hands ``adapter_names`` to ``_enable_peft_forward_hooks`` and drops it, except
+        where it calls the tuner directly (an MPT model's forward in ``PeftModelForCausalLM``): taken here, not
+        passed to the model, whose ``**kwargs`` would have swallowed it and run every row with the active adapter."""
+        if kwargs.get("adapter_names") is None:
+            kwargs.pop("adapter_names", None)
+            return self.model(*args, **kwargs)
+        with self._enable_peft_forward_hooks(adapter_names=kwargs.pop("adapter_names")):
+            return self.model(*args, **kwargs)
+
     @contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
         """peft calls this around forward/generate; it carries ``adapter_names`` (one adapter per row)."""

@@ -1,4 +1,5 @@
-"""Decoders that hand each attention call its layer's cache: GPT-J, CodeGen, Bloom and Falcon (transformers 5.23).
+"""Decoders that hand each attention call its layer's cache: GPT-J and CodeGen (transformers 5.23), Bloom, Falcon,
+GPT-Neo, MPT and XGLM.
 
 Their attention modules compute this step's keys and values, then call ``cache.update(key, value, layer)`` and
 attend over what it returns. The door, a forward pre-hook on each attention module, stands a :class:`PrefixedCache`
@@ -6,6 +7,15 @@ in for that argument (also when there is no cache, in training): its ``update`` 
 and returns the prefix in front of the result, so the cache never holds the prefix and positions stay the model's
 own. The hook widens the attention mask by the prefix columns, and the ALiBi bias of Bloom and Falcon by as many
 zeros: a prefix key sits where the first token does.
+
+Where a model places keys by their index in its own tables, a prefix key gets no position, so a left-padded row
+attends as it does alone (peft's PrefixTuning, which puts P tokens in front of the padding, does not):
+- GPT-Neo slices its causal table by the number of keys. Causality needs no help, but a local layer's window would
+  drop the prefix once a query is P + padding past it; while a prefix is in, a local layer attends through a table
+  whose prefix columns every query sees (the window between the model's own tokens is unchanged).
+- MPT slices its ALiBi bias (a slope times the key's index) by the number of keys too; the door hands it a bias of
+  its own over (query, key), in which each prefix key gets the bias of the query's own index: distance zero.
+XGLM adds its positions to the input, so its keys carry none.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ from operator import attrgetter
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.cache_utils import EncoderDecoderCache
 
 from ..attention import SELF, SITE_ATTR, AttentionSite, match_batch, widen_mask
 from .path import ArchitecturePath, Installation
@@ -63,16 +74,25 @@ class _CacheViewInstallation(Installation):
         self._handles: list = []
 
     def sites(self, model: nn.Module) -> list[tuple[nn.Module, str, int, int, int]]:
-        found = [m for m in model.modules() if type(m).__name__ == self.spec.attention_class]
-        return [(m, SELF, m.layer_idx, self.spec.kv_heads(m), m.head_dim) for m in found]
+        spec = self.spec
+        found = [
+            m
+            for name, m in model.named_modules()
+            if type(m).__name__ == spec.attention_class and name.endswith(spec.module_name)
+        ]
+        return [(m, SELF, getattr(m, spec.layer_attr), spec.kv_heads(m), m.head_dim) for m in found]
 
     def install(self, model: nn.Module, sites, provider_ref) -> None:
+        tables: dict = {}  # GPT-Neo's local tables with prefix columns, shared by the model's local layers
         for module, kind, layer, n_kv, head_dim in sites:
             site = AttentionSite(kind, layer, n_kv, head_dim, inner=None, provider=provider_ref)
-            site.door = self.spec.bias_arg
+            site.door = (self.spec, tables)
             # The hook finds its site through the module, so a copied model's hooks serve the copy's sites.
             module.__dict__[SITE_ATTR] = site
             self._handles.append(module.register_forward_pre_hook(_before_attention, with_kwargs=True))
+            if self.spec.windowed_table:
+                # puts the module's own table back after every call, one that raised included
+                self._handles.append(module.register_forward_hook(_after_attention, always_call=True))
 
     def remove(self, model: nn.Module, sites) -> None:
         for handle in self._handles:
@@ -85,14 +105,16 @@ class _CacheViewInstallation(Installation):
 def _before_attention(module: nn.Module, args: tuple, kwargs: dict):
     """The door: a forward pre-hook that stands a PrefixedCache in for the layer's cache argument."""
     site = module.__dict__[SITE_ATTR]
-    bias_arg = site.door
+    spec, tables = site.door
     provider = site.provider()
     if provider is None:
         return None
-    cache = kwargs.get("layer_past")
+    cache = kwargs.get(spec.cache_arg)
+    if isinstance(cache, EncoderDecoderCache):  # XGLM with cross-attention: this self-attention's half
+        cache = cache.self_attention_cache
     if provider.capturing:
         record = lambda key, value: provider.capture(site, key, value)  # noqa: E731
-        return args, {**kwargs, "layer_past": PrefixedCache(cache, None, None, record)}
+        return args, {**kwargs, spec.cache_arg: PrefixedCache(cache, None, None, record)}
     prefix = provider.prefix_for(site)
     if prefix is None:
         return None
@@ -108,15 +130,67 @@ def _before_attention(module: nn.Module, args: tuple, kwargs: dict):
     key_len = q_len + (cache.get_seq_length(site.layer) if cache is not None else 0)
     valid = match_batch(valid[0], batch) if valid else None
     kwargs = dict(kwargs)
-    kwargs["layer_past"] = PrefixedCache(
+    kwargs[spec.cache_arg] = PrefixedCache(
         cache, match_batch(prefix_key, batch), match_batch(prefix_value, batch), None
     )
-    kwargs["attention_mask"] = widen_mask(
-        kwargs.get("attention_mask"), length, q_len, key_len, True, valid, hidden.device
+    mask = widen_mask(
+        kwargs.get("attention_mask"),
+        length,
+        q_len,
+        key_len,
+        not spec.masks_future_itself,
+        valid,
+        hidden.device,
+        masked_is_true=spec.masked_is_true,
     )
-    if bias_arg is not None and kwargs.get(bias_arg) is not None:
-        kwargs[bias_arg] = F.pad(kwargs[bias_arg], (length, 0))
+    if spec.additive_mask and mask is not None and mask.dtype == torch.bool:
+        # widen_mask built the mask itself (the model passed none): the module adds it to its scores
+        mask = torch.zeros(mask.shape, dtype=hidden.dtype, device=mask.device).masked_fill(
+            ~mask, torch.finfo(hidden.dtype).min
+        )
+    kwargs["attention_mask"] = mask
+    if spec.bias_arg is not None and kwargs.get(spec.bias_arg) is not None:
+        kwargs[spec.bias_arg] = F.pad(kwargs[spec.bias_arg], (length, 0))
+    if spec.key_index_bias_arg is not None and kwargs.get(spec.key_index_bias_arg) is not None:
+        kwargs[spec.key_index_bias_arg] = _bias_with_prefix(
+            kwargs[spec.key_index_bias_arg], length, q_len, key_len
+        )
+    if spec.windowed_table and getattr(module, "attention_type", None) == "local":
+        module.__dict__[OWN_TABLE_ATTR] = module.bias
+        module.bias = _table_with_prefix(module.bias, length, tables)
     return args, kwargs
+
+
+OWN_TABLE_ATTR = "_peft_ipt_own_table"
+
+
+def _after_attention(module: nn.Module, _args, _output) -> None:
+    own = module.__dict__.pop(OWN_TABLE_ATTR, None)
+    if own is not None:
+        module.bias = own
+
+
+def _table_with_prefix(own: torch.Tensor, length: int, tables: dict) -> torch.Tensor:
+    """GPT-Neo's causal table (1, 1, L, L), which its attention slices by the number of keys, for ``length`` prefix
+    keys in front: the model's own pattern between its tokens, and the prefix columns seen by every query."""
+    key = (length, own.shape[-1], own.device)
+    table = tables.get(key)
+    if table is None:
+        size = own.shape[-1] + length
+        table = torch.ones((1, 1, size, size), dtype=torch.bool, device=own.device)
+        table[..., length:, length:] = own
+        tables[key] = table
+    return table
+
+
+def _bias_with_prefix(bias: torch.Tensor, length: int, q_len: int, key_len: int) -> torch.Tensor:
+    """MPT's ALiBi bias (heads, 1, L), a slope times the key's index counted back from the last, which its attention
+    slices to the last ``key_len`` columns: over (heads, query, prefix + keys), each prefix key with the bias of the
+    query's own key, so that it sits at distance zero from every query, wherever padding puts the query."""
+    own = bias[..., -key_len:]  # (heads, 1, keys): what the module would have taken
+    at_queries = own[:, 0, -q_len:]  # (heads, queries): each query's own key
+    prefix = at_queries[:, :, None].expand(-1, -1, length)
+    return torch.cat([prefix, own.expand(-1, q_len, -1)], dim=-1)
 
 
 @dataclass(frozen=True)
@@ -124,7 +198,17 @@ class CacheViewPath(ArchitecturePath):
     model_type: str
     attention_class: str  # the modules to open, by class name (flash-attention classes are refused earlier)
     kv_heads: Callable[[nn.Module], int]  # heads of the keys the module passes to update()
-    bias_arg: str | None = None  # an additive position bias over keys, (..., keys): ALiBi
+    bias_arg: str | None = None  # an additive position bias over keys, (..., keys), padded by zeros: ALiBi
+    cache_arg: str = "layer_past"  # the keyword that hands the module its layer's cache
+    layer_attr: str = "layer_idx"  # the module's attribute holding its layer index
+    module_name: str = ""  # only modules whose qualified name ends so (XGLM: self-attention, not cross)
+    masks_future_itself: bool = False  # a causal mask of its own over the keys (GPT-Neo): none is built here
+    additive_mask: bool = False  # the module adds the mask to its scores, so one built here is made additive
+    masked_is_true: bool = False  # a bool mask where True hides a key (MPT)
+    key_index_bias_arg: str | None = (
+        None  # ALiBi by key index, sliced by the module (MPT): see _bias_with_prefix
+    )
+    windowed_table: bool = False  # local layers slice a causal table by the number of keys (GPT-Neo)
     installation = _CacheViewInstallation
 
 
@@ -138,4 +222,29 @@ CACHE_VIEW_PATHS = (
     CacheViewPath("codegen", "CodeGenAttention", attrgetter("num_attention_heads")),
     CacheViewPath("bloom", "BloomAttention", attrgetter("num_heads"), bias_arg="alibi"),
     CacheViewPath("falcon", "FalconAttention", _falcon_kv_heads, bias_arg="alibi"),
+    CacheViewPath(
+        "gpt_neo",
+        "GPTNeoSelfAttention",
+        attrgetter("num_heads"),
+        layer_attr="layer_id",
+        masks_future_itself=True,
+        additive_mask=True,
+        windowed_table=True,
+    ),
+    CacheViewPath(
+        "mpt",
+        "MptAttention",
+        attrgetter("n_heads"),
+        cache_arg="cache",
+        masked_is_true=True,
+        key_index_bias_arg="position_bias",
+    ),
+    CacheViewPath(
+        "xglm",
+        "XGLMAttention",
+        attrgetter("num_heads"),
+        cache_arg="cache",
+        module_name="self_attn",
+        additive_mask=True,
+    ),
 )
