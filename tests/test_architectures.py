@@ -1,6 +1,6 @@
 """Architectures whose attention transformers does not route through its registry (in the installed version): GPT-J,
-CodeGen, Bloom, Falcon (rotary and ALiBi, multi-query and grouped), GPT-Neo (global and local layers), MPT,
-XGLM, DeBERTa and DeBERTa-v2. Each takes a path of
+CodeGen, Bloom, Falcon (rotary and ALiBi, multi-query and grouped), GPT-Neo (global and local layers),
+GPT-NeoX-Japanese, MPT, XGLM, DeBERTa and DeBERTa-v2. Each takes a path of
 its own (peft_ipt.architectures); where a version moves a model type onto the registry, the registry path serves it
 and these tests hold the same."""
 
@@ -22,6 +22,7 @@ from transformers import (
     FalconConfig,
     GPTJConfig,
     GPTNeoConfig,
+    GPTNeoXJapaneseConfig,
     MambaConfig,
     MptConfig,
     XGLMConfig,
@@ -60,6 +61,14 @@ DECODERS = {
         num_heads=4,
         attention_types=[[["global", "local"], 1]],
         window_size=3,
+        max_position_embeddings=64,
+        **IDS,
+    ),
+    "gpt_neox_japanese": lambda: GPTNeoXJapaneseConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_multiple_size=2,
         max_position_embeddings=64,
         **IDS,
     ),
@@ -182,7 +191,9 @@ def test_a_left_padded_decoder_batch_matches_each_row_alone(name, method):
     assert torch.equal(together[0, 3:], alone[0][0]) and torch.equal(together[1], alone[1][0])
 
 
-@pytest.mark.parametrize("name", ["gptj", "codegen", "falcon", "falcon-grouped", "gpt_neo", "xglm"])
+@pytest.mark.parametrize(
+    "name", ["gptj", "codegen", "falcon", "falcon-grouped", "gpt_neo", "gpt_neox_japanese", "xglm"]
+)
 def test_a_prefix_of_the_models_own_keys_and_values_acts_as_those_tokens_in_front(name):
     """The keys and values the model computes for P tokens, as a prefix, with the input's positions moved on by P,
     give exactly the logits of those P tokens put in front of the input: rotary decoders, and GPT-Neo and XGLM, whose
@@ -253,11 +264,18 @@ def test_xglm_with_cross_attention_prefixes_its_self_attention_only():
     ids, memory = token_batch(2, 6), torch.randn(2, 4, 32)
     with torch.no_grad():
         first = model(input_ids=ids[:, :4], encoder_hidden_states=memory, use_cache=True)
-        step = model(input_ids=ids[:, 4:], encoder_hidden_states=memory, cache=first.cache, use_cache=True)
+        # transformers 5.24 renamed past_key_values to cache
+        name = (
+            "cache"
+            if "cache" in inspect.signature(model.get_base_model().forward).parameters
+            else "past_key_values"
+        )
+        cache = getattr(first, name)
+        step = model(input_ids=ids[:, 4:], encoder_hidden_states=memory, use_cache=True, **{name: cache})
         whole = model(input_ids=ids, encoder_hidden_states=memory, use_cache=False).logits
         with model.disable_adapter():
             plain = model(input_ids=ids, encoder_hidden_states=memory).logits
-    assert first.cache.self_attention_cache.get_seq_length() == 6  # the prefix never enters the cache
+    assert cache.self_attention_cache.get_seq_length() == 6  # the prefix never enters the cache
     torch.testing.assert_close(step.logits, whole[:, 4:], rtol=1e-4, atol=1e-5)
     assert not torch.allclose(whole, plain, atol=1e-4)
 
@@ -402,7 +420,18 @@ def test_flash_attention_is_refused_on_a_path_of_its_own_too():
 
 
 def test_the_supported_model_types_are_listed():
-    expected = {"bloom", "codegen", "deberta", "deberta-v2", "falcon", "gpt_neo", "gptj", "mpt", "xglm"}
+    expected = {
+        "bloom",
+        "codegen",
+        "deberta",
+        "deberta-v2",
+        "falcon",
+        "gpt_neo",
+        "gpt_neox_japanese",
+        "gptj",
+        "mpt",
+        "xglm",
+    }
     assert expected <= set(supported_model_types())
 
 
@@ -438,7 +467,7 @@ def test_supported_models_names_each_tested_model_types_path(capsys):
     assert lines["deberta"] == lines["deberta-v2"] == "deberta  yes"
     assert lines["xlnet"] == lines["mamba"] == "refused  -"
     # GPT-J and CodeGen moved onto the registry in transformers 5.24: either way they are served and tested
-    served = ("gptj", "codegen", "bloom", "falcon", "gpt_neo", "mpt", "xglm")
+    served = ("gptj", "codegen", "bloom", "falcon", "gpt_neo", "gpt_neox_japanese", "mpt", "xglm")
     assert all(lines[t] in ("cache_view  yes", "registry  yes") for t in served)
 
 

@@ -5,7 +5,7 @@ Every path finds the model's attention sites and opens one door into each: a hoo
 keys and values. The methods never learn which path runs.
 
 - :mod:`.cache_view`: decoders that hand each attention call its layer's cache (GPT-J, CodeGen, Bloom, Falcon,
-  GPT-Neo, MPT, XGLM); the
+  GPT-Neo, GPT-NeoX-Japanese, MPT, XGLM); the
   door stands a view in for that cache which returns the prefix in front of the cached keys and values.
 - :mod:`.deberta`: DeBERTa and DeBERTa-v2, whose disentangled attention adds relative-position scores; a prefix key
   has no position, so it gets the content score only.
@@ -34,6 +34,7 @@ TESTED_MODEL_TYPES = (
     "falcon",
     "gpt2",
     "gpt_neo",
+    "gpt_neox_japanese",
     "gptj",
     "llama",
     "mpt",

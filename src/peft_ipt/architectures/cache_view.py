@@ -1,5 +1,5 @@
 """Decoders that hand each attention call its layer's cache: GPT-J and CodeGen (transformers 5.23), Bloom, Falcon,
-GPT-Neo, MPT and XGLM.
+GPT-Neo, GPT-NeoX-Japanese, MPT and XGLM.
 
 Their attention modules compute this step's keys and values, then call ``cache.update(key, value, layer)`` and
 attend over what it returns. The door, a forward pre-hook on each attention module, stands a :class:`PrefixedCache`
@@ -20,6 +20,7 @@ XGLM adds its positions to the input, so its keys carry none.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from operator import attrgetter
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import EncoderDecoderCache
 
-from ..attention import SELF, SITE_ATTR, AttentionSite, match_batch, widen_mask
+from ..attention import SELF, SITE_ATTR, AttentionSite, UnsupportedModelError, match_batch, widen_mask
 from .path import ArchitecturePath, Installation
 
 
@@ -80,19 +81,34 @@ class _CacheViewInstallation(Installation):
             for name, m in model.named_modules()
             if type(m).__name__ == spec.attention_class and name.endswith(spec.module_name)
         ]
-        return [(m, SELF, getattr(m, spec.layer_attr), spec.kv_heads(m), m.head_dim) for m in found]
+        return [
+            (m, SELF, getattr(m, spec.layer_attr), spec.kv_heads(m), getattr(m, spec.head_dim_attr))
+            for m in found
+        ]
 
     def install(self, model: nn.Module, sites, provider_ref) -> None:
         tables: dict = {}  # GPT-Neo's local tables with prefix columns, shared by the model's local layers
         for module, kind, layer, n_kv, head_dim in sites:
             site = AttentionSite(kind, layer, n_kv, head_dim, inner=None, provider=provider_ref)
-            site.door = (self.spec, tables)
+            site.door = (self.spec, tables, self._cache_arg(module))
             # The hook finds its site through the module, so a copied model's hooks serve the copy's sites.
             module.__dict__[SITE_ATTR] = site
             self._handles.append(module.register_forward_pre_hook(_before_attention, with_kwargs=True))
             if self.spec.windowed_table:
                 # puts the module's own table back after every call, one that raised included
                 self._handles.append(module.register_forward_hook(_after_attention, always_call=True))
+
+    def _cache_arg(self, module: nn.Module) -> str:
+        """The keyword this module takes its cache by (transformers 5.24 renamed some from ``past_key_values``)."""
+        accepted = inspect.signature(module.forward).parameters
+        for name in self.spec.cache_args:
+            if name in accepted:
+                return name
+        raise UnsupportedModelError(
+            f"{type(module).__name__}.forward takes its cache by none of {', '.join(self.spec.cache_args)} in "
+            "this transformers version, so peft-ipt cannot put a prefix in front of its keys; use a transformers "
+            "version from the range pyproject admits"
+        )
 
     def remove(self, model: nn.Module, sites) -> None:
         for handle in self._handles:
@@ -105,16 +121,16 @@ class _CacheViewInstallation(Installation):
 def _before_attention(module: nn.Module, args: tuple, kwargs: dict):
     """The door: a forward pre-hook that stands a PrefixedCache in for the layer's cache argument."""
     site = module.__dict__[SITE_ATTR]
-    spec, tables = site.door
+    spec, tables, cache_arg = site.door
     provider = site.provider()
     if provider is None:
         return None
-    cache = kwargs.get(spec.cache_arg)
+    cache = kwargs.get(cache_arg)
     if isinstance(cache, EncoderDecoderCache):  # XGLM with cross-attention: this self-attention's half
         cache = cache.self_attention_cache
     if provider.capturing:
         record = lambda key, value: provider.capture(site, key, value)  # noqa: E731
-        return args, {**kwargs, spec.cache_arg: PrefixedCache(cache, None, None, record)}
+        return args, {**kwargs, cache_arg: PrefixedCache(cache, None, None, record)}
     prefix = provider.prefix_for(site)
     if prefix is None:
         return None
@@ -130,7 +146,7 @@ def _before_attention(module: nn.Module, args: tuple, kwargs: dict):
     key_len = q_len + (cache.get_seq_length(site.layer) if cache is not None else 0)
     valid = match_batch(valid[0], batch) if valid else None
     kwargs = dict(kwargs)
-    kwargs[spec.cache_arg] = PrefixedCache(
+    kwargs[cache_arg] = PrefixedCache(
         cache, match_batch(prefix_key, batch), match_batch(prefix_value, batch), None
     )
     mask = widen_mask(
@@ -199,8 +215,11 @@ class CacheViewPath(ArchitecturePath):
     attention_class: str  # the modules to open, by class name (flash-attention classes are refused earlier)
     kv_heads: Callable[[nn.Module], int]  # heads of the keys the module passes to update()
     bias_arg: str | None = None  # an additive position bias over keys, (..., keys), padded by zeros: ALiBi
-    cache_arg: str = "layer_past"  # the keyword that hands the module its layer's cache
+    cache_args: tuple[str, ...] = (
+        "layer_past",
+    )  # the keyword that hands the module its cache: the first it takes
     layer_attr: str = "layer_idx"  # the module's attribute holding its layer index
+    head_dim_attr: str = "head_dim"  # and the one holding its head size
     module_name: str = ""  # only modules whose qualified name ends so (XGLM: self-attention, not cross)
     masks_future_itself: bool = False  # a causal mask of its own over the keys (GPT-Neo): none is built here
     additive_mask: bool = False  # the module adds the mask to its scores, so one built here is made additive
@@ -232,10 +251,17 @@ CACHE_VIEW_PATHS = (
         windowed_table=True,
     ),
     CacheViewPath(
+        "gpt_neox_japanese",
+        "GPTNeoXJapaneseAttention",
+        attrgetter("num_attention_heads"),
+        head_dim_attr="head_size",
+        additive_mask=True,
+    ),
+    CacheViewPath(
         "mpt",
         "MptAttention",
         attrgetter("n_heads"),
-        cache_arg="cache",
+        cache_args=("cache", "past_key_values"),
         masked_is_true=True,
         key_index_bias_arg="position_bias",
     ),
@@ -243,7 +269,7 @@ CACHE_VIEW_PATHS = (
         "xglm",
         "XGLMAttention",
         attrgetter("num_heads"),
-        cache_arg="cache",
+        cache_args=("cache", "past_key_values"),
         module_name="self_attn",
         additive_mask=True,
     ),
