@@ -215,18 +215,16 @@ class CacheViewPath(ArchitecturePath):
     attention_class: str  # the modules to open, by class name (flash-attention classes are refused earlier)
     kv_heads: Callable[[nn.Module], int]  # heads of the keys the module passes to update()
     bias_arg: str | None = None  # an additive position bias over keys, (..., keys), padded by zeros: ALiBi
-    cache_args: tuple[str, ...] = (
-        "layer_past",
-    )  # the keyword that hands the module its cache: the first it takes
+    # the keywords that may hand the module its cache; it takes the first its forward accepts
+    cache_args: tuple[str, ...] = ("layer_past",)
     layer_attr: str = "layer_idx"  # the module's attribute holding its layer index
     head_dim_attr: str = "head_dim"  # and the one holding its head size
     module_name: str = ""  # only modules whose qualified name ends so (XGLM: self-attention, not cross)
     masks_future_itself: bool = False  # a causal mask of its own over the keys (GPT-Neo): none is built here
     additive_mask: bool = False  # the module adds the mask to its scores, so one built here is made additive
     masked_is_true: bool = False  # a bool mask where True hides a key (MPT)
-    key_index_bias_arg: str | None = (
-        None  # ALiBi by key index, sliced by the module (MPT): see _bias_with_prefix
-    )
+    # ALiBi by key index, sliced by the module (MPT): see _bias_with_prefix
+    key_index_bias_arg: str | None = None
     windowed_table: bool = False  # local layers slice a causal table by the number of keys (GPT-Neo)
     installation = _CacheViewInstallation
 
