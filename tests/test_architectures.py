@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import VOCAB, token_batch
 from peft import PeftModel, get_peft_model
+from test_mixed_batches import ROWS, assert_each_row_matches_alone, three_adapter_model
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -283,26 +284,8 @@ def test_xglm_with_cross_attention_prefixes_its_self_attention_only():
 @pytest.mark.parametrize("method", ["prefix", "ipt"])
 @pytest.mark.parametrize("name", ["bloom", "falcon-grouped", "gpt_neo", "mpt", "xglm"])
 def test_each_row_of_a_mixed_batch_on_a_path_of_its_own_equals_that_row_alone(name, method):
-    if method == "prefix":
-        first = PrefixTuningV2Config(task_type="CAUSAL_LM", prefix_length=4, init_weights=False)
-        second = PrefixTuningV2Config(task_type="CAUSAL_LM", prefix_length=2, init_weights=False)
-    else:
-        first = InstancePromptConfig(task_type="CAUSAL_LM", prompt_length=4, init_weights=False)
-        second = InstancePromptConfig(task_type="CAUSAL_LM", prompt_length=3, init_weights=False)
-    model = get_peft_model(decoder(name), first).eval()
-    model.add_adapter("other", second)
-    rows = ["default", "__base__", "other", "default"]
-    ids = token_batch(len(rows), 7)
-    with torch.no_grad():
-        mixed = model(input_ids=ids, adapter_names=rows).logits
-        for row, adapter in enumerate(rows):
-            if adapter == "__base__":
-                with model.disable_adapter():
-                    alone = model(input_ids=ids[row : row + 1]).logits
-            else:
-                model.set_adapter(adapter)
-                alone = model(input_ids=ids[row : row + 1]).logits
-            torch.testing.assert_close(mixed[row : row + 1], alone, rtol=1e-5, atol=1e-5)
+    model = three_adapter_model(method=method, base=decoder(name)).eval()
+    assert_each_row_matches_alone(model, token_batch(len(ROWS), 7), {})
 
 
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])

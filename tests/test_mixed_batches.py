@@ -10,8 +10,9 @@ from peft import get_peft_model
 from peft_ipt import InstancePromptConfig, PrefixTuningV2Config
 
 
-def three_adapter_model(arch="llama", task="CAUSAL_LM", method="prefix"):
-    """Two adapters of one method (peft does not mix methods on one model) plus the base model."""
+def three_adapter_model(arch="llama", task="CAUSAL_LM", method="prefix", base=None):
+    """Two adapters of one method (peft does not mix methods on one model) plus the base model (``base``, else a
+    tiny ``arch`` model)."""
     if method == "prefix":
         first = PrefixTuningV2Config(task_type=task, prefix_length=4, init_weights=False)
         second = PrefixTuningV2Config(
@@ -20,7 +21,7 @@ def three_adapter_model(arch="llama", task="CAUSAL_LM", method="prefix"):
     else:
         first = InstancePromptConfig(task_type=task, prompt_length=4, init_weights=False)
         second = InstancePromptConfig(task_type=task, prompt_length=3, injection="prefix", init_weights=False)
-    model = get_peft_model(tiny_model(arch, task), first)
+    model = get_peft_model(tiny_model(arch, task) if base is None else base, first)
     model.add_adapter("other", second)
     return model
 
@@ -33,8 +34,12 @@ CASES = [("llama", "CAUSAL_LM"), ("bert", "SEQ_CLS"), ("bart", "SEQ_2_SEQ_LM")]
 @pytest.mark.parametrize(("arch", "task"), CASES)
 def test_each_row_of_a_mixed_batch_equals_that_row_run_alone_with_its_adapter(arch, task, method):
     model = three_adapter_model(arch, task, method)
-    ids = token_batch(len(ROWS), 7)
     extra = {"decoder_input_ids": token_batch(len(ROWS), 4, seed=3)} if arch == "bart" else {}
+    assert_each_row_matches_alone(model, token_batch(len(ROWS), 7), extra)
+
+
+def assert_each_row_matches_alone(model, ids: torch.Tensor, extra: dict) -> None:
+    """Each row of one ``adapter_names=ROWS`` batch gives the logits of that row run alone with its adapter."""
     with torch.no_grad():
         mixed = model(input_ids=ids, adapter_names=ROWS, **extra).logits
         for row, name in enumerate(ROWS):
