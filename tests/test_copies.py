@@ -107,6 +107,39 @@ def _bf16_model(variant: str, **kwargs):
     return get_peft_model(tiny_model("llama"), config, **kwargs).eval()
 
 
+def _pickled(model):
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+@pytest.mark.parametrize("when", ["after a training step", "after generate"])
+@pytest.mark.parametrize("variant", [*IPT_SOURCES, "prefix_v2_mlp"])
+def test_a_copy_made_between_training_steps_or_after_generate_runs_the_same_adapter(variant, when):
+    """An EMA copy or TRL's reference model is made mid-training, or after sampling, as LoRA users make them: the
+    last call's prompts then carry autograd history, which ``copy.deepcopy`` refuses. The copy must be made, and
+    run what the original runs."""
+    if variant == "prefix_v2_mlp":
+        torch.manual_seed(0)
+        config = PrefixTuningV2Config(
+            task_type="CAUSAL_LM", prefix_length=3, reparameterize=True, init_weights=False
+        )
+        model = get_peft_model(tiny_model("llama"), config)
+    else:
+        model = _bf16_model(variant)
+    if when == "after a training step":
+        model.train()
+        model(input_ids=IDS, labels=IDS).loss.backward()
+    else:
+        model.eval()
+        model.generate(input_ids=IDS, attention_mask=torch.ones_like(IDS), max_new_tokens=3, do_sample=False)
+    copies = [copy.deepcopy(model), _pickled(model)]
+    reference = logits(model.eval(), "CAUSAL_LM")
+    for copied in copies:
+        assert torch.equal(logits(copied.eval(), "CAUSAL_LM"), reference)
+
+
 @pytest.mark.parametrize("variant", list(IPT_SOURCES))
 def test_a_model_cast_to_bf16_as_a_whole_runs_close_to_float32(variant):
     model = _bf16_model(variant)

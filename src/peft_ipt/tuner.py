@@ -318,6 +318,14 @@ class PromptTuner(BaseTuner):
 
     # -- construction -------------------------------------------------------------------------------------------
 
+    def __getstate__(self) -> dict:
+        # A copy (copy.deepcopy, torch.save of the whole model) starts between calls: the last call's prompts and
+        # inputs stay with the original. After a training step they carry autograd history, which deepcopy refuses
+        # ("Only Tensors created explicitly by the user"); the copy's first call computes its own from its weights.
+        state = super().__getstate__()
+        state.update(_prefixes=None, _inputs=None, _instance_done=False, _captured={}, _call_rng=None)
+        return state
+
     def _pre_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
         setattr(self, self.modules_attr, PromptLayer(model))
         self._prefixes: SitePrefixes | None = None
@@ -883,13 +891,15 @@ class PromptTuner(BaseTuner):
         inputs = self._inputs_from_call(args, kwargs, source_mask)
         if self._enabled and self.active_adapters:
             self._check_length(inputs, {})
-        self._calls.append(self.model)  # the frozen pass of the prompt computation is nested in this call
-        try:
-            self._start_call(inputs)
-        finally:
-            self._calls.pop()
-        if self._enabled and self.active_adapters:
-            args, kwargs = self._generate_call(args, kwargs, inputs)
+        # generate() runs without gradient: so does the prompt it decodes with (no autograd history kept after it).
+        with torch.no_grad():
+            self._calls.append(self.model)  # the frozen pass of the prompt computation is nested in this call
+            try:
+                self._start_call(inputs)
+            finally:
+                self._calls.pop()
+            if self._enabled and self.active_adapters:
+                args, kwargs = self._generate_call(args, kwargs, inputs)
         self._pinned = True
         try:
             output = self.model.generate(*args, **kwargs)

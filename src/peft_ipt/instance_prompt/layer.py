@@ -59,6 +59,11 @@ class InstancePromptModule(PromptModule):
                     nn.init.zeros_(self.heads[kind].bias)
         self._last_task: dict | None = None
 
+    def __getstate__(self) -> dict:
+        # The last call's task prefix may carry autograd history, which a deepcopy refuses; the copy's next call
+        # computes its own (see PromptTuner.__getstate__).
+        return {**super().__getstate__(), "_last_task": None}
+
     # -- the instance signal ----------------------------------------------------------------------------------
 
     def encode(self, vectors: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -87,6 +87,10 @@ class PrefixTuningV2Module(PromptModule):
         self.dropout = nn.Dropout(config.prefix_dropout)
         self._cache: tuple[tuple, Prefixes] | None = None
 
+    def __getstate__(self) -> dict:
+        # The inference cache is keyed on parameter addresses, which a copy does not share: the copy starts without.
+        return {**super().__getstate__(), "_cache": None}
+
     def _split(self, kind: str, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n_layers, n_kv, head_dim = self._shapes[kind]
         kv = flat.view(self.prefix_length, n_layers, 2, n_kv, head_dim).permute(1, 2, 3, 0, 4).contiguous()
