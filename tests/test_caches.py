@@ -4,6 +4,7 @@ one full call gives: the prefix is never in the cache, and the model's own causa
 
 from __future__ import annotations
 
+import copy
 import inspect
 
 import pytest
@@ -111,6 +112,64 @@ def test_the_base_models_own_generate_keeps_the_prefill_prompt_at_every_step(arc
     assert torch.equal(inner.sequences, through_peft.sequences)
     for step_inner, step_peft in zip(inner.scores, through_peft.scores, strict=True):
         assert torch.allclose(step_inner, step_peft, atol=1e-6)
+
+
+ASSISTED = {
+    "a copy of the model as assistant": lambda model: {
+        "assistant_model": copy.deepcopy(model)
+    },  # drafts accepted
+    "another model as assistant": lambda model: {
+        "assistant_model": tiny_model(model.base_model.model.config.model_type)
+    },
+    "prompt lookup": lambda model: {"prompt_lookup_num_tokens": 3},
+    "early exit": lambda model: {"assistant_early_exit": 1},  # the model's own first layer drafts
+}
+
+
+@pytest.mark.parametrize("variant", ["prefix_v2", *IPT_VARIANTS])
+@pytest.mark.parametrize(
+    ("arch", "assisted"),
+    # transformers' early exit drafts through Llama's layout (GPT-2 fails there without an adapter too)
+    [("llama", a) for a in ASSISTED] + [("gpt2", a) for a in ASSISTED if a != "early exit"],
+)
+def test_assisted_generation_generates_what_plain_greedy_decoding_generates(arch, assisted, variant):
+    """Assisted decoding verifies several drafted tokens in one call on the cache and crops the cache where a draft
+    is rejected: the prompt of the prefill must stay through both, so greedy output is unchanged token for token."""
+    torch.manual_seed(0)
+    config = (
+        METHODS["prefix_v2"]()
+        if variant == "prefix_v2"
+        else InstancePromptConfig(
+            task_type="CAUSAL_LM", prompt_length=3, init_weights=False, **IPT_VARIANTS[variant]
+        )
+    )
+    model = get_peft_model(tiny_model(arch), config).eval()
+    ids = token_batch(1, 9)
+    ids = torch.cat([ids, ids[:, :5]], dim=1)  # a repeat, so prompt lookup finds drafts
+    kwargs = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "max_new_tokens": 12,
+        "do_sample": False,
+    }
+    plain = model.generate(**kwargs, pad_token_id=0)
+    assert torch.equal(model.generate(**kwargs, pad_token_id=0, **ASSISTED[assisted](model)), plain)
+
+
+def test_input_level_prompts_refuse_assisted_generation_and_name_what_works():
+    config = InstancePromptConfig(
+        task_type="CAUSAL_LM", prompt_length=3, init_weights=False, injection="input"
+    )
+    model = get_peft_model(tiny_model("llama"), config).eval()
+    ids = token_batch(1, 9)
+    kwargs = {"input_ids": ids, "max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    for assistant in ({"assistant_model": tiny_model("llama")}, {"assistant_early_exit": 1}):
+        with pytest.raises(
+            ValueError, match="injection='input' cannot generate with assistant.*injection='hybrid'"
+        ):
+            model.generate(**kwargs, **assistant)
+    # prompt lookup drafts from the tokens generated so far and stays exact
+    assert torch.equal(model.generate(**kwargs, prompt_lookup_num_tokens=2), model.generate(**kwargs))
 
 
 # transformers 5.24 renamed forward's past_key_values to cache (the old name still accepted); older versions know

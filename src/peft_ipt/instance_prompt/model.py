@@ -162,8 +162,24 @@ class InstancePromptModel(PromptTuner):
             return args, kwargs
         if args and torch.is_tensor(args[0]):
             kwargs, args = {**kwargs, "input_ids": args[0]}, args[1:]
+        self._refuse_an_assistant(kwargs)
         self._generated_from = kwargs.get("input_ids") if not inputs.is_encoder_decoder else None
         return args, self._with_input_prompt(module, kwargs, inputs, for_generate=True)
+
+    def _refuse_an_assistant(self, kwargs: dict) -> None:
+        """Assisted generation drafts from input_ids, which an input-level prompt's generate() does not pass."""
+        config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
+        early_exit = kwargs.get("assistant_early_exit", getattr(config, "assistant_early_exit", None))
+        if kwargs.get("assistant_model") is None and early_exit is None:
+            return
+        given = "assistant_model" if kwargs.get("assistant_model") is not None else f"assistant_early_exit={early_exit}"
+        raise ValueError(
+            f"injection='input' cannot generate with {given}: its prompt is P soft tokens in front of the input, "
+            "so generate() runs from inputs_embeds, while transformers' assisted generation drafts from input_ids. "
+            "Generate without an assistant (prompt_lookup_num_tokens "
+            "works), or use injection='hybrid' or 'prefix', whose prompts leave the input alone and generate with an "
+            "assistant token for token as without one."
+        )
 
     def _finish_generate(self, output, args: tuple, kwargs: dict):
         source = getattr(self, "_generated_from", None)
