@@ -249,6 +249,35 @@ def test_input_injection_token_classification_loss_uses_the_original_labels():
     torch.testing.assert_close(output.loss, expected)
 
 
+@pytest.mark.parametrize(
+    ("arch", "task"), [("llama", "CAUSAL_LM"), ("bert", "TOKEN_CLS"), ("t5", "SEQ_2_SEQ_LM")]
+)
+def test_input_injection_returns_the_callers_positions_in_every_per_token_output_and_as_a_tuple(arch, task):
+    """The prompt's P positions are cut out of the logits and of every layer's hidden states (the encoder's too),
+    and return_dict=False gets the same tensors as a tuple, not the (B, T + P) ones."""
+    model = ipt_model(arch, task, injection="input").eval()
+    ids = token_batch(2, 7)
+    kwargs = {"input_ids": ids, "output_hidden_states": True}
+    if task == "SEQ_2_SEQ_LM":
+        kwargs["decoder_input_ids"] = ids[:, :3]
+    with torch.no_grad():
+        output = model(**kwargs)
+        as_tuple = model(**kwargs, return_dict=False)
+    states = output.encoder_hidden_states if task == "SEQ_2_SEQ_LM" else output.hidden_states
+    assert {h.shape[1] for h in states} == {7}
+    last = output.encoder_last_hidden_state if task == "SEQ_2_SEQ_LM" else None
+    if last is not None:
+        assert torch.equal(states[-1], last)
+    assert isinstance(as_tuple, tuple)
+    expected = output.to_tuple()
+    assert len(as_tuple) == len(expected)
+    for got, want in zip(as_tuple, expected, strict=True):
+        if torch.is_tensor(want):
+            assert torch.equal(got, want)
+        elif isinstance(want, tuple) and want and torch.is_tensor(want[0]):
+            assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+
+
 def test_hidden_source_enters_from_its_layer_on():
     model = ipt_model("llama", injection="prefix", instance_source="hidden", hidden_layer=1)
     module = model.base_model.prompt_modules["default"]

@@ -28,7 +28,7 @@ class InstancePromptModel(PromptTuner):
     def _pre_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
         super()._pre_injection_hook(model, config, adapter_name)
         self._hidden_hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
-        self._trim: tuple[int, int, int] | None = None
+        self._trim: tuple[int, int, int, bool] | None = None  # (at, P, length, return a tuple)
         self._encoder_only = (
             not getattr(model.config, "is_encoder_decoder", False) and not self._injection.causal
         )
@@ -145,7 +145,13 @@ class InstancePromptModel(PromptTuner):
             if kwargs.get(name) is not None:
                 kwargs[name] = kwargs[name] + P * (kwargs[name] >= at)
         if not for_generate:
-            self._trim = (at, P, length)
+            # The prompt's positions are cut out of the named per-token outputs, so the call returns a ModelOutput;
+            # a call that asked for a tuple (return_dict=False, or the config's) gets it after the cut.
+            asked = kwargs.get("return_dict")
+            as_tuple = not (getattr(self.model.config, "return_dict", True) if asked is None else asked)
+            if as_tuple:
+                kwargs["return_dict"] = True
+            self._trim = (at, P, length, as_tuple)
         return kwargs
 
     def _transform_call(self, args: tuple, kwargs: dict, inputs: PromptInputs):
@@ -172,7 +178,11 @@ class InstancePromptModel(PromptTuner):
         early_exit = kwargs.get("assistant_early_exit", getattr(config, "assistant_early_exit", None))
         if kwargs.get("assistant_model") is None and early_exit is None:
             return
-        given = "assistant_model" if kwargs.get("assistant_model") is not None else f"assistant_early_exit={early_exit}"
+        given = (
+            "assistant_model"
+            if kwargs.get("assistant_model") is not None
+            else f"assistant_early_exit={early_exit}"
+        )
         raise ValueError(
             f"injection='input' cannot generate with {given}: its prompt is P soft tokens in front of the input, "
             "so generate() runs from inputs_embeds, while transformers' assisted generation drafts from input_ids. "
@@ -193,7 +203,7 @@ class InstancePromptModel(PromptTuner):
         """Trim an input-level prompt's positions out of the per-token outputs of the call that inserted it."""
         if self._trim is None:
             return None
-        at, P, length = self._trim
+        at, P, length, as_tuple = self._trim
         self._trim = None
         encoder_side = role == ENCODER_CALL or not getattr(self.model.config, "is_encoder_decoder", False)
         names = PER_TOKEN_OUTPUTS if encoder_side else ("encoder_last_hidden_state",)
@@ -209,6 +219,8 @@ class InstancePromptModel(PromptTuner):
             if getattr(output, name, None) is not None:
                 span = name in ("start_logits", "end_logits")
                 setattr(output, name, cut(getattr(output, name), per_token_2d=span))
-        if getattr(output, "hidden_states", None) is not None and encoder_side:
-            output.hidden_states = tuple(cut(h) for h in output.hidden_states)
-        return output
+        # every layer's hidden states, as the last one: the encoder's of an encoder-decoder model's whole call too
+        for name in ("hidden_states",) if encoder_side else ("encoder_hidden_states",):
+            if getattr(output, name, None) is not None:
+                setattr(output, name, tuple(cut(h) for h in getattr(output, name)))
+        return output.to_tuple() if as_tuple and hasattr(output, "to_tuple") else output
