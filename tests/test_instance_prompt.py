@@ -278,6 +278,26 @@ def test_input_injection_returns_the_callers_positions_in_every_per_token_output
             assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
 
 
+def test_input_injection_generate_counts_max_and_min_length_in_the_callers_tokens():
+    """A decoder generates from inputs_embeds, which hold the P prompt tokens too; transformers counts max_length and
+    min_length from there, so each must be moved by P to mean what it means without the prompt."""
+    model = ipt_model("llama", injection="input").eval()
+    ids = token_batch(1, 7)
+    greedy = {"input_ids": ids, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
+    five_new = model.generate(**greedy, max_new_tokens=5)
+    assert torch.equal(model.generate(**greedy, max_length=12), five_new)
+    model.generation_config.max_length = 12  # the model's own setting, as a generation_config.json gives it
+    assert torch.equal(model.generate(**greedy), five_new)
+    model.generation_config.max_length = None
+    stop = int(
+        five_new[0, 7]
+    )  # the first new token as end of sequence: without a minimum, generation stops there
+    greedy["eos_token_id"] = stop
+    assert model.generate(**greedy, max_new_tokens=8).shape[1] == 8
+    held = model.generate(**greedy, max_new_tokens=8, min_length=7 + 5)
+    assert stop not in held[0, 7:12].tolist()
+
+
 def test_hidden_source_enters_from_its_layer_on():
     model = ipt_model("llama", injection="prefix", instance_source="hidden", hidden_layer=1)
     module = model.base_model.prompt_modules["default"]

@@ -170,12 +170,35 @@ class InstancePromptModel(PromptTuner):
             kwargs, args = {**kwargs, "input_ids": args[0]}, args[1:]
         self._refuse_an_assistant(kwargs)
         self._generated_from = kwargs.get("input_ids") if not inputs.is_encoder_decoder else None
+        if not inputs.is_encoder_decoder:
+            kwargs = self._lengths_past_the_prompt(kwargs, module.config.prompt_length)
         return args, self._with_input_prompt(module, kwargs, inputs, for_generate=True)
+
+    def _generation_setting(self, kwargs: dict, name: str):
+        """A generate() setting as transformers resolves it: the keyword, the generation_config passed, the model's."""
+        for source in (
+            kwargs,
+            kwargs.get("generation_config"),
+            getattr(self.model, "generation_config", None),
+        ):
+            value = source.get(name) if isinstance(source, dict) else getattr(source, name, None)
+            if value is not None:
+                return value
+        return None
+
+    def _lengths_past_the_prompt(self, kwargs: dict, prompt_length: int) -> dict:
+        """A decoder's generate() from inputs_embeds counts max_length and min_length from the embeddings, which hold
+        the P prompt tokens: move both by P, so they count the caller's tokens as without the prompt."""
+        kwargs = dict(kwargs)
+        for total, new in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
+            length = self._generation_setting(kwargs, total)
+            if length and self._generation_setting(kwargs, new) is None:
+                kwargs[total] = length + prompt_length
+        return kwargs
 
     def _refuse_an_assistant(self, kwargs: dict) -> None:
         """Assisted generation drafts from input_ids, which an input-level prompt's generate() does not pass."""
-        config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
-        early_exit = kwargs.get("assistant_early_exit", getattr(config, "assistant_early_exit", None))
+        early_exit = self._generation_setting(kwargs, "assistant_early_exit")
         if kwargs.get("assistant_model") is None and early_exit is None:
             return
         given = (
