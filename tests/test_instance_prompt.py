@@ -298,6 +298,22 @@ def test_input_injection_generate_counts_max_and_min_length_in_the_callers_token
     assert stop not in held[0, 7:12].tolist()
 
 
+def test_input_injection_generate_returns_the_input_in_a_generate_output_too():
+    """return_dict_in_generate=True: sequences hold the input and the new tokens, as the plain tensor does, and the
+    first step's hidden states are the forward's, the prompt's positions cut."""
+    model = ipt_model("llama", injection="input").eval()
+    ids = token_batch(2, 7)
+    kwargs = {"input_ids": ids, "do_sample": False, "pad_token_id": 0, "max_new_tokens": 3}
+    output = model.generate(**kwargs, return_dict_in_generate=True, output_hidden_states=True)
+    assert torch.equal(output.sequences, model.generate(**kwargs))
+    with torch.no_grad():
+        forward = model(input_ids=ids, output_hidden_states=True).hidden_states
+    for step, call in zip(output.hidden_states[0], forward, strict=True):
+        torch.testing.assert_close(step, call)
+    beams = model.generate(**kwargs, num_beams=2, num_return_sequences=2, return_dict_in_generate=True)
+    assert torch.equal(beams.sequences[:, :7], ids.repeat_interleave(2, dim=0))
+
+
 def test_hidden_source_enters_from_its_layer_on():
     model = ipt_model("llama", injection="prefix", instance_source="hidden", hidden_layer=1)
     module = model.base_model.prompt_modules["default"]

@@ -217,10 +217,27 @@ class InstancePromptModel(PromptTuner):
     def _finish_generate(self, output, args: tuple, kwargs: dict):
         source = getattr(self, "_generated_from", None)
         self._generated_from = None
-        if source is None or not torch.is_tensor(output):
+        if source is None:
             return output
-        # generate() from inputs_embeds returns only new tokens; give back prompt + new tokens as usual.
-        return torch.cat([source.repeat_interleave(output.shape[0] // source.shape[0], dim=0), output], dim=1)
+
+        # generate() from inputs_embeds returns only new tokens; give back the input + new tokens as usual.
+        def with_input(new_tokens: torch.Tensor) -> torch.Tensor:
+            rows = source.repeat_interleave(new_tokens.shape[0] // source.shape[0], dim=0)
+            return torch.cat([rows, new_tokens], dim=1)
+
+        if torch.is_tensor(output):
+            return with_input(output)
+        if not torch.is_tensor(getattr(output, "sequences", None)):
+            return output
+        output.sequences = with_input(output.sequences)  # return_dict_in_generate=True
+        hidden, module = getattr(output, "hidden_states", None), self._active_module()
+        if (
+            hidden and module is not None
+        ):  # the first step's states cover the prompt tokens too (in front): cut
+            P, length = module.config.prompt_length, source.shape[1]
+            first = tuple(h[:, P:] if h.dim() == 3 and h.shape[1] == length + P else h for h in hidden[0])
+            output.hidden_states = (first, *hidden[1:])
+        return output
 
     def _finish_call(self, role: str, output):
         """Trim an input-level prompt's positions out of the per-token outputs of the call that inserted it."""
