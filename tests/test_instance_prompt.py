@@ -313,6 +313,31 @@ def test_input_injection_generate_returns_the_input_in_a_generate_output_too():
     beams = model.generate(**kwargs, num_beams=2, num_return_sequences=2, return_dict_in_generate=True)
     assert torch.equal(beams.sequences[:, :7], ids.repeat_interleave(2, dim=0))
 
+    # a generate() that raised leaves nothing behind for the next one, here with the adapter off
+    with pytest.raises(ValueError, match="not_a_generate_argument"):
+        model.generate(**kwargs, not_a_generate_argument=1)
+    with model.disable_adapter():
+        bare = model.generate(**kwargs)
+    assert torch.equal(bare, tiny_model("llama").generate(**kwargs))  # the same base weights, never wrapped
+
+
+def test_input_injection_generate_cuts_the_prompt_out_of_an_encoders_states():
+    model = ipt_model("t5", "SEQ_2_SEQ_LM", injection="input").eval()
+    ids = token_batch(2, 7)
+    output = model.generate(
+        input_ids=ids,
+        max_new_tokens=2,
+        do_sample=False,
+        return_dict_in_generate=True,
+        output_hidden_states=True,
+    )
+    with torch.no_grad():
+        forward = model(
+            input_ids=ids, decoder_input_ids=ids[:, :1], output_hidden_states=True
+        ).encoder_hidden_states
+    for step, call in zip(output.encoder_hidden_states, forward, strict=True):
+        torch.testing.assert_close(step, call)
+
 
 def test_hidden_source_enters_from_its_layer_on():
     model = ipt_model("llama", injection="prefix", instance_source="hidden", hidden_layer=1)

@@ -903,6 +903,11 @@ class PromptTuner(BaseTuner):
         self._pinned = True
         try:
             output = self.model.generate(*args, **kwargs)
+        except BaseException:
+            self._finish_generate(
+                None, args, kwargs
+            )  # forget what this call set up (a later one may not); re-raise
+            raise
         finally:
             self._pinned = False
         return self._finish_generate(output, args, kwargs)

@@ -29,6 +29,7 @@ class InstancePromptModel(PromptTuner):
         super()._pre_injection_hook(model, config, adapter_name)
         self._hidden_hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
         self._trim: tuple[int, int, int, bool] | None = None  # (at, P, length, return a tuple)
+        self._generated: tuple | None = None  # set by _generate_call for _finish_generate
         self._encoder_only = (
             not getattr(model.config, "is_encoder_decoder", False) and not self._injection.causal
         )
@@ -169,7 +170,15 @@ class InstancePromptModel(PromptTuner):
         if args and torch.is_tensor(args[0]):
             kwargs, args = {**kwargs, "input_ids": args[0]}, args[1:]
         self._refuse_an_assistant(kwargs)
-        self._generated_from = kwargs.get("input_ids") if not inputs.is_encoder_decoder else None
+        source = kwargs.get("input_ids")
+        length = (source if source is not None else kwargs["inputs_embeds"]).shape[1]
+        # what _finish_generate needs: the decoder's input to put back in front, the lengths to cut the states by
+        self._generated = (
+            None if inputs.is_encoder_decoder else source,
+            length,
+            module.config.prompt_length,
+            inputs.is_encoder_decoder,
+        )
         if not inputs.is_encoder_decoder:
             kwargs = self._lengths_past_the_prompt(kwargs, module.config.prompt_length)
         return args, self._with_input_prompt(module, kwargs, inputs, for_generate=True)
@@ -215,28 +224,34 @@ class InstancePromptModel(PromptTuner):
         )
 
     def _finish_generate(self, output, args: tuple, kwargs: dict):
-        source = getattr(self, "_generated_from", None)
-        self._generated_from = None
-        if source is None:
+        generated, self._generated = getattr(self, "_generated", None), None  # (absent from older pickles)
+        if generated is None:
             return output
+        source, length, P, encoder_decoder = generated
 
-        # generate() from inputs_embeds returns only new tokens; give back the input + new tokens as usual.
+        # A decoder's generate() from inputs_embeds returns only new tokens; give back the input + new tokens as usual.
         def with_input(new_tokens: torch.Tensor) -> torch.Tensor:
+            if source is None:
+                return new_tokens
             rows = source.repeat_interleave(new_tokens.shape[0] // source.shape[0], dim=0)
             return torch.cat([rows, new_tokens], dim=1)
+
+        def cut(
+            states: tuple,
+        ) -> tuple:  # as in forward: the prompt's positions (in front) out of each layer's
+            return tuple(h[:, P:] if h.dim() == 3 and h.shape[1] == length + P else h for h in states)
 
         if torch.is_tensor(output):
             return with_input(output)
         if not torch.is_tensor(getattr(output, "sequences", None)):
             return output
         output.sequences = with_input(output.sequences)  # return_dict_in_generate=True
-        hidden, module = getattr(output, "hidden_states", None), self._active_module()
-        if (
-            hidden and module is not None
-        ):  # the first step's states cover the prompt tokens too (in front): cut
-            P, length = module.config.prompt_length, source.shape[1]
-            first = tuple(h[:, P:] if h.dim() == 3 and h.shape[1] == length + P else h for h in hidden[0])
-            output.hidden_states = (first, *hidden[1:])
+        if encoder_decoder and getattr(output, "encoder_hidden_states", None):
+            output.encoder_hidden_states = cut(output.encoder_hidden_states)
+        if not encoder_decoder and getattr(
+            output, "hidden_states", None
+        ):  # the first step covers the prompt too
+            output.hidden_states = (cut(output.hidden_states[0]), *output.hidden_states[1:])
         return output
 
     def _finish_call(self, role: str, output):
