@@ -1,6 +1,6 @@
 """Architectures whose attention transformers does not route through its registry (in the installed version): GPT-J,
 CodeGen, Bloom, Falcon (rotary and ALiBi, multi-query and grouped), GPT-Neo (global and local layers),
-GPT-NeoX-Japanese, MPT, XGLM, DeBERTa and DeBERTa-v2. Each takes a path of
+GPT-NeoX-Japanese, MPT, XGLM, DeBERTa, DeBERTa-v2 and MVP. Each takes a path of
 its own (peft_ipt.architectures); where a version moves a model type onto the registry, the registry path serves it
 and these tests hold the same."""
 
@@ -413,6 +413,7 @@ def test_the_supported_model_types_are_listed():
         "gpt_neox_japanese",
         "gptj",
         "mpt",
+        "mvp",
         "xglm",
     }
     assert expected <= set(supported_model_types())
@@ -448,6 +449,7 @@ def test_supported_models_names_each_tested_model_types_path(capsys):
     registry = {"bart", "bert", "gpt2", "llama", "roberta", "t5"}
     assert all(lines[t] == "registry  yes" for t in registry)
     assert lines["deberta"] == lines["deberta-v2"] == "deberta  yes"
+    assert lines["mvp"] == "mvp  yes"
     assert lines["xlnet"] == lines["mamba"] == "refused  -"
     # GPT-J and CodeGen moved onto the registry in transformers 5.24: either way they are served and tested
     served = ("gptj", "codegen", "bloom", "falcon", "gpt_neo", "gpt_neox_japanese", "mpt", "xglm")
@@ -467,3 +469,152 @@ def test_a_module_that_bypasses_the_registry_is_refused_at_its_first_call_not_ig
         model(input_ids=token_batch())
     with model.disable_adapter():
         model(input_ids=token_batch())  # the user's own model runs as it is
+
+
+# -- MVP: an encoder-decoder off the registry, BART's computation with its own attention modules -----------------
+
+
+def bart_and_mvp():
+    """A tiny BART (on the registry) and an MVP with the same weights: without an adapter they compute the same."""
+    from conftest import tiny_model
+    from transformers import MvpConfig, MvpForConditionalGeneration
+
+    bart = tiny_model("bart", "SEQ_2_SEQ_LM")
+    fields = MvpConfig().to_dict().keys() - {"model_type", "architectures", "transformers_version"}
+    mvp = MvpForConditionalGeneration(
+        MvpConfig(**{k: v for k, v in bart.config.to_dict().items() if k in fields})
+    ).eval()
+    mvp.load_state_dict(bart.state_dict())
+    return bart, mvp
+
+
+def adapted_pair(method: str, **config):
+    """The adapter on BART and the same adapter weights on MVP."""
+    bart, mvp = bart_and_mvp()
+    build = METHODS[method] if not config else lambda task: PrefixTuningV2Config(task_type=task, **config)
+    on_bart = get_peft_model(bart, build("SEQ_2_SEQ_LM")).eval()
+    on_mvp = get_peft_model(mvp, build("SEQ_2_SEQ_LM")).eval()
+    adapter = {
+        k: v for k, v in on_bart.state_dict().items() if k not in on_bart.get_base_model().state_dict()
+    }
+    adapter = {k: v for k, v in adapter.items() if not k.startswith("base_model.model.")}
+    assert adapter and not on_mvp.load_state_dict(adapter, strict=False).unexpected_keys
+    return on_bart, on_mvp
+
+
+def seq2seq_batch():
+    ids = token_batch(2, 7, low=3)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # a padded row
+    return {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": token_batch(2, 4, seed=3, low=3)}
+
+
+@pytest.mark.parametrize("method", [*METHODS, "encoder prefix only", "cross prefix only"])
+def test_mvp_with_a_prefix_computes_what_bart_computes_on_the_registry_path(method):
+    only = {"encoder prefix only": "encoder", "cross prefix only": "cross"}.get(method)
+    config = {}
+    if only is not None:  # one attention kind at a time: each door on its own
+        config = {"prefix_length": 3, "init_weights": False}
+        config |= {f"{kind}_prefix": kind == only for kind in ("encoder", "decoder", "cross")}
+    on_bart, on_mvp = adapted_pair("prefix_v2" if only else method, **config)
+    batch = seq2seq_batch()
+    with torch.no_grad():
+        expected = on_bart(**batch).logits
+        got = on_mvp(**batch).logits
+        with on_mvp.disable_adapter():
+            bare = on_mvp(**batch).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert (
+        got - bare
+    ).abs().max() > 1e-6  # the prefix is in (an encoder prefix alone moves the logits little)
+    with torch.no_grad():  # off: MVP's own computation, exactly (the disabled doors hand nothing in)
+        assert torch.equal(bare, bart_and_mvp()[1](**batch).logits)
+
+    # the same gradient on every adapter parameter (in eval mode: the two models' dropout draws would differ)
+    grads = []
+    for model in (on_bart, on_mvp):
+        model(**batch, labels=batch["decoder_input_ids"]).loss.backward()
+        grads.append(
+            {n.split("base_model.", 1)[1]: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        )
+    assert grads[0].keys() == grads[1].keys() and all(g is not None for g in grads[1].values())
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["prefix_v2", "ipt"])
+def test_mvp_generates_what_bart_generates_with_and_without_the_cache(method):
+    on_bart, on_mvp = adapted_pair(method)
+    batch = seq2seq_batch()
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "do_sample": False}
+    kwargs |= {"max_new_tokens": 6, "min_new_tokens": 6}
+    expected = on_bart.generate(**kwargs)
+    assert torch.equal(on_mvp.generate(**kwargs), expected)
+    assert torch.equal(on_mvp.generate(**kwargs, use_cache=False), expected)
+    assert torch.equal(on_mvp.generate(**kwargs, num_beams=2), on_bart.generate(**kwargs, num_beams=2))
+
+
+@pytest.mark.parametrize("method", ["prefix", "ipt"])
+def test_each_row_of_a_mixed_batch_on_mvp_equals_that_row_alone(method):
+    _, mvp = bart_and_mvp()
+    model = three_adapter_model(task="SEQ_2_SEQ_LM", method=method, base=mvp)
+    extra = {"decoder_input_ids": token_batch(len(ROWS), 4, seed=3)}
+    assert_each_row_matches_alone(model, token_batch(len(ROWS), 7), extra)
+
+
+def test_mvp_records_the_keys_and_values_bart_records_for_words():
+    """Initialisation from real words records each site's own keys/values: the same on both paths."""
+    on_bart, on_mvp = adapted_pair("prefix_v2")
+    words = token_batch(1, 5, low=3)[0]
+    expected = on_bart.base_model.record_activations(words)
+    got = on_mvp.base_model.record_activations(words)
+    assert got.keys() == expected.keys() and {kind for kind, _ in got} == {"encoder", "decoder", "cross"}
+    for site, (key, value) in expected.items():
+        torch.testing.assert_close(got[site][0], key, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[site][1], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_mvp_gradient_checkpointing_gives_the_same_gradients(reentrant):
+    results = []
+    for checkpointing in (False, True):
+        _, mvp = bart_and_mvp()
+        model = get_peft_model(mvp, METHODS["ipt"]("SEQ_2_SEQ_LM"))
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            model.enable_input_require_grads()
+        model.train()
+        batch = seq2seq_batch()
+        model(**batch, labels=batch["decoder_input_ids"], use_cache=False).loss.backward()
+        results.append({n: g.clone() for n, g in trainable_grads(model).items()})
+    for key, grad in results[0].items():
+        torch.testing.assert_close(grad, results[1][key], rtol=1e-4, atol=1e-6)
+
+
+def test_mvp_save_and_load_round_trip(tmp_path):
+    _, on_mvp = adapted_pair("ipt")
+    batch = seq2seq_batch()
+    with torch.no_grad():
+        expected = on_mvp(**batch).logits
+    on_mvp.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(bart_and_mvp()[1], tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, expected)
+
+
+def test_mvp_keeps_its_own_prompts_beside_the_prefix():
+    """An MVP trained with prompts of its own (use_prompt): the adapter adds its prefix, and off it is MVP alone."""
+    from transformers import MvpForConditionalGeneration
+
+    config = bart_and_mvp()[1].config
+    config.use_prompt, config.prompt_length, config.prompt_mid_dim = True, 2, 8
+    torch.manual_seed(0)
+    mvp = MvpForConditionalGeneration(config).eval()
+    batch = seq2seq_batch()
+    with torch.no_grad():
+        own = mvp(**batch).logits
+        model = get_peft_model(mvp, METHODS["ipt"]("SEQ_2_SEQ_LM")).eval()
+        with_prefix = model(**batch).logits
+        with model.disable_adapter():
+            assert torch.equal(model(**batch).logits, own)
+    assert (with_prefix - own).abs().max() > 1e-3

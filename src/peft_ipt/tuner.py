@@ -904,9 +904,8 @@ class PromptTuner(BaseTuner):
         try:
             output = self.model.generate(*args, **kwargs)
         except BaseException:
-            self._finish_generate(
-                None, args, kwargs
-            )  # forget what this call set up (a later one may not); re-raise
+            # forget what this call set up (a later call may not set it up again), then re-raise
+            self._finish_generate(None, args, kwargs)
             raise
         finally:
             self._pinned = False

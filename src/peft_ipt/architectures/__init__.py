@@ -9,6 +9,8 @@ keys and values. The methods never learn which path runs.
   door stands a view in for that cache which returns the prefix in front of the cached keys and values.
 - :mod:`.deberta`: DeBERTa and DeBERTa-v2, whose disentangled attention adds relative-position scores; a prefix key
   has no position, so it gets the content score only.
+- :mod:`.mvp`: MVP, a BART-like encoder-decoder off the registry; the door stands the same cache view in at the
+  encoder's, the decoder's and the cross-attention.
 
 A model type whose attention goes through the registry in the installed transformers (GPT-J and CodeGen from 5.24)
 takes the registry path instead.
@@ -21,8 +23,9 @@ from pathlib import Path
 
 from .cache_view import CACHE_VIEW_PATHS
 from .deberta import DEBERTA_PATHS
+from .mvp import MVP_PATHS
 
-ARCHITECTURE_PATHS = (*CACHE_VIEW_PATHS, *DEBERTA_PATHS)
+ARCHITECTURE_PATHS = (*CACHE_VIEW_PATHS, *DEBERTA_PATHS, *MVP_PATHS)
 # Model types the test suite runs on tiny models (tests/conftest.py, tests/test_architectures.py).
 TESTED_MODEL_TYPES = (
     "bart",
@@ -38,6 +41,7 @@ TESTED_MODEL_TYPES = (
     "gptj",
     "llama",
     "mpt",
+    "mvp",
     "roberta",
     "t5",
     "xglm",
