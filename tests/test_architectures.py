@@ -1,6 +1,6 @@
 """Architectures whose attention transformers does not route through its registry (in the installed version): GPT-J,
 CodeGen, Bloom, Falcon (rotary and ALiBi, multi-query and grouped), GPT-Neo (global and local layers),
-GPT-NeoX-Japanese, MPT, XGLM, DeBERTa, DeBERTa-v2 and MVP. Each takes a path of
+GPT-NeoX-Japanese, MPT, XGLM, DeBERTa, DeBERTa-v2, MVP and FSMT. Each takes a path of
 its own (peft_ipt.architectures); where a version moves a model type onto the registry, the registry path serves it
 and these tests hold the same."""
 
@@ -409,6 +409,7 @@ def test_the_supported_model_types_are_listed():
         "deberta",
         "deberta-v2",
         "falcon",
+        "fsmt",
         "gpt_neo",
         "gpt_neox_japanese",
         "gptj",
@@ -449,7 +450,7 @@ def test_supported_models_names_each_tested_model_types_path(capsys):
     registry = {"bart", "bert", "gpt2", "llama", "roberta", "t5"}
     assert all(lines[t] == "registry  yes" for t in registry)
     assert lines["deberta"] == lines["deberta-v2"] == "deberta  yes"
-    assert lines["mvp"] == "mvp  yes"
+    assert lines["mvp"] == lines["fsmt"] == "encoder_decoder  yes"
     assert lines["xlnet"] == lines["mamba"] == "refused  -"
     # GPT-J and CodeGen moved onto the registry in transformers 5.24: either way they are served and tested
     served = ("gptj", "codegen", "bloom", "falcon", "gpt_neo", "gpt_neox_japanese", "mpt", "xglm")
@@ -618,3 +619,120 @@ def test_mvp_keeps_its_own_prompts_beside_the_prefix():
         with model.disable_adapter():
             assert torch.equal(model(**batch).logits, own)
     assert (with_prefix - own).abs().max() > 1e-3
+
+
+# -- FSMT: an encoder-decoder off the registry, time-major, with a causal attn_mask and a key_padding_mask -------
+
+
+def fsmt(seed: int = 0):
+    from transformers import FSMTConfig, FSMTForConditionalGeneration
+
+    config = FSMTConfig(
+        langs=["en", "de"],
+        src_vocab_size=VOCAB,
+        tgt_vocab_size=VOCAB,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=64,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+        forced_eos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    return FSMTForConditionalGeneration(config).eval()
+
+
+@pytest.mark.parametrize("method", ["prefix_v2", "ipt", "ipt_frozen"])
+def test_an_fsmt_prefix_changes_the_logits_trains_and_disables(method):
+    batch = seq2seq_batch()
+    with torch.no_grad():
+        bare = fsmt()(**batch).logits
+    model = get_peft_model(fsmt(), METHODS[method]("SEQ_2_SEQ_LM")).eval()
+    with torch.no_grad():
+        with_prefix = model(**batch).logits
+        with model.disable_adapter():
+            off = model(**batch).logits
+    assert (with_prefix - bare).abs().max() > 1e-3
+    # off: the model's own computation (to float noise: LoRA's get_peft_model + unload on FSMT moves it by 4e-8 too)
+    torch.testing.assert_close(off, bare, rtol=0, atol=1e-6)
+    model(**batch, labels=batch["decoder_input_ids"]).loss.backward()
+    grads = trainable_grads(model)
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
+    kinds = {kind for kind, _ in model.base_model._prefixes}
+    assert kinds == {"encoder", "decoder", "cross"}
+
+
+@pytest.mark.parametrize("method", ["prefix_v2", "ipt"])
+def test_fsmt_generates_the_same_with_and_without_the_cache(method):
+    model = get_peft_model(fsmt(), METHODS[method]("SEQ_2_SEQ_LM")).eval()
+    batch = seq2seq_batch()
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "do_sample": False}
+    kwargs |= {"max_new_tokens": 6, "min_new_tokens": 6}
+    assert torch.equal(model.generate(**kwargs), model.generate(**kwargs, use_cache=False))
+    assert torch.equal(
+        model.generate(**kwargs, num_beams=2), model.generate(**kwargs, num_beams=2, use_cache=False)
+    )
+
+
+@pytest.mark.parametrize("method", ["prefix", "ipt"])
+def test_each_row_of_a_mixed_batch_on_fsmt_equals_that_row_alone(method):
+    model = three_adapter_model(task="SEQ_2_SEQ_LM", method=method, base=fsmt())
+    extra = {"decoder_input_ids": token_batch(len(ROWS), 4, seed=3, low=3)}
+    assert_each_row_matches_alone(model, token_batch(len(ROWS), 7, low=3), extra)
+
+
+@pytest.mark.parametrize("kind", ["encoder", "cross"])
+def test_an_fsmt_attention_with_a_prefix_attends_over_the_prefix_in_front(kind):
+    """One attention module through the door against attention written out: the prefix keys/values in front of the
+    module's own, every query seeing them, the padded keys still hidden."""
+    model = get_peft_model(fsmt(), METHODS["prefix_v2"]("SEQ_2_SEQ_LM")).eval()
+    batch = seq2seq_batch()
+    layers = model.get_base_model().model.encoder.layers if kind == "encoder" else None
+    module = (
+        layers[1].self_attn
+        if kind == "encoder"
+        else model.get_base_model().model.decoder.layers[1].encoder_attn
+    )
+    seen = {}
+    module.register_forward_hook(
+        lambda m, args, kwargs, out: seen.update(kwargs=kwargs, out=out[0]), with_kwargs=True
+    )
+    with torch.no_grad():
+        model(**batch)
+    prefix_key, prefix_value = model.base_model._prefixes[(kind, 1)][:2]  # (1, heads, P, hd)
+    call = seen["kwargs"]
+    query_states, source = call["query"], call["key"]  # (T, B, d), (S, B, d)
+    padding = call["key_padding_mask"][:, prefix_key.shape[2] :]  # the model's own, (B, S): True hides
+
+    def heads(x):  # (T, B, d) -> (B, H, T, hd)
+        return x.view(x.shape[0], x.shape[1], module.num_heads, module.head_dim).permute(1, 2, 0, 3)
+
+    with torch.no_grad():
+        q = heads(module.q_proj(query_states)) * module.scaling
+        k = torch.cat([prefix_key.expand(q.shape[0], -1, -1, -1), heads(module.k_proj(source))], dim=2)
+        v = torch.cat([prefix_value.expand(q.shape[0], -1, -1, -1), heads(module.v_proj(source))], dim=2)
+        scores = q @ k.transpose(-1, -2)
+        hidden = torch.cat([torch.zeros_like(padding[:, :1]).expand(-1, prefix_key.shape[2]), padding], dim=1)
+        scores = scores.masked_fill(hidden[:, None, None, :], torch.finfo(scores.dtype).min)
+        out = scores.softmax(-1) @ v  # (B, H, T, hd)
+        expected = module.out_proj(out.permute(2, 0, 1, 3).reshape(q.shape[2], q.shape[0], -1))
+    assert padding.any()  # the padded row's keys are hidden here: the check covers the padding mask too
+    torch.testing.assert_close(seen["out"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_fsmt_save_and_load_round_trip(tmp_path):
+    model = get_peft_model(fsmt(), METHODS["ipt"]("SEQ_2_SEQ_LM")).eval()
+    batch = seq2seq_batch()
+    with torch.no_grad():
+        expected = model(**batch).logits
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(fsmt(), tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, expected)

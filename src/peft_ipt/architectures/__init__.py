@@ -9,8 +9,8 @@ keys and values. The methods never learn which path runs.
   door stands a view in for that cache which returns the prefix in front of the cached keys and values.
 - :mod:`.deberta`: DeBERTa and DeBERTa-v2, whose disentangled attention adds relative-position scores; a prefix key
   has no position, so it gets the content score only.
-- :mod:`.mvp`: MVP, a BART-like encoder-decoder off the registry; the door stands the same cache view in at the
-  encoder's, the decoder's and the cross-attention.
+- :mod:`.encoder_decoder`: MVP (BART-like) and FSMT, encoder-decoders off the registry; the door stands the same
+  cache view in at the encoder's, the decoder's and the cross-attention.
 
 A model type whose attention goes through the registry in the installed transformers (GPT-J and CodeGen from 5.24)
 takes the registry path instead.
@@ -23,9 +23,9 @@ from pathlib import Path
 
 from .cache_view import CACHE_VIEW_PATHS
 from .deberta import DEBERTA_PATHS
-from .mvp import MVP_PATHS
+from .encoder_decoder import ENCODER_DECODER_PATHS
 
-ARCHITECTURE_PATHS = (*CACHE_VIEW_PATHS, *DEBERTA_PATHS, *MVP_PATHS)
+ARCHITECTURE_PATHS = (*CACHE_VIEW_PATHS, *DEBERTA_PATHS, *ENCODER_DECODER_PATHS)
 # Model types the test suite runs on tiny models (tests/conftest.py, tests/test_architectures.py).
 TESTED_MODEL_TYPES = (
     "bart",
@@ -35,6 +35,7 @@ TESTED_MODEL_TYPES = (
     "deberta",
     "deberta-v2",
     "falcon",
+    "fsmt",
     "gpt2",
     "gpt_neo",
     "gpt_neox_japanese",
