@@ -1,6 +1,6 @@
 """Architectures whose attention transformers does not route through its registry (in the installed version): GPT-J,
 CodeGen, Bloom, Falcon (rotary and ALiBi, multi-query and grouped), GPT-Neo (global and local layers),
-GPT-NeoX-Japanese, MPT, XGLM, DeBERTa, DeBERTa-v2, MVP and FSMT. Each takes a path of
+GPT-NeoX-Japanese, MPT, XGLM, DeBERTa, DeBERTa-v2, MVP, FSMT and LED's decoder. Each takes a path of
 its own (peft_ipt.architectures); where a version moves a model type onto the registry, the registry path serves it
 and these tests hold the same."""
 
@@ -413,6 +413,7 @@ def test_the_supported_model_types_are_listed():
         "gpt_neo",
         "gpt_neox_japanese",
         "gptj",
+        "led",
         "mpt",
         "mvp",
         "xglm",
@@ -450,7 +451,7 @@ def test_supported_models_names_each_tested_model_types_path(capsys):
     registry = {"bart", "bert", "gpt2", "llama", "roberta", "t5"}
     assert all(lines[t] == "registry  yes" for t in registry)
     assert lines["deberta"] == lines["deberta-v2"] == "deberta  yes"
-    assert lines["mvp"] == lines["fsmt"] == "encoder_decoder  yes"
+    assert lines["mvp"] == lines["fsmt"] == lines["led"] == "encoder_decoder  yes"
     assert lines["xlnet"] == lines["mamba"] == "refused  -"
     # GPT-J and CodeGen moved onto the registry in transformers 5.24: either way they are served and tested
     served = ("gptj", "codegen", "bloom", "falcon", "gpt_neo", "gpt_neox_japanese", "mpt", "xglm")
@@ -734,5 +735,91 @@ def test_fsmt_save_and_load_round_trip(tmp_path):
         expected = model(**batch).logits
     model.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(fsmt(), tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, expected)
+
+
+# -- LED: BART's decoder (served), a Longformer encoder (refused, with the fix) ----------------------------------
+
+
+def led(seed: int = 0):
+    from transformers import LEDConfig, LEDForConditionalGeneration
+
+    config = LEDConfig(
+        vocab_size=VOCAB,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_encoder_position_embeddings=64,
+        max_decoder_position_embeddings=64,
+        attention_window=4,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+    )
+    torch.manual_seed(seed)
+    return LEDForConditionalGeneration(config).eval()
+
+
+LED_METHODS = {
+    "prefix_v2": lambda **kw: PrefixTuningV2Config(task_type="SEQ_2_SEQ_LM", init_weights=False, **kw),
+    "ipt": lambda **kw: InstancePromptConfig(task_type="SEQ_2_SEQ_LM", init_weights=False, **kw),
+}
+
+
+def test_an_led_encoder_prefix_is_refused_with_the_fix():
+    for encoder_prefix in (None, True):  # None means "where the model has one": LED has one, with no door
+        with pytest.raises(ValueError, match=r"Longformer's sliding windows.*Set encoder_prefix=False"):
+            get_peft_model(
+                led(), PrefixTuningV2Config(task_type="SEQ_2_SEQ_LM", encoder_prefix=encoder_prefix)
+            )
+
+
+@pytest.mark.parametrize("method", list(LED_METHODS))
+def test_an_led_decoder_prefix_changes_the_logits_trains_disables_and_generates_with_the_cache(method):
+    batch = seq2seq_batch()
+    with torch.no_grad():
+        bare = led()(**batch).logits
+    model = get_peft_model(led(), LED_METHODS[method](encoder_prefix=False)).eval()
+    with torch.no_grad():
+        with_prefix = model(**batch).logits
+        with model.disable_adapter():
+            off = model(**batch).logits
+    assert (with_prefix - bare).abs().max() > 1e-3
+    torch.testing.assert_close(off, bare, rtol=0, atol=1e-6)  # float noise, as LoRA's unload leaves on FSMT
+    assert {kind for kind, _ in model.base_model._prefixes} == {"decoder", "cross"}
+    model(**batch, labels=batch["decoder_input_ids"]).loss.backward()
+    assert all(g is not None and g.abs().sum() > 0 for g in trainable_grads(model).values())
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "do_sample": False}
+    kwargs |= {"max_new_tokens": 6, "min_new_tokens": 6}
+    assert torch.equal(model.generate(**kwargs), model.generate(**kwargs, use_cache=False))
+    assert torch.equal(
+        model.generate(**kwargs, num_beams=2), model.generate(**kwargs, num_beams=2, use_cache=False)
+    )
+
+
+@pytest.mark.parametrize("method", list(LED_METHODS))
+def test_each_row_of_a_mixed_batch_on_led_equals_that_row_alone(method):
+    length = "prefix_length" if method == "prefix_v2" else "prompt_length"
+    model = get_peft_model(led(), LED_METHODS[method](encoder_prefix=False, **{length: 4}))
+    model.add_adapter(
+        "other", LED_METHODS[method](encoder_prefix=False, layers_to_transform=[1], **{length: 2})
+    )
+    extra = {"decoder_input_ids": token_batch(len(ROWS), 4, seed=3, low=3)}
+    assert_each_row_matches_alone(model, token_batch(len(ROWS), 7, low=3), extra)
+
+
+def test_led_save_and_load_round_trip(tmp_path):
+    model = get_peft_model(led(), LED_METHODS["ipt"](encoder_prefix=False)).eval()
+    batch = seq2seq_batch()
+    with torch.no_grad():
+        expected = model(**batch).logits
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(led(), tmp_path).eval()
     with torch.no_grad():
         assert torch.equal(loaded(**batch).logits, expected)

@@ -272,6 +272,8 @@ class SiteLayout:
     """What a model offers: for each attention kind, the number of layers, kv heads and head size."""
 
     shapes: dict[str, tuple[int, int, int]]  # kind -> (n_layers, n_kv_heads, head_dim)
+    # kinds the model has but its path cannot open, with the reason and the fix (LED's encoder)
+    unserved: dict[str, str] = field(default_factory=dict)
 
     def as_config(self) -> dict[str, list[int]]:
         return {kind: list(shape) for kind, shape in self.shapes.items()}
@@ -423,6 +425,7 @@ class PrefixInjection:
         self.path = attention_path_for(model)
         self.sites = self.path.sites(model)
         self.layout = layout_of(self.sites)
+        self.layout.unserved = dict(getattr(self.path, "unserved", {}))
         # Decoder-only self-attention masks the future (a path of its own knows; the registry's modules say so).
         self.causal = getattr(self.path, "causal", None)
         if self.causal is None:

@@ -200,6 +200,8 @@ class PromptConfigBase(PeftConfig):
         available = layout.shapes
         switches = {ENCODER: self.encoder_prefix, DECODER: self.decoder_prefix, CROSS: self.cross_prefix}
         for kind, value in switches.items():
+            if value is not False and kind in layout.unserved:
+                raise ValueError(f"{kind}_prefix={value}: {layout.unserved[kind]}")
             if value and kind not in available:
                 kinds = ", ".join(sorted(available))
                 raise ValueError(

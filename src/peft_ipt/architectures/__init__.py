@@ -9,8 +9,8 @@ keys and values. The methods never learn which path runs.
   door stands a view in for that cache which returns the prefix in front of the cached keys and values.
 - :mod:`.deberta`: DeBERTa and DeBERTa-v2, whose disentangled attention adds relative-position scores; a prefix key
   has no position, so it gets the content score only.
-- :mod:`.encoder_decoder`: MVP (BART-like) and FSMT, encoder-decoders off the registry; the door stands the same
-  cache view in at the encoder's, the decoder's and the cross-attention.
+- :mod:`.encoder_decoder`: MVP (BART-like), FSMT and LED's decoder, encoder-decoders off the registry; the door stands
+  the same cache view in at the encoder's, the decoder's and the cross-attention (LED's Longformer encoder: refused).
 
 A model type whose attention goes through the registry in the installed transformers (GPT-J and CodeGen from 5.24)
 takes the registry path instead.
@@ -40,6 +40,7 @@ TESTED_MODEL_TYPES = (
     "gpt_neo",
     "gpt_neox_japanese",
     "gptj",
+    "led",
     "llama",
     "mpt",
     "mvp",

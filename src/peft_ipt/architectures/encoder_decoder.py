@@ -1,4 +1,4 @@
-"""Encoder-decoders whose attention modules compute attention themselves (no registry): MVP and FSMT.
+"""Encoder-decoders whose attention modules compute attention themselves (no registry): MVP, FSMT and LED.
 
 Each attention call takes its layer's cache and, when it has one, calls ``cache.update(key, value, layer)`` and
 attends over what that returns. The door, a forward pre-hook on each module (the encoder's self-attention, the
@@ -19,6 +19,10 @@ path to the registry path's BART, logit for logit.
 
 FSMT: time-major states (T, B, d), an additive ``attn_mask`` over (T, S) and a bool ``key_padding_mask`` (B, S)
 where True hides a key; the door widens both.
+
+LED: its decoder is BART's (MVP's door serves its self- and cross-attention); its encoder attends in Longformer's
+sliding windows and global tokens, which no cache view reaches. A config must say ``encoder_prefix=False`` (what
+peft's PrefixTuning tunes on LED: the decoder's side only); left on, it is refused with that fix.
 """
 
 from __future__ import annotations
@@ -55,6 +59,10 @@ class _EncoderDecoderInstallation(Installation):
     def __init__(self, spec: EncoderDecoderPath):
         super().__init__(spec)
         self._handles: list = []
+
+    @property
+    def unserved(self) -> dict[str, str]:
+        return {ENCODER: self.spec.encoder_refused} if self.spec.encoder_refused else {}
 
     def sites(self, model: nn.Module) -> list[tuple[nn.Module, str, int, int, int]]:
         encoder_ids = {id(m) for m in model.get_encoder().modules()}
@@ -195,6 +203,8 @@ class EncoderDecoderPath(ArchitecturePath):
     source_arg: str  # the keyword of the encoder states a cross-attention call attends over
     time_major: bool  # states are (T, B, d), not (B, T, d)
     widen: Callable  # widens the call's masks by the prefix columns, in place
+    # the encoder's attention has no door (LED): why, and the fix; its class is not ``attention_class``
+    encoder_refused: str = ""
     installation = _EncoderDecoderInstallation
 
 
@@ -220,5 +230,21 @@ ENCODER_DECODER_PATHS = (
         source_arg="key",
         time_major=True,
         widen=_widen_fsmt,
+    ),
+    EncoderDecoderPath(
+        "led",
+        "LEDDecoderAttention",
+        "modeling_led",
+        cross_name="encoder_attn",
+        cache_args=("cache", "past_key_values"),
+        query_arg="hidden_states",
+        source_arg="key_value_states",
+        time_major=False,
+        widen=_widen_mvp,
+        encoder_refused=(
+            "LED's encoder attends in Longformer's sliding windows and global tokens, which peft-ipt's prefixes do "
+            "not reach. Set encoder_prefix=False to tune the decoder's self-attention and cross-attention prefixes "
+            "(what peft's PrefixTuning tunes on LED)"
+        ),
     ),
 )
