@@ -213,6 +213,30 @@ def test_on_positional_models_peft_equals_ours_with_positions_shifted_by_the_pre
         assert torch.equal(model(input_ids=ids, position_ids=positions + P).logits, peft_logits)
 
 
+@pytest.mark.parametrize("name", ["bloom", "mpt", "xglm", "gpt_neox_japanese", "gpt_neo"])
+def test_import_onto_a_model_with_a_path_of_its_own_takes_peft_s_keys_and_values(name, tmp_path):
+    """peft's PrefixTuning runs these models too; its adapters import onto the path the model takes (the import
+    read the registry's sites, and refused Bloom, MPT, XGLM and GPT-NeoX-Japanese as having no attention)."""
+    from test_architectures import decoder
+
+    shapes = {"num_attention_heads": 4, "num_layers": 2, "token_dim": 32}  # where peft cannot read them
+    theirs = get_peft_model(
+        decoder(name), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P, **shapes)
+    )
+    perturb_head(theirs)
+    theirs.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")["prompt_embeddings"]
+    model = import_from_peft_prefix_tuning(decoder(name), tmp_path)
+    assert torch.equal(model.base_model.prompt_modules["default"].tables["self"].weight, saved)
+    if name in ("xglm", "gpt_neox_japanese"):  # positions on the input or rotary: peft numbers tokens from P
+        ids = token_batch(2, 6)
+        positions = torch.arange(6).expand(2, -1) + P
+        with torch.no_grad():
+            torch.testing.assert_close(
+                model(input_ids=ids, position_ids=positions).logits, peft_run(theirs, input_ids=ids).logits
+            )
+
+
 # -- round trip and no side effects ------------------------------------------------------------------------------
 
 

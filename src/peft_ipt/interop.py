@@ -58,7 +58,7 @@ from peft.utils.other import _prepare_prompt_learning_config
 from safetensors.torch import save_file
 from torch import nn
 
-from .attention import SELF, discover_sites, layout_of
+from .attention import SELF, attention_path_for, layout_of
 from .prefix_tuning import PrefixTuningV2Config, PrefixTuningV2Model
 
 # Task types whose PeftModelFor<Task> feeds a PrefixTuning prefix to a decoder-only or encoder-only model.
@@ -198,7 +198,8 @@ def import_from_peft_prefix_tuning(
         )
     prefix = weights.pop(PEFT_WEIGHT)  # (P, L * 2 * token_dim)
     # Check the shapes before get_peft_model wraps base_model, so that a refusal leaves it untouched.
-    n_layers, n_kv, head_dim = layout_of(discover_sites(base_model)).shapes[SELF]
+    # the sites of the path the prefix will take (the registry's, or an architecture's own: Bloom, MPT, ...)
+    n_layers, n_kv, head_dim = layout_of(attention_path_for(base_model).sites(base_model)).shapes[SELF]
     saved = (peft_config.num_layers, peft_config.num_attention_heads, peft_config.token_dim)
     expected = (peft_config.num_virtual_tokens, n_layers * 2 * n_kv * head_dim)
     if saved != (n_layers, n_kv, n_kv * head_dim) or tuple(prefix.shape) != expected:
