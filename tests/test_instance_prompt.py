@@ -221,6 +221,14 @@ def test_beam_search_expands_each_rows_prompt():
     assert torch.equal(beams, model.generate(**kwargs, use_cache=False))
 
 
+def test_input_injection_refuses_sequence_classification_on_an_encoder_decoder_too():
+    """BART's classifier reads the last end-of-sequence token, found from input_ids, which the prompt replaces."""
+    with pytest.raises(
+        ValueError, match="injection='input' with SEQ_CLS on an encoder-decoder model.*'hybrid'"
+    ):
+        ipt_model("bart", "SEQ_CLS", injection="input")
+
+
 # -- where the prompt goes --------------------------------------------------------------------------------
 
 

@@ -37,9 +37,11 @@ class InstancePromptModel(PromptTuner):
 
     def build_prompt_module(self, config: InstancePromptConfig, layout: SiteLayout, model: nn.Module):
         if config.injection == "input" and config.task_type == "SEQ_CLS" and not self._encoder_only:
+            kind = "an encoder-decoder" if getattr(model.config, "is_encoder_decoder", False) else "a decoder"
             raise ValueError(
-                "injection='input' with SEQ_CLS on a decoder model: transformers finds the token to classify from "
-                "input_ids, which input-level prompts replace by embeddings. Use injection='hybrid' or 'prefix'."
+                f"injection='input' with SEQ_CLS on {kind} model: transformers finds the token to classify (the last "
+                "one, or the last end-of-sequence token) from input_ids, which input-level prompts replace by "
+                "embeddings. Use injection='hybrid' or 'prefix'."
             )
         module = InstancePromptModule(config, layout, model)
         if config.table_path and not module.table.weight.is_meta:  # meta: an adapter file fills it
