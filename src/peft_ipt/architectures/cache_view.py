@@ -20,7 +20,6 @@ XGLM adds its positions to the input, so its keys carry none.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from operator import attrgetter
@@ -30,8 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import EncoderDecoderCache
 
-from ..attention import SELF, SITE_ATTR, AttentionSite, UnsupportedModelError, match_batch, widen_mask
-from .path import ArchitecturePath, Installation
+from ..attention import SELF, SITE_ATTR, AttentionSite, match_batch, widen_mask
+from .path import ArchitecturePath, HookedInstallation
 
 
 class PrefixedCache:
@@ -65,14 +64,10 @@ class PrefixedCache:
         return getattr(inner, name)
 
 
-class _CacheViewInstallation(Installation):
+class _CacheViewInstallation(HookedInstallation):
     """The path installed on one model: its hooks, removed again by ``remove``."""
 
     causal = True
-
-    def __init__(self, spec: CacheViewPath):
-        super().__init__(spec)
-        self._handles: list = []
 
     def sites(self, model: nn.Module) -> list[tuple[nn.Module, str, int, int, int]]:
         spec = self.spec
@@ -90,32 +85,13 @@ class _CacheViewInstallation(Installation):
         tables: dict = {}  # GPT-Neo's local tables with prefix columns, shared by the model's local layers
         for module, kind, layer, n_kv, head_dim in sites:
             site = AttentionSite(kind, layer, n_kv, head_dim, inner=None, provider=provider_ref)
-            site.door = (self.spec, tables, self._cache_arg(module))
+            site.door = (self.spec, tables, self.cache_keyword(module))
             # The hook finds its site through the module, so a copied model's hooks serve the copy's sites.
             module.__dict__[SITE_ATTR] = site
             self._handles.append(module.register_forward_pre_hook(_before_attention, with_kwargs=True))
             if self.spec.windowed_table:
                 # puts the module's own table back after every call, one that raised included
                 self._handles.append(module.register_forward_hook(_after_attention, always_call=True))
-
-    def _cache_arg(self, module: nn.Module) -> str:
-        """The keyword this module takes its cache by (transformers 5.24 renamed some from ``past_key_values``)."""
-        accepted = inspect.signature(module.forward).parameters
-        for name in self.spec.cache_args:
-            if name in accepted:
-                return name
-        raise UnsupportedModelError(
-            f"{type(module).__name__}.forward takes its cache by none of {', '.join(self.spec.cache_args)} in "
-            "this transformers version, so peft-ipt cannot put a prefix in front of its keys; use a transformers "
-            "version from the range pyproject admits"
-        )
-
-    def remove(self, model: nn.Module, sites) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        for module, *_ in sites:
-            module.__dict__.pop(SITE_ATTR, None)
 
 
 def _before_attention(module: nn.Module, args: tuple, kwargs: dict):

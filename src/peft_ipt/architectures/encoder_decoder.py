@@ -27,7 +27,6 @@ peft's PrefixTuning tunes on LED: the decoder's side only); left on, it is refus
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -42,23 +41,18 @@ from ..attention import (
     ENCODER,
     SITE_ATTR,
     AttentionSite,
-    UnsupportedModelError,
     _first_int,
     match_batch,
     widen_mask,
 )
 from .cache_view import PrefixedCache
-from .path import ArchitecturePath, Installation
+from .path import ArchitecturePath, HookedInstallation
 
 
-class _EncoderDecoderInstallation(Installation):
+class _EncoderDecoderInstallation(HookedInstallation):
     """The path installed on one model: its hooks, removed again by ``remove``."""
 
     causal = True  # as the registry path finds for BART: the decoder's self-attention masks the future
-
-    def __init__(self, spec: EncoderDecoderPath):
-        super().__init__(spec)
-        self._handles: list = []
 
     @property
     def unserved(self) -> dict[str, str]:
@@ -81,30 +75,10 @@ class _EncoderDecoderInstallation(Installation):
     def install(self, model: nn.Module, sites, provider_ref) -> None:
         for module, kind, layer, n_kv, head_dim in sites:
             site = AttentionSite(kind, layer, n_kv, head_dim, inner=None, provider=provider_ref)
-            site.door = (self.spec, self._cache_arg(module))
+            site.door = (self.spec, self.cache_keyword(module))
             # The hook finds its site through the module, so a copied model's hooks serve the copy's sites.
             module.__dict__[SITE_ATTR] = site
             self._handles.append(module.register_forward_pre_hook(_before_attention, with_kwargs=True))
-
-    def _cache_arg(self, module: nn.Module) -> str:
-        """The keyword the module takes its cache by (MVP: ``cache`` from transformers 5.24, ``past_key_values``
-        before)."""
-        accepted = inspect.signature(module.forward).parameters
-        for name in self.spec.cache_args:
-            if name in accepted:
-                return name
-        raise UnsupportedModelError(
-            f"{type(module).__name__}.forward takes its cache by none of {', '.join(self.spec.cache_args)} in this "
-            "transformers version, so peft-ipt cannot put a prefix in front of its keys; use a transformers version "
-            "from the range pyproject admits"
-        )
-
-    def remove(self, model: nn.Module, sites) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        for module, *_ in sites:
-            module.__dict__.pop(SITE_ATTR, None)
 
 
 def _before_attention(module: nn.Module, args: tuple, kwargs: dict):
@@ -161,10 +135,12 @@ class _CrossAttentionCache(EncoderDecoderCache):
         self.is_updated = {}
 
 
-def _widen_mvp(kwargs: dict, length: int, q_len: int, key_len: int, causal: bool, valid, hidden) -> None:
-    """MVP: one additive (B, 1, T, S) attention_mask, or none."""
+def _widen_bart(kwargs: dict, length: int, q_len: int, key_len: int, causal: bool, valid, hidden) -> None:
+    """BART's call (MVP, LED's decoder): one additive (B, 1, T, S) attention_mask, or none."""
     mask = widen_mask(kwargs.get("attention_mask"), length, q_len, key_len, causal, valid, hidden.device)
-    if mask is not None and mask.dtype == torch.bool:  # built here (the model passed none): MVP adds masks
+    if (
+        mask is not None and mask.dtype == torch.bool
+    ):  # built here (the model passed none): the module adds masks
         mask = torch.zeros(mask.shape, dtype=hidden.dtype, device=mask.device).masked_fill(
             ~mask, torch.finfo(hidden.dtype).min
         )
@@ -208,18 +184,17 @@ class EncoderDecoderPath(ArchitecturePath):
     installation = _EncoderDecoderInstallation
 
 
+# BART's attention call: (B, T, d) states, the cross-attention's as key_value_states, one additive mask
+BART_CALL = {
+    "cross_name": "encoder_attn",
+    "cache_args": ("cache", "past_key_values"),
+    "query_arg": "hidden_states",
+    "source_arg": "key_value_states",
+    "time_major": False,
+    "widen": _widen_bart,
+}
 ENCODER_DECODER_PATHS = (
-    EncoderDecoderPath(
-        "mvp",
-        "MvpAttention",
-        "modeling_mvp",
-        cross_name="encoder_attn",
-        cache_args=("cache", "past_key_values"),
-        query_arg="hidden_states",
-        source_arg="key_value_states",
-        time_major=False,
-        widen=_widen_mvp,
-    ),
+    EncoderDecoderPath("mvp", "MvpAttention", "modeling_mvp", **BART_CALL),
     EncoderDecoderPath(
         "fsmt",
         "Attention",
@@ -235,12 +210,7 @@ ENCODER_DECODER_PATHS = (
         "led",
         "LEDDecoderAttention",
         "modeling_led",
-        cross_name="encoder_attn",
-        cache_args=("cache", "past_key_values"),
-        query_arg="hidden_states",
-        source_arg="key_value_states",
-        time_major=False,
-        widen=_widen_mvp,
+        **BART_CALL,
         encoder_refused=(
             "LED's encoder attends in Longformer's sliding windows and global tokens, which peft-ipt's prefixes do "
             "not reach. Set encoder_prefix=False to tune the decoder's self-attention and cross-attention prefixes "

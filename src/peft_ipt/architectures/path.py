@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
+
 from torch import nn
+
+from ..attention import SITE_ATTR, UnsupportedModelError
 
 
 class ArchitecturePath:
@@ -33,3 +37,32 @@ class Installation:
 
     def disable(self, model: nn.Module) -> None:
         pass
+
+
+class HookedInstallation(Installation):
+    """An installation whose doors are hooks on the attention modules, keyed by the module's site; ``remove`` takes
+    both away again."""
+
+    def __init__(self, spec: ArchitecturePath):
+        super().__init__(spec)
+        self._handles: list = []
+
+    def cache_keyword(self, module: nn.Module) -> str:
+        """The keyword this module takes its layer's cache by: the first of the spec's ``cache_args`` its forward
+        accepts (transformers 5.24 renamed some from ``past_key_values`` to ``cache``)."""
+        accepted = inspect.signature(module.forward).parameters
+        for name in self.spec.cache_args:
+            if name in accepted:
+                return name
+        raise UnsupportedModelError(
+            f"{type(module).__name__}.forward takes its cache by none of {', '.join(self.spec.cache_args)} in "
+            "this transformers version, so peft-ipt cannot put a prefix in front of its keys; use a transformers "
+            "version from the range pyproject admits"
+        )
+
+    def remove(self, model: nn.Module, sites) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for module, *_ in sites:
+            module.__dict__.pop(SITE_ATTR, None)
