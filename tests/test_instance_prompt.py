@@ -297,9 +297,8 @@ def test_input_injection_generate_counts_max_and_min_length_in_the_callers_token
     model.generation_config.max_length = 12  # the model's own setting, as a generation_config.json gives it
     assert torch.equal(model.generate(**greedy), five_new)
     model.generation_config.max_length = None
-    stop = int(
-        five_new[0, 7]
-    )  # the first new token as end of sequence: without a minimum, generation stops there
+    # the first new token as end of sequence: without a minimum, generation stops there
+    stop = int(five_new[0, 7])
     greedy["eos_token_id"] = stop
     assert model.generate(**greedy, max_new_tokens=8).shape[1] == 8
     held = model.generate(**greedy, max_new_tokens=8, min_length=7 + 5)

@@ -138,9 +138,8 @@ class _CrossAttentionCache(EncoderDecoderCache):
 def _widen_bart(kwargs: dict, length: int, q_len: int, key_len: int, causal: bool, valid, hidden) -> None:
     """BART's call (MVP, LED's decoder): one additive (B, 1, T, S) attention_mask, or none."""
     mask = widen_mask(kwargs.get("attention_mask"), length, q_len, key_len, causal, valid, hidden.device)
-    if (
-        mask is not None and mask.dtype == torch.bool
-    ):  # built here (the model passed none): the module adds masks
+    # built here (the model passed none): the module adds masks to its scores
+    if mask is not None and mask.dtype == torch.bool:
         mask = torch.zeros(mask.shape, dtype=hidden.dtype, device=mask.device).masked_fill(
             ~mask, torch.finfo(hidden.dtype).min
         )
@@ -153,9 +152,8 @@ def _widen_fsmt(kwargs: dict, length: int, q_len: int, key_len: int, causal: boo
     attn_mask = kwargs.get("attn_mask")
     if attn_mask is not None:
         attn_mask = attn_mask.expand(*attn_mask.shape[:-2], q_len, key_len)
-        kwargs["attn_mask"] = F.pad(
-            attn_mask, (length, 0)
-        )  # the prefix columns: 0 added, seen by every query
+        # the prefix columns: 0 added, seen by every query
+        kwargs["attn_mask"] = F.pad(attn_mask, (length, 0))
     padding = kwargs.get("key_padding_mask")
     if padding is None and valid is None:
         return

@@ -220,9 +220,8 @@ class InstancePromptModel(PromptTuner):
         raise ValueError(
             f"injection='input' cannot generate with {given}: its prompt is P soft tokens in front of the input, "
             "so generate() runs from inputs_embeds, while transformers' assisted generation drafts from input_ids. "
-            "Generate without an assistant (prompt_lookup_num_tokens "
-            "works), or use injection='hybrid' or 'prefix', whose prompts leave the input alone and generate with an "
-            "assistant token for token as without one."
+            "Generate without an assistant (prompt_lookup_num_tokens works), or use injection='hybrid' or 'prefix', "
+            "whose prompts leave the input alone and generate with an assistant token for token as without one."
         )
 
     def _finish_generate(self, output, args: tuple, kwargs: dict):
@@ -238,9 +237,8 @@ class InstancePromptModel(PromptTuner):
             rows = source.repeat_interleave(new_tokens.shape[0] // source.shape[0], dim=0)
             return torch.cat([rows, new_tokens], dim=1)
 
-        def cut(
-            states: tuple,
-        ) -> tuple:  # as in forward: the prompt's positions (in front) out of each layer's
+        # as in forward: the prompt's positions (in front) out of each layer's states
+        def cut(states: tuple) -> tuple:
             return tuple(h[:, P:] if h.dim() == 3 and h.shape[1] == length + P else h for h in states)
 
         if torch.is_tensor(output):
@@ -250,9 +248,8 @@ class InstancePromptModel(PromptTuner):
         output.sequences = with_input(output.sequences)  # return_dict_in_generate=True
         if encoder_decoder and getattr(output, "encoder_hidden_states", None):
             output.encoder_hidden_states = cut(output.encoder_hidden_states)
-        if not encoder_decoder and getattr(
-            output, "hidden_states", None
-        ):  # the first step covers the prompt too
+        # a decoder's first step covers the prompt too
+        if not encoder_decoder and getattr(output, "hidden_states", None):
             output.hidden_states = (cut(output.hidden_states[0]), *output.hidden_states[1:])
         return output
 
