@@ -625,6 +625,22 @@ def test_mvp_keeps_its_own_prompts_beside_the_prefix():
 # -- FSMT: an encoder-decoder off the registry, time-major, with a causal attn_mask and a key_padding_mask -------
 
 
+# the sizes and special tokens of conftest's tiny BART, for the encoder-decoders off the registry
+TINY_SEQ2SEQ = {
+    "d_model": 32,
+    "encoder_layers": 2,
+    "decoder_layers": 2,
+    "encoder_attention_heads": 4,
+    "decoder_attention_heads": 4,
+    "encoder_ffn_dim": 64,
+    "decoder_ffn_dim": 64,
+    "pad_token_id": 1,
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+    "decoder_start_token_id": 2,
+}
+
+
 def fsmt(seed: int = 0):
     from transformers import FSMTConfig, FSMTForConditionalGeneration
 
@@ -632,19 +648,9 @@ def fsmt(seed: int = 0):
         langs=["en", "de"],
         src_vocab_size=VOCAB,
         tgt_vocab_size=VOCAB,
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
         max_position_embeddings=64,
-        pad_token_id=1,
-        bos_token_id=0,
-        eos_token_id=2,
-        decoder_start_token_id=2,
         forced_eos_token_id=None,
+        **TINY_SEQ2SEQ,
     )
     torch.manual_seed(seed)
     return FSMTForConditionalGeneration(config).eval()
@@ -747,20 +753,10 @@ def led(seed: int = 0):
 
     config = LEDConfig(
         vocab_size=VOCAB,
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
         max_encoder_position_embeddings=64,
         max_decoder_position_embeddings=64,
         attention_window=4,
-        pad_token_id=1,
-        bos_token_id=0,
-        eos_token_id=2,
-        decoder_start_token_id=2,
+        **TINY_SEQ2SEQ,
     )
     torch.manual_seed(seed)
     return LEDForConditionalGeneration(config).eval()
