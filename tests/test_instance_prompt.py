@@ -633,6 +633,27 @@ def test_the_frozen_model_source_reads_inputs_embeds_when_that_is_all_the_call_h
     torch.testing.assert_close(from_embeds, from_ids)
 
 
+@pytest.mark.parametrize("swap", ["modules_to_save", "set_input_embeddings"])
+@pytest.mark.parametrize("injection", ["hybrid", "input"])
+def test_the_embeddings_source_reads_the_embedding_layer_the_model_reads_now(swap, injection):
+    """A trained copy of the embeddings (modules_to_save) or a layer set after get_peft_model is what the model embeds
+    its input with, so the instance signal reads it too: ids and their embeddings give one answer."""
+    extra = {"modules_to_save": ["embed_tokens"]} if swap == "modules_to_save" else {}
+    model = ipt_model("llama", instance_source="embeddings", injection=injection, **extra).eval()
+    if swap == "modules_to_save":
+        layer = model.get_input_embeddings().modules_to_save["default"]
+    else:
+        layer = torch.nn.Embedding.from_pretrained(model.get_input_embeddings().weight.clone(), freeze=False)
+        model.get_base_model().set_input_embeddings(layer)
+    with torch.no_grad():
+        layer.weight.mul_(-3.0)  # the table the model now reads differs from the one it had at get_peft_model
+    ids = token_batch(2, 6)
+    with torch.no_grad():
+        from_ids = model(input_ids=ids).logits
+        from_embeds = model(inputs_embeds=model.get_input_embeddings()(ids)).logits
+    torch.testing.assert_close(from_ids, from_embeds)
+
+
 def test_a_mixture_prompt_is_a_convex_mix_of_its_learned_prompts():
     from peft_ipt.instance_prompt.encoders import MixtureEncoder
 

@@ -112,6 +112,9 @@ class PromptInputs:
     is_encoder_decoder: bool = False
     # Runs the frozen model on this call's source (PromptTuner._run_frozen(inputs, depth)); set by the tuner.
     frozen_runner: Callable[[PromptInputs, int | None], torch.Tensor] | None = field(default=None, repr=False)
+    # The model's input embedding layer as it is at this call (set by the tuner): looked up per call, because
+    # modules_to_save on the embeddings, set_input_embeddings or a resize replaces the module the model reads.
+    embedder: nn.Module | None = field(default=None, repr=False)
     _frozen: dict = field(default_factory=dict, repr=False)
 
     def select(self, rows: torch.Tensor) -> PromptInputs:
@@ -125,6 +128,7 @@ class PromptInputs:
             pick(self.source_mask),
             self.is_encoder_decoder,
             frozen_runner=lambda _, depth: self.frozen_states(depth)[rows],
+            embedder=self.embedder,
         )
 
     @property
@@ -637,6 +641,7 @@ class PromptTuner(BaseTuner):
             source_mask=source_mask,
             is_encoder_decoder=bool(getattr(self.model.config, "is_encoder_decoder", False)),
             frozen_runner=self._run_frozen,
+            embedder=self.model.get_input_embeddings(),
         )
 
     def _enter(self, role: str, module: nn.Module, args: tuple, kwargs: dict):

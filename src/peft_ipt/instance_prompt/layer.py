@@ -27,9 +27,6 @@ class InstancePromptModule(PromptModule):
             source_dim = r
         else:
             source_dim = hidden
-        # The model's own embedding layer, for instance_source='embeddings': referenced, never registered (it is
-        # frozen and belongs to the base model, not to the adapter's state dict).
-        object.__setattr__(self, "_embeddings", model.get_input_embeddings())
         self.encoder = ENCODERS[config.instance_encoder](source_dim, P, r, config.encoder_hidden_size)
         self.dropout = nn.Dropout(config.prompt_dropout)
 
@@ -94,7 +91,7 @@ class InstancePromptModule(PromptModule):
             elif inputs.inputs_embeds is not None:
                 states = inputs.inputs_embeds
             else:
-                states = self._embeddings(inputs.input_ids)
+                states = inputs.embedder(inputs.input_ids)  # what the model itself reads the ids with
             index = index.clamp(max=states.shape[1] - 1)  # invalid entries may point past a cut frozen pass
             vectors = torch.gather(states, 1, index[..., None].expand(-1, -1, states.shape[-1]))
             # Masked positions of the frozen pass may hold anything (NaN where a row sees no key at all).
