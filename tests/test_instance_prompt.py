@@ -654,6 +654,41 @@ def test_the_embeddings_source_reads_the_embedding_layer_the_model_reads_now(swa
     torch.testing.assert_close(from_ids, from_embeds)
 
 
+@pytest.mark.parametrize(
+    "variant", [*VARIANTS, {"prefix_v2": True}], ids=lambda v: "-".join(map(str, v.values()))
+)
+def test_generating_from_inputs_embeds_gives_the_tokens_of_generating_from_ids(variant):
+    """generate(inputs_embeds=...) on a decoder: the prompt comes from the embeddings, once, and decoding goes on
+    from the new tokens' ids; it returns only the new tokens, as transformers does without an adapter."""
+    if "prefix_v2" in variant:
+        config = PrefixTuningV2Config(task_type="CAUSAL_LM", prefix_length=4, init_weights=False)
+        model = get_peft_model(tiny_model("llama"), config).eval()
+    else:
+        model = ipt_model("llama", **variant).eval()
+    ids = token_batch(2, 6)
+    mask = torch.ones_like(ids)
+    embeds = model.get_input_embeddings()(ids).detach()
+    greedy = {"max_new_tokens": 4, "do_sample": False}
+    if variant.get("instance_source") == "token_table":
+        with pytest.raises(ValueError, match="pass input_ids"):
+            model.generate(inputs_embeds=embeds, attention_mask=mask, **greedy)
+        return
+    from_ids = model.generate(input_ids=ids, attention_mask=mask, **greedy)
+    from_embeds = model.generate(inputs_embeds=embeds, attention_mask=mask, **greedy)
+    assert torch.equal(from_embeds, from_ids[:, ids.shape[1] :])
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(map(str, v.values())))
+def test_logits_to_keep_returns_the_last_positions_of_the_full_logits(variant):
+    """transformers' logits_to_keep (what generate passes) keeps the caller's last positions, never a prompt's."""
+    model = ipt_model("llama", **variant).eval()
+    ids = token_batch(2, 6)
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        for keep in (1, 3):
+            torch.testing.assert_close(model(input_ids=ids, logits_to_keep=keep).logits, full[:, -keep:])
+
+
 def test_a_mixture_prompt_is_a_convex_mix_of_its_learned_prompts():
     from peft_ipt.instance_prompt.encoders import MixtureEncoder
 
