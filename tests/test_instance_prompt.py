@@ -678,6 +678,48 @@ def test_generating_from_inputs_embeds_gives_the_tokens_of_generating_from_ids(v
     assert torch.equal(from_embeds, from_ids[:, ids.shape[1] :])
 
 
+@pytest.mark.parametrize(
+    "variant",
+    [{"injection": "hybrid"}, {"injection": "input"}, {"prefix_v2": True}],
+    ids=lambda v: "-".join(map(str, v.values())),
+)
+def test_seq2seq_trainer_predict_with_generate_gives_each_inputs_own_generation(variant, tmp_path):
+    """Seq2SeqTrainer(predict_with_generate=True) generates from right-padded batches of inputs of several lengths:
+    every row's tokens are the ones generate() gives that input alone."""
+    from datasets import Dataset
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    if "prefix_v2" in variant:
+        config = PrefixTuningV2Config(task_type="SEQ_2_SEQ_LM", prefix_length=4, init_weights=False)
+        model = get_peft_model(tiny_model("bart", "SEQ_2_SEQ_LM"), config).eval()
+    else:
+        model = ipt_model("bart", "SEQ_2_SEQ_LM", **variant).eval()
+    generator = torch.Generator().manual_seed(0)
+    rows = [
+        {"input_ids": torch.randint(3, 128, (n,), generator=generator).tolist(), "labels": [5, 6, 7, 8]}
+        for n in (4, 8, 6, 5, 7)
+    ]
+
+    def collate(features):  # right padding with BART's pad id 1, as a tokenizer's collator pads
+        width = max(len(f["input_ids"]) for f in features)
+        pad = lambda f: [1] * (width - len(f["input_ids"]))  # noqa: E731
+        return {
+            "input_ids": torch.tensor([f["input_ids"] + pad(f) for f in features]),
+            "attention_mask": torch.tensor([[1] * len(f["input_ids"]) + [0] * len(pad(f)) for f in features]),
+            "labels": torch.tensor([f["labels"] for f in features]),
+        }
+
+    args = Seq2SeqTrainingArguments(
+        str(tmp_path), per_device_eval_batch_size=3, predict_with_generate=True, report_to=[], use_cpu=True
+    )
+    trainer = Seq2SeqTrainer(model=model, args=args, data_collator=collate)
+    predictions = trainer.predict(Dataset.from_list(rows), max_new_tokens=5, do_sample=False).predictions
+    for row, predicted in zip(rows, predictions, strict=True):
+        ids = torch.tensor([row["input_ids"]])
+        alone = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False)[0].tolist()
+        assert predicted[: len(alone)].tolist() == alone
+
+
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(map(str, v.values())))
 def test_logits_to_keep_returns_the_last_positions_of_the_full_logits(variant):
     """transformers' logits_to_keep (what generate passes) keeps the caller's last positions, never a prompt's."""
