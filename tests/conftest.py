@@ -123,6 +123,14 @@ def token_batch(batch: int = 2, length: int = 7, seed: int = 1, low: int = 3) ->
     return torch.randint(low, VOCAB, (batch, length), generator=generator)
 
 
+def lm_labels(ids: torch.Tensor, source: int = 3) -> torch.Tensor:
+    """Causal-LM labels whose first ``source`` tokens are the prompt (-100), which an instance prompt reads; IPT
+    refuses labels that make every token a target (nothing left to build the prompt from)."""
+    labels = ids.clone()
+    labels[..., :source] = -100
+    return labels
+
+
 @pytest.fixture
 def make_model():
     return tiny_model

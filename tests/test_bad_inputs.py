@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model, token_batch
+from conftest import lm_labels, tiny_model, token_batch
 from peft import get_peft_model
 
 from peft_ipt import InstancePromptConfig, PrefixTuningV2Config
@@ -82,7 +82,7 @@ def test_a_non_finite_adapter_parameter_stops_training_naming_it(config_cls):
     with pytest.raises(
         FloatingPointError, match=rf"NaN/inf.*its parameter {name} is non-finite.*learning rate"
     ):
-        model(input_ids=ids, labels=ids)
+        model(input_ids=ids, labels=lm_labels(ids))
 
 
 def test_a_non_finite_input_to_the_instance_encoder_names_the_module_it_surfaced_in():

@@ -9,7 +9,7 @@ import io
 
 import pytest
 import torch
-from conftest import tiny_model, token_batch
+from conftest import lm_labels, tiny_model, token_batch
 from peft import get_peft_model
 from test_architectures import decoder, encoder
 
@@ -130,7 +130,7 @@ def test_a_copy_made_between_training_steps_or_after_generate_runs_the_same_adap
         model = _bf16_model(variant)
     if when == "after a training step":
         model.train()
-        model(input_ids=IDS, labels=IDS).loss.backward()
+        model(input_ids=IDS, labels=lm_labels(IDS)).loss.backward()
     else:
         model.eval()
         model.generate(input_ids=IDS, attention_mask=torch.ones_like(IDS), max_new_tokens=3, do_sample=False)
@@ -166,7 +166,7 @@ def test_adapters_in_the_base_models_dtype_train_in_bf16(variant):
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert {p.dtype for p in trainable} == {torch.bfloat16}
     model.train()
-    loss = model(input_ids=IDS, labels=IDS).loss
+    loss = model(input_ids=IDS, labels=lm_labels(IDS)).loss
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model, token_batch
+from conftest import lm_labels, tiny_model, token_batch
 from launching import free_port, launch
 from peft import get_peft_model
 
@@ -70,7 +70,7 @@ def test_gradient_accumulation_equals_the_larger_batch(config_cls):
         model = get_peft_model(tiny_model("llama"), config_cls(task_type="CAUSAL_LM", init_weights=False))
         model.train()
         for part in ids.chunk(chunks):
-            (model(input_ids=part, labels=part).loss / chunks).backward()
+            (model(input_ids=part, labels=lm_labels(part)).loss / chunks).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6)
@@ -88,7 +88,7 @@ def test_bf16_autocast_training_tracks_float32(config_cls):
         losses = []
         for _ in range(8):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
-                loss = model(input_ids=ids, labels=ids).loss
+                loss = model(input_ids=ids, labels=lm_labels(ids)).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
@@ -112,5 +112,5 @@ def test_torch_compile_matches_eager_forward_and_trains():
     with torch.no_grad():
         torch.testing.assert_close(compiled(input_ids=ids).logits, eager, rtol=1e-5, atol=1e-5)
     model.train()
-    compiled(input_ids=ids, labels=ids).loss.backward()
+    compiled(input_ids=ids, labels=lm_labels(ids)).loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model, token_batch
+from conftest import lm_labels, tiny_model, token_batch
 from peft import PeftModel, get_peft_model
 from test_prefix_tuning import COMBOS, main_output, model_inputs
 
@@ -112,6 +112,37 @@ def test_an_explicit_source_mask_overrides_labels():
             input_ids=ids, source_mask=torch.cat([torch.ones_like(source), torch.zeros_like(target)], dim=1)
         )
     assert_same_prefixes(alone, prefix_snapshot(model))
+
+
+def test_labels_that_make_every_token_a_target_are_refused_naming_the_fix():
+    """Plain language-modelling labels (labels == input_ids, as DataCollatorForLanguageModeling makes them) leave the
+    instance prompt nothing to read in training, while generate() reads the whole input: refused, not trained."""
+    model = ipt_model().train()
+    ids = token_batch(2, 6)
+    with pytest.raises(ValueError, match=r"every token of this batch a target.*-100.*source_mask"):
+        model(input_ids=ids, labels=ids)
+    padded = torch.where(torch.arange(6) < 4, ids, -100)  # targets up to the padding: still no source
+    with pytest.raises(ValueError, match="every token of this batch a target"):
+        model(input_ids=ids, attention_mask=(padded != -100).long(), labels=padded)
+    # what works: a source part labelled -100, an explicit source_mask, or one row with a source
+    model(input_ids=ids, labels=lm_labels(ids)).loss.backward()
+    model(input_ids=ids, labels=ids, source_mask=torch.arange(6).expand(2, 6) < 3)
+    one_row = ids.clone()
+    one_row[0, :2] = -100
+    model(input_ids=ids, labels=one_row)
+
+
+@pytest.mark.parametrize("injection", ["hybrid", "input"])
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_a_token_classifiers_labels_never_change_its_logits(arch, injection):
+    """Token-classification labels tag the input; they are not targets the model reads, so the prompt a training
+    call builds is the one inference (no labels) builds."""
+    model = ipt_model(arch, "TOKEN_CLS", injection=injection).eval()
+    ids = token_batch(2, 6)
+    tags = torch.randint(0, 3, (2, 6), generator=torch.Generator().manual_seed(2))
+    tags[:, 0] = -100  # a special token, as a tokenizer-aligned dataset marks it
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, labels=tags).logits, model(input_ids=ids).logits)
 
 
 @pytest.mark.parametrize("arch", ["bart", "t5"])
@@ -392,7 +423,9 @@ def test_hybrid_task_prefix_starts_as_the_models_own_keys_and_values_of_real_wor
     model = get_peft_model(tiny_model(arch, task), config)
     module = model.base_model.prompt_modules["default"]
     ids = token_batch(2, 6)
-    inputs = PromptInputs(input_ids=ids, is_encoder_decoder=arch == "bart")
+    inputs = PromptInputs(
+        input_ids=ids, is_encoder_decoder=arch == "bart", embedder=model.get_input_embeddings()
+    )
     prefixes = module.prefixes(inputs)  # the instance head starts at zero: task part only
     recorded = model.base_model.record_activations(token_ids)
     assert set(prefixes) == {kind for kind, _ in recorded}
@@ -484,7 +517,9 @@ def checkpointed_step(arch: str, task: str, variant: dict, checkpointing: str | 
     model.base_model.model.config.use_cache = False
     inputs = model_inputs(arch, task)
     labels = (
-        torch.tensor([0, 1]) if task == "SEQ_CLS" else inputs.get("decoder_input_ids", inputs["input_ids"])
+        torch.tensor([0, 1])
+        if task == "SEQ_CLS"
+        else inputs.get("decoder_input_ids", lm_labels(inputs["input_ids"]))
     )
     with torch.random.fork_rng():
         torch.manual_seed(1)
@@ -620,7 +655,7 @@ def test_the_frozen_models_extra_forward_runs_once_per_generate(arch, task, gene
     model.generate(**kwargs, **generation)
     assert len(runs) == 1 and runs[0].tokens.shape == (2, 6)  # the prompt's source, before beams expand it
     model.train()
-    model(input_ids=ids, labels=ids if task == "CAUSAL_LM" else token_batch(2, 4, seed=3))
+    model(input_ids=ids, labels=lm_labels(ids) if task == "CAUSAL_LM" else token_batch(2, 4, seed=3))
     assert len(runs) == 2  # and once per training forward
 
 
@@ -846,7 +881,7 @@ def test_a_reparameterised_task_prefix_trains_and_reloads(tmp_path):
     assert any(".task." in n and ".mlp." in n for n in trainable)
     ids = token_batch()
     model.train()
-    model(input_ids=ids, labels=ids).loss.backward()
+    model(input_ids=ids, labels=lm_labels(ids)).loss.backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if ".task." in n)
     model.eval()
     with torch.no_grad():

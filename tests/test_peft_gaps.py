@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model, token_batch
+from conftest import lm_labels, tiny_model, token_batch
 from peft import PeftModel, get_peft_model
 
 from peft_ipt import InstancePromptConfig, PrefixTuningV2Config
@@ -52,7 +52,7 @@ def test_a_loaded_adapter_trains_further_with_is_trainable(config_cls, tmp_path)
     optimizer = torch.optim.SGD(trainable, lr=0.1)
     loaded.train()
     ids = token_batch()
-    loaded(input_ids=ids, labels=ids).loss.backward()
+    loaded(input_ids=ids, labels=lm_labels(ids)).loss.backward()
     optimizer.step()
     assert any(not torch.equal(a, b) for a, b in zip(before, trainable, strict=True))
     frozen = PeftModel.from_pretrained(tiny_model("llama"), tmp_path)

@@ -110,6 +110,9 @@ class PromptInputs:
         None  # explicit (B, T) mask of source tokens, given by the user/collator
     )
     is_encoder_decoder: bool = False
+    # True when per-token labels are the model's own next tokens (a decoder-only language model trained with teacher
+    # forcing); a token classifier's labels are not, and never hide their tokens from the prompt.
+    teacher_forced: bool = False
     # Runs the frozen model on this call's source (PromptTuner._run_frozen(inputs, depth)); set by the tuner.
     frozen_runner: Callable[[PromptInputs, int | None], torch.Tensor] | None = field(default=None, repr=False)
     # The model's input embedding layer as it is at this call (set by the tuner): looked up per call, because
@@ -127,6 +130,7 @@ class PromptInputs:
             pick(self.labels),
             pick(self.source_mask),
             self.is_encoder_decoder,
+            self.teacher_forced,
             frozen_runner=lambda _, depth: self.frozen_states(depth)[rows],
             embedder=self.embedder,
         )
@@ -138,9 +142,10 @@ class PromptInputs:
     def source(self) -> torch.Tensor | None:
         """(B, T) bool: the tokens an instance prompt may be built from.
 
-        Padding never counts. For decoder-only training with teacher forcing, tokens with a label (labels != -100)
-        are targets and never count either; an explicit ``source_mask`` overrides that inference. For
-        encoder-decoder models ``input_ids`` is the encoder input, the source by definition.
+        Padding never counts. For decoder-only language models trained with teacher forcing, tokens with a label
+        (labels != -100) are targets and never count either; an explicit ``source_mask`` overrides that inference.
+        For encoder-decoder models ``input_ids`` is the encoder input, the source by definition; a token
+        classifier's labels tag its input, which stays the source whatever the labels.
         """
         tokens = self.tokens
         if tokens is None:
@@ -151,7 +156,7 @@ class PromptInputs:
             mask &= self.attention_mask[:, -shape[1] :].bool()
         if self.source_mask is not None:
             mask &= self.source_mask.bool()
-        elif self.labels is not None and not self.is_encoder_decoder and self.labels.shape == shape:
+        elif self.labels is not None and self.teacher_forced and self.labels.shape == shape:
             mask &= self.labels == -100
         return mask
 
@@ -166,6 +171,26 @@ class PromptInputs:
                 )
             self._frozen[depth] = self.frozen_runner(self, depth)
         return self._frozen[depth]
+
+
+def _check_some_source(inputs: PromptInputs) -> None:
+    """Refuse a decoder-only batch whose labels mark every token a target: the instance prompt would be built from
+    nothing in training, and from the whole input at generate() (a collator for plain language modelling does this)."""
+    if inputs.labels is None or inputs.source_mask is not None or not inputs.teacher_forced:
+        return
+    tokens = inputs.tokens
+    if tokens is None or inputs.labels.shape != tokens.shape[:2]:
+        return
+    present = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+    if inputs.attention_mask is not None:
+        present &= inputs.attention_mask[:, -tokens.shape[1] :].bool()
+    if present.any() and not inputs.source().any():
+        raise ValueError(
+            "the instance prompt reads only source tokens, and labels != -100 marks every token of this batch a "
+            "target (as DataCollatorForLanguageModeling does), so training would build each prompt from nothing while "
+            "generate() builds it from the whole input. Set the labels of each example's prompt/source part to -100 "
+            "(a completion-only collator), or pass source_mask=(B, T) bool naming the source tokens in the call."
+        )
 
 
 def init_token_ids(config, model: nn.Module, length: int) -> torch.Tensor:
@@ -348,6 +373,13 @@ class PromptTuner(BaseTuner):
         self._injection = PrefixInjection(model, self)
         self._position_limit = position_limit(model)
         self._causal = self._injection.causal
+        # A decoder-only model with a language-modelling head takes its targets as labels (B, T); a token
+        # classifier (can_generate() False) takes tags of its input.
+        self._teacher_forced = (
+            not getattr(model.config, "is_encoder_decoder", False)
+            and callable(getattr(model, "can_generate", None))
+            and model.can_generate()
+        )
         self._hooks = []
         for module, role in entry_points(model):
             self._hooks.append(
@@ -640,6 +672,7 @@ class PromptTuner(BaseTuner):
             labels=kwargs.get("labels"),
             source_mask=source_mask,
             is_encoder_decoder=bool(getattr(self.model.config, "is_encoder_decoder", False)),
+            teacher_forced=self._teacher_forced,
             frozen_runner=self._run_frozen,
             embedder=self.model.get_input_embeddings(),
         )
@@ -683,6 +716,7 @@ class PromptTuner(BaseTuner):
                     "from the encoder's input, which this call does not have. Call the whole model "
                     "(model(input_ids=..., decoder_input_ids=...)) or its encoder."
                 )
+            _check_some_source(inputs)
             if self._prefixes is not None:
                 past = _cache_argument(kwargs)
                 decoding = past is not None and past.get_seq_length() > 0

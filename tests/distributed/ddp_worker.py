@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from conftest import tiny_model  # noqa: E402
+from conftest import lm_labels, tiny_model  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 
 from peft_ipt import InstancePromptConfig, PrefixTuningV2Config  # noqa: E402
@@ -75,7 +75,7 @@ def main(out_path: str, method: str, wrap: str = "ddp") -> None:
     losses = []
     for step in range(STEPS):
         batch = data[step, rank * share : (rank + 1) * share]
-        loss = trained(input_ids=batch, labels=batch).loss
+        loss = trained(input_ids=batch, labels=lm_labels(batch)).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
