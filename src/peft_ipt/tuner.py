@@ -139,6 +139,16 @@ class PromptInputs:
     def tokens(self) -> torch.Tensor | None:
         return self.input_ids if self.input_ids is not None else self.inputs_embeds
 
+    def present(self) -> torch.Tensor | None:
+        """(B, T) bool: the call's tokens that are not padding."""
+        tokens = self.tokens
+        if tokens is None:
+            return None
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        if self.attention_mask is not None:
+            mask &= self.attention_mask[:, -tokens.shape[1] :].bool()
+        return mask
+
     def source(self) -> torch.Tensor | None:
         """(B, T) bool: the tokens an instance prompt may be built from.
 
@@ -147,13 +157,10 @@ class PromptInputs:
         For encoder-decoder models ``input_ids`` is the encoder input, the source by definition; a token
         classifier's labels tag its input, which stays the source whatever the labels.
         """
-        tokens = self.tokens
-        if tokens is None:
+        mask = self.present()
+        if mask is None:
             return None
-        shape = tokens.shape[:2]
-        mask = torch.ones(shape, dtype=torch.bool, device=tokens.device)
-        if self.attention_mask is not None:
-            mask &= self.attention_mask[:, -shape[1] :].bool()
+        shape = mask.shape
         if self.source_mask is not None:
             mask &= self.source_mask.bool()
         elif self.labels is not None and self.teacher_forced and self.labels.shape == shape:
@@ -178,12 +185,9 @@ def _check_some_source(inputs: PromptInputs) -> None:
     nothing in training, and from the whole input at generate() (a collator for plain language modelling does this)."""
     if inputs.labels is None or inputs.source_mask is not None or not inputs.teacher_forced:
         return
-    tokens = inputs.tokens
-    if tokens is None or inputs.labels.shape != tokens.shape[:2]:
+    present = inputs.present()
+    if present is None or inputs.labels.shape != present.shape:
         return
-    present = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-    if inputs.attention_mask is not None:
-        present &= inputs.attention_mask[:, -tokens.shape[1] :].bool()
     if present.any() and not inputs.source().any():
         raise ValueError(
             "the instance prompt reads only source tokens, and labels != -100 marks every token of this batch a "
