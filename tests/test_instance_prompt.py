@@ -34,6 +34,14 @@ def ipt_model(arch="llama", task="CAUSAL_LM", **config):
     return get_peft_model(tiny_model(arch, task), InstancePromptConfig(task_type=task, **config))
 
 
+def ipt_or_prefix_model(arch: str, task: str, variant: dict):
+    """An IPT variant, or with ``{"prefix_v2": True}`` a PrefixTuningV2 adapter of the same length, in eval mode."""
+    if "prefix_v2" in variant:
+        config = PrefixTuningV2Config(task_type=task, prefix_length=4, init_weights=False)
+        return get_peft_model(tiny_model(arch, task), config).eval()
+    return ipt_model(arch, task, **variant).eval()
+
+
 def prefix_snapshot(model) -> dict:
     """The prefix keys of the last call per (attention kind, layer), detached."""
     return {site: keys.detach().clone() for site, (keys, *_) in model.base_model._prefixes.items()}
@@ -695,11 +703,7 @@ def test_the_embeddings_source_reads_the_embedding_layer_the_model_reads_now(swa
 def test_generating_from_inputs_embeds_gives_the_tokens_of_generating_from_ids(variant):
     """generate(inputs_embeds=...) on a decoder: the prompt comes from the embeddings, once, and decoding goes on
     from the new tokens' ids; it returns only the new tokens, as transformers does without an adapter."""
-    if "prefix_v2" in variant:
-        config = PrefixTuningV2Config(task_type="CAUSAL_LM", prefix_length=4, init_weights=False)
-        model = get_peft_model(tiny_model("llama"), config).eval()
-    else:
-        model = ipt_model("llama", **variant).eval()
+    model = ipt_or_prefix_model("llama", "CAUSAL_LM", variant)
     ids = token_batch(2, 6)
     mask = torch.ones_like(ids)
     embeds = model.get_input_embeddings()(ids).detach()
@@ -724,11 +728,7 @@ def test_seq2seq_trainer_predict_with_generate_gives_each_inputs_own_generation(
     from datasets import Dataset
     from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
 
-    if "prefix_v2" in variant:
-        config = PrefixTuningV2Config(task_type="SEQ_2_SEQ_LM", prefix_length=4, init_weights=False)
-        model = get_peft_model(tiny_model("bart", "SEQ_2_SEQ_LM"), config).eval()
-    else:
-        model = ipt_model("bart", "SEQ_2_SEQ_LM", **variant).eval()
+    model = ipt_or_prefix_model("bart", "SEQ_2_SEQ_LM", variant)
     generator = torch.Generator().manual_seed(0)
     rows = [
         {"input_ids": torch.randint(3, 128, (n,), generator=generator).tolist(), "labels": [5, 6, 7, 8]}
