@@ -118,6 +118,14 @@ def test_unknown_method_config_key_is_checked_against_the_method(folder, no_mode
     assert "x.yaml: method_config.prompt_lenght is not a known key (did you mean prompt_length?)" in message
 
 
+def test_a_peft_field_name_in_method_config_names_ours(folder, no_model_loads):
+    message = train_error(write(folder, changed(method_config={"num_virtual_tokens": 8})))
+    assert (
+        "x.yaml: method_config.num_virtual_tokens is not a known key (that is peft's name; use prompt_length)"
+        in (message)
+    )
+
+
 def test_wrong_type_is_named_with_the_expected_type(folder, no_model_loads):
     message = train_error(write(folder, changed(training__learning_rate="fast")))
     assert message == f"{folder / 'x.yaml'}: training.learning_rate must be float (got 'fast', a str)"

@@ -484,6 +484,29 @@ def test_invalid_config_values_are_rejected_naming_field_and_value(field, value,
 
 
 @pytest.mark.parametrize(
+    ("config_cls", "name", "value", "fix"),
+    [
+        (PrefixTuningV2Config, "num_virtual_tokens", 8, "Use prefix_length"),
+        (InstancePromptConfig, "num_virtual_tokens", 8, "Use prompt_length"),
+        (PrefixTuningV2Config, "prefix_projection", True, "Use reparameterize"),
+        (InstancePromptConfig, "prefix_projection", True, "Use task_prefix_hidden_size"),
+        (InstancePromptConfig, "prompt_tuning_init", "TEXT", "Use prefix_init"),
+        (PrefixTuningV2Config, "target_modules", ["q_proj"], "Use layers_to_transform"),
+        (InstancePromptConfig, "num_layers", 4, "read from the model"),
+    ],
+)
+def test_peft_field_names_are_refused_naming_ours(config_cls, name, value, fix):
+    # A peft user's PrefixTuningConfig(num_virtual_tokens=...) habit: the bare dataclass error names no fix.
+    with pytest.raises(TypeError) as info:
+        config_cls(task_type="CAUSAL_LM", **{name: value})
+    message = str(info.value)
+    assert (
+        f"{config_cls.__name__} has no field {name!r} (got {name}={value!r}); that is peft's name" in message
+    )
+    assert fix in message
+
+
+@pytest.mark.parametrize(
     "change",
     [
         {"num_hidden_layers": 3},

@@ -58,6 +58,29 @@ class PromptConfigBase(PeftConfig):
     card_title: ClassVar[str] = ""
     card_summary: ClassVar[str] = ""
     card_fields: ClassVar[tuple[str, ...]] = ()
+    # peft's prompt-method field names a user brings from PrefixTuningConfig / PromptTuningConfig, and what to write
+    # here instead; each class adds its own length field.
+    peft_names: ClassVar[dict[str, str]] = {
+        "prompt_tuning_init": "prefix_init ('random', 'text' or 'vocab')",
+        "prompt_tuning_init_text": "prefix_init_text (with prefix_init='text')",
+        "target_modules": "layers_to_transform (a prefix goes into attention layers, not named modules)",
+        "num_layers": "nothing: the layer count is read from the model",
+        "num_attention_heads": "nothing: the head count is read from the model",
+        "token_dim": "nothing: the hidden size is read from the model",
+        "num_transformer_submodules": "nothing: the encoder/decoder stacks are read from the model "
+        "(encoder_prefix / decoder_prefix / cross_prefix choose among them)",
+    }
+
+    def __new__(cls, *args, **kwargs):
+        """Refuse peft's names for our fields before the dataclass' own TypeError, which names no fix."""
+        known = {f.name for f in fields(cls)}
+        for name, value in kwargs.items():
+            if name in cls.peft_names and name not in known:
+                raise TypeError(
+                    f"{cls.__name__} has no field {name!r} (got {name}={value!r}); that is peft's name. "
+                    f"Use {cls.peft_names[name]}"
+                )
+        return super().__new__(cls)
 
     layers_to_transform: list[int] | int | None = field(
         default=None,

@@ -434,10 +434,17 @@ def _matches(value: Any, annotation: Any) -> bool:
     return True
 
 
-def _unknown_key(source: str, key: str, known: list[str], from_set: set[str]) -> ExperimentError:
+def _unknown_key(
+    source: str, key: str, known: list[str], from_set: set[str], renamed: dict[str, str] | None = None
+) -> ExperimentError:
     name = key.rpartition(".")[2]
     close = difflib.get_close_matches(name, known, n=1)
-    hint = f" (did you mean {close[0]}?)" if close else f" (known keys: {', '.join(sorted(known))})"
+    if renamed and name in renamed:
+        hint = f" (that is peft's name; use {renamed[name]})"
+    elif close:
+        hint = f" (did you mean {close[0]}?)"
+    else:
+        hint = f" (known keys: {', '.join(sorted(known))})"
     origin = " (from --set)" if key in from_set else ""
     return ExperimentError(f"{source}: {key}{origin} is not a known key{hint}")
 
@@ -451,14 +458,22 @@ class _Checker:
         origin = " (from --set)" if key in self.from_set else ""
         return ExperimentError(f"{self.source}: {key}{origin} {message}")
 
-    def fields(self, raw: Any, hints: dict[str, Any], prefix: str, required: tuple[str, ...] = ()) -> dict:
-        """Check a mapping against ``name -> annotation``: known keys, types, required keys."""
+    def fields(
+        self,
+        raw: Any,
+        hints: dict[str, Any],
+        prefix: str,
+        required: tuple[str, ...] = (),
+        renamed: dict[str, str] | None = None,
+    ) -> dict:
+        """Check a mapping against ``name -> annotation``: known keys, types, required keys; ``renamed``: keys
+        another library names differently, with the name to use here."""
         if not isinstance(raw, dict):
             raise self.error(prefix.rstrip("."), f"must be a mapping (got {raw!r})")
         for key, value in raw.items():
             dotted = f"{prefix}{key}"
             if key not in hints:
-                raise _unknown_key(self.source, dotted, list(hints), self.from_set)
+                raise _unknown_key(self.source, dotted, list(hints), self.from_set, renamed)
             if not _matches(value, hints[key]):
                 raise self.error(
                     dotted, f"must be {_describe(hints[key])} (got {value!r}, a {type(value).__name__})"
@@ -610,7 +625,11 @@ def validate(raw: dict[str, Any], source: str = "<dict>", from_set: set[str] | N
             "method_config", f"must be empty for method {raw['method']!r} (got {raw['method_config']})"
         )
     method_config = check.fields(
-        raw.get("method_config") or {}, method_hints(method), "method_config.", method.required
+        raw.get("method_config") or {},
+        method_hints(method),
+        "method_config.",
+        method.required,
+        getattr(method.config_class(), "peft_names", None),
     )
 
     experiment = Experiment(

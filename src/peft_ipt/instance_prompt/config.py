@@ -42,6 +42,12 @@ class InstancePromptConfig(PromptConfigBase):
         "layers_to_transform",
     )
 
+    peft_names: ClassVar[dict[str, str]] = PromptConfigBase.peft_names | {
+        "num_virtual_tokens": "prompt_length",
+        "prefix_projection": "task_prefix_hidden_size (the width of prefix-tuning's MLP for the task prefix; "
+        "None: flat)",
+    }
+
     prompt_length: int = field(
         default=16, metadata={"help": "Number of prompt vectors P (paper: 5-120, best near 100)."}
     )

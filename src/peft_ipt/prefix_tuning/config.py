@@ -35,6 +35,11 @@ class PrefixTuningV2Config(PromptConfigBase):
         "folded",
     )
 
+    peft_names: ClassVar[dict[str, str]] = PromptConfigBase.peft_names | {
+        "num_virtual_tokens": "prefix_length",
+        "prefix_projection": "reparameterize (True: prefix-tuning's MLP, hidden size encoder_hidden_size)",
+    }
+
     prefix_length: int = field(
         default=16,
         metadata={
