@@ -7,11 +7,13 @@ import os
 import pytest
 import torch
 import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
     BartConfig,
     BertConfig,
     GPT2Config,
     LlamaConfig,
+    PreTrainedTokenizerFast,
     RobertaConfig,
     T5Config,
 )
@@ -134,3 +136,27 @@ def lm_labels(ids: torch.Tensor, source: int = 3) -> torch.Tensor:
 @pytest.fixture
 def make_model():
     return tiny_model
+
+
+# -- a word-level tokenizer for runs that need text (the CLI, pipelines) ------------------------------------
+
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "</s>"]
+WORDS = (
+    "the a movie film was very good great fine bad awful poor name food area pub cafe cheap french "
+    "riverside centre is in serves : , ."
+).split()
+
+
+def tiny_tokenizer(with_cls: bool) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over WORDS: BERT-like ([CLS] x [SEP]) or decoder-like (no specials added)."""
+    vocab = {token: i for i, token in enumerate(SPECIAL + WORDS)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if with_cls:
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+        )
+    specials = {"cls_token": "[CLS]", "sep_token": "[SEP]"} if with_cls else {}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", eos_token="</s>", **specials
+    )

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import SPECIAL, WORDS, tiny_tokenizer
 from safetensors.torch import load_file
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
     BartConfig,
     BartForConditionalGeneration,
@@ -20,7 +20,6 @@ from transformers import (
     BertForSequenceClassification,
     LlamaConfig,
     LlamaForCausalLM,
-    PreTrainedTokenizerFast,
 )
 
 from peft_ipt.cli import main
@@ -29,27 +28,7 @@ from peft_ipt.cli.experiment import validate
 from peft_ipt.cli.generate import generate
 from peft_ipt.cli.train import CLIError, evaluate_run, load_run, push
 
-SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "</s>"]
-WORDS = (
-    "the a movie film was very good great fine bad awful poor name food area pub cafe cheap french "
-    "riverside centre is in serves : , ."
-).split()
 POSITIVE, NEGATIVE = ("good", "great", "fine"), ("bad", "awful", "poor")
-
-
-def tiny_tokenizer(with_cls: bool) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over WORDS: BERT-like ([CLS] x [SEP]) or decoder-like (no specials added)."""
-    vocab = {token: i for i, token in enumerate(SPECIAL + WORDS)}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    if with_cls:
-        tokenizer.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
-        )
-    specials = {"cls_token": "[CLS]", "sep_token": "[SEP]"} if with_cls else {}
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", eos_token="</s>", **specials
-    )
 
 
 def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
