@@ -14,6 +14,7 @@ from peft import get_peft_model
 from transformers import LlamaForCausalLM
 
 from peft_ipt import InstancePromptConfig, PrefixTuningV2Config
+from peft_ipt.tuner import CACHE_PROMPT
 
 METHODS = {
     "prefix_v2": lambda: PrefixTuningV2Config(task_type="CAUSAL_LM", prefix_length=3, init_weights=False),
@@ -212,3 +213,155 @@ def test_the_position_check_counts_the_tokens_in_a_cache_passed_as_cache():
         cache = model(input_ids=ids, use_cache=True).past_key_values
         with pytest.raises(ValueError, match=r"\+ 120 cached"):
             model(input_ids=token_batch(1, 10), use_cache=True, **{CACHE_NAMES[0]: cache})
+
+
+# -- a cache carries the instance prompt it was filled with ---------------------------------------------------
+# Continuing a cache (a decoding step, a later chunk) must use the prompt its keys and values were computed with.
+# The tuner once kept "the last call's prompt", so a call on another batch in between (two sessions served in
+# turns) silently switched the continuation to that batch's prompt.
+
+CONTINUED = {
+    "llama": [
+        ("embeddings", {}),
+        ("frozen_model", {"instance_source": "frozen_model"}),
+        ("hidden", {"instance_source": "hidden"}),
+        ("prefix", {"injection": "prefix"}),
+    ],
+    "bart": [("embeddings", {}), ("frozen_model", {"instance_source": "frozen_model"})],
+}
+
+
+def continued(model, arch: str, ids: torch.Tensor, cache, split: int):
+    """The logits of the call that continues ``cache`` with the rest of ``ids`` (the decoder side for BART)."""
+    if arch == "bart":
+        return model(
+            input_ids=ids, decoder_input_ids=ids[:, split:], past_key_values=cache, use_cache=True
+        ).logits
+    return model(input_ids=ids[:, split:], past_key_values=cache, use_cache=True).logits
+
+
+def started(model, arch: str, ids: torch.Tensor, split: int):
+    if arch == "bart":
+        return model(input_ids=ids, decoder_input_ids=ids[:, :split], use_cache=True)
+    return model(input_ids=ids[:, :split], use_cache=True)
+
+
+@pytest.mark.parametrize(("arch", "variant"), [(a, v) for a, vs in CONTINUED.items() for v, _ in vs])
+def test_a_cache_is_continued_with_its_own_prompt_whatever_ran_in_between(arch, variant):
+    task = "SEQ_2_SEQ_LM" if arch == "bart" else "CAUSAL_LM"
+    torch.manual_seed(0)
+    config = InstancePromptConfig(
+        task_type=task, prompt_length=3, init_weights=False, **dict(CONTINUED[arch])[variant]
+    )
+    model = get_peft_model(tiny_model(arch, task), config).eval()
+    a, b = token_batch(2, 8, seed=1), token_batch(2, 8, seed=2)  # equal chunk sizes: 4 and 4
+    with torch.no_grad():
+        right_after = continued(model, arch, a, started(model, arch, a, 4).past_key_values, 4)
+        cache_a = started(model, arch, a, 4).past_key_values
+        started(model, arch, b, 4)  # another session's call in between
+        later = continued(model, arch, a, cache_a, 4)
+        # it ran on the prompt the cache was filled with (the hidden source once rebuilt it from the new chunk)
+        assert model.base_model._prefixes is getattr(cache_a, CACHE_PROMPT).prefixes
+        copy_later = continued(model, arch, a, copy.deepcopy(started(model, arch, a, 4).past_key_values), 4)
+    assert torch.equal(later, right_after)
+    assert torch.equal(copy_later, right_after)  # transformers' prompt-reuse recipe deep-copies the cache
+
+
+def test_a_cache_without_this_models_prompt_is_refused_naming_how_to_start_one():
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model("llama"), METHODS["ipt"]()).eval()
+    ids = token_batch(2, 8)
+    with torch.no_grad():
+        with model.disable_adapter():
+            cache = model(input_ids=ids[:, :4], use_cache=True).past_key_values
+        with pytest.raises(
+            ValueError, match=r"cache of 4 tokens that carries no instance prompt.*use_cache=True"
+        ):
+            model(input_ids=ids[:, 4:], past_key_values=cache)
+        bare = tiny_model("llama")(input_ids=ids[:, :4], use_cache=True).past_key_values  # another model's
+        with pytest.raises(ValueError, match="carries no instance prompt"):
+            model(input_ids=ids[:, 4:], past_key_values=bare)
+
+
+def test_a_cache_filled_with_another_adapter_is_refused_naming_both():
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model("llama"), METHODS["ipt"]()).eval()
+    model.add_adapter("other", METHODS["ipt"]())
+    ids = token_batch(2, 8)
+    with torch.no_grad():
+        cache = model(input_ids=ids[:, :4], use_cache=True).past_key_values
+        model.set_adapter("other")
+        with pytest.raises(
+            ValueError, match=r"filled with adapter\(s\) \['default'\], but \['other'\] are active"
+        ):
+            model(input_ids=ids[:, 4:], past_key_values=cache)
+        model.set_adapter("default")
+        model(input_ids=ids[:, 4:], past_key_values=cache)  # back on its own adapter it continues
+
+
+# -- generate() on from a later turn's cache --------------------------------------------------------------------
+# transformers' multi-turn recipe passes the first turn's cache to generate() with the whole conversation. The
+# cache's keys and values were computed with the first turn's prompt; the whole conversation builds another.
+
+TURN_VARIANTS = {
+    "hybrid": {},
+    "prefix": {"injection": "prefix"},
+    "input": {"injection": "input"},
+    "frozen_model": {"instance_source": "frozen_model"},
+}
+
+
+def first_turn(config):
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model("llama"), config).eval()
+    ids = token_batch(2, 6)
+    kwargs = {"do_sample": False, "pad_token_id": 0, "return_dict_in_generate": True, "output_scores": True}
+    out = model.generate(input_ids=ids, max_new_tokens=3, **kwargs)
+    conversation = torch.cat([out.sequences, token_batch(2, 3, seed=5)], dim=1)
+    return model, conversation, out.past_key_values, kwargs
+
+
+@pytest.mark.parametrize("variant", list(TURN_VARIANTS))
+def test_generate_on_from_a_first_turns_cache_is_refused_naming_source_mask(variant):
+    config = InstancePromptConfig(
+        task_type="CAUSAL_LM", prompt_length=3, init_weights=False, **TURN_VARIANTS[variant]
+    )
+    model, conversation, cache, kwargs = first_turn(config)
+    with pytest.raises(
+        ValueError, match=r"cache of \d+ tokens filled with another instance prompt.*source_mask"
+    ):
+        model.generate(input_ids=conversation, past_key_values=cache, max_new_tokens=3, **kwargs)
+
+
+@pytest.mark.parametrize("variant", ["prefix_v2", *TURN_VARIANTS])
+def test_a_first_turns_cache_continued_with_its_source_gives_what_no_cache_gives(variant):
+    config = (
+        METHODS["prefix_v2"]()
+        if variant == "prefix_v2"
+        else InstancePromptConfig(
+            task_type="CAUSAL_LM", prompt_length=3, init_weights=False, **TURN_VARIANTS[variant]
+        )
+    )
+    model, conversation, cache, kwargs = first_turn(config)
+    source = {}
+    if variant != "prefix_v2":
+        source["source_mask"] = torch.zeros_like(conversation)
+        source["source_mask"][:, :6] = 1  # the first turn's input, which the cache's prompt was built from
+    with_cache = model.generate(
+        input_ids=conversation, past_key_values=cache, max_new_tokens=3, **source, **kwargs
+    )
+    without = model.generate(input_ids=conversation, max_new_tokens=3, **source, **kwargs)
+    assert torch.equal(with_cache.sequences, without.sequences)
+    for step_cached, step_fresh in zip(with_cache.scores, without.scores, strict=True):
+        assert torch.allclose(step_cached, step_fresh, atol=1e-5)
+
+
+def test_the_hidden_source_refuses_to_generate_on_from_a_filled_cache():
+    config = InstancePromptConfig(
+        task_type="CAUSAL_LM", prompt_length=3, init_weights=False, instance_source="hidden"
+    )
+    model, conversation, cache, kwargs = first_turn(config)
+    with pytest.raises(
+        ValueError, match="instance_source='hidden' cannot generate on from a filled key/value cache"
+    ):
+        model.generate(input_ids=conversation, past_key_values=cache, max_new_tokens=3, **kwargs)

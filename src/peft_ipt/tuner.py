@@ -262,11 +262,58 @@ def first_non_finite_submodule(module: PromptModule, inputs: PromptInputs) -> st
     return found[0] if found else None
 
 
-def _cache_argument(kwargs: dict):
+def cache_argument(kwargs: dict):
     """A call's key/value cache: ``cache`` from transformers 5.24 on, ``past_key_values`` before (and, deprecated,
     still accepted by 5.24's forward, which renames it only inside)."""
     cache = kwargs.get("cache")
     return cache if cache is not None else kwargs.get("past_key_values")
+
+
+# The attribute a key/value cache carries its instance prompt in: a call that continues the cache must use the
+# prompt the cache's keys and values were computed with, not whichever call of the model came last.
+CACHE_PROMPT = "_peft_ipt_prompt"
+
+
+@dataclass
+class CachePrompt:
+    """The instance prompt a key/value cache was filled with, and the adapters (or per-row adapters) it belongs to."""
+
+    adapters: tuple
+    prefixes: SitePrefixes
+    inserted: torch.Tensor | None = None  # an input-level prompt (its P positions are in the cache too)
+
+    def same_as(self, prefixes: SitePrefixes | None, inserted: torch.Tensor | None) -> bool:
+        """Whether another call's prompt is this one (up to float noise: the same source, other padding)."""
+
+        def same(a, b) -> bool:
+            if a is None or b is None:
+                return a is None and b is None
+            return a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5)
+
+        prefixes = prefixes or {}
+        if set(self.prefixes) != set(prefixes) or not same(self.inserted, inserted):
+            return False
+        for site, entry in self.prefixes.items():
+            other = prefixes[site]
+            if entry is None or other is None:
+                if entry is not other:
+                    return False
+            elif len(entry) != len(other) or not all(same(a, b) for a, b in zip(entry, other, strict=True)):
+                return False
+        return True
+
+
+def drafting(generate_kwargs: dict) -> bool:
+    """Whether generate() runs as the assistant of transformers' assisted generation (it marks the config so)."""
+    return bool(getattr(generate_kwargs.get("generation_config"), "is_assistant", False))
+
+
+def _cache_of_output(output):
+    for name in ("cache", "past_key_values"):  # transformers 5.25 names it cache
+        cache = getattr(output, name, None)
+        if cache is not None and hasattr(cache, "get_seq_length"):
+            return cache
+    return None
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -366,6 +413,7 @@ class PromptTuner(BaseTuner):
         self._inputs: PromptInputs | None = None
         self._instance_done = False
         self._pinned = False
+        self._continuing = False  # this call continues a cache with the cache's own prompt
         self._enabled = True
         self.capturing = False
         self._captured: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -705,7 +753,66 @@ class PromptTuner(BaseTuner):
         self._calls.pop()
         if self._calls or output is None:
             return None
+        self._remember_prompt(output)
         return self._finish_call(role, output)
+
+    def _adapter_key(self) -> tuple:
+        return tuple(self._row_adapters if self._row_adapters is not None else self.active_adapters)
+
+    def _remember_prompt(self, output) -> None:
+        """Give the cache a call returns the instance prompt its keys and values were computed with."""
+        if not self._enabled or self.capturing or self._prefixes_off or self._prefixes is None:
+            return
+        cache = _cache_of_output(output)
+        if cache is not None and self.active_adapters and self._instance_wise():
+            with contextlib.suppress(AttributeError):  # a cache class with __slots__ cannot carry it
+                record = CachePrompt(self._adapter_key(), self._prefixes, getattr(self, "_inserted", None))
+                setattr(cache, CACHE_PROMPT, record)
+
+    def _prompt_of_cache(self, cache) -> SitePrefixes:
+        """The instance prompt to continue ``cache`` with: the one it was filled with, else a clear error."""
+        record = getattr(cache, CACHE_PROMPT, None)
+        if record is None:
+            raise ValueError(
+                f"this call continues a key/value cache of {cache.get_seq_length()} tokens that carries no instance "
+                "prompt of this model: the prompt is built from the input of the call that starts a cache, and "
+                "this cache was filled elsewhere (by another model, with the adapter disabled, or rebuilt from "
+                "its tensors). Start the cache with a call of this model (model(input_ids=..., use_cache=True)) "
+                "and pass on the cache that call returns, or call generate()."
+            )
+        if record.adapters != self._adapter_key():
+            raise ValueError(
+                f"this call continues a key/value cache filled with adapter(s) {list(record.adapters)}, but "
+                f"{list(self._adapter_key())} are active now. Switch back with set_adapter() (or the same "
+                "adapter_names) to continue it, or start a new cache."
+            )
+        return record
+
+    def _check_generate_continues(self, kwargs: dict, inputs: PromptInputs) -> None:
+        """generate() given a filled cache (a later turn of a chat): the prompt this input gets must be the cache's.
+
+        The cache's keys and values were computed with the prompt of the call that started it; a prompt built from
+        this whole input (earlier turns and the new one) differs, so decoding on from the cache would give other
+        tokens than generate() without it. Same prompt (the same source, e.g. through source_mask): go on.
+        """
+        past = cache_argument(kwargs)
+        if past is None or past.get_seq_length() == 0 or not self._instance_wise():
+            return
+        record = self._prompt_of_cache(past)
+        if drafting(kwargs):
+            # an assistant model drafting for assisted generation, a round at a time on its own cache: it drafts on
+            # the cache's prompt, and the main model verifies every drafted token.
+            self._prefixes, self._instance_done = record.prefixes, True
+            return
+        if not record.same_as(self._prefixes, getattr(self, "_inserted", None)):
+            raise ValueError(
+                f"generate() was given a key/value cache of {past.get_seq_length()} tokens filled with another "
+                "instance prompt than this input's: the prompt is built from the input's source (every token "
+                "not masked out, here all earlier turns too), the cache's from the input of the call that started "
+                "it. Decoding on from that cache would give other tokens than generate() without it. Pass "
+                "source_mask=... marking the tokens the cache's prompt was built from (e.g. the first turn's) so "
+                "both prompts are the same, or generate without the cache."
+            )
 
     def _start_entry(self, role: str, args: tuple, kwargs: dict, source_mask) -> tuple[tuple, dict]:
         if not self.active_adapters:
@@ -721,11 +828,15 @@ class PromptTuner(BaseTuner):
                     "(model(input_ids=..., decoder_input_ids=...)) or its encoder."
                 )
             _check_some_source(inputs)
-            if self._prefixes is not None:
-                past = _cache_argument(kwargs)
-                decoding = past is not None and past.get_seq_length() > 0
-                if decoding or inputs.tokens is None:
-                    return args, kwargs  # a decoding step: the instance prompt of the prefill stays
+            past = cache_argument(kwargs)
+            if past is not None and past.get_seq_length() > 0:
+                # a decoding step, or a later chunk of a prompt fed in pieces: the cache's own prompt, the one its
+                # keys and values were computed with (another call may have run in between)
+                self._prefixes = self._prompt_of_cache(past).prefixes
+                self._continuing = True
+                return args, kwargs
+            if inputs.tokens is None and self._prefixes is not None:
+                return args, kwargs  # a decoder call on encoder_outputs: the prompt of the encoder call stays
         self._start_call(inputs)
         return self._transform_call(args, kwargs, inputs)
 
@@ -796,7 +907,7 @@ class PromptTuner(BaseTuner):
         if limit is None or tokens is None:
             return
         added = self._positions_added()
-        past = _cache_argument(kwargs)
+        past = cache_argument(kwargs)
         cached = past.get_seq_length() if past is not None and not inputs.is_encoder_decoder else 0
         length = tokens.shape[1] + added + cached
         if length > limit:
@@ -865,6 +976,8 @@ class PromptTuner(BaseTuner):
         """A new sequence: compute every layer's prefix from its source."""
         self._inputs = inputs
         self._instance_done = False
+        self._continuing = False
+        self._inserted = None  # an input-level prompt, set where the call inserts it
         self._reentrant_sites = set()
         self._call_row_adapters = self._row_adapters
         self._call_rng = self._rng_state() if torch.is_grad_enabled() else None
@@ -943,6 +1056,7 @@ class PromptTuner(BaseTuner):
                 self._calls.pop()
             if self._enabled and self.active_adapters:
                 args, kwargs = self._generate_call(args, kwargs, inputs)
+                self._check_generate_continues(kwargs, inputs)
         self._pinned = True
         try:
             output = self.model.generate(*args, **kwargs)

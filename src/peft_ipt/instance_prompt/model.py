@@ -13,7 +13,14 @@ import torch
 from torch import nn
 
 from ..attention import SiteLayout
-from ..tuner import ENCODER_CALL, PromptInputs, PromptTuner, gradient_checkpointing_on
+from ..tuner import (
+    ENCODER_CALL,
+    PromptInputs,
+    PromptTuner,
+    cache_argument,
+    drafting,
+    gradient_checkpointing_on,
+)
 from .config import InstancePromptConfig
 from .encoders import first_source_tokens
 from .layer import InstancePromptModule
@@ -91,6 +98,8 @@ class InstancePromptModel(PromptTuner):
         module = self._active_module()
         if module is None or module.config.instance_source != "hidden" or self._prefixes_off:
             return None
+        if getattr(self, "_continuing", False):  # (absent from older pickles)
+            return None  # (continuing a cache: the prompt it was filled with stays)
         if module.training and not torch.is_grad_enabled() and gradient_checkpointing_on(self.model):
             raise ValueError(
                 "instance_source='hidden' cannot train under reentrant gradient checkpointing: the prompt built at "
@@ -112,6 +121,19 @@ class InstancePromptModel(PromptTuner):
         self._instance_done = True
         return None
 
+    def _check_generate_continues(self, kwargs: dict, inputs: PromptInputs) -> None:
+        module = self._active_module()
+        past = cache_argument(kwargs)
+        hidden = module is not None and module.config.instance_source == "hidden"
+        if hidden and past is not None and not drafting(kwargs):
+            if past.get_seq_length() > 0:
+                raise ValueError(
+                    "instance_source='hidden' cannot generate on from a filled key/value cache: its prompt is built "
+                    "from hidden states that the cached tokens no longer compute, so it would come from the new "
+                    "tokens alone. Generate without the cache, or use another instance_source."
+                )
+        super()._check_generate_continues(kwargs, inputs)
+
     # -- injection='input' -----------------------------------------------------------------------------------
 
     def _with_input_prompt(self, module, kwargs: dict, inputs: PromptInputs, for_generate: bool) -> dict:
@@ -119,6 +141,9 @@ class InstancePromptModel(PromptTuner):
         if embeds is None:
             embeds = self.model.get_input_embeddings()(inputs.input_ids)
         prompt = module.input_prompt(inputs).to(embeds.dtype)  # (B, P, hidden)
+        self._inserted = (
+            prompt.detach()
+        )  # what a cache this call fills records (see PromptTuner._remember_prompt)
         batch, length = embeds.shape[:2]
         P = prompt.shape[1]
         at = 1 if self._encoder_only else 0  # keep [CLS] first: the classifier reads position 0
