@@ -365,3 +365,40 @@ def test_the_hidden_source_refuses_to_generate_on_from_a_filled_cache():
         ValueError, match="instance_source='hidden' cannot generate on from a filled key/value cache"
     ):
         model.generate(input_ids=conversation, past_key_values=cache, max_new_tokens=3, **kwargs)
+
+
+# -- encoder outputs carry the instance prompt too ------------------------------------------------------------
+# A decoder called on encoder_outputs alone (a hand-written seq2seq loop) has no encoder input to build a prompt
+# from: it takes the prompt of the encoder call that returned them, not that of whichever encoder call came last.
+
+
+@pytest.mark.parametrize("variant", ["embeddings", "frozen_model"])
+def test_a_decoder_call_on_encoder_outputs_uses_their_prompt_whatever_ran_in_between(variant):
+    torch.manual_seed(0)
+    config = InstancePromptConfig(
+        task_type="SEQ_2_SEQ_LM", prompt_length=3, init_weights=False, **dict(CONTINUED["bart"])[variant]
+    )
+    model = get_peft_model(tiny_model("bart", "SEQ_2_SEQ_LM"), config).eval()
+    a, b, decoder = token_batch(2, 8, seed=1), token_batch(2, 8, seed=2), token_batch(2, 4, seed=3)
+    with torch.no_grad():
+        whole = model(input_ids=a, decoder_input_ids=decoder).logits
+        encoded_a = model.get_encoder()(input_ids=a)
+        model.get_encoder()(input_ids=b)  # another input's encoder call in between
+        assert torch.equal(model(encoder_outputs=encoded_a, decoder_input_ids=decoder).logits, whole)
+
+
+def test_encoder_outputs_rebuilt_from_their_tensors_are_refused_naming_what_to_pass():
+    from transformers.modeling_outputs import BaseModelOutput
+
+    torch.manual_seed(0)
+    config = InstancePromptConfig(task_type="SEQ_2_SEQ_LM", prompt_length=3, init_weights=False)
+    model = get_peft_model(tiny_model("bart", "SEQ_2_SEQ_LM"), config).eval()
+    ids, decoder = token_batch(2, 8), token_batch(2, 4, seed=3)
+    with torch.no_grad():
+        hidden = model.get_encoder()(input_ids=ids).last_hidden_state
+        for rebuilt in ((hidden,), BaseModelOutput(last_hidden_state=hidden)):
+            with pytest.raises(
+                ValueError, match="carry no instance prompt.*as it was returned, or input_ids along"
+            ):
+                model(encoder_outputs=rebuilt, decoder_input_ids=decoder)
+        model(input_ids=ids, encoder_outputs=(hidden,), decoder_input_ids=decoder)  # with its input it runs

@@ -753,23 +753,46 @@ class PromptTuner(BaseTuner):
         self._calls.pop()
         if self._calls or output is None:
             return None
-        self._remember_prompt(output)
-        return self._finish_call(role, output)
+        finished = self._finish_call(role, output)
+        self._remember_prompt(role, output if finished is None else finished)
+        return finished
 
     def _adapter_key(self) -> tuple:
         return tuple(self._row_adapters if self._row_adapters is not None else self.active_adapters)
 
-    def _remember_prompt(self, output) -> None:
-        """Give the cache a call returns the instance prompt its keys and values were computed with."""
+    def _remember_prompt(self, role: str, output) -> None:
+        """Give what a call returns for later calls (its cache; an encoder's outputs, which the decoder is called on)
+        the instance prompt it was computed with."""
         if not self._enabled or self.capturing or self._prefixes_off or self._prefixes is None:
             return
-        cache = _cache_of_output(output)
-        if cache is not None and self.active_adapters and self._instance_wise():
-            with contextlib.suppress(AttributeError):  # a cache class with __slots__ cannot carry it
-                record = CachePrompt(self._adapter_key(), self._prefixes, getattr(self, "_inserted", None))
-                setattr(cache, CACHE_PROMPT, record)
+        if not self.active_adapters or not self._instance_wise():
+            return
+        record = CachePrompt(self._adapter_key(), self._prefixes, getattr(self, "_inserted", None))
+        for carrier in (_cache_of_output(output), output if role == ENCODER_CALL else None):
+            if carrier is not None:
+                with contextlib.suppress(
+                    AttributeError
+                ):  # a class with __slots__, or a tuple, cannot carry it
+                    setattr(carrier, CACHE_PROMPT, record)
 
-    def _prompt_of_cache(self, cache) -> SitePrefixes:
+    def _prompt_of_encoder_outputs(self, encoder_outputs) -> SitePrefixes:
+        """A decoder call on ``encoder_outputs`` (no encoder input): the prompt of the encoder call that gave them."""
+        record = getattr(encoder_outputs, CACHE_PROMPT, None)
+        if record is None:
+            raise ValueError(
+                "this call passes encoder_outputs without the encoder's input, and they carry no instance prompt of "
+                "this model (built from the encoder's input): they were not returned as they are by a call of this "
+                "model's encoder (model.get_encoder()(input_ids=...)), e.g. rebuilt from their tensors. Pass the "
+                "encoder's output object as it was returned, or input_ids along with encoder_outputs."
+            )
+        if record.adapters != self._adapter_key():
+            raise ValueError(
+                f"these encoder_outputs were computed with adapter(s) {list(record.adapters)}, but "
+                f"{list(self._adapter_key())} are active now. Switch back with set_adapter(), or run the encoder again."
+            )
+        return record.prefixes
+
+    def _prompt_of_cache(self, cache) -> CachePrompt:
         """The instance prompt to continue ``cache`` with: the one it was filled with, else a clear error."""
         record = getattr(cache, CACHE_PROMPT, None)
         if record is None:
@@ -835,8 +858,10 @@ class PromptTuner(BaseTuner):
                 self._prefixes = self._prompt_of_cache(past).prefixes
                 self._continuing = True
                 return args, kwargs
-            if inputs.tokens is None and self._prefixes is not None:
-                return args, kwargs  # a decoder call on encoder_outputs: the prompt of the encoder call stays
+            if inputs.tokens is None and kwargs.get("encoder_outputs") is not None:
+                self._prefixes = self._prompt_of_encoder_outputs(kwargs["encoder_outputs"])
+                self._continuing = True
+                return args, kwargs
         self._start_call(inputs)
         return self._transform_call(args, kwargs, inputs)
 
