@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model, token_batch
+from conftest import lm_labels, tiny_model, token_batch
 from peft import PeftModel, get_peft_model
 
 from peft_ipt import InstancePromptConfig, PrefixTuningV2Config
@@ -213,6 +213,70 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(arch, task, re
     for name in grads_a:
         assert grads_a[name].abs().sum() > 0, name
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6)
+
+
+TWO_CALL_METHODS = {
+    "prefix_v2_dropout": lambda task: PrefixTuningV2Config(
+        task_type=task, prefix_length=4, init_weights=False, prefix_dropout=0.3
+    ),
+    "ipt": lambda task: InstancePromptConfig(task_type=task, prompt_length=4, init_weights=False),
+    "ipt_dropout": lambda task: InstancePromptConfig(
+        task_type=task, prompt_length=4, init_weights=False, prompt_dropout=0.3
+    ),
+    "ipt_frozen_model": lambda task: InstancePromptConfig(
+        task_type=task, prompt_length=4, init_weights=False, instance_source="frozen_model"
+    ),
+}
+
+
+def two_calls_then_backward(arch: str, task: str, method: str, checkpointing: str | None) -> dict:
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model(arch, task), TWO_CALL_METHODS[method](task))
+    if checkpointing is not None:
+        kwargs = {"use_reentrant": checkpointing == "reentrant"}
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.enable_input_require_grads()
+    model.train()
+    model.base_model.model.config.use_cache = False
+    losses = []
+    torch.manual_seed(1)  # the same dropout draws on both sides
+    for seed in (1, 2):  # two inputs, two training calls, then one backward
+        inputs = model_inputs(arch, task)
+        inputs["input_ids"] = token_batch(2, 7, seed=seed)
+        labels = (
+            torch.tensor([0, 2])
+            if task == "SEQ_CLS"
+            else inputs.get("decoder_input_ids", inputs["input_ids"])
+        )
+        if task == "CAUSAL_LM":
+            labels = lm_labels(labels)
+        losses.append(model(**inputs, labels=labels).loss)
+    (losses[0] + 3 * losses[1]).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize(
+    ("arch", "task"),
+    [
+        ("llama", "CAUSAL_LM"),
+        ("gpt2", "CAUSAL_LM"),
+        ("bert", "SEQ_CLS"),
+        ("bart", "SEQ_2_SEQ_LM"),
+        ("t5", "SEQ_2_SEQ_LM"),
+    ],
+)
+@pytest.mark.parametrize("checkpointing", ["reentrant", "non-reentrant"])
+@pytest.mark.parametrize("method", list(TWO_CALL_METHODS))
+def test_checkpointed_layers_recompute_with_their_own_calls_prompt_after_other_calls(
+    arch, task, checkpointing, method
+):
+    """Two training calls before one backward (a contrastive loss, TRL's KTO): each recomputed layer once took the
+    last call's prompt (inputs and dropout draws), so the first call's gradients were silently wrong."""
+    expected = two_calls_then_backward(arch, task, method, None)
+    got = two_calls_then_backward(arch, task, method, checkpointing)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6)
 
 
 def test_disable_adapter_gives_the_base_model_logits_exactly():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import weakref
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -303,6 +304,43 @@ class CachePrompt:
         return True
 
 
+@dataclass(eq=False)
+class CallState:
+    """One call's prompt, as gradient checkpointing's recomputation in backward needs it: several training calls may
+    run before one backward (a contrastive loss, TRL's KTO), so each recomputed layer must get its own call's."""
+
+    inputs: PromptInputs
+    rng: tuple | None  # the random state the prompts were computed from (None: computed without gradient)
+    row_adapters: list[str] | None
+    prefixes: SitePrefixes | None = None
+    reentrant_sites: set = field(default_factory=set)  # sites whose layer ran under reentrant checkpointing
+
+
+def checkpoint_units(model: nn.Module, attentions: list[nn.Module]) -> list[nn.Module]:
+    """The layers gradient checkpointing recomputes: of each attention module, the outermost ancestor that is an
+    element of a ModuleList (a decoder layer, T5's block), which recomputation calls again with its saved input."""
+    parents = {}
+    for name, module in model.named_modules():
+        for child_name, child in module.named_children():
+            parents[child] = (module, f"{name}.{child_name}" if name else child_name)
+    units = []
+    for attention in attentions:
+        unit, node = None, attention
+        while node in parents:
+            parent, _ = parents[node]
+            if isinstance(parent, nn.ModuleList):
+                unit = node  # keep climbing: the outermost such ancestor is the checkpointed layer
+            node = parent
+        if unit is not None and all(unit is not u for u in units):
+            units.append(unit)
+    return units
+
+
+def _layer_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    first = next((a for a in args if torch.is_tensor(a)), None)
+    return first if first is not None else kwargs.get("hidden_states")
+
+
 def drafting(generate_kwargs: dict) -> bool:
     """Whether generate() runs as the assistant of transformers' assisted generation (it marks the config so)."""
     return bool(getattr(generate_kwargs.get("generation_config"), "is_assistant", False))
@@ -403,8 +441,26 @@ class PromptTuner(BaseTuner):
         # inputs stay with the original. After a training step they carry autograd history, which deepcopy refuses
         # ("Only Tensors created explicitly by the user"); the copy's first call computes its own from its weights.
         state = super().__getstate__()
-        state.update(_prefixes=None, _inputs=None, _instance_done=False, _captured={}, _call_rng=None)
+        state.update(
+            _prefixes=None,
+            _inputs=None,
+            _instance_done=False,
+            _captured={},
+            _call_state=None,
+            _checkpointed={},
+            _recompute_state=None,
+            _watched_units=set(),  # the ids of this model's layers: a copy's are others
+        )
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        # a whole-model pickle from an earlier peft-ipt lacks the per-call state added since
+        super().__setstate__(state)
+        defaults = {"_continuing": False, "_inserted": None, "_call_state": None, "_checkpointed": {}}
+        defaults |= {"_recompute_state": None, "_watched_units": set()}
+        for name, value in defaults.items():
+            if name not in self.__dict__:
+                setattr(self, name, value)
 
     def _pre_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
         setattr(self, self.modules_attr, PromptLayer(model))
@@ -414,14 +470,17 @@ class PromptTuner(BaseTuner):
         self._instance_done = False
         self._pinned = False
         self._continuing = False  # this call continues a cache with the cache's own prompt
+        self._inserted: torch.Tensor | None = None  # this call's input-level prompt, if it inserts one
         self._enabled = True
         self.capturing = False
         self._captured: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._calls: list[nn.Module] = []  # the entry points whose forward is running, outermost first
         self._prefixes_off = False  # the frozen pass of instance_source='frozen_model'
-        self._reentrant_sites: set[tuple[str, int]] = set()
-        self._call_rng: tuple | None = None
-        self._call_row_adapters: list[str] | None = None
+        self._call_state: CallState | None = None
+        # Gradient checkpointing: (layer, its input's storage and shape) -> the call that ran it, for the layer's
+        # recomputation in backward (_recompute_state), which may come after other calls.
+        self._checkpointed: dict[tuple, tuple[weakref.ref, CallState]] = {}
+        self._recompute_state: CallState | None = None
         self._injection = PrefixInjection(model, self)
         self._position_limit = position_limit(model)
         self._causal = self._injection.causal
@@ -432,7 +491,12 @@ class PromptTuner(BaseTuner):
             and callable(getattr(model, "can_generate", None))
             and model.can_generate()
         )
-        self._hooks = []
+        # the layers gradient checkpointing recomputes: which training call ran each (see _layer_entry)
+        self._hooks = [
+            unit.register_forward_pre_hook(self._layer_entry, with_kwargs=True)
+            for unit in checkpoint_units(model, [site[0] for site in self._injection.sites])
+        ]
+        self._watched_units: set[int] = set()
         for module, role in entry_points(model):
             self._hooks.append(
                 module.register_forward_pre_hook(functools.partial(self._enter, role), with_kwargs=True)
@@ -767,7 +831,7 @@ class PromptTuner(BaseTuner):
             return
         if not self.active_adapters or not self._instance_wise():
             return
-        record = CachePrompt(self._adapter_key(), self._prefixes, getattr(self, "_inserted", None))
+        record = CachePrompt(self._adapter_key(), self._prefixes, self._inserted)
         for carrier in (_cache_of_output(output), output if role == ENCODER_CALL else None):
             if carrier is not None:
                 with contextlib.suppress(
@@ -827,7 +891,7 @@ class PromptTuner(BaseTuner):
             # the cache's prompt, and the main model verifies every drafted token.
             self._prefixes, self._instance_done = record.prefixes, True
             return
-        if not record.same_as(self._prefixes, getattr(self, "_inserted", None)):
+        if not record.same_as(self._prefixes, self._inserted):
             raise ValueError(
                 f"generate() was given a key/value cache of {past.get_seq_length()} tokens filled with another "
                 "instance prompt than this input's: the prompt is built from the input's source (every token "
@@ -1003,11 +1067,45 @@ class PromptTuner(BaseTuner):
         self._instance_done = False
         self._continuing = False
         self._inserted = None  # an input-level prompt, set where the call inserts it
-        self._reentrant_sites = set()
-        self._call_row_adapters = self._row_adapters
-        self._call_rng = self._rng_state() if torch.is_grad_enabled() else None
+        rng = self._rng_state() if torch.is_grad_enabled() else None
+        self._call_state = CallState(inputs, rng, self._row_adapters)
+        self._checkpointed = {
+            k: v for k, v in self._checkpointed.items() if v[0]() is not None
+        }  # backwarded: gone
         self._prefixes = self._compute_prefixes(inputs)
+        self._call_state.prefixes = self._prefixes
         self._check_finite(self._prefixes, inputs)
+
+    def _layer_entry(self, layer: nn.Module, args: tuple, kwargs: dict):
+        """Forward pre-hook of each checkpointable layer: remember which training call ran it on which input."""
+        if not self._calls or self._call_state is None or self._call_state.rng is None:
+            return
+        hidden = _layer_input(args, kwargs)
+        if hidden is not None and gradient_checkpointing_on(self.model):
+            key = (id(layer), hidden.data_ptr(), tuple(hidden.shape))
+            self._checkpointed[key] = (weakref.ref(hidden), self._call_state)
+            if id(layer) not in self._watched_units:
+                # Recomputation runs the layer's forward only, so this hook does not run then; one of its first
+                # modules is called first with the layer's saved input, and finds the call from it. Registered the
+                # first time the layer is checkpointed, so that calls without checkpointing pay nothing.
+                self._watched_units.add(id(layer))
+                for child in layer.children():
+                    for module in (child, *child.children()):
+                        hook = functools.partial(self._recomputed_entry, layer)
+                        self._hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def _recomputed_entry(self, layer: nn.Module, module: nn.Module, args: tuple, kwargs: dict):
+        """Forward pre-hook of a layer's first modules: in backward, gradient checkpointing recomputes the layer
+        (its forward only, so the layer's own hook does not run) and one of them gets the layer's saved input
+        first; the call that ran the layer on it gives the prompt to recompute with."""
+        if self._calls or not self._checkpointed or not in_backward():
+            return
+        hidden = _layer_input(args, kwargs)
+        if hidden is None:
+            return
+        found = self._checkpointed.get((id(layer), hidden.data_ptr(), tuple(hidden.shape)))
+        if found is not None and found[0]() is not None:
+            self._recompute_state = found[1]
 
     def _rng_state(self) -> tuple:
         """The random state the prompts are computed from (their dropout), for reentrant recomputation."""
@@ -1015,7 +1113,7 @@ class PromptTuner(BaseTuner):
         cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
         return torch.get_rng_state(), device, cuda
 
-    def _recompute(self, site: tuple[str, int]) -> tuple:
+    def _recompute(self, site: tuple[str, int], state: CallState) -> tuple:
         """Reentrant gradient checkpointing: one site's prefix, computed afresh inside the recomputed layer.
 
         The layer ran under no_grad in the forward, and in backward each recomputed layer runs a backward of its
@@ -1023,16 +1121,16 @@ class PromptTuner(BaseTuner):
         its own, from the call's inputs and random state: the same values, and the gradients the prompt module
         gets from every layer sum to those of a forward without checkpointing.
         """
-        cpu_state, device, cuda_state = self._call_rng or (None, None, None)
+        cpu_state, device, cuda_state = state.rng or (None, None, None)
         devices = [device] if cuda_state is not None else []
         with torch.random.fork_rng(devices=devices, enabled=cpu_state is not None):
             if cpu_state is not None:
                 torch.set_rng_state(cpu_state)
                 if cuda_state is not None:
                     torch.cuda.set_rng_state(cuda_state, device)
-            outer, self._row_adapters = self._row_adapters, self._call_row_adapters
+            outer, self._row_adapters = self._row_adapters, state.row_adapters
             try:
-                prefixes = self._compute_prefixes(self._inputs)
+                prefixes = self._compute_prefixes(state.inputs)
             finally:
                 self._row_adapters = outer
         return prefixes[site]
@@ -1060,10 +1158,17 @@ class PromptTuner(BaseTuner):
                     "its backbone, encoder or decoder, so its prefix would be an earlier call's. Call one of those "
                     "(e.g. model.get_base_model()(...) or .get_encoder()(...)); they compute their own prompts."
                 )
-            if key in self._reentrant_sites and torch.is_grad_enabled():
-                return self._recompute(key)  # reentrant gradient checkpointing recomputes this layer
+            # gradient checkpointing recomputes a layer: its own call's prompt, whatever calls ran since
+            state = self._recompute_state or self._call_state
+            if state is not None and key in state.reentrant_sites and torch.is_grad_enabled():
+                return self._recompute(key, state)  # reentrant: the layer ran without grad in the forward
+            if state is not None and state.prefixes is not None:
+                return state.prefixes.get(key)
         elif entry is not None and entry[0].requires_grad and not torch.is_grad_enabled():
-            self._reentrant_sites.add(key)  # a training forward run without grad: reentrant checkpointing
+            if self._call_state is not None:
+                self._call_state.reentrant_sites.add(
+                    key
+                )  # a training forward without grad: reentrant checkpointing
         return entry
 
     def generate(self, *args, **kwargs):

@@ -20,6 +20,7 @@ from ..tuner import (
     cache_argument,
     drafting,
     gradient_checkpointing_on,
+    in_backward,
 )
 from .config import InstancePromptConfig
 from .encoders import first_source_tokens
@@ -98,8 +99,8 @@ class InstancePromptModel(PromptTuner):
         module = self._active_module()
         if module is None or module.config.instance_source != "hidden" or self._prefixes_off:
             return None
-        if getattr(self, "_continuing", False):  # (absent from older pickles)
-            return None  # (continuing a cache: the prompt it was filled with stays)
+        if self._continuing:
+            return None  # continuing a cache: the prompt it was filled with stays
         if module.training and not torch.is_grad_enabled() and gradient_checkpointing_on(self.model):
             raise ValueError(
                 "instance_source='hidden' cannot train under reentrant gradient checkpointing: the prompt built at "
@@ -108,7 +109,11 @@ class InstancePromptModel(PromptTuner):
                 "instance_source."
             )
         hidden = kwargs.get("hidden_states", args[0] if args else None)  # (B, T, d)
-        source = self._inputs.source() if self._inputs is not None else None
+        # gradient checkpointing recomputing this layer in backward: the call that ran it, whatever ran since
+        recomputing = not self._calls and in_backward()
+        state = (self._recompute_state or self._call_state) if recomputing else self._call_state
+        inputs = state.inputs if state is not None else self._inputs
+        source = inputs.source() if inputs is not None else None
         if self._instance_done and (self._pinned or source is None or source.shape != hidden.shape[:2]):
             return None  # a decoding step: the prompt of the prefill stays
         # Otherwise (re)compute: gradient checkpointing replays this hook and must see the same operations.
@@ -116,9 +121,13 @@ class InstancePromptModel(PromptTuner):
             source = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
         index, valid = first_source_tokens(source, module.config.instance_tokens)
         vectors = torch.gather(hidden, 1, index[..., None].expand(-1, -1, hidden.shape[-1]))
-        self._prefixes = self.by_site(module, module.combine(module.encode(vectors, valid)))
-        self._check_finite(self._prefixes, None)
-        self._instance_done = True
+        prefixes = self.by_site(module, module.combine(module.encode(vectors, valid)))
+        self._check_finite(prefixes, None)
+        if state is not None:
+            state.prefixes = prefixes
+        if not recomputing:
+            self._prefixes = prefixes
+            self._instance_done = True
         return None
 
     def _check_generate_continues(self, kwargs: dict, inputs: PromptInputs) -> None:
