@@ -114,3 +114,45 @@ def test_torch_compile_matches_eager_forward_and_trains():
     model.train()
     compiled(input_ids=ids, labels=lm_labels(ids)).loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+# -- torch.nn.DataParallel ---------------------------------------------------------------------------------------
+# Trainer wraps the model in DataParallel when one process sees several GPUs. Its replicas share the original
+# modules' hooks and run in threads, so they would share the tuner's per-call prompts: refused, naming DDP.
+
+
+def data_parallel_replica(model: torch.nn.Module) -> torch.nn.Module:
+    """What torch.nn.parallel.replicate builds for one device, without the copy to it (it needs CUDA)."""
+    modules = list(model.modules())
+    replicas = {id(m): m._replicate_for_data_parallel() for m in modules}
+    for module in modules:
+        replica = replicas[id(module)]
+        for name, child in module._modules.items():
+            replica._modules[name] = None if child is None else replicas[id(child)]
+        for name, parameter in module._parameters.items():
+            setattr(replica, name, parameter)  # None too (a Linear without bias), as replicate() does
+    return replicas[id(model)]
+
+
+@pytest.mark.parametrize("method", ["prefix", "ipt", "lora"])
+def test_data_parallel_replicas_are_refused_naming_ddp(method):
+    from peft import LoraConfig
+
+    configs = {
+        "prefix": lambda: PrefixTuningV2Config(task_type="CAUSAL_LM", prefix_length=3),
+        "ipt": lambda: InstancePromptConfig(task_type="CAUSAL_LM", prompt_length=3),
+        "lora": lambda: LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"]),
+    }
+    model = get_peft_model(tiny_model("llama"), configs[method]())
+    ids = token_batch(2, 6)
+    replica = data_parallel_replica(model)
+    if method == "lora":  # the harness is sound: LoRA's replica runs and gives the model's logits
+        with torch.no_grad():
+            torch.testing.assert_close(replica(input_ids=ids).logits, model(input_ids=ids).logits)
+        return
+    with pytest.raises(
+        RuntimeError, match=r"cannot run under torch.nn.DataParallel.*accelerate launch or torchrun"
+    ):
+        replica(input_ids=ids)
+    with torch.no_grad():
+        model(input_ids=ids)  # the model itself still runs

@@ -799,6 +799,13 @@ class PromptTuner(BaseTuner):
         A call nested in another (the model calling its backbone, the frozen pass) uses the outer call's prompts,
         and so does a decoding step of generation.
         """
+        if getattr(module, "_is_replica", False):
+            raise RuntimeError(
+                "peft_ipt adapters cannot run under torch.nn.DataParallel (what Trainer uses when one process sees "
+                "several GPUs): its replicas run in threads that would share the adapter's per-call prompts. Launch "
+                "one process per GPU instead (accelerate launch or torchrun: DistributedDataParallel, which works), "
+                "or make one GPU visible (CUDA_VISIBLE_DEVICES=0)."
+            )
         source_mask = kwargs.pop("source_mask", None)
         outermost = not self._calls
         self._calls.append(module)
