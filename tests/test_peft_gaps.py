@@ -175,3 +175,66 @@ def test_inject_adapter_in_model_refuses_and_names_get_peft_model(config_cls):
     ids = token_batch()
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, tiny_model("gpt2")(input_ids=ids).logits)
+
+
+# -- calls from several threads ----------------------------------------------------------------------------------
+# A threaded web server may share one model between threads. LoRA is stateless there; a prompt computed per call
+# is state, so a second thread's call while one runs (between two decoding steps, or inside a forward) is refused.
+
+
+@pytest.mark.parametrize("during", ["generate", "forward"])
+@pytest.mark.parametrize("config_cls", [PrefixTuningV2Config, InstancePromptConfig])
+def test_a_second_threads_call_while_one_runs_is_refused_and_the_first_finishes_right(config_cls, during):
+    import threading
+
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    model = get_peft_model(tiny_model("llama"), config_cls(task_type="CAUSAL_LM", init_weights=False)).eval()
+    ids, other = token_batch(2, 6, seed=1), token_batch(2, 6, seed=2)
+    kwargs = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        expected = (
+            model.generate(input_ids=ids, **kwargs) if during == "generate" else model(input_ids=ids).logits
+        )
+    started, resume, result, errors = threading.Event(), threading.Event(), {}, []
+
+    def pause():
+        if not started.is_set():
+            started.set()
+            resume.wait(timeout=30)
+
+    class Pause(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            pause()
+            return scores
+
+    hook = None
+    if during == "forward":  # paused inside the first decoder layer
+        hook = model.get_base_model().model.layers[0].register_forward_hook(lambda *_: pause())
+
+    def first():
+        with torch.no_grad():
+            if during == "generate":
+                result["out"] = model.generate(
+                    input_ids=ids, logits_processor=LogitsProcessorList([Pause()]), **kwargs
+                )
+            else:
+                result["out"] = model(input_ids=ids).logits
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert started.wait(timeout=30)
+    try:
+        with torch.no_grad():
+            model(input_ids=other)
+    except RuntimeError as error:
+        errors.append(str(error))
+    finally:
+        resume.set()
+        thread.join(timeout=60)
+        if hook is not None:
+            hook.remove()
+    assert errors and "called from a second thread" in errors[0] and "threading.Lock" in errors[0]
+    assert torch.equal(result["out"], expected)  # the running call was left alone
+    with torch.no_grad():
+        model(input_ids=other)  # once it has finished, any thread may call

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import threading
 import weakref
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -450,13 +451,20 @@ class PromptTuner(BaseTuner):
             _checkpointed={},
             _recompute_state=None,
             _watched_units=set(),  # the ids of this model's layers: a copy's are others
+            _owner=None,
         )
         return state
 
     def __setstate__(self, state: dict) -> None:
         # a whole-model pickle from an earlier peft-ipt lacks the per-call state added since
         super().__setstate__(state)
-        defaults = {"_continuing": False, "_inserted": None, "_call_state": None, "_checkpointed": {}}
+        defaults = {
+            "_continuing": False,
+            "_inserted": None,
+            "_call_state": None,
+            "_checkpointed": {},
+            "_owner": None,
+        }
         defaults |= {"_recompute_state": None, "_watched_units": set()}
         for name, value in defaults.items():
             if name not in self.__dict__:
@@ -470,6 +478,7 @@ class PromptTuner(BaseTuner):
         self._instance_done = False
         self._pinned = False
         self._continuing = False  # this call continues a cache with the cache's own prompt
+        self._owner: int | None = None  # the thread of the running call (see _check_thread)
         self._inserted: torch.Tensor | None = None  # this call's input-level prompt, if it inserts one
         self._enabled = True
         self.capturing = False
@@ -806,8 +815,11 @@ class PromptTuner(BaseTuner):
                 "one process per GPU instead (accelerate launch or torchrun: DistributedDataParallel, which works), "
                 "or make one GPU visible (CUDA_VISIBLE_DEVICES=0)."
             )
+        self._check_thread()
         source_mask = kwargs.pop("source_mask", None)
         outermost = not self._calls
+        if outermost and not self._pinned:
+            self._owner = threading.get_ident()
         self._calls.append(module)
         if not outermost or self._pinned or self.capturing or self._prefixes_off or not self._enabled:
             return args, kwargs
@@ -816,6 +828,18 @@ class PromptTuner(BaseTuner):
         except BaseException:
             self._calls.pop()  # the always-called _leave then finds another module on top and does nothing
             raise
+
+    def _check_thread(self) -> None:
+        """A call from another thread while one runs (a threaded web server sharing one model) would take or replace
+        the running call's prompts: refused. LoRA is stateless there; a prompt computed per call is not."""
+        busy = self._calls or self._pinned
+        if busy and self._owner is not None and self._owner != threading.get_ident():
+            raise RuntimeError(
+                "this peft_ipt model was called from a second thread while a call (or generate()) of another thread "
+                "was running: both would share the adapter's per-call prompts. Serialise the calls (a "
+                "threading.Lock around model calls and generate()), or give each thread its own copy of the model "
+                "(copy.deepcopy)."
+            )
 
     def _leave(self, role: str, module: nn.Module, args: tuple, output):
         """Forward hook (always called, also on an error) of every entry point."""
@@ -1180,6 +1204,8 @@ class PromptTuner(BaseTuner):
 
     def generate(self, *args, **kwargs):
         """``model.generate`` with the prompt computed once from the source, then reused at every step."""
+        self._check_thread()
+        self._owner = threading.get_ident()
         source_mask = kwargs.pop("source_mask", None)
         inputs = self._inputs_from_call(args, kwargs, source_mask)
         if self._enabled and self.active_adapters:
