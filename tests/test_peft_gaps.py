@@ -6,10 +6,12 @@ the [CLS] position (test_prefix_tuning.py, test_instance_prompt.py), per-token o
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import lm_labels, tiny_model, token_batch
-from peft import PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
 from peft_ipt import InstancePromptConfig, PrefixTuningV2Config
 
@@ -238,3 +240,43 @@ def test_a_second_threads_call_while_one_runs_is_refused_and_the_first_finishes_
     assert torch.equal(result["out"], expected)  # the running call was left alone
     with torch.no_grad():
         model(input_ids=other)  # once it has finished, any thread may call
+
+
+# -- a base model dispatched with device_map, a layer offloaded to disk (accelerate's big-model inference) --------
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        PrefixTuningV2Config(task_type="CAUSAL_LM", prefix_length=3, init_weights=False),
+        InstancePromptConfig(task_type="CAUSAL_LM", prompt_length=3, init_weights=False),
+        InstancePromptConfig(
+            task_type="CAUSAL_LM", prompt_length=3, init_weights=False, instance_source="frozen_model"
+        ),
+        InstancePromptConfig(task_type="CAUSAL_LM", prompt_length=3, init_weights=False, injection="input"),
+    ],
+    ids=["prefix_v2", "ipt", "ipt_frozen_model", "ipt_input"],
+)
+def test_an_adapter_on_a_base_with_a_layer_offloaded_to_disk_gives_the_in_memory_outputs(config, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tiny_model("llama").save_pretrained(tmp_path / "base")
+    torch.manual_seed(0)
+    in_memory = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), config).eval()
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk"}
+    device_map |= {"model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    dispatched = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base", device_map=device_map, offload_folder=tmp_path / "offload"
+    )
+    assert dispatched.model.layers[1].self_attn.q_proj.weight.is_meta  # really offloaded
+    # (PeftModel.from_pretrained re-dispatches a model with disk offload, which on a machine without a GPU fails
+    # inside accelerate for LoRA too: "Cannot copy out of meta tensor"; so the weights are set directly.)
+    offloaded = get_peft_model(dispatched, copy.deepcopy(config)).eval()
+    set_peft_model_state_dict(offloaded, get_peft_model_state_dict(in_memory))
+    ids = token_batch(2, 6)
+    kwargs = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        torch.testing.assert_close(offloaded(input_ids=ids).logits, in_memory(input_ids=ids).logits)
+        assert torch.equal(
+            offloaded.generate(input_ids=ids, **kwargs), in_memory.generate(input_ids=ids, **kwargs)
+        )
