@@ -317,23 +317,22 @@ class CallState:
     reentrant_sites: set = field(default_factory=set)  # sites whose layer ran under reentrant checkpointing
 
 
-def checkpoint_units(model: nn.Module, attentions: list[nn.Module]) -> list[nn.Module]:
-    """The layers gradient checkpointing recomputes: of each attention module, the outermost ancestor that is an
-    element of a ModuleList (a decoder layer, T5's block), which recomputation calls again with its saved input."""
+def checkpoint_units(model: nn.Module, attentions: list[nn.Module]) -> dict[int, nn.Module]:
+    """The layers gradient checkpointing recomputes, by the id of the attention module in each: of each attention
+    module, the outermost ancestor that is an element of a ModuleList (a decoder layer, T5's block)."""
     parents = {}
-    for name, module in model.named_modules():
-        for child_name, child in module.named_children():
-            parents[child] = (module, f"{name}.{child_name}" if name else child_name)
-    units = []
+    for module in model.modules():
+        for child in module.children():
+            parents[child] = module
+    units = {}
     for attention in attentions:
         unit, node = None, attention
         while node in parents:
-            parent, _ = parents[node]
-            if isinstance(parent, nn.ModuleList):
+            if isinstance(parents[node], nn.ModuleList):
                 unit = node  # keep climbing: the outermost such ancestor is the checkpointed layer
-            node = parent
-        if unit is not None and all(unit is not u for u in units):
-            units.append(unit)
+            node = parents[node]
+        if unit is not None:
+            units[id(attention)] = unit
     return units
 
 
@@ -489,7 +488,7 @@ class PromptTuner(BaseTuner):
         # Gradient checkpointing: (layer, its input's storage and shape) -> the call that ran it, for the layer's
         # recomputation in backward (_recompute_state), which may come after other calls.
         self._checkpointed: dict[tuple, tuple[weakref.ref, CallState]] = {}
-        self._recompute_state: CallState | None = None
+        self._recompute_state: tuple[int, CallState] | None = None  # (the recomputed layer's id, its call)
         self._injection = PrefixInjection(model, self)
         self._position_limit = position_limit(model)
         self._causal = self._injection.causal
@@ -501,9 +500,15 @@ class PromptTuner(BaseTuner):
             and model.can_generate()
         )
         # the layers gradient checkpointing recomputes: which training call ran each (see _layer_entry)
+        units = checkpoint_units(model, [site[0] for site in self._injection.sites])
+        self._unit_of_site = {
+            (kind, layer): id(units[id(module)])
+            for module, kind, layer, *_ in self._injection.sites
+            if id(module) in units
+        }
         self._hooks = [
             unit.register_forward_pre_hook(self._layer_entry, with_kwargs=True)
-            for unit in checkpoint_units(model, [site[0] for site in self._injection.sites])
+            for unit in {id(u): u for u in units.values()}.values()
         ]
         self._watched_units: set[int] = set()
         for module, role in entry_points(model):
@@ -1136,7 +1141,20 @@ class PromptTuner(BaseTuner):
             return
         found = self._checkpointed.get((id(layer), hidden.data_ptr(), tuple(hidden.shape)))
         if found is not None and found[0]() is not None:
-            self._recompute_state = found[1]
+            self._recompute_state = (id(layer), found[1])
+
+    def _state_for(self, site: tuple[str, int]) -> CallState | None:
+        """The call whose prompt a site's layer uses: in a recomputation in backward, the call that ran that layer
+        (found by _recomputed_entry); otherwise the running call."""
+        found = self._recompute_state
+        if (
+            found is not None
+            and found[0] == self._unit_of_site.get(site)
+            and not self._calls
+            and in_backward()
+        ):
+            return found[1]
+        return self._call_state
 
     def _rng_state(self) -> tuple:
         """The random state the prompts are computed from (their dropout), for reentrant recomputation."""
@@ -1190,7 +1208,7 @@ class PromptTuner(BaseTuner):
                     "(e.g. model.get_base_model()(...) or .get_encoder()(...)); they compute their own prompts."
                 )
             # gradient checkpointing recomputes a layer: its own call's prompt, whatever calls ran since
-            state = self._recompute_state or self._call_state
+            state = self._state_for(key)
             if state is not None and key in state.reentrant_sites and torch.is_grad_enabled():
                 return self._recompute(key, state)  # reentrant: the layer ran without grad in the forward
             if state is not None and state.prefixes is not None:

@@ -111,7 +111,7 @@ class InstancePromptModel(PromptTuner):
         hidden = kwargs.get("hidden_states", args[0] if args else None)  # (B, T, d)
         # gradient checkpointing recomputing this layer in backward: the call that ran it, whatever ran since
         recomputing = not self._calls and in_backward()
-        state = (self._recompute_state or self._call_state) if recomputing else self._call_state
+        state = self._state_for(module.config.hidden_source(self.layout)) if recomputing else self._call_state
         inputs = state.inputs if state is not None else self._inputs
         source = inputs.source() if inputs is not None else None
         if self._instance_done and (self._pinned or source is None or source.shape != hidden.shape[:2]):
