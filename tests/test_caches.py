@@ -402,3 +402,19 @@ def test_encoder_outputs_rebuilt_from_their_tensors_are_refused_naming_what_to_p
             ):
                 model(encoder_outputs=rebuilt, decoder_input_ids=decoder)
         model(input_ids=ids, encoder_outputs=(hidden,), decoder_input_ids=decoder)  # with its input it runs
+
+
+@pytest.mark.parametrize("injection", ["hybrid", "input"])
+def test_a_cache_returned_in_a_tuple_carries_its_prompt_too(injection):
+    torch.manual_seed(0)
+    config = InstancePromptConfig(
+        task_type="CAUSAL_LM", prompt_length=3, init_weights=False, injection=injection
+    )
+    model = get_peft_model(tiny_model("llama"), config).eval()
+    ids = token_batch(2, 8)
+    with torch.no_grad():
+        as_tuple = model(input_ids=ids[:, :4], use_cache=True, return_dict=False)  # (logits, cache)
+        continued_tuple = model(input_ids=ids[:, 4:], past_key_values=as_tuple[1], return_dict=False)[0]
+        as_output = model(input_ids=ids[:, :4], use_cache=True)
+        continued_output = model(input_ids=ids[:, 4:], past_key_values=as_output.past_key_values).logits
+    assert torch.equal(continued_tuple, continued_output)

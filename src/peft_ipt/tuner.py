@@ -347,6 +347,8 @@ def drafting(generate_kwargs: dict) -> bool:
 
 
 def _cache_of_output(output):
+    if isinstance(output, tuple) and not hasattr(output, "keys"):  # return_dict=False: (logits, cache, ...)
+        return next((item for item in output if hasattr(item, "get_seq_length")), None)
     for name in ("cache", "past_key_values"):  # transformers 5.25 names it cache
         cache = getattr(output, name, None)
         if cache is not None and hasattr(cache, "get_seq_length"):
