@@ -280,3 +280,26 @@ def test_an_adapter_on_a_base_with_a_layer_offloaded_to_disk_gives_the_in_memory
         assert torch.equal(
             offloaded.generate(input_ids=ids, **kwargs), in_memory.generate(input_ids=ids, **kwargs)
         )
+
+
+# -- get_peft_model twice on one base model object ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("second_cls", [PrefixTuningV2Config, InstancePromptConfig])
+def test_a_second_get_peft_model_on_the_same_base_is_refused_and_leaves_the_first_alone(second_cls):
+    base = tiny_model("llama")
+    torch.manual_seed(0)
+    first = get_peft_model(base, InstancePromptConfig(task_type="CAUSAL_LM", init_weights=False)).eval()
+    ids = token_batch(2, 6)
+    with torch.no_grad():
+        before = first(input_ids=ids).logits
+    with pytest.raises(
+        ValueError, match=r"already carries a peft-ipt adapter.*add_adapter.*copy.deepcopy\(base\)"
+    ):
+        get_peft_model(base, second_cls(task_type="CAUSAL_LM", init_weights=False))
+    assert type(first.peft_config["default"]) is InstancePromptConfig  # peft would have replaced it
+    with torch.no_grad():
+        assert torch.equal(first(input_ids=ids).logits, before)
+    get_peft_model(
+        first.unload(), second_cls(task_type="CAUSAL_LM")
+    )  # after unload() the base takes a new one

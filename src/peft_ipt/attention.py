@@ -420,6 +420,8 @@ def attention_path_for(model: nn.Module) -> AttentionPath:
 class PrefixInjection:
     """Installs the prefix attention on one model and restores the user's implementation on removal."""
 
+    MARK = "_peft_ipt_injected"  # set on a model while an injection is installed in it
+
     def __init__(self, model: nn.Module, provider: PrefixProvider):
         self.model = model
         self.path = attention_path_for(model)
@@ -431,6 +433,7 @@ class PrefixInjection:
         if self.causal is None:
             self.causal = any(getattr(module, "is_causal", False) for module, *_ in self.sites)
         self.path.install(model, self.sites, ProviderRef(provider))
+        setattr(model, self.MARK, True)
 
     def enable(self) -> None:
         self.path.enable(self.model)
@@ -440,3 +443,5 @@ class PrefixInjection:
 
     def remove(self) -> None:
         self.path.remove(self.model, self.sites)
+        if self.MARK in self.model.__dict__:
+            delattr(self.model, self.MARK)

@@ -438,6 +438,18 @@ class PromptTuner(BaseTuner):
 
     # -- construction -------------------------------------------------------------------------------------------
 
+    def __init__(self, model: nn.Module, peft_config, adapter_name: str, **kwargs) -> None:
+        # before peft's BaseTuner.__init__, which would add this config to the first PeftModel's peft_config dict
+        if getattr(model, PrefixInjection.MARK, False):
+            raise ValueError(
+                f"this {type(model).__name__} already carries a peft-ipt adapter: get_peft_model was called twice on "
+                "the same base model object, and the second adapter would silently replace the first one's config "
+                "and prefixes in both PeftModels. Add a second adapter to the first PeftModel "
+                "(model.add_adapter(name, config), then set_adapter), or give the second its own base model "
+                "(from_pretrained again, or copy.deepcopy(base) before the first get_peft_model)."
+            )
+        super().__init__(model, peft_config, adapter_name, **kwargs)
+
     def __getstate__(self) -> dict:
         # A copy (copy.deepcopy, torch.save of the whole model) starts between calls: the last call's prompts and
         # inputs stay with the original. After a training step they carry autograd history, which deepcopy refuses
