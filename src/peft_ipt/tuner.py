@@ -471,14 +471,8 @@ class PromptTuner(BaseTuner):
     def __setstate__(self, state: dict) -> None:
         # a whole-model pickle from an earlier peft-ipt lacks the per-call state added since
         super().__setstate__(state)
-        defaults = {
-            "_continuing": False,
-            "_inserted": None,
-            "_call_state": None,
-            "_checkpointed": {},
-            "_owner": None,
-        }
-        defaults |= {"_recompute_state": None, "_watched_units": set()}
+        defaults = {"_continuing": False, "_inserted": None, "_call_state": None, "_checkpointed": {}}
+        defaults |= {"_owner": None, "_recompute_state": None, "_watched_units": set()}
         for name, value in defaults.items():
             if name not in self.__dict__:
                 setattr(self, name, value)
@@ -884,9 +878,8 @@ class PromptTuner(BaseTuner):
         record = CachePrompt(self._adapter_key(), self._prefixes, self._inserted)
         for carrier in (_cache_of_output(output), output if role == ENCODER_CALL else None):
             if carrier is not None:
-                with contextlib.suppress(
-                    AttributeError
-                ):  # a class with __slots__, or a tuple, cannot carry it
+                # (a class with __slots__, or a tuple, cannot carry it)
+                with contextlib.suppress(AttributeError):
                     setattr(carrier, CACHE_PROMPT, record)
 
     def _prompt_of_encoder_outputs(self, encoder_outputs) -> SitePrefixes:
@@ -1119,9 +1112,8 @@ class PromptTuner(BaseTuner):
         self._inserted = None  # an input-level prompt, set where the call inserts it
         rng = self._rng_state() if torch.is_grad_enabled() else None
         self._call_state = CallState(inputs, rng, self._row_adapters)
-        self._checkpointed = {
-            k: v for k, v in self._checkpointed.items() if v[0]() is not None
-        }  # backwarded: gone
+        # layers of earlier calls whose input is gone (their backward has run) are forgotten
+        self._checkpointed = {k: v for k, v in self._checkpointed.items() if v[0]() is not None}
         self._prefixes = self._compute_prefixes(inputs)
         self._call_state.prefixes = self._prefixes
         self._check_finite(self._prefixes, inputs)
