@@ -14,7 +14,7 @@ from peft import get_peft_model
 from transformers import LlamaForCausalLM
 
 from peft_ipt import InstancePromptConfig, PrefixTuningV2Config
-from peft_ipt.tuner import CACHE_PROMPT
+from peft_ipt.call_state import CACHE_PROMPT
 
 METHODS = {
     "prefix_v2": lambda: PrefixTuningV2Config(task_type="CAUSAL_LM", prefix_length=3, init_weights=False),

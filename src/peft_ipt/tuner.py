@@ -29,6 +29,16 @@ from torch import nn
 
 from .adapter_files import AdapterFileError
 from .attention import ENCODER, SELF, AttentionSite, PrefixInjection, SiteLayout
+from .call_state import (
+    CACHE_PROMPT,
+    CachePrompt,
+    CallState,
+    cache_argument,
+    cache_of_output,
+    checkpoint_units,
+    drafting,
+    layer_input,
+)
 
 # What a prompt module returns: kind -> (keys, values), indexed by layer slot, each slot (B|1, n_kv, P, head_dim)
 # or None (no prefix there); a stacked (L, B|1, n_kv, P, head_dim) tensor or a list of per-slot tensors.
@@ -262,98 +272,6 @@ def first_non_finite_submodule(module: PromptModule, inputs: PromptInputs) -> st
         for handle in handles:
             handle.remove()
     return found[0] if found else None
-
-
-def cache_argument(kwargs: dict):
-    """A call's key/value cache: ``cache`` from transformers 5.24 on, ``past_key_values`` before (and, deprecated,
-    still accepted by 5.24's forward, which renames it only inside)."""
-    cache = kwargs.get("cache")
-    return cache if cache is not None else kwargs.get("past_key_values")
-
-
-# The attribute a key/value cache carries its instance prompt in: a call that continues the cache must use the
-# prompt the cache's keys and values were computed with, not whichever call of the model came last.
-CACHE_PROMPT = "_peft_ipt_prompt"
-
-
-@dataclass
-class CachePrompt:
-    """The instance prompt a key/value cache was filled with, and the adapters (or per-row adapters) it belongs to."""
-
-    adapters: tuple
-    prefixes: SitePrefixes
-    inserted: torch.Tensor | None = None  # an input-level prompt (its P positions are in the cache too)
-
-    def same_as(self, prefixes: SitePrefixes | None, inserted: torch.Tensor | None) -> bool:
-        """Whether another call's prompt is this one (up to float noise: the same source, other padding)."""
-
-        def same(a, b) -> bool:
-            if a is None or b is None:
-                return a is None and b is None
-            return a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5)
-
-        prefixes = prefixes or {}
-        if set(self.prefixes) != set(prefixes) or not same(self.inserted, inserted):
-            return False
-        for site, entry in self.prefixes.items():
-            other = prefixes[site]
-            if entry is None or other is None:
-                if entry is not other:
-                    return False
-            elif len(entry) != len(other) or not all(same(a, b) for a, b in zip(entry, other, strict=True)):
-                return False
-        return True
-
-
-@dataclass(eq=False)
-class CallState:
-    """One call's prompt, as gradient checkpointing's recomputation in backward needs it: several training calls may
-    run before one backward (a contrastive loss, TRL's KTO), so each recomputed layer must get its own call's."""
-
-    inputs: PromptInputs
-    rng: tuple | None  # the random state the prompts were computed from (None: computed without gradient)
-    row_adapters: list[str] | None
-    prefixes: SitePrefixes | None = None
-    reentrant_sites: set = field(default_factory=set)  # sites whose layer ran under reentrant checkpointing
-
-
-def checkpoint_units(model: nn.Module, attentions: list[nn.Module]) -> dict[int, nn.Module]:
-    """The layers gradient checkpointing recomputes, by the id of the attention module in each: of each attention
-    module, the outermost ancestor that is an element of a ModuleList (a decoder layer, T5's block)."""
-    parents = {}
-    for module in model.modules():
-        for child in module.children():
-            parents[child] = module
-    units = {}
-    for attention in attentions:
-        unit, node = None, attention
-        while node in parents:
-            if isinstance(parents[node], nn.ModuleList):
-                unit = node  # keep climbing: the outermost such ancestor is the checkpointed layer
-            node = parents[node]
-        if unit is not None:
-            units[id(attention)] = unit
-    return units
-
-
-def _layer_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    first = next((a for a in args if torch.is_tensor(a)), None)
-    return first if first is not None else kwargs.get("hidden_states")
-
-
-def drafting(generate_kwargs: dict) -> bool:
-    """Whether generate() runs as the assistant of transformers' assisted generation (it marks the config so)."""
-    return bool(getattr(generate_kwargs.get("generation_config"), "is_assistant", False))
-
-
-def _cache_of_output(output):
-    if isinstance(output, tuple) and not hasattr(output, "keys"):  # return_dict=False: (logits, cache, ...)
-        return next((item for item in output if hasattr(item, "get_seq_length")), None)
-    for name in ("cache", "past_key_values"):  # transformers 5.25 names it cache
-        cache = getattr(output, name, None)
-        if cache is not None and hasattr(cache, "get_seq_length"):
-            return cache
-    return None
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -876,7 +794,7 @@ class PromptTuner(BaseTuner):
         if not self.active_adapters or not self._instance_wise():
             return
         record = CachePrompt(self._adapter_key(), self._prefixes, self._inserted)
-        for carrier in (_cache_of_output(output), output if role == ENCODER_CALL else None):
+        for carrier in (cache_of_output(output), output if role == ENCODER_CALL else None):
             if carrier is not None:
                 # (a class with __slots__, or a tuple, cannot carry it)
                 with contextlib.suppress(AttributeError):
@@ -1122,7 +1040,7 @@ class PromptTuner(BaseTuner):
         """Forward pre-hook of each checkpointable layer: remember which training call ran it on which input."""
         if not self._calls or self._call_state is None or self._call_state.rng is None:
             return
-        hidden = _layer_input(args, kwargs)
+        hidden = layer_input(args, kwargs)
         if hidden is not None and gradient_checkpointing_on(self.model):
             key = (id(layer), hidden.data_ptr(), tuple(hidden.shape))
             self._checkpointed[key] = (weakref.ref(hidden), self._call_state)
@@ -1142,7 +1060,7 @@ class PromptTuner(BaseTuner):
         first; the call that ran the layer on it gives the prompt to recompute with."""
         if self._calls or not self._checkpointed or not in_backward():
             return
-        hidden = _layer_input(args, kwargs)
+        hidden = layer_input(args, kwargs)
         if hidden is None:
             return
         found = self._checkpointed.get((id(layer), hidden.data_ptr(), tuple(hidden.shape)))

@@ -13,15 +13,8 @@ import torch
 from torch import nn
 
 from ..attention import SiteLayout
-from ..tuner import (
-    ENCODER_CALL,
-    PromptInputs,
-    PromptTuner,
-    cache_argument,
-    drafting,
-    gradient_checkpointing_on,
-    in_backward,
-)
+from ..call_state import cache_argument, drafting
+from ..tuner import ENCODER_CALL, PromptInputs, PromptTuner, gradient_checkpointing_on, in_backward
 from .config import InstancePromptConfig
 from .encoders import first_source_tokens
 from .layer import InstancePromptModule
