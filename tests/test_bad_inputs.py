@@ -125,3 +125,22 @@ def test_a_non_finite_value_outside_the_source_never_reaches_the_prompt():
         input_ids=ids, labels=labels
     )  # raises FloatingPointError if the target's inf leaked into the prompt
     assert all(torch.isfinite(keys).all() for keys, *_ in model.base_model._prefixes.values())
+
+
+# -- a call that raised leaves nothing behind -------------------------------------------------------------------
+
+
+def test_a_call_that_raised_leaves_no_trim_for_the_next_call():
+    """An input-level prompt's call marks its outputs to be cut by P positions on the way out; one that raised
+    inside the model once left the mark, and the next call as long as it plus P came back cut short."""
+    config = InstancePromptConfig(task_type="CAUSAL_LM", prompt_length=3, injection="input")
+    model = get_peft_model(tiny_model("llama"), config).eval()
+    short, long = token_batch(2, 5), token_batch(2, 8, seed=3)  # 8 = 5 + P
+    with torch.no_grad():
+        with pytest.raises(ValueError):
+            model(
+                input_ids=short, labels=torch.zeros(2, 3, 4, dtype=torch.long)
+            )  # the loss refuses these labels
+        with model.disable_adapter():
+            assert model(input_ids=long).logits.shape[1] == 8
+        assert model(input_ids=long).logits.shape[1] == 8

@@ -777,7 +777,10 @@ class PromptTuner(BaseTuner):
         if not self._calls or self._calls[-1] is not module:
             return None
         self._calls.pop()
-        if self._calls or output is None:
+        if self._calls:
+            return None
+        if output is None:  # the call raised: nothing of it may reach the next call
+            self._abandon_call()
             return None
         finished = self._finish_call(role, output)
         self._remember_prompt(role, output if finished is None else finished)
@@ -893,6 +896,9 @@ class PromptTuner(BaseTuner):
     def _finish_call(self, role: str, output):
         """Hook for methods that change the outermost call's output (input-level prompts); default: unchanged."""
         return None
+
+    def _abandon_call(self) -> None:
+        """Hook: the outermost call raised before _finish_call; forget what it set up for it."""
 
     @contextmanager
     def _without_prefixes(self):

@@ -280,6 +280,11 @@ class InstancePromptModel(PromptTuner):
             output.hidden_states = (cut(output.hidden_states[0]), *output.hidden_states[1:])
         return output
 
+    def _abandon_call(self) -> None:
+        self._trim = (
+            None  # else the next call's outputs, if as long as this one's with its prompt, would be cut
+        )
+
     def _finish_call(self, role: str, output):
         """Trim an input-level prompt's positions out of the per-token outputs of the call that inserted it."""
         if self._trim is None:
