@@ -796,12 +796,14 @@ class PromptTuner(BaseTuner):
             return
         if not self.active_adapters or not self._instance_wise():
             return
-        record = CachePrompt(self._adapter_key(), self._prefixes, self._inserted)
+        record = None
         for carrier in (cache_of_output(output), output if role == ENCODER_CALL else None):
-            if carrier is not None:
-                # (a class with __slots__, or a tuple, cannot carry it)
-                with contextlib.suppress(AttributeError):
-                    setattr(carrier, CACHE_PROMPT, record)
+            held = getattr(carrier, CACHE_PROMPT, None)
+            if carrier is None or (held is not None and held.prefixes is self._prefixes):
+                continue  # (a decoding step: the cache already carries this prompt)
+            record = record or CachePrompt(self._adapter_key(), self._prefixes, self._inserted)
+            with contextlib.suppress(AttributeError):  # a class with __slots__, or a tuple, cannot carry it
+                setattr(carrier, CACHE_PROMPT, record)
 
     def _prompt_of_encoder_outputs(self, encoder_outputs) -> SitePrefixes:
         """A decoder call on ``encoder_outputs`` (no encoder input): the prompt of the encoder call that gave them."""
