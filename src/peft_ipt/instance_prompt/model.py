@@ -127,13 +127,12 @@ class InstancePromptModel(PromptTuner):
         module = self._active_module()
         past = cache_argument(kwargs)
         hidden = module is not None and module.config.instance_source == "hidden"
-        if hidden and past is not None and not drafting(kwargs):
-            if past.get_seq_length() > 0:
-                raise ValueError(
-                    "instance_source='hidden' cannot generate on from a filled key/value cache: its prompt is built "
-                    "from hidden states that the cached tokens no longer compute, so it would come from the new "
-                    "tokens alone. Generate without the cache, or use another instance_source."
-                )
+        if hidden and past is not None and past.get_seq_length() > 0 and not drafting(kwargs):
+            raise ValueError(
+                "instance_source='hidden' cannot generate on from a filled key/value cache: its prompt is built from "
+                "hidden states that the cached tokens no longer compute, so it would come from the new tokens alone. "
+                "Generate without the cache, or use another instance_source."
+            )
         super()._check_generate_continues(kwargs, inputs)
 
     # -- injection='input' -----------------------------------------------------------------------------------
@@ -143,9 +142,8 @@ class InstancePromptModel(PromptTuner):
         if embeds is None:
             embeds = self.model.get_input_embeddings()(inputs.input_ids)
         prompt = module.input_prompt(inputs).to(embeds.dtype)  # (B, P, hidden)
-        self._inserted = (
-            prompt.detach()
-        )  # what a cache this call fills records (see PromptTuner._remember_prompt)
+        # what a cache this call fills records (see PromptTuner._remember_prompt)
+        self._inserted = prompt.detach()
         batch, length = embeds.shape[:2]
         P = prompt.shape[1]
         at = 1 if self._encoder_only else 0  # keep [CLS] first: the classifier reads position 0
@@ -281,9 +279,8 @@ class InstancePromptModel(PromptTuner):
         return output
 
     def _abandon_call(self) -> None:
-        self._trim = (
-            None  # else the next call's outputs, if as long as this one's with its prompt, would be cut
-        )
+        # else the next call's outputs, if as long as this one's with its prompt, would be cut
+        self._trim = None
 
     def _finish_call(self, role: str, output):
         """Trim an input-level prompt's positions out of the per-token outputs of the call that inserted it."""
