@@ -1145,11 +1145,14 @@ class PromptTuner(BaseTuner):
                 return self._recompute(key, state)  # reentrant: the layer ran without grad in the forward
             if state is not None and state.prefixes is not None:
                 return state.prefixes.get(key)
-        elif entry is not None and entry[0].requires_grad and not torch.is_grad_enabled():
-            if self._call_state is not None:
-                self._call_state.reentrant_sites.add(
-                    key
-                )  # a training forward without grad: reentrant checkpointing
+        elif (
+            entry is not None
+            and entry[0].requires_grad
+            and not torch.is_grad_enabled()
+            and self._call_state is not None
+        ):
+            # a training forward run without grad: reentrant checkpointing, which recomputes this site in backward
+            self._call_state.reentrant_sites.add(key)
         return entry
 
     def generate(self, *args, **kwargs):
