@@ -7,11 +7,13 @@ the [CLS] position (test_prefix_tuning.py, test_instance_prompt.py), per-token o
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
 from conftest import lm_labels, tiny_model, token_batch
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from transformers.generation.continuous_batching.cache import PagedAttentionCache
 
 from peft_ipt import InstancePromptConfig, PrefixTuningV2Config
 
@@ -303,3 +305,66 @@ def test_a_second_get_peft_model_on_the_same_base_is_refused_and_leaves_the_firs
     get_peft_model(
         first.unload(), second_cls(task_type="CAUSAL_LM")
     )  # after unload() the base takes a new one
+
+
+# -- the attention implementation switched after get_peft_model; continuous batching ----------------------------
+
+
+@pytest.mark.parametrize("config_cls", [PrefixTuningV2Config, InstancePromptConfig])
+def test_set_attn_implementation_after_get_peft_model_keeps_every_layers_prefix(config_cls):
+    """``model.set_attn_implementation("eager")`` replaced the name the layers look their attention up by, and every
+    layer ran without its prefix: the bare model's logits, silently."""
+    model = get_peft_model(tiny_model("llama"), config_cls(task_type="CAUSAL_LM", init_weights=False))
+    ids = token_batch(2, 7)
+    kwargs = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        sdpa = model(input_ids=ids).logits
+        tokens = model.generate(input_ids=ids, **kwargs)
+        with model.disable_adapter():
+            bare = model(input_ids=ids).logits
+        assert (sdpa - bare).abs().max() > 1e-2
+        model.set_attn_implementation("eager")
+        torch.testing.assert_close(model(input_ids=ids).logits, sdpa, atol=1e-5, rtol=0)
+        assert torch.equal(model.generate(input_ids=ids, **kwargs), tokens)
+        model.set_attn_implementation("sdpa")
+        torch.testing.assert_close(model(input_ids=ids).logits, sdpa, atol=1e-5, rtol=0)
+        # chosen while the adapter is off: the bare model runs it, and the prefixes go through it once it is back on
+        with model.disable_adapter():
+            model.set_attn_implementation("eager")
+            torch.testing.assert_close(model(input_ids=ids).logits, bare, atol=1e-5, rtol=0)
+        torch.testing.assert_close(model(input_ids=ids).logits, sdpa, atol=1e-5, rtol=0)
+        assert model.config._attn_implementation == "peft_ipt_eager"
+
+
+@pytest.mark.parametrize("impl", ["flex_attention", "paged|eager"])
+@pytest.mark.parametrize("config_cls", [PrefixTuningV2Config, InstancePromptConfig])
+def test_an_attn_implementation_without_prefixes_set_after_get_peft_model_is_refused(config_cls, impl):
+    model = get_peft_model(tiny_model("llama"), config_cls(task_type="CAUSAL_LM", init_weights=False))
+    ids = token_batch(2, 7)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        model.set_attn_implementation(impl)
+        refused = rf"changed to '{re.escape(impl)}' after get_peft_model.*set_attn_implementation\('sdpa'\)"
+        with pytest.raises(ValueError, match=refused):
+            model(input_ids=ids)
+        with pytest.raises(ValueError, match=refused):
+            model.generate(input_ids=ids, max_new_tokens=2, pad_token_id=0)
+        model.set_attn_implementation("sdpa")
+        torch.testing.assert_close(model(input_ids=ids).logits, before, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("config_cls", [PrefixTuningV2Config, InstancePromptConfig])
+def test_continuous_batching_is_refused_naming_generate(config_cls, monkeypatch):
+    """transformers packs the requests of continuous batching into one row of a paged cache, where no request can
+    have its own prefix; reached through the base model with its attention set to sdpa, it ran without them."""
+    model = get_peft_model(tiny_model("llama"), config_cls(task_type="CAUSAL_LM"))
+    for name in ("generate_batch", "init_continuous_batching", "continuous_batching_context_manager"):
+        with pytest.raises(ValueError, match=r"continuous batching .* Use model.generate\(\)"):
+            getattr(model, name)()
+    # the batching loop's own forward calls, on its paged cache (built empty: the refusal comes first)
+    paged = PagedAttentionCache.__new__(PagedAttentionCache)
+    with pytest.raises(ValueError, match=r"continuous batching .* Use model.generate\(\)"):
+        model.get_base_model()(input_ids=token_batch(1, 5), past_key_values=paged)
+    monkeypatch.setattr(model.get_base_model(), "generate_batch", lambda *args, **kwargs: "the bare model's")
+    with model.disable_adapter():
+        assert model.generate_batch() == "the bare model's"

@@ -361,13 +361,48 @@ class AttentionPath:
                 module.register_forward_hook(_watch_after),
             ]
         self._base_impl = base_impl
+        self._sites = sites
         self.enable(model)
 
     def enable(self, model: nn.Module) -> None:
-        model.set_attn_implementation(REGISTERED_PREFIX + self._base_impl)
+        # The user may have chosen another implementation while the adapter was off: eager or sdpa, the prefixes
+        # go through it; anything else stays set, so the next call refuses it (check_routed).
+        impl = model.config._attn_implementation or "eager"
+        if impl in SUPPORTED_IMPLEMENTATIONS:
+            self._route(model, impl)
+        elif impl.removeprefix(REGISTERED_PREFIX) in SUPPORTED_IMPLEMENTATIONS:
+            self._route(model, impl.removeprefix(REGISTERED_PREFIX))
 
     def disable(self, model: nn.Module) -> None:
         model.set_attn_implementation(self._base_impl)
+
+    def check_routed(self, model: nn.Module) -> None:
+        """Before each call with the adapter on: the model's attention still goes through the prefixes.
+
+        ``model.set_attn_implementation(...)`` after ``get_peft_model`` replaces the name the attention modules look
+        up, and every layer would silently run without its prefix. Switched to eager or sdpa, the prefixes follow;
+        to an implementation that cannot take them, the call is refused.
+        """
+        impl = model.config._attn_implementation or "eager"
+        if impl == REGISTERED_PREFIX + self._base_impl:
+            return
+        base = impl.removeprefix(REGISTERED_PREFIX)
+        if base not in SUPPORTED_IMPLEMENTATIONS:
+            raise UnsupportedModelError(
+                f"the model's attn_implementation was changed to {impl!r} after get_peft_model (e.g. by "
+                "model.set_attn_implementation), which peft-ipt's prefixes cannot go through: its layers would run "
+                f"without them. Set it back with model.set_attn_implementation('{self._base_impl}') (supported: "
+                f"{', '.join(SUPPORTED_IMPLEMENTATIONS)})."
+            )
+        self._route(model, base)
+
+    def _route(self, model: nn.Module, base_impl: str) -> None:
+        """Prefixes in front of ``base_impl`` (eager or sdpa) at every site."""
+        if base_impl != self._base_impl:
+            for module, *_ in self._sites:
+                module.__dict__[SITE_ATTR].inner = _inner_implementation(module, base_impl)
+            self._base_impl = base_impl
+        model.set_attn_implementation(REGISTERED_PREFIX + base_impl)
 
     def remove(self, model: nn.Module, sites) -> None:
         self.disable(model)
@@ -437,6 +472,10 @@ class PrefixInjection:
 
     def enable(self) -> None:
         self.path.enable(self.model)
+
+    def check_routed(self) -> None:
+        """Refuse (or follow) a change of the model's attention implementation since installation."""
+        self.path.check_routed(self.model)
 
     def disable(self) -> None:
         self.path.disable(self.model)  # the user's own attention, bit for bit

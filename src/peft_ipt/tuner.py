@@ -26,9 +26,10 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils.integrations import init_empty_weights
 from peft.utils.other import AuxiliaryTrainingWrapper, set_additional_trainable_modules
 from torch import nn
+from transformers.generation.continuous_batching.cache import PagedAttentionCache
 
 from .adapter_files import AdapterFileError
-from .attention import ENCODER, SELF, AttentionSite, PrefixInjection, SiteLayout
+from .attention import ENCODER, SELF, AttentionSite, PrefixInjection, SiteLayout, UnsupportedModelError
 from .call_state import (
     CACHE_PROMPT,
     CachePrompt,
@@ -53,6 +54,11 @@ POSITION_TABLES = ("position_embeddings", "embed_positions", "wpe", "position_em
 # BertModel inside BertForSequenceClassification, LlamaModel inside LlamaForCausalLM) and, for encoder-decoder
 # models, the encoder and the decoder. Each call of one of them computes its own prompts from its own inputs.
 MODEL_CALL, BACKBONE_CALL, ENCODER_CALL, DECODER_CALL = "model", "backbone", "encoder", "decoder"
+CONTINUOUS_BATCHING = (
+    "continuous batching (generate_batch, init_continuous_batching, transformers serve) packs several requests into "
+    "one row of a paged cache, where peft-ipt cannot give each its prefix or instance prompt. Use model.generate() "
+    "on a padded batch instead."
+)
 
 
 def entry_points(model: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -755,10 +761,33 @@ class PromptTuner(BaseTuner):
         if not outermost or self._pinned or self.capturing or self._prefixes_off or not self._enabled:
             return args, kwargs
         try:
+            self._check_route(kwargs)
             return self._start_entry(role, args, kwargs, source_mask)
         except BaseException:
             self._calls.pop()  # the always-called _leave then finds another module on top and does nothing
             raise
+
+    def _check_route(self, kwargs: dict) -> None:
+        """Every layer of this call gets its prefix: the attention implementation may have been switched since
+        get_peft_model (followed to eager or sdpa, else refused), and continuous batching is refused."""
+        self._injection.check_routed()
+        if isinstance(cache_argument(kwargs), PagedAttentionCache):
+            raise UnsupportedModelError(CONTINUOUS_BATCHING)
+
+    # Continuous batching is refused before it starts (inside its loop transformers only logs an error).
+    def generate_batch(self, *args, **kwargs):
+        return self._continuous_batching("generate_batch")(*args, **kwargs)
+
+    def init_continuous_batching(self, *args, **kwargs):
+        return self._continuous_batching("init_continuous_batching")(*args, **kwargs)
+
+    def continuous_batching_context_manager(self, *args, **kwargs):
+        return self._continuous_batching("continuous_batching_context_manager")(*args, **kwargs)
+
+    def _continuous_batching(self, name: str) -> Callable:
+        if self._enabled and self.active_adapters:
+            raise UnsupportedModelError(CONTINUOUS_BATCHING)
+        return getattr(self.model, name)  # the adapter is off: the user's own model
 
     def _check_thread(self) -> None:
         """A call from another thread while one runs (a threaded web server sharing one model) would take or replace
@@ -1162,6 +1191,7 @@ class PromptTuner(BaseTuner):
         source_mask = kwargs.pop("source_mask", None)
         inputs = self._inputs_from_call(args, kwargs, source_mask)
         if self._enabled and self.active_adapters:
+            self._check_route(kwargs)
             self._check_length(inputs, {})
         # generate() runs without gradient: so does the prompt it decodes with (no autograd history kept after it).
         with torch.no_grad():

@@ -38,6 +38,9 @@ class Installation:
     def disable(self, model: nn.Module) -> None:
         pass
 
+    def check_routed(self, model: nn.Module) -> None:
+        """The doors are the modules' own: no setting of the model takes them away."""
+
 
 class HookedInstallation(Installation):
     """An installation whose doors are hooks on the attention modules, keyed by the module's site; ``remove`` takes
