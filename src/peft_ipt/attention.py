@@ -452,35 +452,67 @@ def attention_path_for(model: nn.Module) -> AttentionPath:
     )
 
 
+def text_tower(model: nn.Module) -> nn.Module:
+    """The model whose attention takes the prefixes: a multimodal model's language model (Llava, Gemma 3, Qwen2-VL:
+    the submodel built from its text config; its vision or audio towers take none), else the model itself."""
+    config = getattr(model, "config", None)
+    if (
+        config is None
+        or getattr(config, "is_encoder_decoder", False)
+        or not hasattr(config, "get_text_config")
+    ):
+        return model
+    text = config.get_text_config()
+    if text is config:
+        return model
+    for module in model.modules():
+        if (
+            module is not model
+            and getattr(module, "config", None) is text
+            and hasattr(module, "set_attn_implementation")
+        ):
+            return module
+    raise UnsupportedModelError(
+        f"{type(model).__name__} ({config.model_type}) has a text config but no submodel built from it, so peft-ipt "
+        "cannot tell which attention layers belong to its language model"
+    )
+
+
 class PrefixInjection:
-    """Installs the prefix attention on one model and restores the user's implementation on removal."""
+    """Installs the prefix attention on one model and restores the user's implementation on removal.
+
+    In a multimodal model only the language model (``tower``) is touched: its attention layers take the prefixes,
+    its attention implementation is the one switched; the vision and audio towers run as they are.
+    """
 
     MARK = "_peft_ipt_injected"  # set on a model while an injection is installed in it
 
     def __init__(self, model: nn.Module, provider: PrefixProvider):
         self.model = model
-        self.path = attention_path_for(model)
-        self.sites = self.path.sites(model)
+        self.tower = text_tower(model)
+        self.multimodal = self.tower is not model
+        self.path = attention_path_for(self.tower)
+        self.sites = self.path.sites(self.tower)
         self.layout = layout_of(self.sites)
         self.layout.unserved = dict(getattr(self.path, "unserved", {}))
         # Decoder-only self-attention masks the future (a path of its own knows; the registry's modules say so).
         self.causal = getattr(self.path, "causal", None)
         if self.causal is None:
             self.causal = any(getattr(module, "is_causal", False) for module, *_ in self.sites)
-        self.path.install(model, self.sites, ProviderRef(provider))
+        self.path.install(self.tower, self.sites, ProviderRef(provider))
         setattr(model, self.MARK, True)
 
     def enable(self) -> None:
-        self.path.enable(self.model)
+        self.path.enable(self.tower)
 
     def check_routed(self) -> None:
         """Refuse (or follow) a change of the model's attention implementation since installation."""
-        self.path.check_routed(self.model)
+        self.path.check_routed(self.tower)
 
     def disable(self) -> None:
-        self.path.disable(self.model)  # the user's own attention, bit for bit
+        self.path.disable(self.tower)  # the user's own attention, bit for bit
 
     def remove(self) -> None:
-        self.path.remove(self.model, self.sites)
+        self.path.remove(self.tower, self.sites)
         if self.MARK in self.model.__dict__:
             delattr(self.model, self.MARK)

@@ -43,12 +43,25 @@ def layer_list(name: str, value) -> list[int] | None:
     return sorted(set(items))
 
 
+def text_config_of(config):
+    """The config of the language model: a multimodal model's text config (Llava, Gemma 3, Qwen2-VL), else itself."""
+    if getattr(config, "is_encoder_decoder", False) or not hasattr(config, "get_text_config"):
+        return config
+    return config.get_text_config()
+
+
 def hidden_size_of(config) -> int:
-    for name in ("hidden_size", "d_model", "n_embd", "dim"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
+    for source in (config, text_config_of(config)):
+        for name in ("hidden_size", "d_model", "n_embd", "dim"):
+            value = getattr(source, name, None)
+            if isinstance(value, int):
+                return value
     raise ValueError(f"cannot read the hidden size of {type(config).__name__}")
+
+
+def vocab_size_of(config) -> int | None:
+    value = getattr(config, "vocab_size", None)
+    return value if value is not None else getattr(text_config_of(config), "vocab_size", None)
 
 
 @dataclass
@@ -253,7 +266,7 @@ class PromptConfigBase(PeftConfig):
     def model_shapes(self, model, layout: SiteLayout) -> dict:
         return {
             "hidden_size": hidden_size_of(model.config),
-            "vocab_size": getattr(model.config, "vocab_size", None),
+            "vocab_size": vocab_size_of(model.config),
             **layout.as_config(),
         }
 

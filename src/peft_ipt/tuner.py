@@ -30,6 +30,7 @@ from transformers.generation.continuous_batching.cache import PagedAttentionCach
 
 from .adapter_files import AdapterFileError
 from .attention import ENCODER, SELF, AttentionSite, PrefixInjection, SiteLayout, UnsupportedModelError
+from .base_config import vocab_size_of
 from .call_state import (
     CACHE_PROMPT,
     CachePrompt,
@@ -61,12 +62,15 @@ CONTINUOUS_BATCHING = (
 )
 
 
-def entry_points(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    """(module, role) for every module of ``model`` that a user may call directly, outermost first."""
+def entry_points(model: nn.Module, tower: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(module, role) for every module of ``model`` that a user may call directly, outermost first; ``tower`` is the
+    model whose layers take the prefixes (a multimodal model's language model, else ``model``)."""
     found = [(model, MODEL_CALL)]
     backbone = getattr(model, "base_model", model)
     if isinstance(backbone, nn.Module) and backbone is not model:
         found.append((backbone, BACKBONE_CALL))
+    if tower is not model:
+        found.append((tower, BACKBONE_CALL))
     if getattr(model.config, "is_encoder_decoder", False):
         found += [(model.get_encoder(), ENCODER_CALL), (model.get_decoder(), DECODER_CALL)]
     unique: dict[int, tuple[nn.Module, str]] = {}
@@ -218,7 +222,7 @@ def _check_some_source(inputs: PromptInputs) -> None:
 def init_token_ids(config, model: nn.Module, length: int) -> torch.Tensor:
     """(length,) token ids whose activations initialise a prefix: the init text, tiled, or random vocabulary."""
     if config.prefix_init == "vocab":
-        return torch.randint(0, model.config.vocab_size, (length,))
+        return torch.randint(0, vocab_size_of(model.config), (length,))
     from transformers import AutoTokenizer
 
     source = config.tokenizer_name_or_path or config.base_model_name_or_path or model.config.name_or_path
@@ -422,7 +426,7 @@ class PromptTuner(BaseTuner):
         self._checkpointed: dict[tuple, tuple[weakref.ref, CallState]] = {}
         self._recompute_state: tuple[int, CallState] | None = None  # (the recomputed layer's id, its call)
         self._injection = PrefixInjection(model, self)
-        self._position_limit = position_limit(model)
+        self._position_limit = position_limit(self._injection.tower)
         self._causal = self._injection.causal
         # A decoder-only model with a language-modelling head takes its targets as labels (B, T); a token
         # classifier (can_generate() False) takes tags of its input.
@@ -443,7 +447,7 @@ class PromptTuner(BaseTuner):
             for unit in {id(u): u for u in units.values()}.values()
         ]
         self._watched_units: set[int] = set()
-        for module, role in entry_points(model):
+        for module, role in entry_points(model, self._injection.tower):
             self._hooks.append(
                 module.register_forward_pre_hook(functools.partial(self._enter, role), with_kwargs=True)
             )

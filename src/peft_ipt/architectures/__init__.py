@@ -26,7 +26,8 @@ from .deberta import DEBERTA_PATHS
 from .encoder_decoder import ENCODER_DECODER_PATHS
 
 ARCHITECTURE_PATHS = (*CACHE_VIEW_PATHS, *DEBERTA_PATHS, *ENCODER_DECODER_PATHS)
-# Model types the test suite runs on tiny models (tests/conftest.py, tests/test_architectures.py).
+# Model types the test suite runs on tiny models (tests/conftest.py, tests/test_architectures.py,
+# tests/test_multimodal.py).
 TESTED_MODEL_TYPES = (
     "bart",
     "bert",
@@ -36,14 +37,17 @@ TESTED_MODEL_TYPES = (
     "deberta-v2",
     "falcon",
     "fsmt",
+    "gemma3",
     "gpt2",
     "gpt_neo",
     "gpt_neox_japanese",
     "gptj",
     "led",
     "llama",
+    "llava",
     "mpt",
     "mvp",
+    "qwen2_vl",
     "roberta",
     "t5",
     "xglm",

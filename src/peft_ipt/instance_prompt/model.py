@@ -44,6 +44,27 @@ class InstancePromptModel(PromptTuner):
                 "one, or the last end-of-sequence token) from input_ids, which input-level prompts replace by "
                 "embeddings. Use injection='hybrid' or 'prefix'."
             )
+        if self._injection.multimodal and (
+            config.injection == "input" or config.instance_source == "frozen_model"
+        ):
+            field, value, why = (
+                (
+                    "injection",
+                    "input",
+                    "the model places its image (or audio) features by the positions of input_ids",
+                )
+                if config.injection == "input"
+                else (
+                    "instance_source",
+                    "frozen_model",
+                    "its frozen pass would read the text without the image",
+                )
+            )
+            raise ValueError(
+                f"{field}={value!r} on a multimodal model ({type(model).__name__}): {why}. Use injection='hybrid' or "
+                "'prefix' with instance_source='embeddings', 'token_table' or 'hidden' (the hidden states the "
+                "language model computes, image features included)."
+            )
         module = InstancePromptModule(config, layout, model)
         if config.table_path and not module.table.weight.is_meta:  # meta: an adapter file fills it
             module.table.load(config.table_path)

@@ -1,0 +1,215 @@
+"""Multimodal models (Llava here; Gemma 3 and Qwen2-VL take the same path): the language model's attention layers take
+the prefixes, the vision tower's take none, and image inputs go through as they do without the adapter."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import CONFIGS, token_batch
+from peft import PeftModel, get_peft_model
+from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from peft_ipt import InstancePromptConfig, PrefixTuningV2Config
+from peft_ipt.attention import SITE_ATTR
+
+IMAGE = 127  # the image placeholder token; a 16x16 image in 8x8 patches fills 4 of them
+IMAGE_TOKENS = 4
+
+CASES = {
+    "prefix_v2": lambda: PrefixTuningV2Config(task_type="CAUSAL_LM", prefix_length=4, init_weights=False),
+    "ipt": lambda: InstancePromptConfig(task_type="CAUSAL_LM", prompt_length=4, init_weights=False),
+    "ipt_hidden": lambda: InstancePromptConfig(
+        task_type="CAUSAL_LM",
+        prompt_length=4,
+        injection="prefix",
+        instance_source="hidden",
+        init_weights=False,
+    ),
+}
+
+
+def tiny_llava() -> LlavaForConditionalGeneration:
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=16,
+        patch_size=8,
+        projection_dim=32,
+    )
+    config = LlavaConfig(text_config=CONFIGS["llama"](), vision_config=vision, image_token_index=IMAGE)
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(config).eval()
+
+
+def image_batch(batch: int = 2, length: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids with the image's placeholder tokens after the first token, and one random image per row. The text
+    (12 tokens) is longer than the vision tower's learned positions (5)."""
+    ids = token_batch(batch, length, low=3).clamp(max=IMAGE - 1)
+    ids[:, 1 : 1 + IMAGE_TOKENS] = IMAGE
+    return ids, torch.randn(batch, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+
+
+@pytest.fixture(scope="module")
+def base():
+    return tiny_llava()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_language_model_takes_the_prefixes_and_the_vision_tower_none(base, case):
+    model = get_peft_model(copy.deepcopy(base), CASES[case]()).eval()
+    prefixed = [name for name, module in model.named_modules() if SITE_ATTR in module.__dict__]
+    assert prefixed == [f"base_model.model.model.language_model.layers.{i}.self_attn" for i in range(2)]
+    vision = model.get_base_model().model.vision_tower
+    assert vision.config._attn_implementation == "sdpa"
+    ids, pixels = image_batch()
+    with torch.no_grad():
+        logits = model(input_ids=ids, pixel_values=pixels).logits
+        with model.disable_adapter():
+            bare = model(input_ids=ids, pixel_values=pixels).logits
+        assert torch.equal(bare, base(input_ids=ids, pixel_values=pixels).logits)
+        assert (logits - bare).abs().max() > 1e-2
+        # the image counts: another image, other logits
+        assert (model(input_ids=ids, pixel_values=pixels.flip(0)).logits - logits).abs().max() > 1e-3
+        # each row of the batch is that row alone (its own image, its own instance prompt)
+        for row in range(2):
+            alone = model(input_ids=ids[row : row + 1], pixel_values=pixels[row : row + 1]).logits
+            torch.testing.assert_close(alone[0], logits[row], atol=1e-5, rtol=0)
+        kwargs = {"input_ids": ids, "pixel_values": pixels, "max_new_tokens": 4, "do_sample": False}
+        cached = model.generate(**kwargs)
+        assert torch.equal(cached, model.generate(**kwargs, use_cache=False))
+    # greedy decoding by hand, each step the whole sequence with its image: what generate() gives
+    sequence = ids
+    with torch.no_grad():
+        for _ in range(4):
+            step = model(input_ids=sequence, pixel_values=pixels).logits[:, -1].argmax(-1, keepdim=True)
+            sequence = torch.cat([sequence, step], dim=1)
+    assert torch.equal(cached, sequence)
+
+
+@pytest.mark.parametrize("case", ["prefix_v2", "ipt"])
+def test_training_on_images_reaches_only_the_adapter_and_the_saved_adapter_reloads(base, case, tmp_path):
+    model = get_peft_model(copy.deepcopy(base), CASES[case]())
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("prefix_v2_encoder" in n or "ipt_encoder" in n for n in trainable)
+    ids, pixels = image_batch()
+    labels = ids.clone()
+    labels[:, : 1 + IMAGE_TOKENS + 3] = -100  # the image and the first words are the source
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    model.train()
+    for _ in range(8):
+        loss = model(input_ids=ids, pixel_values=pixels, labels=labels).loss
+        loss.backward()
+        assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05
+    model.eval().save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            reloaded(input_ids=ids, pixel_values=pixels).logits,
+            model(input_ids=ids, pixel_values=pixels).logits,
+            atol=1e-6,
+            rtol=0,
+        )
+
+
+def test_set_attn_implementation_on_the_whole_model_keeps_the_language_models_prefixes(base):
+    model = get_peft_model(copy.deepcopy(base), CASES["ipt"]()).eval()
+    ids, pixels = image_batch()
+    with torch.no_grad():
+        sdpa = model(input_ids=ids, pixel_values=pixels).logits
+        model.set_attn_implementation("eager")
+        torch.testing.assert_close(model(input_ids=ids, pixel_values=pixels).logits, sdpa, atol=1e-5, rtol=0)
+    assert (
+        model.get_base_model().model.vision_tower.config._attn_implementation == "eager"
+    )  # the user's choice
+
+
+@pytest.mark.parametrize(("field", "value"), [("injection", "input"), ("instance_source", "frozen_model")])
+def test_what_cannot_see_the_image_is_refused_on_a_multimodal_model(base, field, value):
+    with pytest.raises(
+        ValueError, match=rf"{field}='{value}' on a multimodal model \(LlavaForConditionalGeneration\)"
+    ):
+        get_peft_model(copy.deepcopy(base), InstancePromptConfig(task_type="CAUSAL_LM", **{field: value}))
+
+
+def tiny_gemma3():
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3TextConfig,
+        SiglipVisionConfig,
+    )
+
+    text = Gemma3TextConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        sliding_window=8,
+        pad_token_id=0,
+    )
+    vision = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=16,
+        patch_size=8,
+    )
+    config = Gemma3Config(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=4,
+        image_token_index=IMAGE,
+        boi_token_index=125,
+        eoi_token_index=126,
+    )
+    return Gemma3ForConditionalGeneration(config)
+
+
+def tiny_qwen2_vl():
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    text = {
+        "vocab_size": 128,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 128,
+        "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]},
+    }
+    vision = {"depth": 2, "embed_dim": 32, "hidden_size": 32, "num_heads": 4, "patch_size": 4}
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=126)
+    return Qwen2VLForConditionalGeneration(config)
+
+
+@pytest.mark.parametrize("build", [tiny_gemma3, tiny_qwen2_vl])
+@pytest.mark.parametrize("case", ["prefix_v2", "ipt"])
+def test_gemma3_and_qwen2_vl_take_the_prefixes_in_their_language_model(build, case):
+    torch.manual_seed(0)
+    base = build().eval()
+    model = get_peft_model(copy.deepcopy(base), CASES[case]()).eval()
+    prefixed = [name for name, module in model.named_modules() if SITE_ATTR in module.__dict__]
+    assert prefixed == [f"base_model.model.model.language_model.layers.{i}.self_attn" for i in range(2)]
+    ids = token_batch(2, 12, low=3).clamp(max=120)  # text only, longer than Gemma 3's sliding window
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        with model.disable_adapter():
+            assert torch.equal(model(input_ids=ids).logits, base(input_ids=ids).logits)
+        assert (logits - base(input_ids=ids).logits).abs().max() > 1e-2
+        kwargs = {"input_ids": ids, "max_new_tokens": 4, "do_sample": False}
+        assert torch.equal(model.generate(**kwargs), model.generate(**kwargs, use_cache=False))
