@@ -213,3 +213,34 @@ def test_gemma3_and_qwen2_vl_take_the_prefixes_in_their_language_model(build, ca
         assert (logits - base(input_ids=ids).logits).abs().max() > 1e-2
         kwargs = {"input_ids": ids, "max_new_tokens": 4, "do_sample": False}
         assert torch.equal(model.generate(**kwargs), model.generate(**kwargs, use_cache=False))
+
+
+def test_an_adapter_moves_to_and_from_peft_prefix_tuning_on_a_multimodal_model(base, tmp_path):
+    """peft numbers real tokens from P (its prefix sits in the cache); our side gets those positions passed."""
+    from peft import PrefixTuningConfig
+
+    from peft_ipt.interop import export_to_peft_prefix_tuning, import_from_peft_prefix_tuning
+
+    ids, pixels = image_batch()
+    positions = (torch.arange(ids.shape[1]) + 4).expand(2, -1)
+    ours = get_peft_model(copy.deepcopy(base), CASES["prefix_v2"]()).eval()
+    export_to_peft_prefix_tuning(ours, tmp_path / "exported")
+    theirs = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "exported").eval()
+    peft_model = get_peft_model(
+        copy.deepcopy(base), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    ).eval()
+    peft_model.save_pretrained(tmp_path / "peft")
+    imported = import_from_peft_prefix_tuning(copy.deepcopy(base), tmp_path / "peft").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            theirs(input_ids=ids, pixel_values=pixels).logits,
+            ours(input_ids=ids, pixel_values=pixels, position_ids=positions).logits,
+            atol=1e-5,
+            rtol=0,
+        )
+        torch.testing.assert_close(
+            imported(input_ids=ids, pixel_values=pixels, position_ids=positions).logits,
+            peft_model(input_ids=ids, pixel_values=pixels).logits,
+            atol=1e-5,
+            rtol=0,
+        )
