@@ -244,3 +244,18 @@ def test_an_adapter_moves_to_and_from_peft_prefix_tuning_on_a_multimodal_model(b
             atol=1e-5,
             rtol=0,
         )
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_language_model_called_on_its_own_computes_its_own_prompt(base, case):
+    """The language model is one of the modules a user may call directly: on text it gives what the whole model's
+    last hidden states are, whatever the whole model ran on before."""
+    model = get_peft_model(copy.deepcopy(base), CASES[case]()).eval()
+    language_model = model.get_base_model().model.language_model
+    ids = token_batch(2, 9, low=3).clamp(max=IMAGE - 1)
+    images, pixels = image_batch()
+    with torch.no_grad():
+        whole = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+        model(input_ids=images, pixel_values=pixels)  # another call in between
+        alone = language_model(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(alone, whole, atol=1e-5, rtol=0)  # both after the final norm
