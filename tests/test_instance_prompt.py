@@ -140,6 +140,37 @@ def test_labels_that_make_every_token_a_target_are_refused_naming_the_fix():
     model(input_ids=ids, labels=one_row)
 
 
+def test_a_source_mask_column_that_trainer_drops_is_named_in_the_refusal(tmp_path):
+    """Trainer keeps only the dataset columns the base model's forward names, so a `source_mask` column vanishes
+    before the model sees it; the refusal says so, and with remove_unused_columns=False the column trains."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    ids = token_batch(8, 6)
+    source = (torch.arange(6) < 3).expand(8, 6).long()
+    rows = Dataset.from_dict(
+        {"input_ids": ids.tolist(), "labels": ids.tolist(), "source_mask": source.tolist()}
+    )
+
+    def trainer(remove_unused_columns: bool) -> Trainer:
+        args = TrainingArguments(
+            tmp_path / str(remove_unused_columns),
+            per_device_train_batch_size=4,
+            max_steps=2,
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+            remove_unused_columns=remove_unused_columns,
+        )
+        return Trainer(model=ipt_model().train(), args=args, train_dataset=rows)
+
+    with pytest.raises(
+        ValueError, match=r"source_mask.*Trainer drops a dataset column.*remove_unused_columns=False"
+    ):
+        trainer(True).train()
+    assert trainer(False).train().training_loss > 0
+
+
 @pytest.mark.parametrize("injection", ["hybrid", "input"])
 @pytest.mark.parametrize("arch", ["bert", "llama"])
 def test_a_token_classifiers_labels_never_change_its_logits(arch, injection):

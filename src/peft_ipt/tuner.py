@@ -215,7 +215,9 @@ def _check_some_source(inputs: PromptInputs) -> None:
             "the instance prompt reads only source tokens, and labels != -100 marks every token of this batch a "
             "target (as DataCollatorForLanguageModeling does), so training would build each prompt from nothing while "
             "generate() builds it from the whole input. Set the labels of each example's prompt/source part to -100 "
-            "(a completion-only collator), or pass source_mask=(B, T) bool naming the source tokens in the call."
+            "(a completion-only collator), or pass source_mask=(B, T) bool naming the source tokens in the call "
+            "(from a collator: Trainer drops a dataset column it does not find in the base model's forward, "
+            "unless remove_unused_columns=False)."
         )
 
 
