@@ -9,13 +9,25 @@ import pytest
 import torch
 from conftest import CONFIGS, token_batch
 from peft import PeftModel, get_peft_model
-from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import (
+    CLIPVisionConfig,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3TextConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    SiglipVisionConfig,
+)
 
 from peft_ipt import InstancePromptConfig, PrefixTuningV2Config
 from peft_ipt.attention import SITE_ATTR
 
 IMAGE = 127  # the image placeholder token; a 16x16 image in 8x8 patches fills 4 of them
 IMAGE_TOKENS = 4
+TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+TINY_VISION = {**TINY, "image_size": 16, "patch_size": 8}
 
 CASES = {
     "prefix_v2": lambda: PrefixTuningV2Config(task_type="CAUSAL_LM", prefix_length=4, init_weights=False),
@@ -31,15 +43,7 @@ CASES = {
 
 
 def tiny_llava() -> LlavaForConditionalGeneration:
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=16,
-        patch_size=8,
-        projection_dim=32,
-    )
+    vision = CLIPVisionConfig(**TINY_VISION, projection_dim=32)
     config = LlavaConfig(text_config=CONFIGS["llama"](), vision_config=vision, image_token_index=IMAGE)
     torch.manual_seed(0)
     return LlavaForConditionalGeneration(config).eval()
@@ -141,33 +145,16 @@ def test_what_cannot_see_the_image_is_refused_on_a_multimodal_model(base, field,
 
 
 def tiny_gemma3():
-    from transformers import (
-        Gemma3Config,
-        Gemma3ForConditionalGeneration,
-        Gemma3TextConfig,
-        SiglipVisionConfig,
-    )
-
     text = Gemma3TextConfig(
+        **TINY,
         vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=8,
         max_position_embeddings=128,
         sliding_window=8,
         pad_token_id=0,
     )
-    vision = SiglipVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=16,
-        patch_size=8,
-    )
+    vision = SiglipVisionConfig(**TINY_VISION)
     config = Gemma3Config(
         text_config=text,
         vision_config=vision,
@@ -180,14 +167,9 @@ def tiny_gemma3():
 
 
 def tiny_qwen2_vl():
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-
     text = {
+        **TINY,
         "vocab_size": 128,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "max_position_embeddings": 128,
         "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]},
