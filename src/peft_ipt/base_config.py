@@ -51,7 +51,8 @@ def text_config_of(config):
 
 
 def hidden_size_of(config) -> int:
-    for source in (config, text_config_of(config)):
+    # an EncoderDecoderModel's config holds none itself: its encoder's, the width of the source an instance prompt reads
+    for source in (config, text_config_of(config), getattr(config, "encoder", None)):
         for name in ("hidden_size", "d_model", "n_embd", "dim"):
             value = getattr(source, name, None)
             if isinstance(value, int):

@@ -27,7 +27,7 @@ from .encoder_decoder import ENCODER_DECODER_PATHS
 
 ARCHITECTURE_PATHS = (*CACHE_VIEW_PATHS, *DEBERTA_PATHS, *ENCODER_DECODER_PATHS)
 # Model types the test suite runs on tiny models (tests/conftest.py, tests/test_architectures.py,
-# tests/test_multimodal.py).
+# tests/test_composite_models.py).
 TESTED_MODEL_TYPES = (
     "bart",
     "bert",
@@ -35,6 +35,7 @@ TESTED_MODEL_TYPES = (
     "codegen",
     "deberta",
     "deberta-v2",
+    "encoder-decoder",
     "falcon",
     "fsmt",
     "gemma3",

@@ -1,5 +1,7 @@
-"""Multimodal models (Llava here; Gemma 3 and Qwen2-VL take the same path): the language model's attention layers take
-the prefixes, the vision tower's take none, and image inputs go through as they do without the adapter."""
+"""Models built of submodels with configs of their own. Multimodal models (Llava here; Gemma 3 and Qwen2-VL take
+the same path): the language model's attention layers take the prefixes, the vision tower's take none, and image
+inputs go through as they do without the adapter. EncoderDecoderModel (two BERTs): the encoder, decoder and
+cross-attention layers take theirs, as in BART or T5."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from conftest import CONFIGS, token_batch
 from peft import PeftModel, get_peft_model
 from transformers import (
     CLIPVisionConfig,
+    EncoderDecoderConfig,
+    EncoderDecoderModel,
     Gemma3Config,
     Gemma3ForConditionalGeneration,
     Gemma3TextConfig,
@@ -241,3 +245,69 @@ def test_the_language_model_called_on_its_own_computes_its_own_prompt(base, case
         model(input_ids=images, pixel_values=pixels)  # another call in between
         alone = language_model(input_ids=ids).last_hidden_state
     torch.testing.assert_close(alone, whole, atol=1e-5, rtol=0)  # both after the final norm
+
+
+# -- EncoderDecoderModel ---------------------------------------------------------------------------------------
+
+
+def two_berts() -> EncoderDecoderModel:
+    decoder = CONFIGS["bert"]()
+    decoder.is_decoder, decoder.add_cross_attention = True, True
+    config = EncoderDecoderConfig.from_encoder_decoder_configs(CONFIGS["bert"](), decoder)
+    config.decoder_start_token_id, config.pad_token_id = 2, 0
+    torch.manual_seed(0)
+    return EncoderDecoderModel(config=config).eval()
+
+
+@pytest.mark.parametrize("case", ["prefix_v2", "ipt"])
+def test_an_encoder_decoder_model_of_two_berts_takes_encoder_decoder_and_cross_prefixes(case, tmp_path):
+    """Its config holds no sizes of its own (they are its encoder's and decoder's): before, "cannot read the hidden
+    size of EncoderDecoderConfig"."""
+    base = two_berts()
+    config = CASES[case]()
+    config.task_type = "SEQ_2_SEQ_LM"
+    model = get_peft_model(copy.deepcopy(base), config).eval()
+    sites = [
+        (
+            name.removeprefix("base_model.model."),
+            module.__dict__[SITE_ATTR].kind,
+            module.__dict__[SITE_ATTR].layer,
+        )
+        for name, module in model.named_modules()
+        if SITE_ATTR in module.__dict__
+    ]
+    assert sites == [
+        ("encoder.encoder.layer.0.attention.self", "encoder", 0),
+        ("encoder.encoder.layer.1.attention.self", "encoder", 1),
+        ("decoder.bert.encoder.layer.0.attention.self", "decoder", 0),
+        ("decoder.bert.encoder.layer.0.crossattention.self", "cross", 0),
+        ("decoder.bert.encoder.layer.1.attention.self", "decoder", 1),
+        ("decoder.bert.encoder.layer.1.crossattention.self", "cross", 1),
+    ]
+    ids, decoder_ids = token_batch(2, 7), token_batch(2, 5, seed=3)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    call = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": decoder_ids}
+    with torch.no_grad():
+        logits = model(**call).logits
+        with model.disable_adapter():
+            assert torch.equal(model(**call).logits, base(**call).logits)
+        assert (logits - base(**call).logits).abs().max() > 1e-3
+        alone = model(input_ids=ids[1:, :5], decoder_input_ids=decoder_ids[1:]).logits
+        torch.testing.assert_close(alone[0], logits[1], atol=1e-5, rtol=0)
+        kwargs = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 5, "do_sample": False}
+        generated = model.generate(**kwargs)
+        assert torch.equal(generated, model.generate(**kwargs, use_cache=False))
+        by_hand = torch.full((2, 1), 2)
+        for _ in range(5):
+            step = model(input_ids=ids, attention_mask=mask, decoder_input_ids=by_hand).logits[:, -1]
+            by_hand = torch.cat([by_hand, step.argmax(-1, keepdim=True)], dim=1)
+        assert torch.equal(generated, by_hand)
+    model.train()
+    model(**call, labels=decoder_ids).loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+    model.eval().save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**call).logits, logits, atol=1e-6, rtol=0)
