@@ -453,6 +453,7 @@ def test_supported_models_names_each_tested_model_types_path(capsys):
     assert lines["deberta"] == lines["deberta-v2"] == "deberta  yes"
     assert lines["mvp"] == lines["fsmt"] == lines["led"] == "encoder_decoder  yes"
     assert lines["xlnet"] == lines["mamba"] == "refused  -"
+    assert lines["llava"] == lines["encoder-decoder"] == "composite  yes"  # tests/test_composite_models.py
     # GPT-J and CodeGen moved onto the registry in transformers 5.24: either way they are served and tested
     served = ("gptj", "codegen", "bloom", "falcon", "gpt_neo", "gpt_neox_japanese", "mpt", "xglm")
     assert all(lines[t] in ("cache_view  yes", "registry  yes") for t in served)

@@ -55,6 +55,10 @@ TESTED_MODEL_TYPES = (
 )
 
 
+# How a modeling file builds the submodels of a model type made of others.
+COMPOSING = ("AutoModel", "AutoModelForCausalLM")
+
+
 def supported_model_types() -> list[str]:
     """The model types served by a path of their own (besides every model on the attention registry)."""
     return sorted(path.model_type for path in ARCHITECTURE_PATHS)
@@ -75,10 +79,17 @@ def model_types_by_path() -> dict[str, str]:
         modeling = models / module / f"modeling_{module}.py"
         if not modeling.is_file():
             continue  # a configuration without a PyTorch model of its own
-        if "ALL_ATTENTION_FUNCTIONS" in modeling.read_text(encoding="utf-8"):
+        text = modeling.read_text(encoding="utf-8")
+        if "ALL_ATTENTION_FUNCTIONS" in text:
             found[model_type] = "registry"
+        elif model_type in own:
+            found[model_type] = own[model_type]
+        elif any(f"{auto}.from_config" in text for auto in COMPOSING):
+            # no attention of its own: submodels built from its sub-configs (Llava's language model and vision
+            # tower, EncoderDecoderModel's encoder and decoder) take theirs, each by its own path
+            found[model_type] = "composite"
         else:
-            found[model_type] = own.get(model_type, "refused")
+            found[model_type] = "refused"
     return found
 
 
@@ -94,6 +105,12 @@ def supported_models_table() -> str:
     ]
     for model_type, path in rows.items():
         lines.append(f"{model_type}  {path}  {'yes' if model_type in TESTED_MODEL_TYPES else '-'}")
-    served = sum(path != "refused" for path in rows.values())
-    lines += ["", f"{served} served, {len(rows) - served} refused with a clear error at get_peft_model."]
+    served = sum(path not in ("refused", "composite") for path in rows.values())
+    composite = sum(path == "composite" for path in rows.values())
+    lines += [
+        "",
+        f"{served} served, {len(rows) - served - composite} refused with a clear error at get_peft_model, "
+        f"{composite} composite: built of submodels, served where their language model (or encoder and decoder) "
+        "is, which get_peft_model decides.",
+    ]
     return "\n".join(lines)
