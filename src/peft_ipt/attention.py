@@ -274,9 +274,15 @@ class SiteLayout:
     shapes: dict[str, tuple[int, int, int]]  # kind -> (n_layers, n_kv_heads, head_dim)
     # kinds the model has but its path cannot open, with the reason and the fix (LED's encoder)
     unserved: dict[str, str] = field(default_factory=dict)
+    # kind -> the layer indices that have such an attention: all of 0..n_layers-1, except in hybrid models (Jamba,
+    # LFM2, Qwen3-Next: state-space or linear-attention layers between them) and Mllama's cross-attention layers
+    layers: dict[str, list[int]] = field(default_factory=dict)
 
     def as_config(self) -> dict[str, list[int]]:
         return {kind: list(shape) for kind, shape in self.shapes.items()}
+
+    def attention_layers(self, kind: str) -> list[int]:
+        return self.layers.get(kind) or list(range(self.shapes[kind][0]))
 
 
 def discover_sites(model: nn.Module) -> list[tuple[nn.Module, str, int, int, int]]:
@@ -307,10 +313,12 @@ def discover_sites(model: nn.Module) -> list[tuple[nn.Module, str, int, int, int
 
 def layout_of(sites) -> SiteLayout:
     shapes: dict[str, tuple[int, int, int]] = {}
+    layers: dict[str, set[int]] = {}
     for _, kind, layer, n_kv, head_dim in sites:
         n_layers = max(shapes.get(kind, (0,))[0], layer + 1)
         shapes[kind] = (n_layers, n_kv, head_dim)
-    return SiteLayout(shapes)
+        layers.setdefault(kind, set()).add(layer)
+    return SiteLayout(shapes, layers={kind: sorted(found) for kind, found in layers.items()})
 
 
 def check_transformers_model(model: nn.Module) -> str:

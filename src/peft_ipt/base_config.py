@@ -254,13 +254,21 @@ class PromptConfigBase(PeftConfig):
 
     def selected_layers(self, kind: str, layout: SiteLayout) -> list[int]:
         n_layers = layout.shapes[kind][0]
+        present = layout.attention_layers(kind)
         if self.layers_to_transform is None:
-            return list(range(n_layers))
+            return present
         too_big = [i for i in self.layers_to_transform if i >= n_layers]
         if too_big:
             raise ValueError(
                 f"layers_to_transform={self.layers_to_transform} names layer {too_big[0]}, but the model's {kind} "
                 f"attention has {n_layers} layers (0..{n_layers - 1}); use indices below {n_layers}"
+            )
+        absent = [i for i in self.layers_to_transform if i not in present]
+        if absent:
+            # a hybrid model's state-space or linear-attention layer: a prefix there would never be read
+            raise ValueError(
+                f"layers_to_transform={self.layers_to_transform} names layer {absent[0]}, which has no {kind} "
+                f"attention in this model (its {kind}-attention layers: {present}); pick from those"
             )
         return list(self.layers_to_transform)
 

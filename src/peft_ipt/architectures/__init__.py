@@ -27,7 +27,7 @@ from .encoder_decoder import ENCODER_DECODER_PATHS
 
 ARCHITECTURE_PATHS = (*CACHE_VIEW_PATHS, *DEBERTA_PATHS, *ENCODER_DECODER_PATHS)
 # Model types the test suite runs on tiny models (tests/conftest.py, tests/test_architectures.py,
-# tests/test_composite_models.py).
+# tests/test_composite_models.py, tests/test_hybrid_models.py).
 TESTED_MODEL_TYPES = (
     "bart",
     "bert",
@@ -43,12 +43,15 @@ TESTED_MODEL_TYPES = (
     "gpt_neo",
     "gpt_neox_japanese",
     "gptj",
+    "jamba",
     "led",
+    "lfm2",
     "llama",
     "llava",
     "mpt",
     "mvp",
     "qwen2_vl",
+    "qwen3_next",
     "roberta",
     "t5",
     "xglm",

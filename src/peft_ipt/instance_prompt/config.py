@@ -238,16 +238,30 @@ class InstancePromptConfig(PromptConfigBase):
                     f"frozen_layers={self.frozen_layers} must be below the model's {n_layers} {kind}-attention layers "
                     f"(1..{n_layers - 1}); None runs the whole model"
                 )
+            present = layout.attention_layers(kind)
+            if self.frozen_layers not in present:
+                # the frozen pass stops where that layer's attention begins
+                raise ValueError(
+                    f"frozen_layers={self.frozen_layers}: layer {self.frozen_layers} of this model has no {kind} "
+                    f"attention, where the frozen pass stops; pick one of its {kind}-attention layers {present}"
+                )
 
     def hidden_source(self, layout) -> tuple[str, int]:
         """(attention kind, layer) whose input feeds instance_source='hidden'."""
         kind = "self" if "self" in layout.shapes else "encoder"
         n_layers = layout.shapes[kind][0]
-        layer = n_layers // 2 if self.hidden_layer is None else self.hidden_layer
+        present = layout.attention_layers(kind)
+        layer = present[len(present) // 2] if self.hidden_layer is None else self.hidden_layer
         if layer >= n_layers:
             raise ValueError(
                 f"hidden_layer={self.hidden_layer} is out of range: the model's {kind} stack has {n_layers} layers "
                 f"(0..{n_layers - 1})"
+            )
+        if layer not in present:
+            # the hidden states are read where that layer's attention begins
+            raise ValueError(
+                f"hidden_layer={layer}: layer {layer} of this model has no {kind} attention to read its input at; "
+                f"pick one of its {kind}-attention layers {present}"
             )
         return kind, layer
 
