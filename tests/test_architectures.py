@@ -20,6 +20,7 @@ from transformers import (
     CodeGenConfig,
     DebertaConfig,
     DebertaV2Config,
+    DeepseekV3Config,
     FalconConfig,
     GPTJConfig,
     GPTNeoConfig,
@@ -421,7 +422,50 @@ def test_the_supported_model_types_are_listed():
     assert expected <= set(supported_model_types())
 
 
+def deepseek_v3(value_head_dim: int) -> DeepseekV3Config:
+    """Multi-head latent attention: keys of head size 4 + 4 (no rotary part, rotary part), values of value_head_dim."""
+    return DeepseekV3Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_routed_experts=2,
+        num_experts_per_tok=1,
+        n_group=1,
+        topk_group=1,
+        first_k_dense_replace=1,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_nope_head_dim=4,
+        qk_rope_head_dim=4,
+        v_head_dim=value_head_dim,
+        pad_token_id=0,
+    )
+
+
+def test_latent_attention_with_keys_and_values_of_one_size_takes_prefixes_of_that_size():
+    """DeepSeek's config names head_dim its rotary part (4); the keys and values are 8 wide."""
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(deepseek_v3(value_head_dim=8)).eval()
+    model = get_peft_model(base, METHODS["prefix_v2"]("CAUSAL_LM")).eval()
+    assert model.peft_config["default"].base_model_shapes["self"] == [2, 4, 8]
+    ids = token_batch(2, 7)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        with model.disable_adapter():
+            assert (logits - model(input_ids=ids).logits).abs().max() > 1e-3
+        kwargs = {"input_ids": ids, "max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+        assert torch.equal(model.generate(**kwargs), model.generate(**kwargs, use_cache=False))
+
+
 REFUSED = {  # with the error each gets
+    "deepseek_v3": (
+        lambda: deepseek_v3(value_head_dim=6),
+        r"keys of head size 8 and values of head size 6 \(multi-head latent attention\).*Use LoRA",
+    ),
     "xlnet": (
         lambda: XLNetConfig(vocab_size=VOCAB, d_model=32, n_layer=2, n_head=4, d_inner=64),
         r"does not route attention through transformers.AttentionInterface.*bloom, .*gpt_neo",
