@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import lm_labels, tiny_model, token_batch
 from peft import PeftModel, get_peft_model
 from test_prefix_tuning import COMBOS, main_output, model_inputs
+from transformers import AlbertConfig, AutoModelForSequenceClassification, ElectraConfig
 
 from peft_ipt import InstancePromptConfig, PrefixTuningV2Config
 from peft_ipt.instance_prompt.encoders import HashedTokenTable
@@ -922,3 +925,42 @@ def test_a_reparameterised_task_prefix_trains_and_reloads(tmp_path):
     assert loaded.peft_config["default"].task_prefix_hidden_size == 8
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, reference)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"instance_source": "embeddings"},
+        {"instance_source": "embeddings", "injection": "input"},
+        {"instance_source": "token_table", "injection": "input"},
+    ],
+    ids=["embeddings source", "embeddings source, input prompt", "token table, input prompt"],
+)
+@pytest.mark.parametrize("config_cls", [AlbertConfig, ElectraConfig])
+def test_models_that_embed_narrower_than_their_hidden_states_read_and_take_embeddings(config_cls, variant):
+    """ALBERT and ELECTRA embed tokens in 16 dimensions here (128 in the released models) and project them to the
+    hidden size: the embeddings source reads 16-dimensional vectors, an input prompt enters as 16-dimensional
+    embeddings. Before, both failed with a shape error at the first call."""
+    config = config_cls(
+        vocab_size=128,
+        embedding_size=16,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=3,
+    )
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_config(config).eval()
+    model = get_peft_model(
+        copy.deepcopy(base),
+        InstancePromptConfig(task_type="SEQ_CLS", prompt_length=4, init_weights=False, **variant),
+    )
+    ids = token_batch(2, 7)
+    with torch.no_grad():
+        logits = model.eval()(input_ids=ids).logits
+        with model.disable_adapter():
+            assert torch.equal(model(input_ids=ids).logits, base(input_ids=ids).logits)
+    assert (logits - base(input_ids=ids).logits).abs().max() > 1e-5
+    model.train()(input_ids=ids, labels=torch.tensor([0, 2])).loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -22,11 +22,14 @@ class InstancePromptModule(PromptModule):
         self.supports_mixed_batches = config.injection != "input" and config.instance_source != "hidden"
         P, r = config.prompt_length, config.instance_rank
         hidden = hidden_size_of(model.config)
+        # ALBERT and ELECTRA embed tokens narrower than their hidden states (128 against 768) and project them up
+        table = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        embedding_dim = getattr(table, "embedding_dim", hidden)
         if config.instance_source == "token_table":
             self.table = HashedTokenTable(config.table_size, r)
             source_dim = r
         else:
-            source_dim = hidden
+            source_dim = embedding_dim if config.instance_source == "embeddings" else hidden
         self.encoder = ENCODERS[config.instance_encoder](source_dim, P, r, config.encoder_hidden_size)
         self.dropout = nn.Dropout(config.prompt_dropout)
 
@@ -35,7 +38,7 @@ class InstancePromptModule(PromptModule):
         self.layer_slots, self._shapes = {}, {}
         self.heads, self.task = nn.ModuleDict(), nn.ModuleDict()
         if config.injection == "input":
-            self.to_embedding = nn.Linear(r, hidden)
+            self.to_embedding = nn.Linear(r, embedding_dim)  # the prompt enters as input embeddings
             return
         for kind in config.selected_kinds(layout):
             _, n_kv, head_dim = layout.shapes[kind]
