@@ -18,6 +18,8 @@ from transformers import (
     Gemma3Config,
     Gemma3ForConditionalGeneration,
     Gemma3TextConfig,
+    GitConfig,
+    GitForCausalLM,
     LlavaConfig,
     LlavaForConditionalGeneration,
     Qwen2VLConfig,
@@ -311,3 +313,18 @@ def test_an_encoder_decoder_model_of_two_berts_takes_encoder_decoder_and_cross_p
     reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**call).logits, logits, atol=1e-6, rtol=0)
+
+
+def test_git_is_refused_where_only_its_image_encoder_could_take_prefixes():
+    """GIT's text layers compute attention themselves; only its image encoder's go through transformers' registry.
+    Before, the prefixes went there alone (no effect on text-only calls) and the image encoder's 5 learned positions
+    capped the text at 5 tokens."""
+    config = GitConfig(
+        **TINY,
+        vocab_size=128,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        vision_config=TINY_VISION | {"num_hidden_layers": 1},
+    )
+    with pytest.raises(ValueError, match=r"GitForCausalLM \(git\): no attention modules found"):
+        get_peft_model(GitForCausalLM(config), CASES["prefix_v2"]())

@@ -25,7 +25,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -270,9 +270,25 @@ def _is_attention(module: nn.Module) -> bool:
     return type(module).__name__.endswith("Attention") and hasattr(module, "is_causal")
 
 
+def tokenless_towers(model: nn.Module) -> tuple[str, ...]:
+    """Name prefixes of the submodels of a token model that read no tokens (GIT's image encoder): their attention
+    takes no prefix and their position tables limit no text."""
+    if getattr(model, "main_input_name", "input_ids") != "input_ids":
+        return ()  # a speech or vision model: its own encoder is what it reads
+    return tuple(
+        name + "."
+        for name, module in model.named_modules()
+        if name and isinstance(module, PreTrainedModel) and module.main_input_name != "input_ids"
+    )
+
+
 def find_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The innermost attention modules (those that call the attention interface), in module order."""
-    candidates = [(name, m) for name, m in model.named_modules() if _is_attention(m)]
+    """The innermost attention modules (those that call the attention interface), in module order, outside any
+    submodel that reads no tokens."""
+    towers = tokenless_towers(model)
+    candidates = [
+        (name, m) for name, m in model.named_modules() if _is_attention(m) and not name.startswith(towers)
+    ]
     names = [name for name, _ in candidates]
     return [(n, m) for n, m in candidates if not any(o.startswith(n + ".") for o in names)]
 

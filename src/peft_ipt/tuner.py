@@ -29,7 +29,15 @@ from torch import nn
 from transformers.generation.continuous_batching.cache import PagedAttentionCache
 
 from .adapter_files import AdapterFileError
-from .attention import ENCODER, SELF, AttentionSite, PrefixInjection, SiteLayout, UnsupportedModelError
+from .attention import (
+    ENCODER,
+    SELF,
+    AttentionSite,
+    PrefixInjection,
+    SiteLayout,
+    UnsupportedModelError,
+    tokenless_towers,
+)
 from .base_config import vocab_size_of
 from .call_state import (
     CACHE_PROMPT,
@@ -109,8 +117,11 @@ def position_limit(model: nn.Module) -> int | None:
     A table of N rows serves N positions, less the rows in front of the first one: RoBERTa starts after its
     padding index, BART's tables carry an ``offset`` of 2.
     """
+    towers = tokenless_towers(model)  # GIT's image encoder has a position per image patch
     limits = []
     for name, module in model.named_modules():
+        if name.startswith(towers):
+            continue
         if isinstance(module, nn.Embedding) and name.rpartition(".")[2] in POSITION_TABLES:
             offset = getattr(module, "offset", 0)
             reserved = offset if isinstance(offset, int) else 0
