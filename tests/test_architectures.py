@@ -22,6 +22,7 @@ from transformers import (
     DebertaV2Config,
     DeepseekV3Config,
     FalconConfig,
+    Gemma4TextConfig,
     GPTJConfig,
     GPTNeoConfig,
     GPTNeoXJapaneseConfig,
@@ -462,6 +463,23 @@ def test_latent_attention_with_keys_and_values_of_one_size_takes_prefixes_of_tha
 
 
 REFUSED = {  # with the error each gets
+    "gemma4_text": (  # sliding layers with heads of 8, a global layer with heads of 16
+        lambda: Gemma4TextConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            global_head_dim=16,
+            hidden_size_per_layer_input=8,
+            vocab_size_per_layer_input=VOCAB,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        ),
+        r"self-attention layers differ in shape \(layers \[0, 1\]: 2 key/value heads of size 8; layers \[2\]: 2 "
+        r"key/value heads of size 16.*Use LoRA",
+    ),
     "deepseek_v3": (
         lambda: deepseek_v3(value_head_dim=6),
         r"keys of head size 8 and values of head size 6 \(multi-head latent attention\).*Use LoRA",

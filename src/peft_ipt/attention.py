@@ -340,10 +340,21 @@ def discover_sites(model: nn.Module) -> list[tuple[nn.Module, str, int, int, int
 def layout_of(sites) -> SiteLayout:
     shapes: dict[str, tuple[int, int, int]] = {}
     layers: dict[str, set[int]] = {}
+    by_shape: dict[str, dict[tuple[int, int], list[int]]] = {}
     for _, kind, layer, n_kv, head_dim in sites:
         n_layers = max(shapes.get(kind, (0,))[0], layer + 1)
         shapes[kind] = (n_layers, n_kv, head_dim)
         layers.setdefault(kind, set()).add(layer)
+        by_shape.setdefault(kind, {}).setdefault((n_kv, head_dim), []).append(layer)
+    for kind, groups in by_shape.items():
+        if len(groups) > 1:
+            found = "; ".join(
+                f"layers {ls}: {n} key/value heads of size {d}" for (n, d), ls in groups.items()
+            )
+            raise UnsupportedModelError(
+                f"the model's {kind}-attention layers differ in shape ({found}; Gemma 4's sliding and global "
+                "layers do), and peft-ipt's prefixes have one shape per attention stack. Use LoRA on this model."
+            )
     return SiteLayout(shapes, layers={kind: sorted(found) for kind, found in layers.items()})
 
 
