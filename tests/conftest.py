@@ -37,6 +37,14 @@ def all_threads():
 
 
 VOCAB = 128
+# the sizes of a tiny decoder, for model types built in a test file of their own
+TINY_DECODER = {
+    "vocab_size": VOCAB,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
 
 CONFIGS = {
     "gpt2": lambda: GPT2Config(

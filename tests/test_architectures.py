@@ -10,7 +10,7 @@ import inspect
 
 import pytest
 import torch
-from conftest import VOCAB, token_batch
+from conftest import TINY_DECODER, VOCAB, token_batch
 from peft import PeftModel, get_peft_model
 from test_mixed_batches import ROWS, assert_each_row_matches_alone, three_adapter_model
 from transformers import (
@@ -426,13 +426,9 @@ def test_the_supported_model_types_are_listed():
 def deepseek_v3(value_head_dim: int) -> DeepseekV3Config:
     """Multi-head latent attention: keys of head size 4 + 4 (no rotary part, rotary part), values of value_head_dim."""
     return DeepseekV3Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
+        **TINY_DECODER | {"num_key_value_heads": 4},
         moe_intermediate_size=16,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
         n_routed_experts=2,
         num_experts_per_tok=1,
         n_group=1,
@@ -465,12 +461,8 @@ def test_latent_attention_with_keys_and_values_of_one_size_takes_prefixes_of_tha
 REFUSED = {  # with the error each gets
     "gemma4_text": (  # sliding layers with heads of 8, a global layer with heads of 16
         lambda: Gemma4TextConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
+            **TINY_DECODER,
             num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
             head_dim=8,
             global_head_dim=16,
             hidden_size_per_layer_input=8,

@@ -8,21 +8,13 @@ import copy
 
 import pytest
 import torch
-from conftest import VOCAB, token_batch
+from conftest import TINY_DECODER, token_batch
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, JambaConfig, Lfm2Config, Qwen3NextConfig
 
 from peft_ipt import InstancePromptConfig, PrefixTuningV2Config
 
-TINY = {
-    "vocab_size": VOCAB,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "pad_token_id": 0,
-}
+TINY = {**TINY_DECODER, "num_hidden_layers": 4, "pad_token_id": 0}
 HYBRIDS = {  # attention at layers 1 and 3; layers 0 and 2 are Mamba, short convolutions, linear attention
     "jamba": lambda: JambaConfig(
         **TINY,
