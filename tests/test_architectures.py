@@ -27,6 +27,7 @@ from transformers import (
     GPTNeoConfig,
     GPTNeoXJapaneseConfig,
     MambaConfig,
+    MiMoV2FlashConfig,
     MptConfig,
     XGLMConfig,
     XLNetConfig,
@@ -459,6 +460,12 @@ def test_latent_attention_with_keys_and_values_of_one_size_takes_prefixes_of_tha
 
 
 REFUSED = {  # with the error each gets
+    "mimo_v2_flash": (  # keys of 8, values of 6 (the released model: 192 and 128)
+        lambda: MiMoV2FlashConfig(
+            **TINY_DECODER, num_hidden_layers=2, head_dim=8, v_head_dim=6, pad_token_id=0
+        ),
+        r"MiMoV2FlashAttention has keys of head size 8 and values of head size 6.*Use LoRA",
+    ),
     "gemma4_text": (  # sliding layers with heads of 8, a global layer with heads of 16
         lambda: Gemma4TextConfig(
             **TINY_DECODER,
@@ -474,7 +481,7 @@ REFUSED = {  # with the error each gets
     ),
     "deepseek_v3": (
         lambda: deepseek_v3(value_head_dim=6),
-        r"keys of head size 8 and values of head size 6 \(multi-head latent attention\).*Use LoRA",
+        r"keys of head size 8 and values of head size 6 \(multi-head latent attention, MiMo-V2\).*Use LoRA",
     ),
     "xlnet": (
         lambda: XLNetConfig(vocab_size=VOCAB, d_model=32, n_layer=2, n_head=4, d_inner=64),

@@ -249,16 +249,17 @@ def _kv_shape(module: nn.Module, config) -> tuple[int, int]:
     sources = (module, getattr(module, "config", config), config)
     n_heads = _attr(sources, ("num_heads", "num_attention_heads", "n_heads", "n_head"))
     head_dim = _attr(sources, ("head_dim", "attention_head_size", "key_value_proj_dim", "d_kv", "head_size"))
-    # Multi-head latent attention (DeepSeek-V2/V3, Kimi, MiniCPM3): keys of qk_head_dim, values of v_head_dim
-    key_dim, value_dim = _attr((module,), ("qk_head_dim",)), _attr((module,), ("v_head_dim",))
-    if key_dim is not None and value_dim is not None:
-        if key_dim != value_dim:
-            raise UnsupportedModelError(
-                f"{type(module).__name__} has keys of head size {key_dim} and values of head size {value_dim} "
-                "(multi-head latent attention); peft-ipt's prefixes give keys and values one head size. Use LoRA "
-                "on this model."
-            )
-        head_dim = key_dim
+    # Multi-head latent attention (DeepSeek-V2/V3, Kimi, MiniCPM3) has keys of qk_head_dim (the config's head_dim is
+    # only their rotary part); it and MiMo-V2 have values of v_head_dim
+    key_dim = _attr((module,), ("qk_head_dim",)) or head_dim
+    value_dim = _attr((module,), ("v_head_dim",))
+    if value_dim is not None and value_dim != key_dim:
+        raise UnsupportedModelError(
+            f"{type(module).__name__} has keys of head size {key_dim} and values of head size {value_dim} "
+            "(multi-head latent attention, MiMo-V2); peft-ipt's prefixes give keys and values one head size. Use "
+            "LoRA on this model."
+        )
+    head_dim = key_dim
     if n_heads is None or head_dim is None:
         raise UnsupportedModelError(f"cannot read the head count / head size of {type(module).__name__}")
     groups = getattr(module, "num_key_value_groups", 1)
