@@ -498,17 +498,18 @@ def attention_path_for(model: nn.Module) -> AttentionPath:
     )
 
 
+def text_config_of(config):
+    """The config of the language model: a multimodal model's text config (Llava, Gemma 3, Qwen2-VL), else itself."""
+    if getattr(config, "is_encoder_decoder", False) or not hasattr(config, "get_text_config"):
+        return config
+    return config.get_text_config()
+
+
 def text_tower(model: nn.Module) -> nn.Module:
     """The model whose attention takes the prefixes: a multimodal model's language model (Llava, Gemma 3, Qwen2-VL:
     the submodel built from its text config; its vision or audio towers take none), else the model itself."""
     config = getattr(model, "config", None)
-    if (
-        config is None
-        or getattr(config, "is_encoder_decoder", False)
-        or not hasattr(config, "get_text_config")
-    ):
-        return model
-    text = config.get_text_config()
+    text = text_config_of(config) if config is not None else None
     if text is config:
         return model
     for module in model.modules():

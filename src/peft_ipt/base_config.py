@@ -15,7 +15,7 @@ from .adapter_files import (
     weights_digest,
     write_config_atomically,
 )
-from .attention import CROSS, DECODER, ENCODER, SELF, SiteLayout
+from .attention import CROSS, DECODER, ENCODER, SELF, SiteLayout, text_config_of
 from .model_card import write_adapter_card
 
 PREFIX_INITS = ("random", "text", "vocab")
@@ -41,13 +41,6 @@ def layer_list(name: str, value) -> list[int] | None:
             f"{name} must be None, a layer index >= 0 or a non-empty list of them (got {value!r})"
         )
     return sorted(set(items))
-
-
-def text_config_of(config):
-    """The config of the language model: a multimodal model's text config (Llava, Gemma 3, Qwen2-VL), else itself."""
-    if getattr(config, "is_encoder_decoder", False) or not hasattr(config, "get_text_config"):
-        return config
-    return config.get_text_config()
 
 
 def hidden_size_of(config) -> int:
