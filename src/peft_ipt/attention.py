@@ -299,17 +299,17 @@ class SiteLayout:
     """What a model offers: for each attention kind, the number of layers, kv heads and head size."""
 
     shapes: dict[str, tuple[int, int, int]]  # kind -> (n_layers, n_kv_heads, head_dim)
-    # kinds the model has but its path cannot open, with the reason and the fix (LED's encoder)
-    unserved: dict[str, str] = field(default_factory=dict)
     # kind -> the layer indices that have such an attention: all of 0..n_layers-1, except in hybrid models (Jamba,
     # LFM2, Qwen3-Next: state-space or linear-attention layers between them) and Mllama's cross-attention layers
-    layers: dict[str, list[int]] = field(default_factory=dict)
+    layers: dict[str, list[int]]
+    # kinds the model has but its path cannot open, with the reason and the fix (LED's encoder)
+    unserved: dict[str, str] = field(default_factory=dict)
 
     def as_config(self) -> dict[str, list[int]]:
         return {kind: list(shape) for kind, shape in self.shapes.items()}
 
     def attention_layers(self, kind: str) -> list[int]:
-        return self.layers.get(kind) or list(range(self.shapes[kind][0]))
+        return self.layers[kind]
 
 
 def discover_sites(model: nn.Module) -> list[tuple[nn.Module, str, int, int, int]]:
@@ -356,7 +356,7 @@ def layout_of(sites) -> SiteLayout:
                 f"the model's {kind}-attention layers differ in shape ({found}; Gemma 4's sliding and global "
                 "layers do), and peft-ipt's prefixes have one shape per attention stack. Use LoRA on this model."
             )
-    return SiteLayout(shapes, layers={kind: sorted(found) for kind, found in layers.items()})
+    return SiteLayout(shapes, {kind: sorted(found) for kind, found in layers.items()})
 
 
 def check_transformers_model(model: nn.Module) -> str:
@@ -413,11 +413,9 @@ class AttentionPath:
     def enable(self, model: nn.Module) -> None:
         # The user may have chosen another implementation while the adapter was off: eager or sdpa, the prefixes
         # go through it; anything else stays set, so the next call refuses it (check_routed).
-        impl = model.config._attn_implementation or "eager"
-        if impl in SUPPORTED_IMPLEMENTATIONS:
-            self._route(model, impl)
-        elif impl.removeprefix(REGISTERED_PREFIX) in SUPPORTED_IMPLEMENTATIONS:
-            self._route(model, impl.removeprefix(REGISTERED_PREFIX))
+        base = (model.config._attn_implementation or "eager").removeprefix(REGISTERED_PREFIX)
+        if base in SUPPORTED_IMPLEMENTATIONS:
+            self._route(model, base)
 
     def disable(self, model: nn.Module) -> None:
         model.set_attn_implementation(self._base_impl)
