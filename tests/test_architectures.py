@@ -39,6 +39,28 @@ from peft_ipt.architectures.deberta import V1, V2, _attend
 from peft_ipt.attention import SITE_ATTR
 
 IDS = {"vocab_size": VOCAB, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+
+
+def gemma4_text_config(global_head_dim: int = 16) -> Gemma4TextConfig:
+    """Sliding layers with 2 key/value heads of size 8, global layers with 1 of ``global_head_dim`` (keys doubling
+    as values); layers 2-3 reuse layers 0-1's keys/values (KV sharing), and the window (3) is shorter than the
+    tests' inputs."""
+    return Gemma4TextConfig(
+        **TINY_DECODER,
+        num_hidden_layers=4,
+        head_dim=8,
+        global_head_dim=global_head_dim,
+        num_global_key_value_heads=1,
+        attention_k_eq_v=True,
+        num_kv_shared_layers=2,
+        sliding_window=3,
+        hidden_size_per_layer_input=8,
+        vocab_size_per_layer_input=VOCAB,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        **{k: v for k, v in IDS.items() if k != "vocab_size"},
+    )
+
+
 DECODERS = {
     "gptj": lambda: GPTJConfig(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64, **IDS),
     "codegen": lambda: CodeGenConfig(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64, **IDS),
@@ -77,6 +99,8 @@ DECODERS = {
         **IDS,
     ),
     "mpt": lambda: MptConfig(d_model=32, n_layers=2, n_heads=4, max_seq_len=64, **IDS),
+    # Gemma 4: prefixes of two shapes in one stack (see gemma4_text_config)
+    "gemma4_text": lambda: gemma4_text_config(),
     "xglm": lambda: XGLMConfig(
         d_model=32, num_layers=2, attention_heads=4, ffn_dim=64, max_position_embeddings=64, **IDS
     ),
@@ -196,14 +220,17 @@ def test_a_left_padded_decoder_batch_matches_each_row_alone(name, method):
 
 
 @pytest.mark.parametrize(
-    "name", ["gptj", "codegen", "falcon", "falcon-grouped", "gpt_neo", "gpt_neox_japanese", "xglm"]
+    "name",
+    ["gptj", "codegen", "falcon", "falcon-grouped", "gpt_neo", "gpt_neox_japanese", "xglm", "gemma4_text"],
 )
 def test_a_prefix_of_the_models_own_keys_and_values_acts_as_those_tokens_in_front(name):
     """The keys and values the model computes for P tokens, as a prefix, with the input's positions moved on by P,
     give exactly the logits of those P tokens put in front of the input: rotary decoders, and GPT-Neo and XGLM, whose
-    positions are added to the input (GPT-Neo's local window made wider than the input: a prefix has no position,
-    so a window never drops it, where it would drop those tokens)."""
-    base = decoder(name, window_size=16) if name == "gpt_neo" else decoder(name)
+    positions are added to the input (GPT-Neo's and Gemma 4's local windows made wider than the input: a prefix has
+    no position, so a window never drops it, where it would drop those tokens). Gemma 4's prefixes have two shapes,
+    and its last two layers reuse the first two's keys and values."""
+    windows = {"gpt_neo": {"window_size": 16}, "gemma4_text": {"sliding_window": 16}}
+    base = decoder(name, **windows.get(name, {}))
     model = get_peft_model(
         base, PrefixTuningV2Config(task_type="CAUSAL_LM", prefix_length=3, reparameterize=False)
     )
@@ -285,7 +312,7 @@ def test_xglm_with_cross_attention_prefixes_its_self_attention_only():
 
 
 @pytest.mark.parametrize("method", ["prefix", "ipt"])
-@pytest.mark.parametrize("name", ["bloom", "falcon-grouped", "gpt_neo", "mpt", "xglm"])
+@pytest.mark.parametrize("name", ["bloom", "falcon-grouped", "gpt_neo", "mpt", "xglm", "gemma4_text"])
 def test_each_row_of_a_mixed_batch_on_a_path_of_its_own_equals_that_row_alone(name, method):
     model = three_adapter_model(method=method, base=decoder(name)).eval()
     assert_each_row_matches_alone(model, token_batch(len(ROWS), 7), {})
@@ -293,13 +320,17 @@ def test_each_row_of_a_mixed_batch_on_a_path_of_its_own_equals_that_row_alone(na
 
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
 @pytest.mark.parametrize(
-    "name", ["gptj", "bloom", "falcon-alibi", "gpt_neo", "mpt", "xglm", "deberta", "deberta-v2"]
+    "name",
+    ["gptj", "bloom", "falcon-alibi", "gpt_neo", "mpt", "xglm", "gemma4-unshared", "deberta", "deberta-v2"],
 )
 def test_gradient_checkpointing_gives_the_same_gradients(name, reentrant):
     results = []
     for checkpointing in (False, True):
-        is_decoder = name in DECODERS
-        base = decoder(name) if is_decoder else encoder(name)
+        is_decoder = name in DECODERS or name == "gemma4-unshared"
+        if name == "gemma4-unshared":  # Gemma 4 without KV sharing: see the next test for the shared layers
+            base = decoder("gemma4_text", num_kv_shared_layers=0)
+        else:
+            base = decoder(name) if is_decoder else encoder(name)
         task = "CAUSAL_LM" if is_decoder else "SEQ_CLS"
         model = get_peft_model(
             base, PrefixTuningV2Config(task_type=task, prefix_length=3, init_weights=False)
@@ -317,6 +348,35 @@ def test_gradient_checkpointing_gives_the_same_gradients(name, reentrant):
     assert results[0].keys() == results[1].keys()
     for key, grad in results[0].items():
         torch.testing.assert_close(grad, results[1][key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["prefix_v2", "ipt"])
+def test_gemma4_kv_sharing_trains_under_non_reentrant_checkpointing_and_refuses_reentrant(method):
+    """Gemma 4's layers 2-3 reuse layers 0-1's keys and values. Reentrant checkpointing computes those without
+    gradient in the forward, so the gradients through them are lost (LoRA's too): refused, naming the fix.
+    Non-reentrant checkpointing gives the gradients of a run without it."""
+
+    def gradients(**checkpointing):
+        torch.manual_seed(0)
+        model = get_peft_model(decoder("gemma4_text"), METHODS[method]("CAUSAL_LM"))
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+            model.enable_input_require_grads()
+        model.train()
+        ids = token_batch()
+        labels = ids.clone()
+        labels[:, :4] = -100  # the source the instance prompt reads
+        model(input_ids=ids, labels=labels, use_cache=False).loss.backward()
+        return {n: g.clone() for n, g in trainable_grads(model).items()}
+
+    plain, checkpointed = gradients(), gradients(use_reentrant=False)
+    assert plain.keys() == checkpointed.keys()
+    for key, grad in plain.items():
+        torch.testing.assert_close(grad, checkpointed[key], rtol=1e-4, atol=1e-6)
+    with pytest.raises(
+        ValueError, match=r"layers \[2, 3\] reuse earlier layers' keys.*use_reentrant': False"
+    ):
+        gradients(use_reentrant=True)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -381,6 +441,52 @@ def test_a_deberta_prefix_key_gets_no_relative_position_score(name):
     ratio_before = before[..., :2] / before[..., 2:3]  # prefix columns against the first input key
     ratio_after = after[..., :2] / after[..., 2:3]
     torch.testing.assert_close(ratio_after, ratio_before * torch.exp(torch.tensor(-3.0)), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("method", ["prefix_mlp", "ipt_hybrid", "ipt_hidden"])
+def test_gemma4_prefixes_of_two_shapes_save_fold_and_load_and_another_shape_is_refused(method, tmp_path):
+    """The adapter records each layer's shape where they differ, so it reloads exactly onto Gemma 4 and is refused,
+    naming the layers' shapes, on a Gemma 4 whose global heads differ; peft's PrefixTuning (one shape for every
+    layer) can neither take it nor give one."""
+    from peft_ipt.interop import export_to_peft_prefix_tuning
+
+    configs = {
+        "prefix_mlp": lambda: PrefixTuningV2Config(
+            task_type="CAUSAL_LM", prefix_length=3, init_weights=False
+        ),
+        "ipt_hybrid": lambda: InstancePromptConfig(
+            task_type="CAUSAL_LM", prompt_length=3, init_weights=False
+        ),
+        "ipt_hidden": lambda: InstancePromptConfig(
+            task_type="CAUSAL_LM", prompt_length=3, init_weights=False, instance_source="hidden"
+        ),
+    }
+    model = get_peft_model(decoder("gemma4_text"), configs[method]()).eval()
+    shapes = model.peft_config["default"].base_model_shapes
+    assert shapes["self"] == [4, 2, 8]
+    assert shapes["self_layers"] == [[0, 2, 8], [1, 1, 16], [2, 2, 8], [3, 1, 16]]
+    ids = token_batch()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    if method == "prefix_mlp":
+        model.fold()
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-6)
+        with pytest.raises(
+            ValueError, match=r"self-attention layers differ in shape.*cannot be exported to peft"
+        ):
+            export_to_peft_prefix_tuning(model, tmp_path / "peft")
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(decoder("gemma4_text"), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-6)
+    other = AutoModelForCausalLM.from_config(gemma4_text_config(global_head_dim=8)).eval()
+    with pytest.raises(ValueError, match=r"self_layers: adapter \[\[0, 2, 8\], \[1, 1, 16\].*vs model"):
+        PeftModel.from_pretrained(other, tmp_path)
+    uniform = get_peft_model(decoder("gptj"), configs[method]())
+    assert (
+        "self_layers" not in uniform.peft_config["default"].base_model_shapes
+    )  # one shape: the config as before
 
 
 @pytest.mark.parametrize("name", ["falcon", "mpt", "deberta-v2"])
@@ -466,19 +572,6 @@ REFUSED = {  # with the error each gets
         ),
         r"MiMoV2FlashAttention has keys of head size 8 and values of head size 6.*Use LoRA",
     ),
-    "gemma4_text": (  # sliding layers with heads of 8, a global layer with heads of 16
-        lambda: Gemma4TextConfig(
-            **TINY_DECODER,
-            num_hidden_layers=3,
-            head_dim=8,
-            global_head_dim=16,
-            hidden_size_per_layer_input=8,
-            vocab_size_per_layer_input=VOCAB,
-            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
-        ),
-        r"self-attention layers differ in shape \(layers \[0, 1\]: 2 key/value heads of size 8; layers \[2\]: 2 "
-        r"key/value heads of size 16.*Use LoRA",
-    ),
     "deepseek_v3": (
         lambda: deepseek_v3(value_head_dim=6),
         r"keys of head size 8 and values of head size 6 \(multi-head latent attention, MiMo-V2\).*Use LoRA",
@@ -513,7 +606,10 @@ def test_supported_models_names_each_tested_model_types_path(capsys):
     assert all(lines[t] == "registry  yes" for t in registry)
     assert lines["deberta"] == lines["deberta-v2"] == "deberta  yes"
     assert lines["mvp"] == lines["fsmt"] == lines["led"] == "encoder_decoder  yes"
-    assert lines["xlnet"] == lines["mamba"] == "refused  -"
+    assert (
+        lines["xlnet"] == lines["mamba"] == lines["git"] == "refused  -"
+    )  # GIT: tests/test_composite_models.py
+    assert lines["gemma4_text"] == "registry  yes"
     assert lines["llava"] == lines["encoder-decoder"] == "composite  yes"  # tests/test_composite_models.py
     # GPT-J and CodeGen moved onto the registry in transformers 5.24: either way they are served and tested
     served = ("gptj", "codegen", "bloom", "falcon", "gpt_neo", "gpt_neox_japanese", "mpt", "xglm")

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import CONFIGS, token_batch
 from peft import PeftModel, get_peft_model
+from test_architectures import gemma4_text_config
 from transformers import (
     CLIPVisionConfig,
     EncoderDecoderConfig,
@@ -18,6 +19,9 @@ from transformers import (
     Gemma3Config,
     Gemma3ForConditionalGeneration,
     Gemma3TextConfig,
+    Gemma4Config,
+    Gemma4ForConditionalGeneration,
+    Gemma4VisionConfig,
     GitConfig,
     GitForCausalLM,
     LlavaConfig,
@@ -185,14 +189,34 @@ def tiny_qwen2_vl():
     return Qwen2VLForConditionalGeneration(config)
 
 
-@pytest.mark.parametrize("build", [tiny_gemma3, tiny_qwen2_vl])
+def tiny_gemma4():
+    """Gemma 4's language model with prefixes of two shapes (tests/test_architectures.py), a one-layer vision
+    tower, no audio tower."""
+    vision = Gemma4VisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=8,
+    )
+    config = Gemma4Config(
+        text_config=gemma4_text_config().to_dict(), vision_config=vision.to_dict(), audio_config=None
+    )
+    return Gemma4ForConditionalGeneration(config)
+
+
+@pytest.mark.parametrize("build", [tiny_gemma3, tiny_qwen2_vl, tiny_gemma4])
 @pytest.mark.parametrize("case", ["prefix_v2", "ipt"])
-def test_gemma3_and_qwen2_vl_take_the_prefixes_in_their_language_model(build, case):
+def test_gemma3_gemma4_and_qwen2_vl_take_the_prefixes_in_their_language_model(build, case):
     torch.manual_seed(0)
     base = build().eval()
     model = get_peft_model(copy.deepcopy(base), CASES[case]()).eval()
     prefixed = [name for name, module in model.named_modules() if SITE_ATTR in module.__dict__]
-    assert prefixed == [f"base_model.model.model.language_model.layers.{i}.self_attn" for i in range(2)]
+    n_layers = base.config.get_text_config().num_hidden_layers
+    assert prefixed == [
+        f"base_model.model.model.language_model.layers.{i}.self_attn" for i in range(n_layers)
+    ]
     ids = token_batch(2, 12, low=3).clamp(max=120)  # text only, longer than Gemma 3's sliding window
     with torch.no_grad():
         logits = model(input_ids=ids).logits

@@ -262,8 +262,13 @@ def _kv_shape(module: nn.Module, config) -> tuple[int, int]:
     head_dim = key_dim
     if n_heads is None or head_dim is None:
         raise UnsupportedModelError(f"cannot read the head count / head size of {type(module).__name__}")
-    groups = getattr(module, "num_key_value_groups", 1)
-    n_kv = _attr(sources[:2], ("num_key_value_heads",)) or n_heads // groups
+    # A module's own count first: Gemma 4's global layers have fewer key/value heads than its config names (the
+    # sliding layers'), which only the module's num_key_value_groups tells.
+    groups = getattr(module, "num_key_value_groups", None)
+    n_kv = _attr((module,), ("num_key_value_heads",))
+    if n_kv is None and isinstance(groups, int) and groups > 0 and n_heads % groups == 0:
+        n_kv = n_heads // groups
+    n_kv = n_kv or _attr(sources[1:2], ("num_key_value_heads",)) or n_heads
     return n_kv, head_dim
 
 
@@ -296,20 +301,42 @@ def find_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 @dataclass
 class SiteLayout:
-    """What a model offers: for each attention kind, the number of layers, kv heads and head size."""
+    """What a model offers: for each attention kind, its layers and their kv heads and head size."""
 
-    shapes: dict[str, tuple[int, int, int]]  # kind -> (n_layers, n_kv_heads, head_dim)
+    # kind -> (n_layers, n_kv_heads, head_dim); where a kind's layers differ in shape (Gemma 4's global layers have
+    # other heads than its sliding ones), the first layer's, and layer_shapes holds every layer's
+    shapes: dict[str, tuple[int, int, int]]
     # kind -> the layer indices that have such an attention: all of 0..n_layers-1, except in hybrid models (Jamba,
     # LFM2, Qwen3-Next: state-space or linear-attention layers between them) and Mllama's cross-attention layers
     layers: dict[str, list[int]]
     # kinds the model has but its path cannot open, with the reason and the fix (LED's encoder)
     unserved: dict[str, str] = field(default_factory=dict)
+    # kind -> {layer: (n_kv_heads, head_dim)}; empty for a layout built by hand with one shape per kind
+    layer_shapes: dict[str, dict[int, tuple[int, int]]] = field(default_factory=dict)
 
-    def as_config(self) -> dict[str, list[int]]:
-        return {kind: list(shape) for kind, shape in self.shapes.items()}
+    def as_config(self) -> dict[str, list]:
+        """What the adapter config records: [n_layers, n_kv, head_dim] per kind, and for a kind whose layers
+        differ in shape also ``<kind>_layers``: [[layer, n_kv, head_dim], ...] (absent where they agree, so
+        adapters of one-shape models keep the config they always had)."""
+        out: dict[str, list] = {kind: list(shape) for kind, shape in self.shapes.items()}
+        for kind in self.shapes:
+            if not self.uniform(kind):
+                out[f"{kind}_layers"] = [
+                    [layer, *shape] for layer, shape in sorted(self.layer_shapes[kind].items())
+                ]
+        return out
 
     def attention_layers(self, kind: str) -> list[int]:
         return self.layers[kind]
+
+    def uniform(self, kind: str) -> bool:
+        return len(set(self.layer_shapes.get(kind, {}).values())) <= 1
+
+    def slot_shapes(self, kind: str, layers: list[int]) -> list[tuple[int, int]]:
+        """(n_kv_heads, head_dim) of each of ``layers``, in their order: the shapes of a prefix's slots."""
+        per_layer = self.layer_shapes.get(kind, {})
+        default = tuple(self.shapes[kind][1:])
+        return [per_layer.get(layer, default) for layer in layers]
 
 
 def discover_sites(model: nn.Module) -> list[tuple[nn.Module, str, int, int, int]]:
@@ -340,23 +367,21 @@ def discover_sites(model: nn.Module) -> list[tuple[nn.Module, str, int, int, int
 
 def layout_of(sites) -> SiteLayout:
     shapes: dict[str, tuple[int, int, int]] = {}
-    layers: dict[str, set[int]] = {}
-    by_shape: dict[str, dict[tuple[int, int], list[int]]] = {}
+    layer_shapes: dict[str, dict[int, tuple[int, int]]] = {}
     for _, kind, layer, n_kv, head_dim in sites:
-        n_layers = max(shapes.get(kind, (0,))[0], layer + 1)
-        shapes[kind] = (n_layers, n_kv, head_dim)
-        layers.setdefault(kind, set()).add(layer)
-        by_shape.setdefault(kind, {}).setdefault((n_kv, head_dim), []).append(layer)
-    for kind, groups in by_shape.items():
-        if len(groups) > 1:
-            found = "; ".join(
-                f"layers {ls}: {n} key/value heads of size {d}" for (n, d), ls in groups.items()
-            )
+        per_layer = layer_shapes.setdefault(kind, {})
+        if per_layer.get(layer, (n_kv, head_dim)) != (n_kv, head_dim):
             raise UnsupportedModelError(
-                f"the model's {kind}-attention layers differ in shape ({found}; Gemma 4's sliding and global "
-                "layers do), and peft-ipt's prefixes have one shape per attention stack. Use LoRA on this model."
+                f"{kind} layer {layer} has two attention modules of different shapes ({per_layer[layer]} and "
+                f"{(n_kv, head_dim)} key/value heads x head size); peft-ipt gives each layer one prefix"
             )
-    return SiteLayout(shapes, {kind: sorted(found) for kind, found in layers.items()})
+        per_layer[layer] = (n_kv, head_dim)
+    for kind, per_layer in layer_shapes.items():
+        first = per_layer[min(per_layer)]
+        shapes[kind] = (max(per_layer) + 1, *first)
+    return SiteLayout(
+        shapes, {kind: sorted(found) for kind, found in layer_shapes.items()}, layer_shapes=layer_shapes
+    )
 
 
 def check_transformers_model(model: nn.Module) -> str:
@@ -541,6 +566,11 @@ class PrefixInjection:
         self.layout = layout_of(self.sites)
         self.layout.unserved = dict(getattr(self.path, "unserved", {}))
         # Decoder-only self-attention masks the future (a path of its own knows; the registry's modules say so).
+        # Layers that reuse an earlier layer's keys/values (Gemma 3n / 4 KV sharing): reentrant checkpointing
+        # computes those keys/values without gradient, so the later layers' gradients through them are lost.
+        self.kv_shared_layers = sorted(
+            {layer for module, _, layer, *_ in self.sites if getattr(module, "is_kv_shared_layer", False)}
+        )
         self.causal = getattr(self.path, "causal", None)
         if self.causal is None:
             self.causal = any(getattr(module, "is_causal", False) for module, *_ in self.sites)

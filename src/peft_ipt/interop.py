@@ -98,7 +98,9 @@ def _check_exportable(peft_model: PeftModel, adapter_name: str) -> tuple[PrefixT
             f"the adapter has prefixes on {kinds} attention; peft's PrefixTuning has self-attention prefixes only. "
             "Set cross_prefix=False to train an exportable adapter"
         )
-    n_layers = peft_model.base_model.layout.shapes[SELF][0]
+    layout = peft_model.base_model.layout
+    _refuse_mixed_shapes(layout, "exported to")
+    n_layers = layout.shapes[SELF][0]
     if sorted(module.layer_slots[SELF]) != list(range(n_layers)):
         raise ValueError(
             f"layers_to_transform={config.layers_to_transform}: peft's PrefixTuning puts a prefix on every layer "
@@ -106,6 +108,16 @@ def _check_exportable(peft_model: PeftModel, adapter_name: str) -> tuple[PrefixT
             "can be exported"
         )
     return config, module
+
+
+def _refuse_mixed_shapes(layout, direction: str) -> None:
+    if SELF in layout.shapes and not layout.uniform(SELF):
+        shapes = sorted(set(layout.layer_shapes[SELF].values()))
+        raise ValueError(
+            f"this model's self-attention layers differ in shape ({shapes} key/value heads x head size; Gemma 4's "
+            f"sliding and global layers do), and peft's PrefixTuning gives every layer one shape, so the prefix "
+            f"cannot be {direction} peft's PrefixTuning. Keep the adapter as a PrefixTuningV2 adapter"
+        )
 
 
 def _peft_config_for(peft_model: PeftModel, config: PrefixTuningV2Config) -> PrefixTuningConfig:
@@ -199,7 +211,9 @@ def import_from_peft_prefix_tuning(
     prefix = weights.pop(PEFT_WEIGHT)  # (P, L * 2 * token_dim)
     # Check the shapes before get_peft_model wraps base_model, so that a refusal leaves it untouched.
     # the sites of the path the prefix will take (the registry's, or an architecture's own: Bloom, MPT, ...)
-    n_layers, n_kv, head_dim = layout_of(attention_path_for(base_model).sites(base_model)).shapes[SELF]
+    layout = layout_of(attention_path_for(base_model).sites(base_model))
+    _refuse_mixed_shapes(layout, "imported from")
+    n_layers, n_kv, head_dim = layout.shapes[SELF]
     saved = (peft_config.num_layers, peft_config.num_attention_heads, peft_config.token_dim)
     expected = (peft_config.num_virtual_tokens, n_layers * 2 * n_kv * head_dim)
     if saved != (n_layers, n_kv, n_kv * head_dim) or tuple(prefix.shape) != expected:

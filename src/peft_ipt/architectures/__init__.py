@@ -39,6 +39,7 @@ TESTED_MODEL_TYPES = (
     "falcon",
     "fsmt",
     "gemma3",
+    "gemma4_text",
     "gpt2",
     "gpt_neo",
     "gpt_neox_japanese",
@@ -57,6 +58,10 @@ TESTED_MODEL_TYPES = (
     "xglm",
 )
 
+
+# Model types whose modeling file uses the registry, but not for the attention that reads the text: GIT's text
+# layers compute attention themselves (only its image encoder calls the registry), so get_peft_model refuses it.
+REFUSED_ON_THE_REGISTRY = ("git",)
 
 # How a modeling file builds the submodels of a model type made of others.
 COMPOSING = ("AutoModel", "AutoModelForCausalLM")
@@ -83,7 +88,9 @@ def model_types_by_path() -> dict[str, str]:
         if not modeling.is_file():
             continue  # a configuration without a PyTorch model of its own
         text = modeling.read_text(encoding="utf-8")
-        if "ALL_ATTENTION_FUNCTIONS" in text:
+        if model_type in REFUSED_ON_THE_REGISTRY:
+            found[model_type] = "refused"
+        elif "ALL_ATTENTION_FUNCTIONS" in text:
             found[model_type] = "registry"
         elif model_type in own:
             found[model_type] = own[model_type]

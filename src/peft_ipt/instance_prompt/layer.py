@@ -7,7 +7,7 @@ from torch import nn
 
 from ..attention import SiteLayout
 from ..base_config import hidden_size_of
-from ..prefix_tuning.layer import PrefixTable, set_tables
+from ..prefix_tuning.layer import PrefixTable, set_tables, slot_width, split_slots
 from ..tuner import Prefixes, PromptInputs, PromptModule
 from .encoders import ENCODERS, HashedTokenTable, first_source_tokens
 
@@ -35,24 +35,26 @@ class InstancePromptModule(PromptModule):
 
         self.task_prefix_length = P if config.injection == "hybrid" else 0
         self.instance_layers = config.resolved_instance_layers(layout)
-        self.layer_slots, self._shapes = {}, {}
+        self.layer_slots, self._shapes, self._instance_shapes = {}, {}, {}
         self.heads, self.task = nn.ModuleDict(), nn.ModuleDict()
         if config.injection == "input":
             self.to_embedding = nn.Linear(r, embedding_dim)  # the prompt enters as input embeddings
             return
         for kind in config.selected_kinds(layout):
-            _, n_kv, head_dim = layout.shapes[kind]
             carried = (
                 config.selected_layers(kind, layout)
                 if config.injection == "hybrid"
                 else self.instance_layers[kind]
             )
             self.layer_slots[kind] = {layer: slot for slot, layer in enumerate(carried)}
-            self._shapes[kind] = (n_kv, head_dim)
-            width = 2 * n_kv * head_dim
-            self.heads[kind] = nn.Linear(r, len(self.instance_layers[kind]) * width)
+            # each slot's and each instance layer's (n_kv, head_dim): they differ across Gemma 4's layers
+            self._shapes[kind] = layout.slot_shapes(kind, carried)
+            self._instance_shapes[kind] = layout.slot_shapes(kind, self.instance_layers[kind])
+            self.heads[kind] = nn.Linear(r, slot_width(self._instance_shapes[kind]))
             if config.injection == "hybrid":
-                self.task[kind] = PrefixTable(P, len(carried) * width, hidden, config.task_prefix_hidden_size)
+                self.task[kind] = PrefixTable(
+                    P, slot_width(self._shapes[kind]), hidden, config.task_prefix_hidden_size
+                )
                 if config.init_weights:
                     # Start as plain P-tuning v2: the instance part grows from zero, as LoRA's B does.
                     nn.init.zeros_(self.heads[kind].weight)
@@ -114,10 +116,8 @@ class InstancePromptModule(PromptModule):
     def _task_parts(self) -> dict[str, tuple[list, list]]:
         parts = {}
         for kind, table in self.task.items():
-            n_kv, head_dim = self._shapes[kind]
-            flat = table().view(self.config.prompt_length, -1, 2, n_kv, head_dim)  # (P, L, 2, n_kv, hd)
-            kv = flat.permute(1, 2, 3, 0, 4).unsqueeze(2)  # (L, 2, 1, n_kv, P, hd)
-            parts[kind] = (list(kv[:, 0]), list(kv[:, 1]))
+            keys, values = split_slots(table().unsqueeze(0), self._shapes[kind])  # slot: (1, n_kv, P, hd)
+            parts[kind] = (list(keys), list(values))
         return parts
 
     def combine(self, codes: torch.Tensor | None) -> Prefixes:
@@ -128,16 +128,13 @@ class InstancePromptModule(PromptModule):
             keys, values = task.get(kind, ([None] * len(slots), [None] * len(slots)))
             keys, values = list(keys), list(values)
             if codes is not None:
-                n_kv, head_dim = self._shapes[kind]
-                layers = self.instance_layers[kind]
-                batch, P = codes.shape[:2]
-                inst = self.heads[kind](codes).view(batch, P, len(layers), 2, n_kv, head_dim)
-                inst = inst.permute(2, 3, 0, 4, 1, 5)  # (L_i, 2, B, n_kv, P, hd)
+                # instance layer j's (B, n_kv, P, hd) key and value
+                inst_keys, inst_values = split_slots(self.heads[kind](codes), self._instance_shapes[kind])
                 scale = self.config.instance_scale if self.config.injection == "hybrid" else 1.0
-                for j, layer in enumerate(layers):
+                for j, layer in enumerate(self.instance_layers[kind]):
                     slot = slots[layer]
-                    keys[slot] = scale * inst[j, 0] + (keys[slot] if keys[slot] is not None else 0)
-                    values[slot] = scale * inst[j, 1] + (values[slot] if values[slot] is not None else 0)
+                    keys[slot] = scale * inst_keys[j] + (keys[slot] if keys[slot] is not None else 0)
+                    values[slot] = scale * inst_values[j] + (values[slot] if values[slot] is not None else 0)
             out[kind] = (keys, values)
         return out
 

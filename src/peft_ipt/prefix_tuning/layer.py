@@ -9,8 +9,33 @@ from ..attention import SiteLayout
 from ..tuner import Prefixes, PromptInputs, PromptModule
 
 
+def slot_width(shapes: list[tuple[int, int]]) -> int:
+    """Columns of a flat key/value matrix for slots of these (n_kv, head_dim): a key and a value each."""
+    return sum(2 * n_kv * head_dim for n_kv, head_dim in shapes)
+
+
+def split_slots(flat: torch.Tensor, shapes: list[tuple[int, int]]):
+    """(B, P, slot_width) -> keys, values: slot i's (B, n_kv_i, P, head_dim_i).
+
+    A row holds, for each slot in order, its key then its value. Where every slot has one shape the result is two
+    stacked (L, B, n_kv, P, head_dim) views; where they differ (Gemma 4), two lists.
+    """
+    batch, length = flat.shape[:2]
+    if len(set(shapes)) == 1:
+        n_kv, head_dim = shapes[0]
+        kv = flat.view(batch, length, len(shapes), 2, n_kv, head_dim).permute(2, 3, 0, 4, 1, 5)
+        return kv[:, 0], kv[:, 1]  # (L, 2, B, n_kv, P, hd) -> each (L, B, n_kv, P, hd)
+    keys, values = [], []
+    parts = flat.split([2 * n_kv * head_dim for n_kv, head_dim in shapes], dim=-1)
+    for part, (n_kv, head_dim) in zip(parts, shapes, strict=True):
+        kv = part.reshape(batch, length, 2, n_kv, head_dim).permute(2, 0, 3, 1, 4)  # (2, B, n_kv, P, hd)
+        keys.append(kv[0])
+        values.append(kv[1])
+    return keys, values
+
+
 class PrefixTable(nn.Module):
-    """All selected layers' keys and values for one attention kind, as a (P, L * 2 * n_kv * head_dim) matrix.
+    """All selected layers' keys and values for one attention kind, as a (P, sum of 2 * n_kv * head_dim) matrix.
 
     Flat: that matrix is the parameter. Reparameterised (Li & Liang 2021, section 4.3): an embedding
     (P, d) passed through Linear(d, h) -> tanh -> Linear(h, L * 2 * n_kv * head_dim).
@@ -63,9 +88,9 @@ def set_tables(
         per_layer = []
         for layer in layer_slots[kind]:
             key, value = activations[(kind, layer)]
-            per_layer.append(torch.stack([key[0, :, :length], value[0, :, :length]]))  # (2, n_kv, P, hd)
-        stacked = torch.stack(per_layer)  # (L, 2, n_kv, P, hd)
-        table.set_output(stacked.permute(3, 0, 1, 2, 4).reshape(length, -1))
+            kv = torch.stack([key[0, :, :length], value[0, :, :length]])  # (2, n_kv, P, hd)
+            per_layer.append(kv.permute(2, 0, 1, 3).reshape(length, -1))  # (P, 2 * n_kv * hd)
+        table.set_output(torch.cat(per_layer, dim=1))
 
 
 class PrefixTuningV2Module(PromptModule):
@@ -75,14 +100,13 @@ class PrefixTuningV2Module(PromptModule):
         hidden = config.encoder_hidden_size if config.reparameterize else None
         self.tables = nn.ModuleDict()
         self.layer_slots = {}
-        self._shapes: dict[str, tuple[int, int, int]] = {}
+        self._shapes: dict[str, list[tuple[int, int]]] = {}  # kind -> each slot's (n_kv, head_dim)
         for kind in config.selected_kinds(layout):
             layers = config.selected_layers(kind, layout)
-            _, n_kv, head_dim = layout.shapes[kind]
             self.layer_slots[kind] = {layer: slot for slot, layer in enumerate(layers)}
-            self._shapes[kind] = (len(layers), n_kv, head_dim)
+            self._shapes[kind] = layout.slot_shapes(kind, layers)
             self.tables[kind] = PrefixTable(
-                self.prefix_length, len(layers) * 2 * n_kv * head_dim, embed_dim, hidden
+                self.prefix_length, slot_width(self._shapes[kind]), embed_dim, hidden
             )
         self.dropout = nn.Dropout(config.prefix_dropout)
         self._cache: tuple[tuple, Prefixes] | None = None
@@ -91,10 +115,11 @@ class PrefixTuningV2Module(PromptModule):
         # The inference cache is keyed on parameter addresses, which a copy does not share: the copy starts without.
         return {**super().__getstate__(), "_cache": None}
 
-    def _split(self, kind: str, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n_layers, n_kv, head_dim = self._shapes[kind]
-        kv = flat.view(self.prefix_length, n_layers, 2, n_kv, head_dim).permute(1, 2, 3, 0, 4).contiguous()
-        return kv[:, 0].unsqueeze(1), kv[:, 1].unsqueeze(1)  # each (L, 1, n_kv, P, head_dim)
+    def _split(self, kind: str, flat: torch.Tensor):
+        keys, values = split_slots(flat.unsqueeze(0), self._shapes[kind])  # each slot (1, n_kv, P, head_dim)
+        if isinstance(keys, torch.Tensor):
+            return keys.contiguous(), values.contiguous()
+        return keys, values
 
     def prefixes(self, inputs: PromptInputs) -> Prefixes:
         # In inference the prefix is a constant: compute the MLP once, until a parameter changes in place.
