@@ -101,6 +101,16 @@ DECODERS = {
     "mpt": lambda: MptConfig(d_model=32, n_layers=2, n_heads=4, max_seq_len=64, **IDS),
     # Gemma 4: prefixes of two shapes in one stack (see gemma4_text_config)
     "gemma4_text": lambda: gemma4_text_config(),
+    # keys wider than values: DeepSeek's latent attention (keys 4 + 4, values 6; the released models 192 and 128)
+    # and MiMo-V2-Flash (keys 8, values 6)
+    "deepseek_v3": lambda: deepseek_v3(value_head_dim=6),
+    "mimo_v2_flash": lambda: MiMoV2FlashConfig(
+        **TINY_DECODER,
+        num_hidden_layers=2,
+        head_dim=8,
+        v_head_dim=6,
+        **{k: v for k, v in IDS.items() if k != "vocab_size"},
+    ),
     "xglm": lambda: XGLMConfig(
         d_model=32, num_layers=2, attention_heads=4, ffn_dim=64, max_position_embeddings=64, **IDS
     ),
@@ -221,7 +231,18 @@ def test_a_left_padded_decoder_batch_matches_each_row_alone(name, method):
 
 @pytest.mark.parametrize(
     "name",
-    ["gptj", "codegen", "falcon", "falcon-grouped", "gpt_neo", "gpt_neox_japanese", "xglm", "gemma4_text"],
+    [
+        "gptj",
+        "codegen",
+        "falcon",
+        "falcon-grouped",
+        "gpt_neo",
+        "gpt_neox_japanese",
+        "xglm",
+        "gemma4_text",
+        "deepseek_v3",
+        "mimo_v2_flash",
+    ],
 )
 def test_a_prefix_of_the_models_own_keys_and_values_acts_as_those_tokens_in_front(name):
     """The keys and values the model computes for P tokens, as a prefix, with the input's positions moved on by P,
@@ -464,7 +485,7 @@ def test_gemma4_prefixes_of_two_shapes_save_fold_and_load_and_another_shape_is_r
     model = get_peft_model(decoder("gemma4_text"), configs[method]()).eval()
     shapes = model.peft_config["default"].base_model_shapes
     assert shapes["self"] == [4, 2, 8]
-    assert shapes["self_layers"] == [[0, 2, 8], [1, 1, 16], [2, 2, 8], [3, 1, 16]]
+    assert shapes["self_layers"] == [[0, 2, 8, 8], [1, 1, 16, 16], [2, 2, 8, 8], [3, 1, 16, 16]]
     ids = token_batch()
     with torch.no_grad():
         expected = model(input_ids=ids).logits
@@ -481,7 +502,9 @@ def test_gemma4_prefixes_of_two_shapes_save_fold_and_load_and_another_shape_is_r
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-6)
     other = AutoModelForCausalLM.from_config(gemma4_text_config(global_head_dim=8)).eval()
-    with pytest.raises(ValueError, match=r"self_layers: adapter \[\[0, 2, 8\], \[1, 1, 16\].*vs model"):
+    with pytest.raises(
+        ValueError, match=r"self_layers: adapter \[\[0, 2, 8, 8\], \[1, 1, 16, 16\].*vs model"
+    ):
         PeftModel.from_pretrained(other, tmp_path)
     uniform = get_peft_model(decoder("gptj"), configs[method]())
     assert (
@@ -565,17 +588,32 @@ def test_latent_attention_with_keys_and_values_of_one_size_takes_prefixes_of_tha
         assert torch.equal(model.generate(**kwargs), model.generate(**kwargs, use_cache=False))
 
 
+@pytest.mark.parametrize("method", ["prefix_v2", "ipt"])
+def test_latent_attention_with_values_narrower_than_keys_takes_prefixes_of_both_sizes(method, tmp_path):
+    """DeepSeek's keys are 8 wide and its values 6 (the released models: 192 and 128): the prefixes take both sizes,
+    the config records them, the adapter reloads exactly and another value size is refused; peft's PrefixTuning
+    (keys and values of one size) cannot take the adapter. The tests above run it through every decoder check."""
+    from peft_ipt.interop import export_to_peft_prefix_tuning
+
+    model = get_peft_model(decoder("deepseek_v3"), METHODS[method]("CAUSAL_LM")).eval()
+    shapes = model.peft_config["default"].base_model_shapes
+    assert shapes["self"] == [2, 4, 8] and shapes["self_layers"] == [[0, 4, 8, 6], [1, 4, 8, 6]]
+    ids = token_batch()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    if method == "prefix_v2":
+        with pytest.raises(ValueError, match=r"keys and values in size.*cannot be exported to peft"):
+            export_to_peft_prefix_tuning(model, tmp_path / "peft")
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(decoder("deepseek_v3"), tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, expected)
+    other = AutoModelForCausalLM.from_config(deepseek_v3(value_head_dim=4))
+    with pytest.raises(ValueError, match=r"self_layers: adapter \[\[0, 4, 8, 6\], \[1, 4, 8, 6\]\] vs model"):
+        PeftModel.from_pretrained(other, tmp_path)
+
+
 REFUSED = {  # with the error each gets
-    "mimo_v2_flash": (  # keys of 8, values of 6 (the released model: 192 and 128)
-        lambda: MiMoV2FlashConfig(
-            **TINY_DECODER, num_hidden_layers=2, head_dim=8, v_head_dim=6, pad_token_id=0
-        ),
-        r"MiMoV2FlashAttention has keys of head size 8 and values of head size 6.*Use LoRA",
-    ),
-    "deepseek_v3": (
-        lambda: deepseek_v3(value_head_dim=6),
-        r"keys of head size 8 and values of head size 6 \(multi-head latent attention, MiMo-V2\).*Use LoRA",
-    ),
     "xlnet": (
         lambda: XLNetConfig(vocab_size=VOCAB, d_model=32, n_layer=2, n_head=4, d_inner=64),
         r"does not route attention through transformers.AttentionInterface.*bloom, .*gpt_neo",

@@ -179,11 +179,15 @@ def prefix_attention_forward(
     batch, key_len = key.shape[0], key.shape[2]
     valid = match_batch(valid[0], batch) if valid else None
     prefix_len = prefix_key.shape[2]
-    if prefix_key.shape[1] != key.shape[1] or prefix_key.shape[3] != key.shape[3]:
+    if (prefix_key.shape[1], prefix_key.shape[3], prefix_value.shape[3]) != (
+        key.shape[1],
+        key.shape[3],
+        value.shape[3],
+    ):
         raise RuntimeError(
-            f"peft_ipt: the prefix at {site.kind} layer {site.layer} has (kv_heads, head_dim) = "
-            f"{tuple(prefix_key.shape[1::2])} but the model's keys have {(key.shape[1], key.shape[3])}: "
-            "the adapter was built for another model"
+            f"peft_ipt: the prefix at {site.kind} layer {site.layer} has (kv_heads, key size, value size) = "
+            f"{(prefix_key.shape[1], prefix_key.shape[3], prefix_value.shape[3])} but the model's keys and values "
+            f"have {(key.shape[1], key.shape[3], value.shape[3])}: the adapter was built for another model"
         )
     # (B, n_kv_heads, P + T, head_dim); the cache never holds the prefix, so positions stay the model's own.
     key = torch.cat([match_batch(prefix_key, batch).to(key.dtype), key], dim=2)
@@ -250,16 +254,8 @@ def _kv_shape(module: nn.Module, config) -> tuple[int, int]:
     n_heads = _attr(sources, ("num_heads", "num_attention_heads", "n_heads", "n_head"))
     head_dim = _attr(sources, ("head_dim", "attention_head_size", "key_value_proj_dim", "d_kv", "head_size"))
     # Multi-head latent attention (DeepSeek-V2/V3, Kimi, MiniCPM3) has keys of qk_head_dim (the config's head_dim is
-    # only their rotary part); it and MiMo-V2 have values of v_head_dim
-    key_dim = _attr((module,), ("qk_head_dim",)) or head_dim
-    value_dim = _attr((module,), ("v_head_dim",))
-    if value_dim is not None and value_dim != key_dim:
-        raise UnsupportedModelError(
-            f"{type(module).__name__} has keys of head size {key_dim} and values of head size {value_dim} "
-            "(multi-head latent attention, MiMo-V2); peft-ipt's prefixes give keys and values one head size. Use "
-            "LoRA on this model."
-        )
-    head_dim = key_dim
+    # only their rotary part); its values, and MiMo-V2's, are v_head_dim wide (_value_dim)
+    head_dim = _attr((module,), ("qk_head_dim",)) or head_dim
     if n_heads is None or head_dim is None:
         raise UnsupportedModelError(f"cannot read the head count / head size of {type(module).__name__}")
     # A module's own count first: Gemma 4's global layers have fewer key/value heads than its config names (the
@@ -270,6 +266,12 @@ def _kv_shape(module: nn.Module, config) -> tuple[int, int]:
         n_kv = n_heads // groups
     n_kv = n_kv or _attr(sources[1:2], ("num_key_value_heads",)) or n_heads
     return n_kv, head_dim
+
+
+def _value_dim(module: nn.Module, key_dim: int) -> int:
+    """Head size of an attention module's values: its keys' except where it says otherwise (multi-head latent
+    attention, MiMo-V2: v_head_dim)."""
+    return _attr((module,), ("v_head_dim",)) or key_dim
 
 
 def _is_attention(module: nn.Module) -> bool:
@@ -303,21 +305,22 @@ def find_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 class SiteLayout:
     """What a model offers: for each attention kind, its layers and their kv heads and head size."""
 
-    # kind -> (n_layers, n_kv_heads, head_dim); where a kind's layers differ in shape (Gemma 4's global layers have
-    # other heads than its sliding ones), the first layer's, and layer_shapes holds every layer's
+    # kind -> (n_layers, n_kv_heads, head_dim of the keys); where a kind's layers differ in shape (Gemma 4's global
+    # layers have other heads than its sliding ones) the first layer's, and layer_shapes holds every layer's
     shapes: dict[str, tuple[int, int, int]]
     # kind -> the layer indices that have such an attention: all of 0..n_layers-1, except in hybrid models (Jamba,
     # LFM2, Qwen3-Next: state-space or linear-attention layers between them) and Mllama's cross-attention layers
     layers: dict[str, list[int]]
     # kinds the model has but its path cannot open, with the reason and the fix (LED's encoder)
     unserved: dict[str, str] = field(default_factory=dict)
-    # kind -> {layer: (n_kv_heads, head_dim)}; empty for a layout built by hand with one shape per kind
-    layer_shapes: dict[str, dict[int, tuple[int, int]]] = field(default_factory=dict)
+    # kind -> {layer: (n_kv_heads, key head size, value head size)}; the value size differs from the key's in
+    # multi-head latent attention (DeepSeek: 192 and 128)
+    layer_shapes: dict[str, dict[int, tuple[int, int, int]]] = field(default_factory=dict)
 
     def as_config(self) -> dict[str, list]:
         """What the adapter config records: [n_layers, n_kv, head_dim] per kind, and for a kind whose layers
-        differ in shape also ``<kind>_layers``: [[layer, n_kv, head_dim], ...] (absent where they agree, so
-        adapters of one-shape models keep the config they always had)."""
+        differ in shape, or whose values differ in size from its keys, also ``<kind>_layers``: [[layer, n_kv,
+        key size, value size], ...] (absent otherwise, so other adapters keep the config they always had)."""
         out: dict[str, list] = {kind: list(shape) for kind, shape in self.shapes.items()}
         for kind in self.shapes:
             if not self.uniform(kind):
@@ -330,13 +333,17 @@ class SiteLayout:
         return self.layers[kind]
 
     def uniform(self, kind: str) -> bool:
-        return len(set(self.layer_shapes.get(kind, {}).values())) <= 1
+        """Every layer of ``kind`` has one shape, with keys and values of one size: what peft's PrefixTuning and
+        adapters of earlier versions describe."""
+        shapes = set(self.layer_shapes.get(kind, {}).values())
+        return len(shapes) <= 1 and all(key_dim == value_dim for _, key_dim, value_dim in shapes)
 
-    def slot_shapes(self, kind: str, layers: list[int]) -> list[tuple[int, int]]:
-        """(n_kv_heads, head_dim) of each of ``layers``, in their order: the shapes of a prefix's slots."""
+    def slot_shapes(self, kind: str, layers: list[int]) -> list[tuple[int, int, int]]:
+        """(n_kv_heads, key head size, value head size) of each of ``layers``, in their order: the shapes of a
+        prefix's slots."""
         per_layer = self.layer_shapes.get(kind, {})
-        default = tuple(self.shapes[kind][1:])
-        return [per_layer.get(layer, default) for layer in layers]
+        _, n_kv, head_dim = self.shapes[kind]
+        return [per_layer.get(layer, (n_kv, head_dim, head_dim)) for layer in layers]
 
 
 def discover_sites(model: nn.Module) -> list[tuple[nn.Module, str, int, int, int]]:
@@ -367,18 +374,19 @@ def discover_sites(model: nn.Module) -> list[tuple[nn.Module, str, int, int, int
 
 def layout_of(sites) -> SiteLayout:
     shapes: dict[str, tuple[int, int, int]] = {}
-    layer_shapes: dict[str, dict[int, tuple[int, int]]] = {}
-    for _, kind, layer, n_kv, head_dim in sites:
+    layer_shapes: dict[str, dict[int, tuple[int, int, int]]] = {}
+    for module, kind, layer, n_kv, head_dim in sites:
+        shape = (n_kv, head_dim, _value_dim(module, head_dim))
         per_layer = layer_shapes.setdefault(kind, {})
-        if per_layer.get(layer, (n_kv, head_dim)) != (n_kv, head_dim):
+        if per_layer.get(layer, shape) != shape:
             raise UnsupportedModelError(
                 f"{kind} layer {layer} has two attention modules of different shapes ({per_layer[layer]} and "
-                f"{(n_kv, head_dim)} key/value heads x head size); peft-ipt gives each layer one prefix"
+                f"{shape} key/value heads, key size, value size); peft-ipt gives each layer one prefix"
             )
-        per_layer[layer] = (n_kv, head_dim)
+        per_layer[layer] = shape
     for kind, per_layer in layer_shapes.items():
-        first = per_layer[min(per_layer)]
-        shapes[kind] = (max(per_layer) + 1, *first)
+        n_kv, head_dim, _ = per_layer[min(per_layer)]
+        shapes[kind] = (max(per_layer) + 1, n_kv, head_dim)
     return SiteLayout(
         shapes, {kind: sorted(found) for kind, found in layer_shapes.items()}, layer_shapes=layer_shapes
     )

@@ -114,9 +114,11 @@ def _refuse_mixed_shapes(layout, direction: str) -> None:
     if SELF in layout.shapes and not layout.uniform(SELF):
         shapes = sorted(set(layout.layer_shapes[SELF].values()))
         raise ValueError(
-            f"this model's self-attention layers differ in shape ({shapes} key/value heads x head size; Gemma 4's "
-            f"sliding and global layers do), and peft's PrefixTuning gives every layer one shape, so the prefix "
-            f"cannot be {direction} peft's PrefixTuning. Keep the adapter as a PrefixTuningV2 adapter"
+            f"this model's self-attention layers differ in shape, or their keys and values in size ({shapes} "
+            "key/value heads, key size, value size; Gemma 4's sliding and global layers differ, DeepSeek's latent "
+            "attention has values narrower than its keys), and peft's PrefixTuning gives every layer one shape with "
+            f"keys and values of one size, so the prefix cannot be {direction} peft's PrefixTuning. Keep the "
+            "adapter as a PrefixTuningV2 adapter"
         )
 
 

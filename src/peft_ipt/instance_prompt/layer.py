@@ -47,7 +47,7 @@ class InstancePromptModule(PromptModule):
                 else self.instance_layers[kind]
             )
             self.layer_slots[kind] = {layer: slot for slot, layer in enumerate(carried)}
-            # each slot's and each instance layer's (n_kv, head_dim): they differ across Gemma 4's layers
+            # each slot's and each instance layer's (n_kv, key size, value size): they differ across Gemma 4's layers
             self._shapes[kind] = layout.slot_shapes(kind, carried)
             self._instance_shapes[kind] = layout.slot_shapes(kind, self.instance_layers[kind])
             self.heads[kind] = nn.Linear(r, slot_width(self._instance_shapes[kind]))

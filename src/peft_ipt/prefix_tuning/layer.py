@@ -9,28 +9,29 @@ from ..attention import SiteLayout
 from ..tuner import Prefixes, PromptInputs, PromptModule
 
 
-def slot_width(shapes: list[tuple[int, int]]) -> int:
-    """Columns of a flat key/value matrix for slots of these (n_kv, head_dim): a key and a value each."""
-    return sum(2 * n_kv * head_dim for n_kv, head_dim in shapes)
+def slot_width(shapes: list[tuple[int, int, int]]) -> int:
+    """Columns of a flat key/value matrix for slots of these (n_kv, key size, value size)."""
+    return sum(n_kv * (key_dim + value_dim) for n_kv, key_dim, value_dim in shapes)
 
 
-def split_slots(flat: torch.Tensor, shapes: list[tuple[int, int]]):
-    """(B, P, slot_width) -> keys, values: slot i's (B, n_kv_i, P, head_dim_i).
+def split_slots(flat: torch.Tensor, shapes: list[tuple[int, int, int]]):
+    """(B, P, slot_width) -> keys, values: slot i's (B, n_kv_i, P, key size_i) and (B, n_kv_i, P, value size_i).
 
-    A row holds, for each slot in order, its key then its value. Where every slot has one shape the result is two
-    stacked (L, B, n_kv, P, head_dim) views; where they differ (Gemma 4), two lists.
+    A row holds, for each slot in order, its key heads then its value heads. Where every slot has one shape, with
+    keys and values of one size, the result is two stacked (L, B, n_kv, P, head_dim) views; otherwise (Gemma 4's
+    layers, DeepSeek's latent attention) two lists.
     """
     batch, length = flat.shape[:2]
-    if len(set(shapes)) == 1:
-        n_kv, head_dim = shapes[0]
+    if len(set(shapes)) == 1 and shapes[0][1] == shapes[0][2]:
+        n_kv, head_dim, _ = shapes[0]
         kv = flat.view(batch, length, len(shapes), 2, n_kv, head_dim).permute(2, 3, 0, 4, 1, 5)
         return kv[:, 0], kv[:, 1]  # (L, 2, B, n_kv, P, hd) -> each (L, B, n_kv, P, hd)
     keys, values = [], []
-    parts = flat.split([2 * n_kv * head_dim for n_kv, head_dim in shapes], dim=-1)
-    for part, (n_kv, head_dim) in zip(parts, shapes, strict=True):
-        kv = part.reshape(batch, length, 2, n_kv, head_dim).permute(2, 0, 3, 1, 4)  # (2, B, n_kv, P, hd)
-        keys.append(kv[0])
-        values.append(kv[1])
+    widths = [width for n_kv, kd, vd in shapes for width in (n_kv * kd, n_kv * vd)]
+    parts = flat.split(widths, dim=-1)
+    for i, (n_kv, key_dim, value_dim) in enumerate(shapes):
+        keys.append(parts[2 * i].reshape(batch, length, n_kv, key_dim).transpose(1, 2))
+        values.append(parts[2 * i + 1].reshape(batch, length, n_kv, value_dim).transpose(1, 2))
     return keys, values
 
 
@@ -87,9 +88,9 @@ def set_tables(
     for kind, table in tables.items():
         per_layer = []
         for layer in layer_slots[kind]:
-            key, value = activations[(kind, layer)]
-            kv = torch.stack([key[0, :, :length], value[0, :, :length]])  # (2, n_kv, P, hd)
-            per_layer.append(kv.permute(2, 0, 1, 3).reshape(length, -1))  # (P, 2 * n_kv * hd)
+            key, value = activations[(kind, layer)]  # (1, n_kv, T, key size), (1, n_kv, T, value size)
+            for state in (key, value):
+                per_layer.append(state[0, :, :length].transpose(0, 1).reshape(length, -1))  # (P, n_kv * size)
         table.set_output(torch.cat(per_layer, dim=1))
 
 
@@ -100,7 +101,9 @@ class PrefixTuningV2Module(PromptModule):
         hidden = config.encoder_hidden_size if config.reparameterize else None
         self.tables = nn.ModuleDict()
         self.layer_slots = {}
-        self._shapes: dict[str, list[tuple[int, int]]] = {}  # kind -> each slot's (n_kv, head_dim)
+        self._shapes: dict[
+            str, list[tuple[int, int, int]]
+        ] = {}  # kind -> each slot's (n_kv, key, value size)
         for kind in config.selected_kinds(layout):
             layers = config.selected_layers(kind, layout)
             self.layer_slots[kind] = {layer: slot for slot, layer in enumerate(layers)}
