@@ -22,6 +22,7 @@ from transformers import (
     DebertaV2Config,
     DeepseekV3Config,
     FalconConfig,
+    Gemma3nTextConfig,
     Gemma4TextConfig,
     GPTJConfig,
     GPTNeoConfig,
@@ -398,6 +399,32 @@ def test_gemma4_kv_sharing_trains_under_non_reentrant_checkpointing_and_refuses_
         ValueError, match=r"layers \[2, 3\] reuse earlier layers' keys.*use_reentrant': False"
     ):
         gradients(use_reentrant=True)
+
+
+def test_gemma3n_kv_sharing_is_refused_under_reentrant_checkpointing_too():
+    """Gemma 3n shares keys and values as Gemma 4 does (its last layers reuse earlier ones')."""
+    config = Gemma3nTextConfig(
+        **{k: v for k, v in TINY_DECODER.items() if k != "intermediate_size"},
+        num_hidden_layers=4,
+        head_dim=8,
+        num_kv_shared_layers=2,
+        hidden_size_per_layer_input=8,
+        vocab_size_per_layer_input=VOCAB,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        laurel_rank=4,
+        altup_num_inputs=2,
+        activation_sparsity_pattern=[0.0] * 4,
+        intermediate_size=[64] * 4,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_config(config), METHODS["prefix_v2"]("CAUSAL_LM"))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.enable_input_require_grads()
+    model.train()
+    ids = token_batch()
+    with pytest.raises(ValueError, match=r"layers \[2, 3\] reuse earlier layers' keys"):
+        model(input_ids=ids, labels=ids, use_cache=False)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
