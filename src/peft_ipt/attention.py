@@ -311,11 +311,11 @@ class SiteLayout:
     # kind -> the layer indices that have such an attention: all of 0..n_layers-1, except in hybrid models (Jamba,
     # LFM2, Qwen3-Next: state-space or linear-attention layers between them) and Mllama's cross-attention layers
     layers: dict[str, list[int]]
-    # kinds the model has but its path cannot open, with the reason and the fix (LED's encoder)
-    unserved: dict[str, str] = field(default_factory=dict)
     # kind -> {layer: (n_kv_heads, key head size, value head size)}; the value size differs from the key's in
     # multi-head latent attention (DeepSeek: 192 and 128)
-    layer_shapes: dict[str, dict[int, tuple[int, int, int]]] = field(default_factory=dict)
+    layer_shapes: dict[str, dict[int, tuple[int, int, int]]]
+    # kinds the model has but its path cannot open, with the reason and the fix (LED's encoder)
+    unserved: dict[str, str] = field(default_factory=dict)
 
     def as_config(self) -> dict[str, list]:
         """What the adapter config records: [n_layers, n_kv, head_dim] per kind, and for a kind whose layers
@@ -335,15 +335,13 @@ class SiteLayout:
     def uniform(self, kind: str) -> bool:
         """Every layer of ``kind`` has one shape, with keys and values of one size: what peft's PrefixTuning and
         adapters of earlier versions describe."""
-        shapes = set(self.layer_shapes.get(kind, {}).values())
-        return len(shapes) <= 1 and all(key_dim == value_dim for _, key_dim, value_dim in shapes)
+        shapes = set(self.layer_shapes[kind].values())
+        return len(shapes) == 1 and all(key_dim == value_dim for _, key_dim, value_dim in shapes)
 
     def slot_shapes(self, kind: str, layers: list[int]) -> list[tuple[int, int, int]]:
         """(n_kv_heads, key head size, value head size) of each of ``layers``, in their order: the shapes of a
         prefix's slots."""
-        per_layer = self.layer_shapes.get(kind, {})
-        _, n_kv, head_dim = self.shapes[kind]
-        return [per_layer.get(layer, (n_kv, head_dim, head_dim)) for layer in layers]
+        return [self.layer_shapes[kind][layer] for layer in layers]
 
 
 def discover_sites(model: nn.Module) -> list[tuple[nn.Module, str, int, int, int]]:
@@ -387,9 +385,7 @@ def layout_of(sites) -> SiteLayout:
     for kind, per_layer in layer_shapes.items():
         n_kv, head_dim, _ = per_layer[min(per_layer)]
         shapes[kind] = (max(per_layer) + 1, n_kv, head_dim)
-    return SiteLayout(
-        shapes, {kind: sorted(found) for kind, found in layer_shapes.items()}, layer_shapes=layer_shapes
-    )
+    return SiteLayout(shapes, {kind: sorted(found) for kind, found in layer_shapes.items()}, layer_shapes)
 
 
 def check_transformers_model(model: nn.Module) -> str:
@@ -573,12 +569,12 @@ class PrefixInjection:
         self.sites = self.path.sites(self.tower)
         self.layout = layout_of(self.sites)
         self.layout.unserved = dict(getattr(self.path, "unserved", {}))
-        # Decoder-only self-attention masks the future (a path of its own knows; the registry's modules say so).
         # Layers that reuse an earlier layer's keys/values (Gemma 3n / 4 KV sharing): reentrant checkpointing
         # computes those keys/values without gradient, so the later layers' gradients through them are lost.
         self.kv_shared_layers = sorted(
             {layer for module, _, layer, *_ in self.sites if getattr(module, "is_kv_shared_layer", False)}
         )
+        # Decoder-only self-attention masks the future (a path of its own knows; the registry's modules say so).
         self.causal = getattr(self.path, "causal", None)
         if self.causal is None:
             self.causal = any(getattr(module, "is_causal", False) for module, *_ in self.sites)
