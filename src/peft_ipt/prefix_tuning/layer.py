@@ -36,10 +36,10 @@ def split_slots(flat: torch.Tensor, shapes: list[tuple[int, int, int]]):
 
 
 class PrefixTable(nn.Module):
-    """All selected layers' keys and values for one attention kind, as a (P, sum of 2 * n_kv * head_dim) matrix.
+    """All selected layers' keys and values for one attention kind, as a (P, slot_width) matrix (split_slots).
 
     Flat: that matrix is the parameter. Reparameterised (Li & Liang 2021, section 4.3): an embedding
-    (P, d) passed through Linear(d, h) -> tanh -> Linear(h, L * 2 * n_kv * head_dim).
+    (P, d) passed through Linear(d, h) -> tanh -> Linear(h, slot_width).
     """
 
     def __init__(self, prefix_length: int, width: int, embed_dim: int, hidden: int | None):
@@ -101,9 +101,8 @@ class PrefixTuningV2Module(PromptModule):
         hidden = config.encoder_hidden_size if config.reparameterize else None
         self.tables = nn.ModuleDict()
         self.layer_slots = {}
-        self._shapes: dict[
-            str, list[tuple[int, int, int]]
-        ] = {}  # kind -> each slot's (n_kv, key, value size)
+        # kind -> each slot's (n_kv, key size, value size)
+        self._shapes: dict[str, list[tuple[int, int, int]]] = {}
         for kind in config.selected_kinds(layout):
             layers = config.selected_layers(kind, layout)
             self.layer_slots[kind] = {layer: slot for slot, layer in enumerate(layers)}
