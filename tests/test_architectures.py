@@ -674,7 +674,9 @@ def test_supported_models_names_each_tested_model_types_path(capsys):
     assert (
         lines["xlnet"] == lines["mamba"] == lines["git"] == "refused  -"
     )  # GIT: tests/test_composite_models.py
-    assert lines["gemma4_text"] == "registry  yes"
+    assert lines["gemma4_text"] == lines["deepseek_v3"] == lines["mimo_v2_flash"] == "registry  yes"
+    tokenless = ("whisper", "speech_to_text", "vit", "wav2vec2")  # tests/test_tokenless_models.py
+    assert all(lines[t] == "registry  yes" for t in tokenless)
     assert lines["llava"] == lines["encoder-decoder"] == "composite  yes"  # tests/test_composite_models.py
     # GPT-J and CodeGen moved onto the registry in transformers 5.24: either way they are served and tested
     served = ("gptj", "codegen", "bloom", "falcon", "gpt_neo", "gpt_neox_japanese", "mpt", "xglm")

@@ -278,6 +278,15 @@ def _is_attention(module: nn.Module) -> bool:
     return type(module).__name__.endswith("Attention") and hasattr(module, "is_causal")
 
 
+def input_embeddings(model: nn.Module) -> nn.Module | None:
+    """The model's token embedding table, or None for a model that reads no tokens (Wav2Vec2, whose
+    ``get_input_embeddings`` raises NotImplementedError)."""
+    try:
+        return model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    except NotImplementedError:
+        return None
+
+
 def tokenless_towers(model: nn.Module) -> tuple[str, ...]:
     """Name prefixes of the submodels of a token model that read no tokens (GIT's image encoder): their attention
     takes no prefix and their position tables limit no text."""

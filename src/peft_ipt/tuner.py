@@ -36,6 +36,7 @@ from .attention import (
     PrefixInjection,
     SiteLayout,
     UnsupportedModelError,
+    input_embeddings,
     tokenless_towers,
 )
 from .base_config import vocab_size_of
@@ -716,11 +717,22 @@ class PromptTuner(BaseTuner):
         """The base model's forward. peft hands ``adapter_names`` to ``_enable_peft_forward_hooks`` and drops it, except
         where it calls the tuner directly (an MPT model's forward in ``PeftModelForCausalLM``): taken here, not
         passed to the model, whose ``**kwargs`` would have swallowed it and run every row with the active adapter."""
+        kwargs = self._named_or_given(kwargs)
         if kwargs.get("adapter_names") is None:
             kwargs.pop("adapter_names", None)
             return self.model(*args, **kwargs)
         with self._enable_peft_forward_hooks(adapter_names=kwargs.pop("adapter_names")):
             return self.model(*args, **kwargs)
+
+    def _named_or_given(self, kwargs: dict) -> dict:
+        """``kwargs`` without the arguments that are None and that the model's forward does not name. peft's task
+        wrappers pass every text argument, None included (``PeftModelForSeq2SeqLM``: ``input_ids=None``); a model
+        that reads something else (Whisper: ``input_features``) takes them into its ``**kwargs`` and hands them on
+        to its decoder, which then gets ``input_ids`` twice. Left out, they mean what None means: not given."""
+        names = self.__dict__.get("_forward_names")
+        if names is None:  # first call (and a model pickled by an earlier peft-ipt)
+            names = self._forward_names = frozenset(inspect.signature(self.model.forward).parameters)
+        return {k: v for k, v in kwargs.items() if v is not None or k in names}
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
@@ -753,7 +765,7 @@ class PromptTuner(BaseTuner):
             is_encoder_decoder=bool(getattr(self.model.config, "is_encoder_decoder", False)),
             teacher_forced=self._teacher_forced,
             frozen_runner=self._run_frozen,
-            embedder=self.model.get_input_embeddings(),
+            embedder=input_embeddings(self.model),
         )
 
     def _enter(self, role: str, module: nn.Module, args: tuple, kwargs: dict):

@@ -27,7 +27,7 @@ from .encoder_decoder import ENCODER_DECODER_PATHS
 
 ARCHITECTURE_PATHS = (*CACHE_VIEW_PATHS, *DEBERTA_PATHS, *ENCODER_DECODER_PATHS)
 # Model types the test suite runs on tiny models (tests/conftest.py, tests/test_architectures.py,
-# tests/test_composite_models.py, tests/test_hybrid_models.py).
+# tests/test_composite_models.py, tests/test_hybrid_models.py, tests/test_tokenless_models.py).
 TESTED_MODEL_TYPES = (
     "bart",
     "bert",
@@ -35,6 +35,7 @@ TESTED_MODEL_TYPES = (
     "codegen",
     "deberta",
     "deberta-v2",
+    "deepseek_v3",
     "encoder-decoder",
     "falcon",
     "fsmt",
@@ -49,12 +50,17 @@ TESTED_MODEL_TYPES = (
     "lfm2",
     "llama",
     "llava",
+    "mimo_v2_flash",
     "mpt",
     "mvp",
     "qwen2_vl",
     "qwen3_next",
     "roberta",
+    "speech_to_text",
     "t5",
+    "vit",
+    "wav2vec2",
+    "whisper",
     "xglm",
 )
 

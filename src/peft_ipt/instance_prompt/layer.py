@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..attention import SiteLayout
+from ..attention import SiteLayout, input_embeddings
 from ..base_config import hidden_size_of
 from ..prefix_tuning.layer import PrefixTable, set_tables, slot_width, split_slots
 from ..tuner import Prefixes, PromptInputs, PromptModule
@@ -23,7 +23,7 @@ class InstancePromptModule(PromptModule):
         P, r = config.prompt_length, config.instance_rank
         hidden = hidden_size_of(model.config)
         # ALBERT and ELECTRA embed tokens narrower than their hidden states (128 against 768) and project them up
-        table = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        table = input_embeddings(model)
         embedding_dim = getattr(table, "embedding_dim", hidden)
         if config.instance_source == "token_table":
             self.table = HashedTokenTable(config.table_size, r)

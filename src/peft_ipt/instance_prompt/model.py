@@ -9,6 +9,8 @@ Beyond the shared tuner it does two things, each only for the variant that needs
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -64,6 +66,23 @@ class InstancePromptModel(PromptTuner):
                 f"{field}={value!r} on a multimodal model ({type(model).__name__}): {why}. Use injection='hybrid' or "
                 "'prefix' with instance_source='embeddings', 'token_table' or 'hidden' (the hidden states the "
                 "language model computes, image features included)."
+            )
+        reads = getattr(model, "main_input_name", "input_ids")
+        tokenless = "input_ids" not in inspect.signature(model.forward).parameters  # Whisper: decoder's only
+        if tokenless and (config.instance_source != "hidden" or config.injection == "input"):
+            field, value, why = (
+                ("injection", "input", "the prompt enters as tokens among input_ids")
+                if config.injection == "input"
+                else (
+                    "instance_source",
+                    config.instance_source,
+                    "that source builds the prompt from input_ids",
+                )
+            )
+            raise ValueError(
+                f"{field}={value!r} on {type(model).__name__}, which reads {reads}, not input_ids: {why}. "
+                "Use instance_source='hidden' with injection='prefix' or 'hybrid': the prompt is then built from "
+                "the hidden states the encoder computes from its input."
             )
         module = InstancePromptModule(config, layout, model)
         if config.table_path and not module.table.weight.is_meta:  # meta: an adapter file fills it

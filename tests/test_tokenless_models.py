@@ -1,0 +1,290 @@
+"""Models that read no tokens: speech (Whisper, Speech2Text, Wav2Vec2) and vision (ViT). On Whisper prefixes enter
+the encoder's, the decoder's and the cross-attention layers as on BART; the instance prompt is built from the
+encoder's hidden states, and the sources that read input_ids are refused. peft's PrefixTuning runs neither task type
+on Whisper."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from transformers import (
+    Speech2TextConfig,
+    Speech2TextForConditionalGeneration,
+    ViTConfig,
+    ViTForImageClassification,
+    Wav2Vec2Config,
+    Wav2Vec2ForSequenceClassification,
+    WhisperConfig,
+    WhisperForAudioClassification,
+    WhisperForConditionalGeneration,
+)
+
+from peft_ipt import InstancePromptConfig, PrefixTuningV2Config
+
+START = 1
+
+
+def whisper_config(**overrides) -> WhisperConfig:
+    settings = dict(
+        vocab_size=60,
+        num_mel_bins=8,
+        encoder_layers=2,
+        decoder_layers=2,
+        d_model=16,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        max_source_positions=16,
+        max_target_positions=32,
+        decoder_start_token_id=START,
+        pad_token_id=0,
+        bos_token_id=START,
+        eos_token_id=None,  # a random model may end early; the manual loop does not
+        suppress_tokens=None,
+        begin_suppress_tokens=None,
+    )
+    return WhisperConfig(**(settings | overrides))
+
+
+def whisper(seed: int = 0) -> WhisperForConditionalGeneration:
+    torch.manual_seed(seed)
+    return WhisperForConditionalGeneration(whisper_config()).eval()
+
+
+def features(batch: int = 2, seed: int = 1) -> torch.Tensor:
+    # (batch, mel bins, frames): the encoder's two convolutions halve 32 frames to its 16 positions
+    return torch.randn(batch, 8, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def targets(batch: int = 2) -> torch.Tensor:
+    return torch.randint(3, 60, (batch, 5), generator=torch.Generator().manual_seed(7))
+
+
+METHODS = {  # init_weights=False: the instance heads start away from zero, so every weight gets a gradient at once
+    "prefix_v2": lambda task: PrefixTuningV2Config(task_type=task, prefix_length=3, init_weights=False),
+    "ipt_hidden": lambda task: InstancePromptConfig(
+        task_type=task, prompt_length=3, instance_source="hidden", init_weights=False
+    ),
+    "ipt_hidden_prefix": lambda task: InstancePromptConfig(
+        task_type=task, prompt_length=3, instance_source="hidden", injection="prefix", init_weights=False
+    ),
+}
+TASKS = [
+    None,
+    "SEQ_2_SEQ_LM",
+]  # SEQ_2_SEQ_LM: peft's wrapper passes input_ids=None, which Whisper hands on twice
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("method", list(METHODS))
+def test_a_whisper_prefix_changes_the_logits_trains_and_disables_exactly(method, task):
+    base, audio, labels = whisper(), features(), targets()
+    with torch.no_grad():
+        reference = base(input_features=audio, labels=labels).logits
+    model = get_peft_model(base, METHODS[method](task))
+    model.train()
+    out = model(input_features=audio, labels=labels)
+    assert out.logits.shape == reference.shape and not torch.allclose(out.logits, reference, atol=1e-4)
+    out.loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+    sites = {kind for kind, _ in model.base_model._prefixes} if model.base_model._prefixes else set()
+    assert sites == {"encoder", "decoder", "cross"}
+    model.eval()
+    with model.disable_adapter(), torch.no_grad():
+        assert torch.equal(model(input_features=audio, labels=labels).logits, reference)
+
+
+def test_a_whisper_prefix_lowers_the_loss_when_trained():
+    model = get_peft_model(whisper(), METHODS["ipt_hidden"]("SEQ_2_SEQ_LM"))
+    model.train()
+    audio, labels = features(), targets()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+    losses = []
+    for _ in range(30):
+        loss = model(input_features=audio, labels=labels).loss
+        losses.append(loss.item())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert losses[-1] < losses[0] - 0.1  # a tiny random model: 4.06 -> 3.88 here
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("method", ["prefix_v2", "ipt_hidden"])
+def test_whisper_generates_the_same_with_and_without_the_cache_and_as_a_manual_loop(method, task):
+    model = get_peft_model(whisper(), METHODS[method](task)).eval()
+    audio = features()
+    with torch.no_grad():
+        cached = model.generate(input_features=audio, max_new_tokens=5, do_sample=False)
+        uncached = model.generate(input_features=audio, max_new_tokens=5, do_sample=False, use_cache=False)
+        manual = torch.full((2, 1), START)
+        for _ in range(5):
+            step = model(input_features=audio, decoder_input_ids=manual).logits[:, -1:].argmax(-1)
+            manual = torch.cat([manual, step], dim=1)
+    assert torch.equal(cached, uncached)
+    assert torch.equal(cached, manual[:, -cached.shape[1] :])  # Whisper's generate may drop the start token
+
+
+def test_each_whisper_row_gets_its_own_instance_prompt_and_equals_that_row_alone():
+    model = get_peft_model(whisper(), METHODS["ipt_hidden"]("SEQ_2_SEQ_LM")).eval()
+    audio, labels = features(3), targets(3)
+    with torch.no_grad():
+        together = model(input_features=audio, decoder_input_ids=labels).logits
+        alone = [
+            model(input_features=audio[i : i + 1], decoder_input_ids=labels[i : i + 1]).logits
+            for i in range(3)
+        ]
+        # another row's audio gives another prompt: the same decoder input scores differently
+        swapped = model(input_features=audio[[1, 0, 2]], decoder_input_ids=labels).logits
+    for i in range(3):
+        torch.testing.assert_close(together[i : i + 1], alone[i], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(swapped[0], together[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["prefix_v2", "ipt_hidden"])
+def test_a_whisper_adapter_saves_and_loads_with_the_same_logits(method, tmp_path):
+    model = get_peft_model(whisper(), METHODS[method]("SEQ_2_SEQ_LM")).eval()
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)  # away from the initialisation a fresh adapter would have
+    audio, labels = features(), targets()
+    with torch.no_grad():
+        expected = model(input_features=audio, decoder_input_ids=labels).logits
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(whisper(), tmp_path).eval()
+    assert type(loaded).__name__ == "PeftModelForSeq2SeqLM"
+    with torch.no_grad():
+        assert torch.equal(loaded(input_features=audio, decoder_input_ids=labels).logits, expected)
+
+
+@pytest.mark.parametrize(
+    "config, field",
+    [
+        ({}, "instance_source='embeddings'"),
+        ({"instance_source": "token_table"}, "instance_source='token_table'"),
+        ({"instance_source": "frozen_model"}, "instance_source='frozen_model'"),
+        ({"injection": "input"}, "injection='input'"),
+    ],
+)
+def test_an_instance_source_that_reads_input_ids_is_refused_on_whisper_naming_the_hidden_source(
+    config, field
+):
+    with pytest.raises(ValueError) as refused:
+        get_peft_model(whisper(), InstancePromptConfig(task_type="SEQ_2_SEQ_LM", **config))
+    message = str(refused.value)
+    assert field in message and "reads input_features" in message and "instance_source='hidden'" in message
+
+
+@pytest.mark.parametrize("method", ["prefix_v2", "ipt_hidden"])
+def test_whisper_audio_classification_takes_encoder_prefixes(method):
+    torch.manual_seed(0)
+    base = WhisperForAudioClassification(whisper_config(num_labels=3)).eval()
+    audio = features()
+    with torch.no_grad():
+        reference = base(input_features=audio).logits
+    model = get_peft_model(base, METHODS[method]("SEQ_CLS"))
+    model.train()
+    out = model(input_features=audio, labels=torch.tensor([0, 2]))
+    assert not torch.allclose(out.logits, reference, atol=1e-4)
+    out.loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+    model.eval()
+    with model.disable_adapter(), torch.no_grad():
+        assert torch.equal(model(input_features=audio).logits, reference)
+
+
+def _speech2text():
+    config = Speech2TextConfig(
+        vocab_size=60,
+        d_model=16,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        input_feat_per_channel=8,
+        input_channels=1,
+        conv_channels=16,
+        max_source_positions=64,
+        max_target_positions=32,
+    )
+    inputs = {
+        "input_features": torch.randn(2, 20, 8),
+        "decoder_input_ids": torch.tensor([[2, 5, 6], [2, 7, 8]]),
+    }
+    return Speech2TextForConditionalGeneration(config), inputs, "SEQ_2_SEQ_LM", "input_features"
+
+
+def _vit():
+    config = ViTConfig(
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        image_size=8,
+        patch_size=4,
+        num_labels=3,
+    )
+    return ViTForImageClassification(config), {"pixel_values": torch.randn(2, 3, 8, 8)}, None, "pixel_values"
+
+
+def _wav2vec2():  # no token embeddings at all: get_input_embeddings raises NotImplementedError
+    config = Wav2Vec2Config(
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        conv_dim=(8, 8),
+        conv_stride=(2, 2),
+        conv_kernel=(3, 3),
+        num_conv_pos_embeddings=4,
+        num_conv_pos_embedding_groups=2,
+        num_labels=3,
+    )
+    return (
+        Wav2Vec2ForSequenceClassification(config),
+        {"input_values": torch.randn(2, 200)},
+        None,
+        "input_values",
+    )
+
+
+TOKENLESS = {"speech2text": _speech2text, "vit": _vit, "wav2vec2": _wav2vec2}
+
+
+def tokenless(name: str):
+    torch.manual_seed(0)
+    model, inputs, task, reads = TOKENLESS[name]()
+    return model.eval(), inputs, task, reads
+
+
+@pytest.mark.parametrize("method", ["prefix_v2", "ipt_hidden"])
+@pytest.mark.parametrize("name", list(TOKENLESS))
+def test_a_model_that_reads_no_tokens_takes_prefixes_trains_and_disables_exactly(name, method):
+    base, inputs, task, _ = tokenless(name)
+    with torch.no_grad():
+        reference = base(**inputs).logits
+    model = get_peft_model(base, METHODS[method](task))
+    model.train()
+    logits = model(**inputs).logits
+    assert not torch.allclose(logits, reference, atol=1e-6)
+    logits.square().sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+    model.eval()
+    with model.disable_adapter(), torch.no_grad():
+        assert torch.equal(model(**inputs).logits, reference)
+
+
+@pytest.mark.parametrize("name", list(TOKENLESS))
+def test_the_embeddings_source_is_refused_on_a_model_that_reads_no_tokens(name):
+    base, _, task, reads = tokenless(name)
+    with pytest.raises(
+        ValueError, match=f"instance_source='embeddings' on .* which reads {reads}, not input_ids"
+    ):
+        get_peft_model(base, InstancePromptConfig(task_type=task))
