@@ -1,6 +1,7 @@
 """Copies of a model with an adapter, as LoRA users make them: ``copy.deepcopy`` (an EMA copy, TRL's reference
 model), a whole-model pickle (``torch.save(model)``), and a cast of the whole model to bf16. Each copy must run its
-own adapter: never the original's prefixes, never an error about a call it did not make."""
+own adapter: never the original's prefixes, never an error about a call it did not make. And a model built from the
+adapted model's config object, which has no adapter, runs as one without."""
 
 from __future__ import annotations
 
@@ -171,3 +172,28 @@ def test_adapters_in_the_base_models_dtype_train_in_bf16(variant):
     assert torch.isfinite(loss)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable)
     assert any(p.grad.abs().sum() > 0 for p in trainable)
+
+
+@pytest.mark.parametrize("name", ["llama", "bart", "bert"])
+def test_a_model_built_from_the_adapted_models_config_runs_without_an_adapter(name):
+    """``AutoModelForCausalLM.from_config(peft_model.config)`` (a reference or teacher model): that config object
+    names peft-ipt's attention, and the new model has no adapter. It runs the attention the config named before."""
+    model, task = build(name, "ipt")
+    reference = logits(model, task)
+    base = model.get_base_model()
+    torch.manual_seed(1)
+    fresh = type(base)(base.config).eval()  # the same config object
+    clean = type(base)(type(base.config).from_dict(base.config.to_dict())).eval()
+    clean.set_attn_implementation(base.config._attn_implementation.removeprefix("peft_ipt_"))
+    clean.load_state_dict(fresh.state_dict())
+    assert torch.equal(logits(fresh, task), logits(clean, task))
+    assert torch.equal(logits(model, task), reference)  # and the adapted model keeps its prefixes
+
+
+def test_an_attention_module_added_after_get_peft_model_is_refused_not_run_without_its_prefix():
+    model, task = build("llama", "prefix_v2")
+    layer = model.get_base_model().model.layers[1]
+    torch.manual_seed(2)
+    layer.self_attn = type(layer.self_attn)(layer.self_attn.config, layer_idx=1)
+    with pytest.raises(RuntimeError, match="LlamaAttention was not prepared for prefixes"):
+        logits(model, task)

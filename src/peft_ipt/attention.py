@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import re
 import sys
+import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -154,6 +155,17 @@ def match_batch(prefix: torch.Tensor, batch: int) -> torch.Tensor:
     return prefix.repeat_interleave(batch // b, dim=0)
 
 
+# The tuners alive in this process: an attention module without a site, reached while none of them is running a
+# call on this thread, belongs to a model without an adapter (see prefix_attention_forward).
+ADAPTED: weakref.WeakSet = weakref.WeakSet()
+
+
+def adapted_call_running() -> bool:
+    """Whether a call of a model with a peft-ipt adapter is running on this thread."""
+    thread = threading.get_ident()
+    return any(tuner._calls and tuner._owner == thread for tuner in list(ADAPTED))
+
+
 def prefix_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -164,6 +176,13 @@ def prefix_attention_forward(
 ):
     site: AttentionSite | None = module.__dict__.get(SITE_ATTR)
     if site is None:
+        if not adapted_call_running():
+            # A model built from an adapted model's config object (AutoModelForCausalLM.from_config(
+            # peft_model.config), a reference model): the config names peft-ipt's attention, the model has no
+            # adapter. It runs the implementation the config named before get_peft_model.
+            config = getattr(module, "config", None)
+            impl = (getattr(config, "_attn_implementation", None) or "eager").removeprefix(REGISTERED_PREFIX)
+            return _inner_implementation(module, impl)(module, query, key, value, attention_mask, **kwargs)
         raise RuntimeError(
             f"peft_ipt: {type(module).__name__} was not prepared for prefixes; it was probably added to the model "
             "after get_peft_model. Call get_peft_model again on the final model."

@@ -30,6 +30,7 @@ from transformers.generation.continuous_batching.cache import PagedAttentionCach
 
 from .adapter_files import AdapterFileError
 from .attention import (
+    ADAPTED,
     ENCODER,
     SELF,
     AttentionSite,
@@ -418,8 +419,10 @@ class PromptTuner(BaseTuner):
         for name, value in defaults.items():
             if name not in self.__dict__:
                 setattr(self, name, value)
+        ADAPTED.add(self)
 
     def _pre_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
+        ADAPTED.add(self)
         setattr(self, self.modules_attr, PromptLayer(model))
         self._prefixes: SitePrefixes | None = None
         self._row_adapters: list[str] | None = None
