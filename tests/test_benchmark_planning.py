@@ -1,4 +1,5 @@
-"""How benchmarks/quality.py plans a resumed converged-tier call: more seeds never rerun a grid recorded whole."""
+"""How benchmarks/quality.py plans a resumed converged-tier call (more seeds never rerun a grid recorded whole), and
+how it pairs the recorded runs."""
 
 from __future__ import annotations
 
@@ -90,3 +91,39 @@ def test_more_seeds_run_at_the_chosen_rate_only(converged, tmp_path, monkeypatch
         *(("rotten_tomatoes_256", "prefix_mlp", lr, 5) for lr in GRID),
         ("rotten_tomatoes_256", "prefix_mlp", 1e-3, 6),
     ]
+
+
+def scored(task: str, method: str, seed: int, main: float, other: float) -> dict:
+    """A recorded run with test scores ``main`` (the task's metric) and ``other`` (its other one), in points."""
+    metric = (
+        "accuracy" if task.startswith("rotten") else "macro_f1"
+    )  # the tier's: macro F1 on BBC and VitaminC
+    second = "macro_f1" if metric == "accuracy" else "accuracy"
+    run = recorded([(1e-3, seed)], method=method, task=task)
+    [entry] = run.values()
+    entry |= {
+        "main_metric": metric,
+        "test": {metric: main / 100, second: other / 100, "examples": 100},
+        "validation": {metric: main / 100, second: other / 100},
+        "trainable_params": 1,
+        "all_params": 100,
+        "wall_time_s": 1.0,
+    }
+    return run
+
+
+def test_the_paired_table_shows_the_other_metric_and_the_mean_with_vitaminc_at_its_longer_cap(converged):
+    # IPT ahead by 1 in the main metric on RT and BBC; on VitaminC +3 macro F1 at the 25-epoch cap, accuracy -1
+    gains = {"rotten_tomatoes": (1, 1), "bbc_news": (1, 0), "vitaminc": (0, 0), "vitaminc_25ep": (3, -1)}
+    runs = {}
+    for task, (main, other) in gains.items():
+        for seed in (0, 1):
+            runs |= scored(task, "prefix_mlp", seed, 50 + seed, 60)
+            runs |= scored(task, "ipt_mlp_scale", seed, 50 + seed + main, 60 + other)
+    table = quality.paired_table(quality.summarize(runs, False), "ipt_mlp_scale")
+    lines = {
+        line.split(" | ")[0].strip("| "): line.split(" | ") for line in table.splitlines() if "|" in line
+    }
+    assert lines["VitC-25ep"][3:] == ["+3.00 ± 0.00", "2", "-1.00 ± 0.00 |"]
+    assert lines["mean of 3"][3] == "+0.67 ± 0.00"  # (1 + 1 + 0) / 3, the goal's columns
+    assert lines["mean of 3, VitC-25ep for VitC (not a goal)"][3:5] == ["+1.67 ± 0.00", "2"]
