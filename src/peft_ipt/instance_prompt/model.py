@@ -68,7 +68,8 @@ class InstancePromptModel(PromptTuner):
                 "language model computes, image features included)."
             )
         reads = getattr(model, "main_input_name", "input_ids")
-        tokenless = "input_ids" not in inspect.signature(model.forward).parameters  # Whisper: decoder's only
+        # Whisper's forward names decoder_input_ids only; Wav2Vec2's and ViT's no ids at all
+        tokenless = "input_ids" not in inspect.signature(model.forward).parameters
         if tokenless and (config.instance_source != "hidden" or config.injection == "input"):
             field, value, why = (
                 ("injection", "input", "the prompt enters as tokens among input_ids")
