@@ -320,6 +320,24 @@ def test_input_injection_keeps_cls_first_for_encoders():
     torch.testing.assert_close(inputs_embeds[:, 5:], word[:, 1:])
 
 
+def test_input_injection_gives_the_prompt_segment_zero_and_keeps_a_pairs_segments_on_their_tokens():
+    """A sentence pair's token_type_ids (BERT's segments) get the P inserted positions as segment 0, after [CLS],
+    so the second sentence's tokens keep segment 1 at their shifted positions."""
+    model = ipt_model("bert", "SEQ_CLS", injection="input").eval()
+    seen = {}
+    embeddings = model.base_model.model.bert.embeddings
+    embeddings.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
+    ids = token_batch(2, 6)
+    types = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
+    with torch.no_grad():
+        paired = model(input_ids=ids, token_type_ids=types).logits
+    expected = torch.tensor([[0, 0, 0, 0, 0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 0, 0, 1, 1, 1, 1]])
+    assert torch.equal(seen["token_type_ids"], expected)
+    with torch.no_grad():
+        single = model(input_ids=ids).logits
+    assert not torch.equal(paired, single)
+
+
 def test_input_injection_token_classification_loss_uses_the_original_labels():
     model = ipt_model("bert", "TOKEN_CLS", injection="input")
     ids = token_batch(2, 6)
