@@ -368,3 +368,58 @@ def test_continuous_batching_is_refused_naming_generate(config_cls, monkeypatch)
     monkeypatch.setattr(model.get_base_model(), "generate_batch", lambda *args, **kwargs: "the bare model's")
     with model.disable_adapter():
         assert model.generate_batch() == "the bare model's"
+
+
+# -- padding-free batching: several sequences packed into one row ------------------------------------------------
+
+
+def _packed_and_alone():
+    from transformers import DataCollatorWithFlattening
+
+    features = [{"input_ids": [5, 6, 7, 8, 12]}, {"input_ids": [9, 10, 11]}]
+    return DataCollatorWithFlattening()(features), [torch.tensor([f["input_ids"]]) for f in features]
+
+
+def test_prefix_v2_serves_packed_rows_as_their_sequences_alone():
+    """DataCollatorWithFlattening (TRL's padding_free=True) packs sequences into one row with restarting
+    position_ids; transformers then keeps each sequence to itself, and each sees the same prefix it sees alone."""
+    model = get_peft_model(
+        tiny_model("llama"), PrefixTuningV2Config(task_type="CAUSAL_LM", prefix_length=4, init_weights=False)
+    ).eval()
+    packed, alone = _packed_and_alone()
+    with torch.no_grad():
+        logits = model(**packed, use_cache=False).logits
+        first, second = (model(input_ids=ids).logits for ids in alone)
+    torch.testing.assert_close(logits[:, :5], first, rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits[:, 5:], second, rtol=0, atol=1e-5)
+    with torch.no_grad(), model.disable_adapter():  # the prefix moved both sequences
+        assert not torch.allclose(model(input_ids=alone[1]).logits, second, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [{}, {"instance_source": "hidden"}, {"instance_source": "token_table"}, {"injection": "input"}],
+    ids=["embeddings", "hidden", "token_table", "input"],
+)
+def test_instance_prompt_refuses_packed_rows_naming_padding_and_prefix_v2(variant):
+    """An instance prompt is read from its whole row, so a packed row would give each sequence a prompt read from
+    all of them (6e-4 off the sequence alone on this tiny Llama, before the refusal), with no error."""
+    config = InstancePromptConfig(task_type="CAUSAL_LM", prompt_length=4, init_weights=False, **variant)
+    model = get_peft_model(tiny_model("llama"), config).eval()
+    packed, alone = _packed_and_alone()
+    with pytest.raises(
+        ValueError, match=r"packed into one row.*DataCollatorWithPadding.*PrefixTuningV2Config"
+    ):
+        model(**packed, use_cache=False)
+    model.train()
+    with pytest.raises(ValueError, match="packed into one row"):
+        model(**packed, use_cache=False)
+    model.eval()
+    with torch.no_grad():  # the same positions with a mask are one sequence to transformers: served
+        model(input_ids=packed["input_ids"], attention_mask=torch.ones_like(packed["input_ids"]))
+        if (
+            "injection" not in variant
+        ):  # (an input-level prompt numbers the positions itself: refuses them all)
+            model(
+                input_ids=alone[0], position_ids=torch.arange(5)[None]
+            )  # positions that count up: one sequence

@@ -234,6 +234,24 @@ def _check_some_source(inputs: PromptInputs) -> None:
         )
 
 
+def _check_not_packed(kwargs: dict) -> None:
+    """Refuse a row holding several sequences packed end to end (padding-free batching): transformers reads
+    position_ids that restart inside a row, with no attention_mask, as separate sequences, each attending only to
+    itself, but an instance prompt is built from its whole row, so every sequence would read the others'."""
+    positions = kwargs.get("position_ids")
+    if kwargs.get("attention_mask") is not None or not torch.is_tensor(positions) or positions.dim() > 2:
+        return  # a mask given (transformers then reads one sequence per row), or multimodal rope's 3-D positions
+    if positions.shape[-1] > 1 and bool((positions.diff(dim=-1) != 1).any()):
+        raise ValueError(
+            "position_ids restart inside a row and no attention_mask is given: transformers reads that as several "
+            "sequences packed into one row (padding-free batching: TRL's padding_free=True, "
+            "DataCollatorWithFlattening), each attending only to itself. The instance prompt is built from the "
+            "whole row, so each packed sequence would get a prompt read from all of them. Pad the batch instead "
+            "(DataCollatorWithPadding, or padding_free=False in TRL), or use PrefixTuningV2Config, whose prefixes "
+            "serve packed rows as separate sequences."
+        )
+
+
 def init_token_ids(config, model: nn.Module, length: int) -> torch.Tensor:
     """(length,) token ids whose activations initialise a prefix: the init text, tiled, or random vocabulary."""
     if config.prefix_init == "vocab":
@@ -943,6 +961,8 @@ class PromptTuner(BaseTuner):
                 )
             _check_some_source(inputs)
             past = cache_argument(kwargs)
+            if past is None or past.get_seq_length() == 0:
+                _check_not_packed(kwargs)
             if past is not None and past.get_seq_length() > 0:
                 # a decoding step, or a later chunk of a prompt fed in pieces: the cache's own prompt, the one its
                 # keys and values were computed with (another call may have run in between)
