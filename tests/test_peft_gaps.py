@@ -173,12 +173,39 @@ def test_inject_adapter_in_model_refuses_and_names_get_peft_model(config_cls):
     from peft import inject_adapter_in_model
 
     model = tiny_model("gpt2")
-    with pytest.raises(ValueError, match="get_peft_model"):
+    with pytest.raises(
+        ValueError, match=r"PeftModel.from_pretrained.*AutoPeftModelForCausalLM.*get_peft_model"
+    ):
         inject_adapter_in_model(config_cls(task_type="CAUSAL_LM"), model)
     # nothing was left behind: the model runs as before
     ids = token_batch()
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, tiny_model("gpt2")(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("config_cls", [PrefixTuningV2Config, InstancePromptConfig])
+def test_transformers_adapter_loading_refuses_naming_the_peft_loaders(config_cls, tmp_path):
+    """transformers loads an adapter folder itself through peft's inject_adapter_in_model
+    (AutoModelForCausalLM.from_pretrained(adapter_folder), model.load_adapter(path)). peft's own refusal there named
+    get_peft_model only, which for a trained adapter gives a new, untrained one; the refusal names the loaders."""
+    from transformers import AutoModelForCausalLM
+
+    tiny_model("llama").save_pretrained(tmp_path / "base")
+    kwargs = {"prefix_length": 4} if config_cls is PrefixTuningV2Config else {"prompt_length": 4}
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    model = get_peft_model(base, config_cls(task_type="CAUSAL_LM", init_weights=False, **kwargs))
+    model.save_pretrained(tmp_path / "adapter")
+    fix = r"PeftModel.from_pretrained\(base_model, path\) or AutoPeftModelForCausalLM"
+    with pytest.raises(ValueError, match=fix):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    fresh = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    with pytest.raises(ValueError, match=fix):
+        fresh.load_adapter(str(tmp_path / "adapter"))
+    # the loader the message names gives the trained adapter's logits
+    ids = token_batch()
+    loaded = PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
 
 
 # -- calls from several threads ----------------------------------------------------------------------------------

@@ -15,12 +15,21 @@ One more small wrap, of ``PeftConfig.from_json_file`` (public): peft reads ``ada
 ``json.load`` before it knows which method the adapter is, so a malformed file surfaces as "Expecting value: line 1
 column 1 (char 0)" without the file's name. The wrap re-raises that as a ``ValueError`` naming the file and the fix;
 a valid file is returned exactly as peft returns it. It applies to every peft method, ours or not.
+
+And one of ``peft.inject_adapter_in_model``, for our methods only. peft refuses tuners with shared state there and
+names ``get_peft_model``, but transformers' own adapter loading goes through it too
+(``AutoModelForCausalLM.from_pretrained(adapter_folder)``, ``model.load_adapter(path)``): a user loading trained
+weights who followed "use get_peft_model" would get a new, untrained adapter. The wrap raises first, naming the
+loaders (``PeftModel.from_pretrained``, ``AutoPeftModelFor*``) as well as ``get_peft_model``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 
+import peft
+import peft.mapping
 from peft.config import PeftConfig
 from peft.mapping import (
     PEFT_TYPE_TO_CONFIG_MAPPING,
@@ -82,6 +91,31 @@ def _wrap_config_reader() -> None:
     PeftConfig.from_json_file = classmethod(from_json_file)
 
 
+def _wrap_injector() -> None:
+    inject = peft.mapping.inject_adapter_in_model
+    if getattr(inject, "_peft_ipt_wrapped", False):
+        return
+
+    @functools.wraps(inject)
+    def inject_adapter_in_model(peft_config, model, *args, **kwargs):
+        if peft_config.peft_type in {PeftType[name] for name in METHODS}:
+            raise ValueError(
+                f"{type(peft_config).__name__} adapters cannot be injected into a bare model: their weights live on "
+                "the PeftModel that get_peft_model returns, not in the model's modules, so peft's "
+                "inject_adapter_in_model, and transformers' adapter loading that calls it "
+                "(AutoModelForCausalLM.from_pretrained(adapter_folder), model.load_adapter(path), "
+                "model.add_adapter(config)), cannot hold them. To load a saved adapter: "
+                "PeftModel.from_pretrained(base_model, path) or AutoPeftModelForCausalLM.from_pretrained(path) (and "
+                "the other AutoPeftModelFor* classes), after `import peft_ipt`. To create a new adapter: "
+                "get_peft_model(base_model, config)."
+            )
+        return inject(peft_config, model, *args, **kwargs)
+
+    inject_adapter_in_model._peft_ipt_wrapped = True
+    peft.mapping.inject_adapter_in_model = inject_adapter_in_model
+    peft.inject_adapter_in_model = inject_adapter_in_model  # transformers imports it from peft when it loads
+
+
 def register() -> None:
     """Make our configs and tuners known to peft (idempotent)."""
     for name, (config_cls, model_cls, prefix) in METHODS.items():
@@ -94,6 +128,7 @@ def register() -> None:
         PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls
         PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = model_cls
     _wrap_config_reader()
+    _wrap_injector()
 
 
 register()
