@@ -244,11 +244,11 @@ def _check_not_packed(kwargs: dict) -> None:
     if positions.shape[-1] > 1 and bool((positions.diff(dim=-1) != 1).any()):
         raise ValueError(
             "position_ids restart inside a row and no attention_mask is given: transformers reads that as several "
-            "sequences packed into one row (padding-free batching: TRL's padding_free=True, "
-            "DataCollatorWithFlattening), each attending only to itself. The instance prompt is built from the "
-            "whole row, so each packed sequence would get a prompt read from all of them. Pad the batch instead "
-            "(DataCollatorWithPadding, or padding_free=False in TRL), or use PrefixTuningV2Config, whose prefixes "
-            "serve packed rows as separate sequences."
+            "sequences packed into one row (padding-free batching or packing: TRL's padding_free=True or "
+            "packing=True, DataCollatorWithFlattening), each attending only to itself. The instance prompt is built "
+            "from the whole row, so each packed sequence would get a prompt read from all of them. Pad the batch "
+            "instead (DataCollatorWithPadding; in TRL padding_free=False and packing=False), or use "
+            "PrefixTuningV2Config, whose prefixes serve packed rows as separate sequences."
         )
 
 
