@@ -80,3 +80,53 @@ def test_sft_trainer_packed_rows_are_refused_by_the_instance_prompt(args, tmp_pa
     trainer = sft_trainer("ipt", tmp_path, **args)
     with pytest.raises(ValueError, match=r"packed into one row.*padding_free=False and packing=False"):
         trainer.train()
+
+
+PREFERENCES = [
+    {"prompt": "the movie was", "chosen": " very good .", "rejected": " awful ."},
+    {"prompt": "the cafe is in the", "chosen": " centre .", "rejected": " bad ."},
+]
+DPO_METHODS = {
+    **METHODS,
+    "ipt_input": lambda: InstancePromptConfig(task_type="CAUSAL_LM", prompt_length=4, injection="input"),
+}
+
+
+@pytest.mark.parametrize("method", DPO_METHODS)
+def test_dpo_trainer_scores_completions_as_the_logits_do_and_trains(method, tmp_path):
+    """DPOTrainer patches the base model with a fused LM head and reads per-token log-probabilities from it, cutting
+    prompt-learning's virtual positions by counting from the end; the reference is the model with the adapter
+    disabled. The log-probabilities it reads equal those of the logits, and the DPO loss falls."""
+    config = trl.DPOConfig(
+        output_dir=str(tmp_path),
+        max_steps=10,
+        per_device_train_batch_size=4,
+        learning_rate=3e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+    )
+    torch.manual_seed(0)
+    trainer = trl.DPOTrainer(
+        model=tiny_model("llama"),
+        args=config,
+        train_dataset=Dataset.from_list(PREFERENCES * 8),
+        processing_class=tiny_tokenizer(with_cls=False),
+        peft_config=DPO_METHODS[method](),
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    model = trainer.model.eval()
+    with torch.no_grad():
+        fused = model(**kwargs, labels=labels, fused_lm_head=True).log_probs
+        logits = model(**kwargs, labels=labels).logits
+    scored = batch["completion_mask"][:, 1:].bool()
+    from_logits = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+    torch.testing.assert_close(fused[:, -scored.shape[1] :][scored], from_logits[scored], rtol=0, atol=1e-5)
+    model.train()
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 10 and losses[-1] < losses[0] - 0.01
