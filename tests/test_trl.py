@@ -23,28 +23,23 @@ PAIRS = [
 ]
 
 
-def sft_trainer(method: str, tmp_path, **args) -> trl.SFTTrainer:
-    dataset = Dataset.from_list([{"prompt": p, "completion": c} for p, c in PAIRS] * 4)
-    config = trl.SFTConfig(
-        output_dir=str(tmp_path),
-        max_steps=12,
-        per_device_train_batch_size=4,
-        learning_rate=3e-2,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        **args,
-    )
+def trl_trainer(kind: str, config, rows: list[dict], tmp_path, **args):
+    """A TRL trainer (``kind``: "SFT" or "DPO") on a tiny Llama with ``config``'s adapter, on CPU, one step per log."""
+    settings = {"per_device_train_batch_size": 4, "learning_rate": 3e-2, "logging_steps": 1, "seed": 0}
+    settings.update(save_strategy="no", report_to=[], use_cpu=True, **args)
     torch.manual_seed(0)
-    return trl.SFTTrainer(
+    return getattr(trl, f"{kind}Trainer")(
         model=tiny_model("llama"),
-        args=config,
-        train_dataset=dataset,
+        args=getattr(trl, f"{kind}Config")(output_dir=str(tmp_path), **settings),
+        train_dataset=Dataset.from_list(rows),
         processing_class=tiny_tokenizer(with_cls=False),
-        peft_config=METHODS[method](),
+        peft_config=config,
     )
+
+
+def sft_trainer(method: str, tmp_path, **args) -> trl.SFTTrainer:
+    rows = [{"prompt": p, "completion": c} for p, c in PAIRS] * 4
+    return trl_trainer("SFT", METHODS[method](), rows, tmp_path, max_steps=12, **args)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -97,29 +92,11 @@ def test_dpo_trainer_scores_completions_as_the_logits_do_and_trains(method, tmp_
     """DPOTrainer patches the base model with a fused LM head and reads per-token log-probabilities from it, cutting
     prompt-learning's virtual positions by counting from the end; the reference is the model with the adapter
     disabled. The log-probabilities it reads equal those of the logits, and the DPO loss falls."""
-    config = trl.DPOConfig(
-        output_dir=str(tmp_path),
-        max_steps=10,
-        per_device_train_batch_size=4,
-        learning_rate=3e-2,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-    )
-    torch.manual_seed(0)
-    trainer = trl.DPOTrainer(
-        model=tiny_model("llama"),
-        args=config,
-        train_dataset=Dataset.from_list(PREFERENCES * 8),
-        processing_class=tiny_tokenizer(with_cls=False),
-        peft_config=DPO_METHODS[method](),
-    )
-    batch = next(iter(trainer.get_train_dataloader()))
+    dpo = trl_trainer("DPO", DPO_METHODS[method](), PREFERENCES * 8, tmp_path, max_steps=10)
+    batch = next(iter(dpo.get_train_dataloader()))
     kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
-    model = trainer.model.eval()
+    model = dpo.model.eval()
     with torch.no_grad():
         fused = model(**kwargs, labels=labels, fused_lm_head=True).log_probs
         logits = model(**kwargs, labels=labels).logits
@@ -127,6 +104,6 @@ def test_dpo_trainer_scores_completions_as_the_logits_do_and_trains(method, tmp_
     from_logits = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
     torch.testing.assert_close(fused[:, -scored.shape[1] :][scored], from_logits[scored], rtol=0, atol=1e-5)
     model.train()
-    trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    dpo.train()
+    losses = [h["loss"] for h in dpo.state.log_history if "loss" in h]
     assert len(losses) == 10 and losses[-1] < losses[0] - 0.01
