@@ -961,8 +961,6 @@ class PromptTuner(BaseTuner):
                 )
             _check_some_source(inputs)
             past = cache_argument(kwargs)
-            if past is None or past.get_seq_length() == 0:
-                _check_not_packed(kwargs)
             if past is not None and past.get_seq_length() > 0:
                 # a decoding step, or a later chunk of a prompt fed in pieces: the cache's own prompt, the one its
                 # keys and values were computed with (another call may have run in between)
@@ -973,6 +971,7 @@ class PromptTuner(BaseTuner):
                 self._prefixes = self._prompt_of_encoder_outputs(kwargs["encoder_outputs"])
                 self._continuing = True
                 return args, kwargs
+            _check_not_packed(kwargs)  # a new prompt: from one sequence per row
         self._start_call(inputs)
         return self._transform_call(args, kwargs, inputs)
 
