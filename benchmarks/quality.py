@@ -945,6 +945,17 @@ def _points(run: dict[str, Any], split: str, metric: str) -> float:
     return 100 * value if metric in ("accuracy", "macro_f1") else value
 
 
+def predicts_one_class(scores: dict[str, Any]) -> bool:
+    """Whether a classifier's scores on one split are those of predicting one class for every item: with k classes
+    and that class's share p of the items, accuracy is p and macro F1 is 2p / (1 + p) / k, so 2a / ((1 + a) f) is
+    the whole number k. Such a run never left the constant prediction (a stalled run)."""
+    accuracy, f1 = scores.get("accuracy"), scores.get("macro_f1")
+    if accuracy is None or not f1:
+        return False
+    classes = 2 * accuracy / ((1 + accuracy) * f1)
+    return round(classes) >= 2 and abs(classes - round(classes)) < 1e-6
+
+
 def _secondary(metric: str) -> str:
     return {"accuracy": "macro_f1", "macro_f1": "accuracy", "bleu": "rouge_l", "rouge_l": "bleu"}[metric]
 
@@ -996,6 +1007,7 @@ def summarize(runs: dict[str, dict[str, Any]], quick: bool) -> list[dict[str, An
                 "secondary_by_seed": {r["seed"]: _points(r, "test", second) for r in chosen},
                 "validation_by_seed": {r["seed"]: _points(r, "validation", metric) for r in chosen},
                 "ci95": ci95(tests),
+                "one_class_seeds": [r["seed"] for r in chosen if predicts_one_class(r["test"])],
                 "steps": statistics.mean(r["steps"] for r in chosen) if chosen[0].get("steps") else None,
                 "best_steps": [r.get("best_step") for r in chosen],
                 "max_steps": chosen[0].get("max_steps"),
@@ -1383,6 +1395,19 @@ def markdown(rows: list[dict[str, Any]], tasks: list[str], quick: bool) -> str:
                 f"{100 * row['trainable_share']:.2f}% | {row['wall_time_s']:.0f} | {tried} |"
                 + (f" {_steps(row)} |" if steps else "")
             )
+        stalled = [
+            f"{TIER.methods[r['method']].label} (seed{'s' if len(r['one_class_seeds']) > 1 else ''} "
+            f"{', '.join(map(str, r['one_class_seeds']))})"
+            for method in methods
+            if (r := find_row(rows, task, method)) and r.get("one_class_seeds")
+        ]
+        if stalled:
+            lines += [
+                "",
+                "Predicted one class for every test item (a stalled run; its score is in the mean): "
+                + "; ".join(stalled)
+                + ".",
+            ]
         lines.append("")
     lines += ["### Goals", ""]
     lines += [f"- **{status}** {goal}: {detail}" for goal, status, detail in goals(rows)]

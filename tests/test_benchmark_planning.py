@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -127,3 +128,25 @@ def test_the_paired_table_shows_the_other_metric_and_the_mean_with_vitaminc_at_i
     assert lines["VitC-25ep"][3:] == ["+3.00 ± 0.00", "2", "-1.00 ± 0.00 |"]
     assert lines["mean of 3"][3] == "+0.67 ± 0.00"  # (1 + 1 + 0) / 3, the goal's columns
     assert lines["mean of 3, VitC-25ep for VitC (not a goal)"][3:5] == ["+1.67 ± 0.00", "2"]
+
+
+@pytest.mark.parametrize("classes", [2, 3, 5])
+def test_a_run_that_predicts_one_class_is_told_from_its_scores(classes):
+    from sklearn.metrics import accuracy_score, f1_score
+
+    rng = np.random.default_rng(classes)
+    labels = rng.integers(0, classes, size=997)
+    stalled = np.full_like(labels, classes - 1)
+    near = stalled.copy()
+    near[:3] = (near[:3] + 1) % classes  # three items leave the constant class
+
+    def scores(predictions):
+        return {
+            "accuracy": accuracy_score(labels, predictions),
+            "macro_f1": f1_score(labels, predictions, average="macro"),
+        }
+
+    assert quality.predicts_one_class(scores(stalled))
+    assert not quality.predicts_one_class(scores(near))
+    assert not quality.predicts_one_class(scores(labels))  # every item right: one "class count", not a stall
+    assert not quality.predicts_one_class({"bleu": 30.0})
