@@ -700,6 +700,7 @@ def train_cell(task_name: str, method: str, lr: float, seed: int, quick: bool) -
         ],
         "torch_threads": torch_threads(),
         "versions": library_versions(),
+        "device": device_name(),
         "precision": PRECISION,
         "budget": overrides[: len(overrides) - 2],  # without lr and seed
         "setup": setup_of(results["experiment"], method),
@@ -711,6 +712,13 @@ def torch_threads() -> int:
     import torch
 
     return torch.get_num_threads()
+
+
+def device_name() -> str:
+    """Where a run trained: the GPU's name, or "cpu"."""
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
 def library_versions() -> dict[str, str]:
