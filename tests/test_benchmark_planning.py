@@ -150,3 +150,34 @@ def test_a_run_that_predicts_one_class_is_told_from_its_scores(classes):
     assert not quality.predicts_one_class(scores(near))
     assert not quality.predicts_one_class(scores(labels))  # every item right: one "class count", not a stall
     assert not quality.predicts_one_class({"bleu": 30.0})
+
+
+@pytest.mark.parametrize("task", ["bbc_news", "rotten_tomatoes_smollm2"])
+def test_the_imdb_table_runs_on_minilm_rotten_tomatoes_only(task, capsys):
+    """A MiniLM sentiment table is refused on a topic task and on another model's token ids, naming the fix."""
+    argv = ["--tier", "converged", "--tasks", task, "--methods", "ipt_pretrained_table", "--report"]
+    with pytest.raises(SystemExit):
+        quality.main(argv)
+    error = capsys.readouterr().err
+    assert f"not {task}" in error and "--tasks rotten_tomatoes" in error
+
+
+def test_the_imdb_table_is_trained_once_and_appears_whole(tmp_path, monkeypatch):
+    from peft_ipt.cli import pretrain_table
+
+    table = tmp_path / "tables" / "imdb_minilm.safetensors"
+    calls = []
+
+    def fake_pretrain(data, out):
+        calls.append(data)
+        assert not table.exists()  # written under another name first
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_bytes(b"table")
+
+    monkeypatch.setattr(quality, "IMDB_TABLE", table)
+    monkeypatch.setattr(pretrain_table, "pretrain_table", fake_pretrain)
+    quality.build_imdb_table()
+    quality.build_imdb_table()
+    assert calls == ["imdb"]
+    assert [p.name for p in table.parent.iterdir()] == [table.name]
+    assert table.read_bytes() == b"table"
