@@ -155,8 +155,15 @@ ZERO_SHOT = "zero_shot"  # the untrained model, generation tasks only
 FLOOR = (
     "floor"  # converged tier, classification: logistic regression on the frozen model's mean-pooled states
 )
-UNTRAINED = (ZERO_SHOT, FLOOR)  # rows with no learning rate and no seeds
-UNTRAINED_LABELS = {ZERO_SHOT: "zero-shot (floor)", FLOOR: "frozen features + logistic regression (floor)"}
+# ipt_pretrained_table's control: the same logistic regression on its IMDB table's mean-pooled vectors of the first
+# 128 tokens, what the instance signal alone knows of the task (on request only: --methods imdb_table_floor)
+TABLE_FLOOR = "imdb_table_floor"
+UNTRAINED = (ZERO_SHOT, FLOOR, TABLE_FLOOR)  # rows with no learning rate and no seeds
+UNTRAINED_LABELS = {
+    ZERO_SHOT: "zero-shot (floor)",
+    FLOOR: "frozen features + logistic regression (floor)",
+    TABLE_FLOOR: "IMDB table's features + logistic regression",
+}
 
 
 @dataclass(frozen=True)
@@ -630,7 +637,7 @@ QUICK_OVERRIDES = (
 
 
 def config_path(task: Task, method: str) -> Path:
-    suffix = "full" if method in (ZERO_SHOT, FLOOR) else TIER.methods[method].config_suffix
+    suffix = "full" if method in UNTRAINED else TIER.methods[method].config_suffix
     return CONFIGS / f"{task.family}_{suffix}.yaml"
 
 
@@ -825,9 +832,11 @@ def untrained_record(
 FLOOR_C_GRID = (0.01, 0.1, 1.0, 10.0)
 
 
-def floor_cell(task_name: str, quick: bool) -> dict[str, Any]:
+def floor_cell(task_name: str, quick: bool, method: str = FLOOR) -> dict[str, Any]:
     """The frozen-feature floor: scikit-learn's LogisticRegression on the frozen model's mean-pooled last hidden
-    states (the pooling all-MiniLM-L6-v2 was trained for), C chosen on validation over FLOOR_C_GRID."""
+    states (the pooling all-MiniLM-L6-v2 was trained for), C chosen on validation over FLOOR_C_GRID. With
+    ``method=TABLE_FLOOR`` the features are the IMDB token table's vectors of each text's first 128 tokens, averaged,
+    as ipt_pretrained_table's instance signal reads them."""
     import numpy as np
     import torch
     from sklearn.linear_model import LogisticRegression
@@ -841,13 +850,26 @@ def floor_cell(task_name: str, quick: bool) -> dict[str, Any]:
     task = TIER.tasks[task_name]
     start = time.time()
     overrides = task_overrides(task, quick)
-    experiment = load_experiment(config_path(task, FLOOR), overrides)
+    experiment = load_experiment(config_path(task, method), overrides)
     splits = load_splits(experiment)
     tokenizer = load_tokenizer(experiment)
     model = AutoModel.from_pretrained(experiment.model_path).eval()
+    if method == TABLE_FLOOR:
+        from peft_ipt.instance_prompt.encoders import HashedTokenTable, masked_mean
+
+        build_imdb_table()
+        table = HashedTokenTable(2048, 32)
+        table.load(str(IMDB_TABLE))
+
+    @torch.no_grad()
+    def pooled_table(texts: list[str]) -> np.ndarray:
+        batch = tokenizer(texts, truncation=True, max_length=128, padding=True, return_tensors="pt")
+        return masked_mean(table(batch["input_ids"]), batch["attention_mask"].bool()).numpy()
 
     @torch.no_grad()
     def pooled(texts: list[str]) -> np.ndarray:
+        if method == TABLE_FLOOR:
+            return pooled_table(texts)
         out = []
         for i in range(0, len(texts), 64):
             batch = tokenizer(
@@ -881,14 +903,15 @@ def floor_cell(task_name: str, quick: bool) -> dict[str, Any]:
     classifier, validation = fits[best_c]
     n_features, n_classes = features["train"].shape[1], len(splits.label_names)
     return {
-        **untrained_record(task_name, FLOOR, experiment, splits, overrides, start),
+        **untrained_record(task_name, method, experiment, splits, overrides, start),
         "validation": validation,
         "validation_by_c": {str(c): fit[1] for c, fit in fits.items()},
         "best_c": best_c,
         "test": scores(classifier, "test"),
         "trainable_params": (n_features + 1) * (n_classes if n_classes > 2 else 1),
         "all_params": sum(p.numel() for p in model.parameters()),
-        "command": f"(logistic regression) {config_path(task, FLOOR).relative_to(ROOT)}, frozen mean-pooled states",
+        "command": f"(logistic regression) {config_path(task, method).relative_to(ROOT)}, "
+        + ("the IMDB table's mean-pooled vectors" if method == TABLE_FLOOR else "frozen mean-pooled states"),
     }
 
 
@@ -1410,7 +1433,10 @@ def markdown(rows: list[dict[str, Any]], tasks: list[str], quick: bool) -> str:
     for task in tasks:
         spec = TIER.tasks[task]
         extras = [m for m in TIER.extra_methods if any(r["task"] == task and r["method"] == m for r in rows)]
-        methods = TIER.floors(spec) + TIER.default_methods + extras
+        measured = (
+            [TABLE_FLOOR] if any(r["task"] == task and r["method"] == TABLE_FLOOR for r in rows) else []
+        )
+        methods = TIER.floors(spec) + measured + TIER.default_methods + extras
         task_rows = [r for r in rows if r["task"] == task]
         metric = task_rows[0]["metric"] if task_rows else ("accuracy" if spec.classification else "bleu")
         second = _secondary(metric)
@@ -1655,8 +1681,8 @@ def compute_cell(task_name: str, method: str, lr: float | None, seed: int, quick
     try:
         if method == ZERO_SHOT:
             return zero_shot_cell(task_name, quick)
-        if method == FLOOR:
-            return floor_cell(task_name, quick)
+        if method in (FLOOR, TABLE_FLOOR):
+            return floor_cell(task_name, quick, method)
         return train_cell(task_name, method, lr, seed, quick)
     except Exception as error:  # noqa: BLE001 - recorded, and the other cells go on
         return error_record((task_name, method, lr, seed), error, traceback.format_exc())
@@ -1844,7 +1870,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--jobs must be at least 1 (got {args.jobs})")
     if args.quick and args.tasks and any(TIER.tasks[t].family == "e2e" for t in args.tasks):
         parser.error("--quick is MiniLM only; drop the e2e tasks or --quick")
-    if "ipt_pretrained_table" in (args.methods or ()):
+    if {"ipt_pretrained_table", TABLE_FLOOR} & set(args.methods or ()):
         # the table holds MiniLM token ids' sentiment features: another model's ids would hash into other buckets
         wrong = [
             t
@@ -1900,7 +1926,8 @@ def main(argv: list[str] | None = None) -> int:
     recorded = load_runs(path)
     for task_name in tasks:
         task = TIER.tasks[task_name]
-        for floor in TIER.floors(task):
+        asked = [TABLE_FLOOR] if TABLE_FLOOR in methods else []  # on request only
+        for floor in TIER.floors(task) + asked:
             if floor in methods or not args.methods:
                 planned.append((task_name, floor, None, [0], []))
         for method in (m for m in methods if m not in UNTRAINED):

@@ -152,10 +152,11 @@ def test_a_run_that_predicts_one_class_is_told_from_its_scores(classes):
     assert not quality.predicts_one_class({"bleu": 30.0})
 
 
+@pytest.mark.parametrize("method", ["ipt_pretrained_table", "imdb_table_floor"])
 @pytest.mark.parametrize("task", ["bbc_news", "rotten_tomatoes_smollm2"])
-def test_the_imdb_table_runs_on_minilm_rotten_tomatoes_only(task, capsys):
+def test_the_imdb_table_runs_on_minilm_rotten_tomatoes_only(task, method, capsys):
     """A MiniLM sentiment table is refused on a topic task and on another model's token ids, naming the fix."""
-    argv = ["--tier", "converged", "--tasks", task, "--methods", "ipt_pretrained_table", "--report"]
+    argv = ["--tier", "converged", "--tasks", task, "--methods", method, "--report"]
     with pytest.raises(SystemExit):
         quality.main(argv)
     error = capsys.readouterr().err
@@ -181,3 +182,17 @@ def test_the_imdb_table_is_trained_once_and_appears_whole(tmp_path, monkeypatch)
     assert calls == ["imdb"]
     assert [p.name for p in table.parent.iterdir()] == [table.name]
     assert table.read_bytes() == b"table"
+
+
+def test_the_imdb_table_floor_runs_once_and_only_when_asked(converged, tmp_path, monkeypatch):
+    trained = []
+    monkeypatch.setattr(quality, "load_runs", lambda _: {})
+    monkeypatch.setattr(quality.Runner, "run", lambda self, cells: trained.extend(cells))
+    monkeypatch.setattr(quality, "summarize", lambda runs, quick: [])
+    monkeypatch.setattr(quality, "record_invocation", lambda *a, **k: ("", []))
+    common = ["--tier", "converged", "--tasks", "rotten_tomatoes_256", "--out", str(tmp_path / "q.json")]
+    quality.main([*common, "--methods", "imdb_table_floor", "--seeds", "0", "1"])
+    assert trained == [("rotten_tomatoes_256", "imdb_table_floor", None, 0)]
+    trained.clear()  # the tier's own floor does not bring it along
+    quality.main([*common, "--methods", "floor"])
+    assert trained == [("rotten_tomatoes_256", "floor", None, 0)]
