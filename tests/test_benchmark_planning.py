@@ -152,7 +152,7 @@ def test_a_run_that_predicts_one_class_is_told_from_its_scores(classes):
     assert not quality.predicts_one_class({"bleu": 30.0})
 
 
-@pytest.mark.parametrize("method", ["ipt_pretrained_table", "imdb_table_floor"])
+@pytest.mark.parametrize("method", ["ipt_pretrained_table", "ipt_pretrained_pooled", "imdb_table_floor"])
 @pytest.mark.parametrize("task", ["bbc_news", "rotten_tomatoes_smollm2"])
 def test_the_imdb_table_runs_on_minilm_rotten_tomatoes_only(task, method, capsys):
     """A MiniLM sentiment table is refused on a topic task and on another model's token ids, naming the fix."""
