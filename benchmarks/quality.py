@@ -398,6 +398,14 @@ IMDB_TABLE = (
     / "tables"
     / "imdb_minilm.safetensors"
 )
+# the IPT paper's layout: a re-embedding of the source tokens, the first P of them as the prompt, added to the first
+# layer's task prefix at scale 0.05
+PAPER_LAYOUT = (
+    "method_config.instance_source=token_table",
+    "method_config.instance_encoder=none",
+    "method_config.instance_layers=[0]",
+    "method_config.instance_scale=0.05",
+)
 CONVERGED_METHODS: dict[str, MethodSpec] = {
     "ipt_frozen": MethodSpec(
         "IPT, frozen-model source", "ipt", PAIR_GRID, ("method_config.instance_source=frozen_model",)
@@ -462,12 +470,7 @@ CONVERGED_METHODS: dict[str, MethodSpec] = {
         "IPT as in the paper (token table, no encoder, first layer, scale 0.05)",
         "ipt",
         PAIR_GRID,
-        (
-            "method_config.instance_source=token_table",
-            "method_config.instance_encoder=none",
-            "method_config.instance_layers=[0]",
-            "method_config.instance_scale=0.05",
-        ),
+        PAPER_LAYOUT,
     ),
     # the paper's strongest variant, Prefix + Pretrained IPT: ipt_paper's layout with its token table first trained
     # as a fastText sentiment classifier on IMDB (`peft-ipt pretrain-table`, built on first use), then fine-tuned.
@@ -477,13 +480,7 @@ CONVERGED_METHODS: dict[str, MethodSpec] = {
         "IPT as in the paper, token table pretrained on IMDB (Prefix + Pretrained IPT)",
         "ipt",
         PAIR_GRID,
-        (
-            "method_config.instance_source=token_table",
-            "method_config.instance_encoder=none",
-            "method_config.instance_layers=[0]",
-            "method_config.instance_scale=0.05",
-            f"method_config.table_path={IMDB_TABLE}",
-        ),
+        (*PAPER_LAYOUT, f"method_config.table_path={IMDB_TABLE}"),
     ),
     # the same pretrained table read as the chosen recipe reads its source: mean-pooled over the first 128 tokens by
     # the MLP encoder, into every layer's prefix at scale 0.05. The paper's layout above hands layer 0 the first P
