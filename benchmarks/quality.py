@@ -881,8 +881,6 @@ def floor_cell(task_name: str, quick: bool, method: str = FLOOR) -> dict[str, An
 
     @torch.no_grad()
     def pooled(texts: list[str]) -> np.ndarray:
-        if method == TABLE_FLOOR:
-            return pooled_table(texts)
         out = []
         for i in range(0, len(texts), 64):
             batch = tokenizer(
@@ -897,7 +895,8 @@ def floor_cell(task_name: str, quick: bool, method: str = FLOOR) -> dict[str, An
             out.append(((states * mask).sum(1) / mask.sum(1)).float().numpy())
         return np.concatenate(out)
 
-    features = {role: pooled(list(splits[role]["text"])) for role in ("train", "validation", "test")}
+    featurize = pooled_table if method == TABLE_FLOOR else pooled
+    features = {role: featurize(list(splits[role]["text"])) for role in ("train", "validation", "test")}
     labels = {role: np.array(splits[role]["label"]) for role in features}
 
     def scores(classifier, role: str) -> dict[str, float]:
