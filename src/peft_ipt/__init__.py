@@ -9,6 +9,7 @@ from ._version import __version__
 from .adapter_files import AdapterFileError, allow_pickled_adapters
 from .instance_prompt import InstancePromptConfig, InstancePromptModel
 from .prefix_tuning import PrefixTuningV2Config, PrefixTuningV2Model
+from .warm_start import start_from_prefix
 
 __all__ = [
     "AdapterFileError",
@@ -18,4 +19,5 @@ __all__ = [
     "PrefixTuningV2Model",
     "__version__",
     "allow_pickled_adapters",
+    "start_from_prefix",
 ]

@@ -200,6 +200,11 @@ def model_card(
         f"**{title}** (`method: {experiment.method}`): {description}. Task `{experiment.task_type}`; trainable "
         f"parameters: {results['trainable_params']:,} of {results['all_params']:,} ({share:.2f}%)."
     )
+    if experiment.start_from:
+        method += (
+            f"\n\nStarted from the trained PrefixTuningV2 adapter in `{experiment.start_from}` "
+            "(`peft_ipt.start_from_prefix`): its prefix and heads, trained further here."
+        )
     if adapter_config:
         config = json.dumps(adapter_config, indent=2, sort_keys=True)
         method += f"\n\nAdapter config (`adapter_config.json`):\n\n```json\n{config}\n```"

@@ -239,6 +239,14 @@ class Experiment:
     )
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     description: str | None = field(default=None, metadata={"help": "Free text for the model card."})
+    start_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "A trained PrefixTuningV2 adapter folder (e.g. another run's output) to start from: method "
+            "prefix_v2 trains that prefix on; method ipt (injection hybrid) adds its instance part on top of it "
+            "(peft_ipt.start_from_prefix)."
+        },
+    )
     source: str = field(default="<dict>", metadata={"help": "The file this came from (not a YAML key)."})
 
     def __post_init__(self):
@@ -642,6 +650,7 @@ def validate(raw: dict[str, Any], source: str = "<dict>", from_set: set[str] | N
         metric=raw.get("metric"),
         generation=GenerationConfig(**generation),
         description=raw.get("description"),
+        start_from=_validate_start_from(check, raw.get("start_from"), raw["method"]),
         source=source,
     )
     try:
@@ -649,6 +658,27 @@ def validate(raw: dict[str, Any], source: str = "<dict>", from_set: set[str] | N
     except (TypeError, ValueError) as error:
         raise ExperimentError(f"{source}: method_config: {error}") from None
     return experiment
+
+
+STARTS_FROM_PREFIX = ("prefix_v2", "ipt")  # the methods peft_ipt.start_from_prefix can start
+
+
+def _validate_start_from(check: _Checker, value: str | None, method: str) -> str | None:
+    if value is None:
+        return None
+    if method not in STARTS_FROM_PREFIX:
+        raise check.error(
+            "start_from",
+            f"starts a {' or '.join(STARTS_FROM_PREFIX)} adapter from a trained PrefixTuningV2 prefix; method "
+            f"{method!r} cannot start from one (remove start_from)",
+        )
+    folder = Path(value).expanduser()
+    if not (folder / "adapter_config.json").is_file():
+        raise check.error(
+            "start_from",
+            f"must be a folder holding a saved PrefixTuningV2 adapter (adapter_config.json); {value!r} has none",
+        )
+    return str(folder)
 
 
 def load_experiment(path: Path | str, overrides: list[str] | None = None) -> Experiment:

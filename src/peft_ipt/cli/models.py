@@ -54,13 +54,16 @@ def build_model(experiment: Experiment, tokenizer, label_names: list[str] | None
     """The model to train: the base model wrapped by the method's adapter (or the base itself for ``full``)."""
     import peft
 
-    import peft_ipt  # noqa: F401  (registers IPT and PrefixTuningV2 with peft)
+    import peft_ipt  # registers IPT and PrefixTuningV2 with peft
 
     model = load_base_model(experiment, tokenizer, label_names)
     config = experiment.peft_config()
     if config is None:
         return model
-    return peft.get_peft_model(model, config)
+    model = peft.get_peft_model(model, config)
+    if experiment.start_from:
+        peft_ipt.start_from_prefix(model, experiment.start_from)
+    return model
 
 
 def load_trained(experiment: Experiment, output_dir: Path | str, tokenizer, label_names) -> nn.Module:
