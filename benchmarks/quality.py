@@ -78,11 +78,13 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import math
 import multiprocessing
 import os
 import shlex
+import shutil
 import statistics
 import sys
 import time
@@ -123,6 +125,8 @@ class MethodSpec:
     lr_grid: tuple[float, ...]
     overrides: tuple[str, ...] = ()  # --set overrides on top of the shipped config
     own_prefix: str = "prefix_alone"  # an IPT candidate's controlled comparison: its own task prefix alone
+    # a two-stage row: (method, rate) of the run, at the same task and seed, whose saved adapter this one starts from
+    start: tuple[str, float] | None = None
 
 
 # Two points per prompt method: on Rotten Tomatoes (the 3-point grid's first runs) 3e-3 was never the best rate for
@@ -394,11 +398,10 @@ PAIR_GRID = (3e-3, 1e-2)
 # ipt_pretrained_table's table: `peft-ipt pretrain-table --data imdb` with its defaults (MiniLM's tokenizer, 2,048
 # buckets x rank 32 as InstancePromptConfig's defaults, the first 128 tokens, 20,000 reviews, 5 epochs, seed 0), kept in
 # the asset cache (peft_ipt.assets.CACHE_DIR, read here without importing torch)
-IMDB_TABLE = (
-    Path(os.environ.get("PEFT_IPT_CACHE", "~/.cache/peft_ipt")).expanduser()
-    / "tables"
-    / "imdb_minilm.safetensors"
-)
+CACHE = Path(os.environ.get("PEFT_IPT_CACHE", "~/.cache/peft_ipt")).expanduser()
+IMDB_TABLE = CACHE / "tables" / "imdb_minilm.safetensors"
+# the first stage of the two-stage rows: each trained adapter kept here, by tier, precision, task, setup and seed
+STARTS = CACHE / "starts"
 # the IPT paper's layout: a re-embedding of the source tokens, the first P of them as the prompt, added to the first
 # layer's task prefix at scale 0.05
 PAPER_LAYOUT = (
@@ -550,6 +553,26 @@ CONVERGED_METHODS: dict[str, MethodSpec] = {
         ),
         own_prefix="prefix_mlp",
     ),
+    # Two stages: the flat task prefix alone trained first (prefix_alone at 1e-2, the rate it chose on every task, at
+    # the same seed), then both rows start from that saved adapter and train again under the same budget rule: the
+    # prefix alone trained on, and the chosen IPT recipe with that prefix as its task prefix (its instance heads
+    # start at zero, so both rows start as one function, with one data order). Their difference is the instance
+    # part's alone, without the first stage's spread, which both share.
+    "prefix_continued": MethodSpec(
+        "task prefix alone, trained on from its own converged run (two stages)",
+        "prefix_v2",
+        PAIR_GRID,
+        ("method_config.reparameterize=false", "method_config.prefix_length=16"),
+        start=("prefix_alone", 1e-2),
+    ),
+    "ipt_on_prefix": MethodSpec(
+        "IPT, embeddings source, scale 0.05, on the converged task prefix (two stages)",
+        "ipt",
+        PAIR_GRID,
+        ("method_config.instance_source=embeddings", "method_config.instance_scale=0.05"),
+        own_prefix="prefix_continued",
+        start=("prefix_alone", 1e-2),
+    ),
     "prefix_v2": MethodSpec("PrefixTuningV2 (as configured)", "prefix_v2", (1e-3,)),
     "peft_prompt_tuning": MethodSpec("peft PromptTuning", "prompt_tuning", (3e-2,)),
     "peft_p_tuning": MethodSpec("peft P-tuning", "p_tuning", (1e-2,)),
@@ -578,6 +601,7 @@ IPT_CANDIDATES = (
     "ipt_pretrained_table",
     "ipt_pretrained_pooled",
     "ipt_mixture",
+    "ipt_on_prefix",
 )
 # Task-specific overrides of a method, on top of its own: on E2E the controlled pair shares IPT's config, whose
 # task prefix starts from an instruction's keys/values at 1e-2 (configs/e2e_ipt.yaml), so the prefix alone does too.
@@ -736,13 +760,64 @@ def build_imdb_table() -> None:
     partial.replace(IMDB_TABLE)
 
 
+def start_setup(task_name: str, method: str, quick: bool) -> str:
+    """A two-stage row's first stage, but for the seed: its method, rate and a digest of its setup."""
+    start, lr = TIER.methods[method].start
+    digest = hashlib.sha256(current_setup(task_name, start, quick).encode()).hexdigest()[:12]
+    return f"{start}_{lr:g}_{digest}"
+
+
+def start_folder(task_name: str, method: str, seed: int, quick: bool) -> Path:
+    """Where a two-stage row's first stage keeps its trained adapter: named by everything that makes it that run."""
+    return STARTS / TIER.name / PRECISION / task_name / f"{start_setup(task_name, method, quick)}_seed{seed}"
+
+
+def train_start(task_name: str, method: str, seed: int, quick: bool) -> tuple[Path, dict[str, Any], str]:
+    """A two-stage row's first stage: the ``start`` method's run at this task and seed, trained once into the cache
+    (a temporary name, then a rename: parallel workers never read half a folder), then reused by every row that
+    starts from it. Returns the folder, its metrics and its command."""
+    from peft_ipt.cli.train import CHECKPOINTS, train
+
+    task = TIER.tasks[task_name]
+    start, lr = TIER.methods[method].start
+    folder = start_folder(task_name, method, seed, quick)
+    overrides = run_overrides(task, start, lr, seed, quick)
+    if not (folder / "metrics.json").is_file():
+        partial = folder.with_name(f"{folder.name}.{os.getpid()}.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        train(config_path(task, start), overrides, output_dir=partial)
+        shutil.rmtree(partial / CHECKPOINTS, ignore_errors=True)  # the best one is the saved adapter
+        shutil.rmtree(folder, ignore_errors=True)
+        partial.rename(folder)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    command = command_line(task, start, overrides) + f" --output-dir {shlex.quote(str(folder))}"
+    return folder, metrics, command
+
+
 def train_cell(task_name: str, method: str, lr: float, seed: int, quick: bool) -> dict[str, Any]:
-    """One ``peft-ipt train`` run, in-process, into a temporary output folder; what the table needs of it."""
+    """One ``peft-ipt train`` run, in-process, into a temporary output folder; what the table needs of it. A two-stage
+    row first trains (or finds) its first stage and starts from that run's adapter (``start_from``)."""
     task = TIER.tasks[task_name]
     overrides = run_overrides(task, method, lr, seed, quick)
     if method in IMDB_TABLE_METHODS:
         build_imdb_table()
-    results = train_run(config_path(task, method), overrides)
+    start = None
+    if TIER.methods[method].start:
+        folder, start_metrics, start_command = train_start(task_name, method, seed, quick)
+        start = {
+            "run": run_key(task_name, *TIER.methods[method].start, seed),
+            "validation": start_metrics["validation"],
+            "test": start_metrics["test"],
+            "steps": start_metrics["steps"],
+            "best_step": start_metrics["best_step"],
+            "command": start_command,
+        }
+        results = train_run(config_path(task, method), [*overrides, f"start_from={folder}"])
+    else:
+        results = train_run(config_path(task, method), overrides)
+    command = command_line(task, method, overrides)
+    if start:
+        command += f" --set {shlex.quote(f'start_from={folder}')}"
     metric = results["main_metric"]
     validation = results.get("validation") or results["validation_history"][-1]
     return {
@@ -770,8 +845,9 @@ def train_cell(task_name: str, method: str, lr: float, seed: int, quick: bool) -
         "device": device_name(),
         "precision": PRECISION,
         "budget": overrides[: len(overrides) - 2],  # without lr and seed
-        "setup": setup_of(results["experiment"], method),
-        "command": command_line(task, method, overrides),
+        "setup": with_start(setup_of(results["experiment"], method), task_name, method, quick),
+        "command": command,
+        **({"start": start} if start else {}),
     }
 
 
@@ -992,6 +1068,7 @@ def setup_of(experiment: dict[str, Any], method: str) -> str:
     run recorded before a config or a task budget changed no longer counts."""
     setup = json.loads(json.dumps(experiment))
     setup.pop("description", None)
+    setup.pop("start_from", None)  # a cache folder: with_start() records what it holds
     if method in UNTRAINED:  # nothing is trained: only the model, data and decoding matter
         setup = {
             k: v for k, v in setup.items() if k in ("model", "task_type", "data", "metric", "generation")
@@ -1011,7 +1088,15 @@ def current_setup(task_name: str, method: str, quick: bool) -> str:
         overrides = task_overrides(task, quick)
     else:
         overrides = run_overrides(task, method, 1.0, 0, quick)  # lr and seed are dropped by setup_of
-    return setup_of(load_experiment(config_path(task, method), overrides).to_dict(), method)
+    setup = setup_of(load_experiment(config_path(task, method), overrides).to_dict(), method)
+    return with_start(setup, task_name, method, quick)
+
+
+def with_start(setup: str, task_name: str, method: str, quick: bool) -> str:
+    """A two-stage row's setup names its first stage's too, so a change to that one makes the row rerun."""
+    if method in UNTRAINED or not TIER.methods[method].start:
+        return setup
+    return json.dumps({**json.loads(setup), "start": start_setup(task_name, method, quick)}, sort_keys=True)
 
 
 def is_current(run: dict[str, Any], quick: bool) -> bool:

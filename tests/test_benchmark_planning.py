@@ -3,6 +3,8 @@ how it pairs the recorded runs."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 from pathlib import Path
 
@@ -196,3 +198,43 @@ def test_the_imdb_table_floor_runs_once_and_only_when_asked(converged, tmp_path,
     trained.clear()  # the tier's own floor does not bring it along
     quality.main([*common, "--methods", "floor"])
     assert trained == [("rotten_tomatoes_256", "floor", None, 0)]
+
+
+def test_a_two_stage_row_names_its_first_stage_in_its_setup_and_folder(converged, monkeypatch):
+    monkeypatch.setattr(quality, "PRECISION", "fp32")
+    setup = json.loads(quality.current_setup("rotten_tomatoes_256", "ipt_on_prefix", False))
+    first = quality.current_setup("rotten_tomatoes_256", "prefix_alone", False)
+    digest = hashlib.sha256(first.encode()).hexdigest()[:12]
+    assert setup["start"] == f"prefix_alone_0.01_{digest}"
+    assert "start" not in json.loads(first) and "start_from" not in setup
+    folders = {
+        quality.start_folder("rotten_tomatoes_256", method, seed, False)
+        for method in ("ipt_on_prefix", "prefix_continued")
+        for seed in (0, 1)
+    }
+    assert len(folders) == 2  # both rows of a seed share one first stage; each seed has its own
+    assert all("/fp32/rotten_tomatoes_256/" in str(folder) for folder in folders)
+
+
+def test_a_first_stage_is_trained_once_and_appears_whole(converged, tmp_path, monkeypatch):
+    from peft_ipt.cli import train as train_module
+
+    calls = []
+
+    def fake_train(config, overrides, output_dir):
+        calls.append(overrides)
+        output = Path(output_dir)
+        assert ".partial" in output.name
+        (output / "checkpoints" / "checkpoint-4").mkdir(parents=True)
+        metrics = {"validation": {}, "test": {"accuracy": 0.5}, "steps": 8, "best_step": 4}
+        (output / "metrics.json").write_text(json.dumps(metrics))
+
+    monkeypatch.setattr(quality, "STARTS", tmp_path)
+    monkeypatch.setattr(train_module, "train", fake_train)
+    first = quality.train_start("rotten_tomatoes_256", "ipt_on_prefix", 3, False)
+    again = quality.train_start("rotten_tomatoes_256", "prefix_continued", 3, False)
+    assert len(calls) == 1 and "training.seed=3" in calls[0] and "training.learning_rate=0.01" in calls[0]
+    assert first[0] == again[0] and first[1]["test"] == {"accuracy": 0.5}
+    assert [p.name for p in first[0].iterdir()] == ["metrics.json"]  # the checkpoints removed
+    assert [p.name for p in first[0].parent.iterdir()] == [first[0].name]  # no partial folder left
+    assert f"--output-dir {first[0]}" in first[2]
