@@ -15,6 +15,7 @@ from test_cli import CLASSIFICATION, assets, write_experiment  # noqa: F401  (as
 from peft_ipt import InstancePromptConfig, PrefixTuningV2Config, start_from_prefix
 from peft_ipt.cli import main
 from peft_ipt.cli.experiment import ExperimentError, validate
+from peft_ipt.cli.train import evaluate_run
 
 
 def call(model, task: str) -> torch.Tensor:
@@ -234,14 +235,34 @@ def test_an_ipt_run_started_from_a_prefix_run_trains_its_instance_part(assets, p
     assert heads and all(v.abs().sum() > 0 for v in heads.values())
 
 
-@pytest.mark.parametrize(
-    ("change", "message"),
-    [
-        ({"method": "lora", "method_config": {}}, "method 'lora' cannot start from one"),
-        ({"start_from": "no/such/folder"}, "has none"),
-    ],
-)
-def test_start_from_is_checked_before_any_model_loads(assets, prefix_run, change, message):  # noqa: F811
-    raw = {**CLASSIFICATION, "model": str(assets / "bert"), "start_from": str(prefix_run), **change}
-    with pytest.raises(ExperimentError, match=f"start_from .*{message}"):
+def test_start_from_is_refused_for_methods_that_cannot_start_from_a_prefix(assets, prefix_run):  # noqa: F811
+    raw = {**CLASSIFICATION, "model": str(assets / "bert"), "start_from": str(prefix_run), "method": "lora"}
+    raw["method_config"] = {}
+    with pytest.raises(ExperimentError, match="start_from .*method 'lora' cannot start from one"):
         validate(raw)
+
+
+def test_a_missing_start_folder_stops_the_run_before_anything_loads(assets, monkeypatch, capsys):  # noqa: F811
+    from peft_ipt.cli import train as train_module
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data loaded before start_from was checked")
+
+    monkeypatch.setattr(train_module, "load_splits", no_data)
+    config = write_experiment(assets, "ipt_missing.yaml", {**CLASSIFICATION, "start_from": "no/such/run"})
+    assert main(["train", str(config), "--output-dir", str(assets / "never")]) != 0
+    assert "start_from 'no/such/run' holds no saved adapter" in capsys.readouterr().err
+    assert not (assets / "never").exists()
+
+
+def test_a_finished_run_still_evaluates_after_its_start_folder_is_gone(assets, prefix_run):  # noqa: F811
+    import shutil
+
+    start = assets / "prefix_run_copy"
+    shutil.copytree(prefix_run, start)
+    config = write_experiment(assets, "ipt_gone.yaml", {**CLASSIFICATION, "start_from": str(start)})
+    output = assets / "ipt_gone_run"
+    assert main(["train", str(config), "--output-dir", str(output)]) == 0
+    shutil.rmtree(start)
+    recorded = json.loads((output / "metrics.json").read_text())["test"]
+    assert evaluate_run(output)["accuracy"] == pytest.approx(recorded["accuracy"], abs=1e-6)

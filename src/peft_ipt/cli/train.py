@@ -155,6 +155,15 @@ def resume_checkpoint(resume: str, output: Path) -> Path | None:
     return chosen
 
 
+def check_start_from(experiment) -> None:
+    """``start_from`` names a saved adapter folder: checked before data or models load."""
+    if experiment.start_from and not (Path(experiment.start_from) / "adapter_config.json").is_file():
+        raise CLIError(
+            f"{experiment.source}: start_from {experiment.start_from!r} holds no saved adapter (adapter_config.json): "
+            "give the output folder of a finished PrefixTuningV2 run"
+        )
+
+
 def _evaluated_at(history: list[dict[str, Any]], step: int) -> bool:
     return any("eval_loss" in entry and entry.get("step") == step for entry in history)
 
@@ -175,6 +184,7 @@ def train(
 
     start = time.time()
     experiment = load_experiment(config or default_config_path(), overrides)
+    check_start_from(experiment)
     output = Path(output_dir or Path("outputs") / Path(experiment.source).stem)
     checkpoint = resume_checkpoint(resume, output) if resume else None
     if resume and experiment.training_settings["save_strategy"] == "no":
