@@ -71,7 +71,9 @@ prompt methods, LoRA, full fine-tuning, and the frozen-feature floor (scikit-lea
 frozen model's mean-pooled states, C chosen on validation). IPT and the prefix alone share the grid ``PAIR_GRID``;
 the default IPT is the candidate with the best mean validation score at seed 0 over the goal tasks
 (``--print-chosen``; never test), and the report gives the paired difference IPT - prefix alone per seed with its
-95% CI. A run there takes 3-7 min on Rotten Tomatoes, about 7 on BBC News and 15 on VitaminC (``--threads 2``).
+95% CI. Two-stage rows (``MethodSpec.start``: ``prefix_continued`` and ``ipt_on_prefix``) first train the prefix alone
+at the same seed, once, into the asset cache, and both start from that adapter (``start_from``), so their difference
+is the instance part's alone. A run there takes 3-7 min on Rotten Tomatoes, about 7 on BBC News and 15 on VitaminC (``--threads 2``).
 """
 
 from __future__ import annotations

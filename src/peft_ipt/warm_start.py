@@ -17,16 +17,20 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 
 def _flat(config) -> bool:
     return not config.reparameterize or config.folded
 
 
-def _target_tables(model, adapter_name: str) -> tuple[nn.ModuleDict, str]:
+def _target_tables(model: PeftModel, adapter_name: str) -> tuple[nn.ModuleDict, str]:
     """The adapter's prefix tables that take the saved ones, and a description of what they are."""
     from .instance_prompt import InstancePromptModel
     from .prefix_tuning import PrefixTuningV2Model
@@ -89,7 +93,7 @@ def _check_config(saved, target, path: str) -> None:
         )
 
 
-def _modules_to_save(model, adapter_name: str) -> dict[str, nn.Module]:
+def _modules_to_save(model: PeftModel, adapter_name: str) -> dict[str, nn.Module]:
     """name in the saved file's key space -> the adapter's trainable copy of that module."""
     from peft.utils.other import ModulesToSaveWrapper
 
@@ -101,7 +105,9 @@ def _modules_to_save(model, adapter_name: str) -> dict[str, nn.Module]:
 
 
 @torch.no_grad()
-def start_from_prefix(model, prefix_adapter: str | os.PathLike, adapter_name: str | None = None) -> None:
+def start_from_prefix(
+    model: PeftModel, prefix_adapter: str | os.PathLike, adapter_name: str | None = None
+) -> None:
     """Start ``model``'s adapter (a fresh PrefixTuningV2 or hybrid IPT adapter) from the trained PrefixTuningV2
     adapter saved in the folder ``prefix_adapter`` (``save_pretrained``'s, or a ``peft-ipt train`` output)::
 
