@@ -26,10 +26,6 @@ if TYPE_CHECKING:
     from peft import PeftModel
 
 
-def _flat(config) -> bool:
-    return not config.reparameterize or config.folded
-
-
 def _target_tables(model: PeftModel, adapter_name: str) -> tuple[nn.ModuleDict, str]:
     """The adapter's prefix tables that take the saved ones, and a description of what they are."""
     from .instance_prompt import InstancePromptModel
@@ -75,14 +71,14 @@ def _check_config(saved, target, path: str) -> None:
         hidden, hidden_field = target.task_prefix_hidden_size, "task_prefix_hidden_size"
     else:
         length, length_field = target.prefix_length, "prefix_length"
-        hidden = None if _flat(target) else target.encoder_hidden_size
+        hidden = target.encoder_hidden_size if target.reparameterize else None  # fold() clears it
         hidden_field = "encoder_hidden_size (with reparameterize=True)"
     if saved.prefix_length != length:
         raise ValueError(
             f"{path} holds a prefix of length {saved.prefix_length}, but this adapter's {length_field} is {length}: "
             f"set {length_field}={saved.prefix_length}"
         )
-    saved_hidden = None if _flat(saved) else saved.encoder_hidden_size
+    saved_hidden = saved.encoder_hidden_size if saved.reparameterize else None
     if saved_hidden != hidden:
         saved_kind = (
             "a flat prefix" if saved_hidden is None else f"an MLP-reparameterised prefix (h={saved_hidden})"
