@@ -586,6 +586,36 @@ def test_adapter_for_another_base_model_shape_is_refused_naming_both_shapes(tmp_
         PeftModel.from_pretrained(other, tmp_path)
 
 
+@pytest.mark.parametrize("method", ["prefix_v2", "ipt"])
+def test_an_adapter_saved_after_resize_token_embeddings_reloads_on_the_resized_base(tmp_path, method):
+    # new special tokens added after get_peft_model: the saved config must name the vocabulary the model has then
+    config = (
+        PrefixTuningV2Config(task_type="CAUSAL_LM", prefix_length=4)
+        if method == "prefix_v2"
+        else InstancePromptConfig(task_type="CAUSAL_LM", prompt_length=4)
+    )
+    model = get_peft_model(tiny_model("llama"), config)
+    vocab = model.config.vocab_size
+    torch.manual_seed(5)
+    model.resize_token_embeddings(vocab + 8)
+    ids = torch.cat([token_batch(), torch.full((2, 1), vocab + 3)], dim=1)  # reads a new token
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path)
+    saved = InstancePromptConfig if method == "ipt" else PrefixTuningV2Config
+    assert saved.from_pretrained(tmp_path).base_model_shapes["vocab_size"] == vocab + 8
+
+    base = tiny_model("llama")
+    torch.manual_seed(5)
+    base.resize_token_embeddings(vocab + 8)
+    loaded = PeftModel.from_pretrained(base, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, expected)
+    with pytest.raises(ValueError, match=f"vocab_size: adapter {vocab + 8} vs model {vocab}"):
+        PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
+
+
 def test_flash_attention_is_refused_at_get_peft_model():
     base = tiny_model("llama")
     base.config._attn_implementation = "flash_attention_2"

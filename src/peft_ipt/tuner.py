@@ -482,6 +482,7 @@ class PromptTuner(BaseTuner):
             for unit in {id(u): u for u in units.values()}.values()
         ]
         self._watched_units: set[int] = set()
+        self._hooks.append(self.register_state_dict_pre_hook(PromptTuner._record_vocab_size))
         for module, role in entry_points(model, self._injection.tower):
             self._hooks.append(
                 module.register_forward_pre_hook(functools.partial(self._enter, role), with_kwargs=True)
@@ -489,6 +490,15 @@ class PromptTuner(BaseTuner):
             self._hooks.append(
                 module.register_forward_hook(functools.partial(self._leave, role), always_call=True)
             )
+
+    def _record_vocab_size(self, prefix: str, keep_vars: bool) -> None:
+        # A state dict is what save_pretrained writes: the configs saved beside it name the vocabulary the model has
+        # now. resize_token_embeddings after get_peft_model (new special tokens) would otherwise leave the size it
+        # had at injection, and the saved adapter would be refused on the resized base model it was trained on.
+        vocab_size = vocab_size_of(self.model.config)
+        for config in self.peft_config.values():
+            if config.base_model_shapes is not None and "vocab_size" in config.base_model_shapes:
+                config.base_model_shapes["vocab_size"] = vocab_size
 
     @property
     def prompt_layer(self) -> PromptLayer:
