@@ -216,6 +216,26 @@ def test_a_two_stage_row_names_its_first_stage_in_its_setup_and_folder(converged
     assert all("/fp32/rotten_tomatoes_256/" in str(folder) for folder in folders)
 
 
+def test_the_mlp_two_stage_pair_starts_from_the_mlp_prefix_and_shares_its_shape(converged, monkeypatch):
+    monkeypatch.setattr(quality, "PRECISION", "fp32")
+    first = quality.current_setup("rotten_tomatoes", "prefix_mlp", False)
+    digest = hashlib.sha256(first.encode()).hexdigest()[:12]
+    for method in ("ipt_mlp_on_prefix", "prefix_mlp_continued"):
+        assert json.loads(quality.current_setup("rotten_tomatoes", method, False))["start"] == (
+            f"prefix_mlp_0.001_{digest}"
+        )
+    # start_from_prefix refuses a flat table into an MLP prefix: both sides carry the first stage's hidden size
+    ipt, prefix = quality.CONVERGED_METHODS["ipt_mlp_on_prefix"], quality.CONVERGED_METHODS["prefix_mlp"]
+    assert "method_config.task_prefix_hidden_size=56" in ipt.overrides
+    assert "method_config.encoder_hidden_size=56" in prefix.overrides
+    assert ipt.own_prefix == "prefix_mlp_continued"
+    assert (
+        quality.start_folder("rotten_tomatoes", "ipt_mlp_on_prefix", 0, False)
+        == quality.start_folder("rotten_tomatoes", "prefix_mlp_continued", 0, False)
+        != quality.start_folder("rotten_tomatoes", "ipt_on_prefix", 0, False)
+    )
+
+
 def test_a_first_stage_is_trained_once_and_appears_whole(converged, tmp_path, monkeypatch):
     from peft_ipt.cli import train as train_module
 
