@@ -413,6 +413,19 @@ PAPER_LAYOUT = (
     "method_config.instance_layers=[0]",
     "method_config.instance_scale=0.05",
 )
+# The MLP-reparameterised task prefix at IPT's parameter count (h = 56), and the chosen IPT recipe on top of it. The
+# MLP wants a smaller rate than flat prompts (configs/e2e_prefix_v2.yaml), hence 1e-3 in its grid.
+MLP_GRID = (1e-3, *PAIR_GRID)
+MLP_PREFIX = (
+    "method_config.reparameterize=true",
+    "method_config.encoder_hidden_size=56",
+    "method_config.prefix_length=16",
+)
+IPT_ON_MLP_PREFIX = (
+    "method_config.instance_source=embeddings",
+    "method_config.instance_scale=0.05",
+    "method_config.task_prefix_hidden_size=56",
+)
 CONVERGED_METHODS: dict[str, MethodSpec] = {
     "ipt_frozen": MethodSpec(
         "IPT, frozen-model source", "ipt", PAIR_GRID, ("method_config.instance_source=frozen_model",)
@@ -532,28 +545,19 @@ CONVERGED_METHODS: dict[str, MethodSpec] = {
     # a second control: the task prefix alone with the paper's MLP reparameterisation, its hidden size set so the
     # trainable count matches IPT's (h = 56: 1.26% of MiniLM against 1.24%). IPT's instance part is a generator
     # co-trained with the prefix, so part of a gain over the flat prefix may be reparameterisation, not the input.
-    # The MLP wants a smaller rate than flat prompts (configs/e2e_prefix_v2.yaml), hence 1e-3 in its grid.
     "prefix_mlp": MethodSpec(
         "task prefix alone, MLP reparameterisation (IPT's parameter count)",
         "prefix_v2",
-        (1e-3, *PAIR_GRID),
-        (
-            "method_config.reparameterize=true",
-            "method_config.encoder_hidden_size=56",
-            "method_config.prefix_length=16",
-        ),
+        MLP_GRID,
+        MLP_PREFIX,
     ),
     # the chosen recipe on top of prefix_mlp's task prefix (task_prefix_hidden_size=56): the controlled comparison
     # when the task prefix is reparameterised, against prefix_mlp on the same grid
     "ipt_mlp_scale": MethodSpec(
         "IPT, embeddings source, instance scale 0.05, MLP-reparameterised task prefix",
         "ipt",
-        (1e-3, *PAIR_GRID),
-        (
-            "method_config.instance_source=embeddings",
-            "method_config.instance_scale=0.05",
-            "method_config.task_prefix_hidden_size=56",
-        ),
+        MLP_GRID,
+        IPT_ON_MLP_PREFIX,
         own_prefix="prefix_mlp",
     ),
     # Two stages: the flat task prefix alone trained first (prefix_alone at 1e-2, the rate it chose on every task, at
@@ -582,23 +586,15 @@ CONVERGED_METHODS: dict[str, MethodSpec] = {
     "prefix_mlp_continued": MethodSpec(
         "task prefix alone, MLP, trained on from its own converged run (two stages)",
         "prefix_v2",
-        (1e-3, *PAIR_GRID),
-        (
-            "method_config.reparameterize=true",
-            "method_config.encoder_hidden_size=56",
-            "method_config.prefix_length=16",
-        ),
+        MLP_GRID,
+        MLP_PREFIX,
         start=("prefix_mlp", 1e-3),
     ),
     "ipt_mlp_on_prefix": MethodSpec(
         "IPT, embeddings source, scale 0.05, on the converged MLP task prefix (two stages)",
         "ipt",
-        (1e-3, *PAIR_GRID),
-        (
-            "method_config.instance_source=embeddings",
-            "method_config.instance_scale=0.05",
-            "method_config.task_prefix_hidden_size=56",
-        ),
+        MLP_GRID,
+        IPT_ON_MLP_PREFIX,
         own_prefix="prefix_mlp_continued",
         start=("prefix_mlp", 1e-3),
     ),
