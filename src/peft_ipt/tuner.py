@@ -497,7 +497,7 @@ class PromptTuner(BaseTuner):
         # had at injection, and the saved adapter would be refused on the resized base model it was trained on.
         vocab_size = vocab_size_of(self.model.config)
         for config in self.peft_config.values():
-            if config.base_model_shapes is not None and "vocab_size" in config.base_model_shapes:
+            if config.base_model_shapes is not None:  # set by check_model, vocab_size among them
                 config.base_model_shapes["vocab_size"] = vocab_size
 
     @property
