@@ -450,3 +450,53 @@ def test_instance_prompt_refuses_packed_rows_naming_padding_and_prefix_v2(varian
             model(
                 input_ids=alone[0], position_ids=torch.arange(5)[None]
             )  # positions that count up: one sequence
+
+
+@pytest.mark.parametrize(
+    "arch, task, config",
+    [
+        (
+            "llama",
+            "CAUSAL_LM",
+            PrefixTuningV2Config(task_type="CAUSAL_LM", prefix_length=4, init_weights=False),
+        ),
+        (
+            "llama",
+            "CAUSAL_LM",
+            InstancePromptConfig(
+                task_type="CAUSAL_LM", prompt_length=4, instance_source="frozen_model", init_weights=False
+            ),
+        ),
+        ("bert", "SEQ_CLS", InstancePromptConfig(task_type="SEQ_CLS", prompt_length=4, init_weights=False)),
+    ],
+    ids=["prefix_v2_mlp", "ipt_frozen_model", "ipt_bert"],
+)
+def test_torch_export_runs_each_inputs_prompt_and_leaves_the_eager_model_as_it_was(arch, task, config):
+    """torch.export of the adapted model (or of its base, the adapter inside) computes each input's prompt in the
+    graph. Before, PrefixTuningV2 failed on its inference cache's parameter addresses (fake tensors have none), and
+    the frozen-model source on its data-dependent cut; a prefix cached while tracing then reached eager calls."""
+    model = get_peft_model(tiny_model(arch, task), config).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a trained adapter moves the logits well above the tolerance
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.5 * torch.randn(parameter.shape, generator=generator))
+    traced, other = token_batch(2, 8), token_batch(2, 8, seed=5)
+    mask = torch.ones_like(other)
+    mask[:, 6:] = 0  # every row right-padded: the eager frozen pass is cut there, the exported one is not
+    mask[0, 3:] = 0
+    extra = {"use_cache": False} if task == "CAUSAL_LM" else {}
+    with torch.no_grad():
+        eager = model(input_ids=other, attention_mask=mask, **extra).logits
+        for target in (model, model.get_base_model()):
+            program = torch.export.export(
+                target, (), {"input_ids": traced, "attention_mask": torch.ones_like(traced), **extra}
+            )
+            exported = program.module()(input_ids=other, attention_mask=mask, **extra)
+            torch.testing.assert_close(exported["logits"], eager, rtol=1e-5, atol=1e-5)
+        after = model(input_ids=other, attention_mask=mask, **extra).logits
+        with model.disable_adapter():
+            bare = model(input_ids=other, attention_mask=mask, **extra).logits
+    assert type(after) is torch.Tensor
+    assert torch.equal(after, eager)
+    assert not torch.allclose(eager, bare, atol=1e-3)  # the prompt is in the graph, not left out

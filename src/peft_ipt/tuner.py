@@ -27,6 +27,7 @@ from peft.utils.integrations import init_empty_weights
 from peft.utils.other import AuxiliaryTrainingWrapper, set_additional_trainable_modules
 from torch import nn
 from transformers.generation.continuous_batching.cache import PagedAttentionCache
+from transformers.utils.import_utils import is_tracing
 
 from .adapter_files import AdapterFileError
 from .attention import (
@@ -1020,9 +1021,10 @@ class PromptTuner(BaseTuner):
         tokens = inputs.input_ids if inputs.input_ids is not None else inputs.inputs_embeds
         call = {"attention_mask": source.long()}
         if self._causal and not encoder_decoder:
-            present = source.any(0).nonzero()
-            end = int(present.max()) + 1 if len(present) else 1
-            tokens, call["attention_mask"] = tokens[:, :end], call["attention_mask"][:, :end]
+            if not is_tracing(tokens):  # torch.export cannot trace a length read from the data: it runs uncut
+                present = source.any(0).nonzero()
+                end = int(present.max()) + 1 if len(present) else 1
+                tokens, call["attention_mask"] = tokens[:, :end], call["attention_mask"][:, :end]
             if "position_ids" in inspect.signature(backbone.forward).parameters:
                 call["position_ids"] = (call["attention_mask"].cumsum(-1) - 1).clamp(min=0)
         call["input_ids" if inputs.input_ids is not None else "inputs_embeds"] = tokens

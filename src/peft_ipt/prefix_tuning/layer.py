@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.utils.import_utils import is_tracing
 
 from ..attention import SiteLayout
 from ..tuner import Prefixes, PromptInputs, PromptModule
@@ -124,9 +125,12 @@ class PrefixTuningV2Module(PromptModule):
         return keys, values
 
     def prefixes(self, inputs: PromptInputs) -> Prefixes:
-        # In inference the prefix is a constant: compute the MLP once, until a parameter changes in place.
-        frozen = not (self.training or torch.is_grad_enabled())
-        version = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        # In inference the prefix is a constant: compute the MLP once, until a parameter changes in place. Never
+        # while torch.export or torch.compile traces: the parameters are fake tensors there, without addresses, and
+        # a prefix computed from them must not reach a later eager call.
+        weight = next(self.parameters())
+        frozen = not (self.training or torch.is_grad_enabled() or is_tracing(weight))
+        version = tuple((p.data_ptr(), p._version) for p in self.parameters()) if frozen else None
         if frozen and self._cache is not None and self._cache[0] == version:
             return self._cache[1]
         out = {kind: self._split(kind, self.dropout(table())) for kind, table in self.tables.items()}
