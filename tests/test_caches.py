@@ -418,3 +418,29 @@ def test_a_cache_returned_in_a_tuple_carries_its_prompt_too(injection):
         as_output = model(input_ids=ids[:, :4], use_cache=True)
         continued_output = model(input_ids=ids[:, 4:], past_key_values=as_output.past_key_values).logits
     assert torch.equal(continued_tuple, continued_output)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(METHODS))
+def test_generate_compiling_its_own_decoding_on_a_static_cache_generates_what_plain_generate_does(method):
+    """With a static cache generate() compiles the model's forward itself (on GPUs by default; here on CPU through
+    CompileConfig). The compiled decoding steps must keep each input's prompt: two batches, two prompts."""
+    from transformers.generation.configuration_utils import CompileConfig
+
+    model = build("llama", "sdpa", method)
+    config = CompileConfig(backend="aot_eager")
+    config._compile_all_devices = True  # generate() compiles on accelerators only, unless told
+    torch._dynamo.reset()
+    for seed in (1, 2):
+        ids = token_batch(2, 6, seed=seed)
+        kwargs = {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "max_new_tokens": 6,
+            "do_sample": False,
+        }
+        plain = model.generate(**kwargs)
+        compiled = model.generate(**kwargs, cache_implementation="static", compile_config=config)
+        assert torch.equal(compiled, plain)
+    assert hasattr(model.get_base_model(), "_compiled_call")  # the decoding steps did run compiled
+    torch._dynamo.reset()

@@ -116,6 +116,22 @@ def test_torch_compile_matches_eager_forward_and_trains():
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("method", ["prefix_v2", "ipt"])
+def test_fullgraph_compile_is_refused_naming_the_reason_and_the_ways_that_work(method):
+    """The prompts are computed in Python hooks at the model's entry, which torch.compile runs between graphs."""
+    config = (
+        PrefixTuningV2Config(task_type="CAUSAL_LM", init_weights=False)
+        if method == "prefix_v2"
+        else InstancePromptConfig(task_type="CAUSAL_LM", init_weights=False)
+    )
+    model = get_peft_model(tiny_model("llama"), config).eval()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad(), pytest.raises(Exception, match="(?s)Python hooks.*compile without fullgraph=True"):
+        compiled(input_ids=token_batch())
+    torch._dynamo.reset()
+
+
 # -- torch.nn.DataParallel ---------------------------------------------------------------------------------------
 # Trainer wraps the model in DataParallel when one process sees several GPUs. Its replicas share the original
 # modules' hooks and run in threads, so they would share the tuner's per-call prompts: refused, naming DDP.

@@ -216,6 +216,35 @@ class PromptInputs:
         return self._frozen[depth]
 
 
+COMPILE_BOUNDARY = (
+    "peft-ipt computes each call's prompts in Python hooks at the model's entry, which torch.compile runs eagerly "
+    "between compiled graphs: compile without fullgraph=True (torch.compile(model), or generate()'s own compile "
+    "with a static cache), or export the model with torch.export.export, which traces the prompts into its graph"
+)
+
+
+def _eager(function: Callable) -> Callable:
+    """A function torch.compile leaves to Python: with fullgraph=True, its refusal names the reason."""
+    try:
+        return torch.compiler.disable(function, reason=COMPILE_BOUNDARY)
+    except TypeError:  # torch before 2.8 takes no reason
+        return torch.compiler.disable(function)
+
+
+class EntryHook:
+    """The tuner's hook at an entry point: ``method(role, ...)``, run in Python (not traced) under torch.compile.
+
+    An object rather than a closure, so that a deep copy or a pickle of the model gives the copy's hooks the copy's
+    tuner."""
+
+    def __init__(self, method: Callable, role: str):
+        self.method, self.role = method, role
+
+    @_eager
+    def __call__(self, *args, **kwargs):
+        return self.method(self.role, *args, **kwargs)
+
+
 def _check_some_source(inputs: PromptInputs) -> None:
     """Refuse a decoder-only batch whose labels mark every token a target: the instance prompt would be built from
     nothing in training, and from the whole input at generate() (a collator for plain language modelling does this)."""
@@ -486,11 +515,9 @@ class PromptTuner(BaseTuner):
         self._hooks.append(self.register_state_dict_pre_hook(PromptTuner._record_vocab_size))
         for module, role in entry_points(model, self._injection.tower):
             self._hooks.append(
-                module.register_forward_pre_hook(functools.partial(self._enter, role), with_kwargs=True)
+                module.register_forward_pre_hook(EntryHook(self._enter, role), with_kwargs=True)
             )
-            self._hooks.append(
-                module.register_forward_hook(functools.partial(self._leave, role), always_call=True)
-            )
+            self._hooks.append(module.register_forward_hook(EntryHook(self._leave, role), always_call=True))
 
     def _record_vocab_size(self, prefix: str, keep_vars: bool) -> None:
         # A state dict is what save_pretrained writes: the configs saved beside it name the vocabulary the model has
