@@ -130,6 +130,10 @@ def test_fullgraph_compile_is_refused_naming_the_reason_and_the_ways_that_work(m
     with torch.no_grad(), pytest.raises(Exception, match="(?s)Python hooks.*compile without fullgraph=True"):
         compiled(input_ids=token_batch())
     torch._dynamo.reset()
+    # torch.export's strict mode traces as fullgraph does; its default (strict=False) works (test_peft_gaps.py)
+    with torch.no_grad(), pytest.raises(Exception, match=r"(?s)Python hooks.*strict=False\) \(its default\)"):
+        torch.export.export(model, (), {"input_ids": token_batch()}, strict=True)
+    torch._dynamo.reset()
 
 
 # -- torch.nn.DataParallel ---------------------------------------------------------------------------------------

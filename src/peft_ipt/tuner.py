@@ -219,7 +219,8 @@ class PromptInputs:
 COMPILE_BOUNDARY = (
     "peft-ipt computes each call's prompts in Python hooks at the model's entry, which torch.compile runs eagerly "
     "between compiled graphs: compile without fullgraph=True (torch.compile(model), or generate()'s own compile "
-    "with a static cache), or export the model with torch.export.export, which traces the prompts into its graph"
+    "with a static cache), or export with torch.export.export(..., strict=False) (its default), which traces the "
+    "prompts into its graph"
 )
 
 
