@@ -128,6 +128,15 @@ def tiny_model(arch: str, task: str = "CAUSAL_LM", attn: str = "sdpa", seed: int
     return model.eval()
 
 
+def move_trainable_weights(model: torch.nn.Module, seed: int = 0, scale: float = 0.5) -> None:
+    """Add scale x N(0, 1) noise to every trainable weight: an adapter that, like a trained one, moves the logits."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
+
+
 def token_batch(batch: int = 2, length: int = 7, seed: int = 1, low: int = 3) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(low, VOCAB, (batch, length), generator=generator)

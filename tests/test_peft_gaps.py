@@ -11,7 +11,7 @@ import re
 
 import pytest
 import torch
-from conftest import lm_labels, tiny_model, token_batch
+from conftest import lm_labels, move_trainable_weights, tiny_model, token_batch
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers.generation.continuous_batching.cache import PagedAttentionCache
 
@@ -476,11 +476,7 @@ def test_torch_export_runs_each_inputs_prompt_and_leaves_the_eager_model_as_it_w
     graph. Before, PrefixTuningV2 failed on its inference cache's parameter addresses (fake tensors have none), and
     the frozen-model source on its data-dependent cut; a prefix cached while tracing then reached eager calls."""
     model = get_peft_model(tiny_model(arch, task), config).eval()
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # a trained adapter moves the logits well above the tolerance
-        for parameter in model.parameters():
-            if parameter.requires_grad:
-                parameter.add_(0.5 * torch.randn(parameter.shape, generator=generator))
+    move_trainable_weights(model)  # a trained adapter moves the logits well above the tolerance
     traced, other = token_batch(2, 8), token_batch(2, 8, seed=5)
     mask = torch.ones_like(other)
     mask[:, 6:] = 0  # every row right-padded: the eager frozen pass is cut there, the exported one is not

@@ -8,7 +8,7 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from conftest import lm_labels, tiny_model, token_batch
+from conftest import lm_labels, move_trainable_weights, tiny_model, token_batch
 from safetensors.torch import load_file
 from test_cli import CLASSIFICATION, assets, write_experiment  # noqa: F401  (assets: the tiny models + csv)
 
@@ -30,11 +30,7 @@ def trained_prefix(folder: Path, arch: str, task: str, **config) -> tuple[Path, 
     """A PrefixTuningV2 adapter whose trainable weights (prefix and head) are moved away from their initialisation,
     saved to ``folder``; returns the folder and its logits (call())."""
     model = peft.get_peft_model(tiny_model(arch, task), PrefixTuningV2Config(task_type=task, **config))
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(0.5 * torch.randn(param.shape, generator=generator))
+    move_trainable_weights(model, seed=3)
     model.eval()
     logits = call(model, task)
     model.save_pretrained(folder)
