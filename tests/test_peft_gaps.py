@@ -184,6 +184,58 @@ def test_inject_adapter_in_model_refuses_and_names_get_peft_model(config_cls):
 
 
 @pytest.mark.parametrize("config_cls", [PrefixTuningV2Config, InstancePromptConfig])
+def test_peft_prompt_learning_accessors_refuse_saying_the_prompt_is_computed_inside(config_cls):
+    """PeftModel.get_prompt / get_prompt_embedding_to_save read .prompt_encoder, which only peft's prompt-learning
+    methods have; the lookup fell through to the base model ("'LlamaForCausalLM' object has no attribute")."""
+    model = get_peft_model(tiny_model("llama"), config_cls(task_type="CAUSAL_LM"))
+    why = r"'prompt_encoder'.*peft's own prompt-learning methods.*inside the model's forward.*prompt_modules"
+    with pytest.raises(AttributeError, match=why):
+        model.get_prompt(batch_size=2)
+    with pytest.raises(AttributeError, match=why):
+        model.get_prompt_embedding_to_save("default")
+    assert not hasattr(model, "prompt_tokens")
+    # a base model with an attribute of that name (SAM's prompt encoder) still gives its own
+    base = tiny_model("llama")
+    base.prompt_encoder = torch.nn.Linear(2, 2)
+    model = get_peft_model(base, config_cls(task_type="CAUSAL_LM"))
+    assert model.base_model.prompt_encoder is base.prompt_encoder
+
+
+@pytest.mark.parametrize("config_cls", [PrefixTuningV2Config, InstancePromptConfig])
+def test_peft_status_and_base_state_dict_helpers_see_the_adapter(config_cls):
+    """get_model_status / get_layer_status count the adapter; get/set_base_model_state_dict hold the base alone."""
+    from peft import get_base_model_state_dict, set_base_model_state_dict
+
+    model = get_peft_model(tiny_model("llama"), config_cls(task_type="CAUSAL_LM", init_weights=False)).eval()
+    trainable, total = model.get_nb_trainable_parameters()
+    status = model.get_model_status()
+    assert (status.trainable_params, status.total_params) == (trainable, total) and trainable > 0
+    assert status.peft_types == {
+        "default": model.peft_config["default"].peft_type.name
+    } and status.requires_grad == {"default": True}
+    (layer,) = model.get_layer_status()
+    assert layer.available_adapters == ["default"] and layer.enabled
+    model.set_requires_grad("default", False)
+    assert model.get_model_status().requires_grad == {"default": False}
+    with model.disable_adapter():
+        assert not model.get_model_status().enabled
+
+    base_state = get_base_model_state_dict(model)
+    assert base_state.keys() == tiny_model("llama").state_dict().keys()
+    other = tiny_model("llama", seed=3)
+    ids = token_batch()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        set_base_model_state_dict(model, other.state_dict())
+        after = model(input_ids=ids).logits
+        fresh = get_peft_model(other, config_cls(task_type="CAUSAL_LM", init_weights=False))
+        set_peft_model_state_dict(fresh, get_peft_model_state_dict(model))
+        # the adapter kept its weights, the base took the new ones: the same outputs as the adapter on that base
+        torch.testing.assert_close(after, fresh.eval()(input_ids=ids).logits)
+    assert not torch.allclose(before, after)
+
+
+@pytest.mark.parametrize("config_cls", [PrefixTuningV2Config, InstancePromptConfig])
 def test_transformers_adapter_loading_refuses_naming_the_peft_loaders(config_cls, tmp_path):
     """transformers loads an adapter folder itself through peft's inject_adapter_in_model
     (AutoModelForCausalLM.from_pretrained(adapter_folder), model.load_adapter(path)). peft's own refusal there named

@@ -442,6 +442,24 @@ class PromptTuner(BaseTuner):
             )
         super().__init__(model, peft_config, adapter_name, **kwargs)
 
+    # peft's prompt-learning API on PeftModel (get_prompt, get_prompt_embedding_to_save) reads these through the tuner
+    # from the base model, whose AttributeError would name the base model's class and not say why.
+    _PROMPT_LEARNING_ATTRIBUTES = frozenset({"prompt_encoder", "prompt_tokens"})
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name not in self._PROMPT_LEARNING_ATTRIBUTES:
+                raise
+            raise AttributeError(
+                f"{name!r} (used by PeftModel.get_prompt and get_prompt_embedding_to_save) belongs to peft's own "
+                "prompt-learning methods, which hand their prompt to the model as past_key_values or input "
+                "embeddings. A peft-ipt adapter computes its prompt inside the model's forward, so there is none to "
+                "pass in: call the model or generate() with the adapter active. Its weights are in "
+                "model.base_model.prompt_modules[adapter_name]."
+            ) from None
+
     def __getstate__(self) -> dict:
         # A copy (copy.deepcopy, torch.save of the whole model) starts between calls: the last call's prompts and
         # inputs stay with the original. After a training step they carry autograd history, which deepcopy refuses
