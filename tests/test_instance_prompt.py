@@ -728,6 +728,34 @@ def test_the_frozen_model_source_reads_inputs_embeds_when_that_is_all_the_call_h
     torch.testing.assert_close(from_embeds, from_ids)
 
 
+@pytest.mark.parametrize("task", ["SEQ_CLS", "TOKEN_CLS"])
+def test_the_frozen_pass_sees_the_calls_segment_ids_and_an_encoders_positions(task):
+    """The frozen pass is the frozen model on this call's input: a sentence pair's segment ids (BERT's
+    token_type_ids) and an encoder's explicit position_ids (a left-padded batch) reach it as they reach the model.
+    It ran without them, so a pair's second text looked like more of its first to the instance signal."""
+    model = ipt_model("bert", task, instance_source="frozen_model").eval()
+    tuner = model.base_model
+    seen = []
+    original = tuner._run_frozen
+    tuner._run_frozen = lambda inputs, depth=None: seen.append(original(inputs, depth)) or seen[-1]
+    pad = model.config.pad_token_id
+    ids = torch.cat([torch.full((2, 2), pad), token_batch(2, 6)], dim=1)  # left-padded
+    mask = (ids != pad).long()
+    segments = torch.zeros_like(ids)
+    segments[:, 5:] = 1  # the pair's second text
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    call = {"input_ids": ids, "attention_mask": mask, "token_type_ids": segments, "position_ids": positions}
+    with torch.no_grad():
+        model(**call)
+        with model.disable_adapter():
+            bare = model.get_base_model().base_model(**call).last_hidden_state
+        rows = mask.bool()
+        torch.testing.assert_close(seen[-1][rows], bare[rows])
+        # and the prompt follows them: the same tokens as one segment give another output
+        model(**(call | {"token_type_ids": torch.zeros_like(ids)}))
+        assert not torch.allclose(seen[-1][rows], bare[rows], atol=1e-3)
+
+
 @pytest.mark.parametrize("swap", ["modules_to_save", "set_input_embeddings"])
 @pytest.mark.parametrize("injection", ["hybrid", "input"])
 def test_the_embeddings_source_reads_the_embedding_layer_the_model_reads_now(swap, injection):

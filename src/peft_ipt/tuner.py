@@ -134,6 +134,12 @@ def position_limit(model: nn.Module) -> int | None:
     return min(limits) if limits else None
 
 
+# What the frozen pass (instance_source='frozen_model') takes from the call besides the tokens: BERT's segment ids
+# (a sentence pair's second text), and an encoder's explicit positions (a left-padded batch). Without them the frozen
+# states were not the frozen model's on this input. Decoder-only models number the source themselves (_run_frozen).
+FROZEN_PASS_EXTRAS = ("token_type_ids", "position_ids")
+
+
 @dataclass
 class PromptInputs:
     """What a prompt module may read of one model call. Only the source side: see :meth:`source`."""
@@ -154,6 +160,8 @@ class PromptInputs:
     # The model's input embedding layer as it is at this call (set by the tuner): looked up per call, because
     # modules_to_save on the embeddings, set_input_embeddings or a resize replaces the module the model reads.
     embedder: nn.Module | None = field(default=None, repr=False)
+    # Per-token tensors of the call that the frozen pass hands the backbone as the call did (FROZEN_PASS_EXTRAS).
+    frozen_extras: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _frozen: dict = field(default_factory=dict, repr=False)
 
     def select(self, rows: torch.Tensor) -> PromptInputs:
@@ -834,6 +842,7 @@ class PromptTuner(BaseTuner):
 
     def _inputs_from_call(self, args: tuple, kwargs: dict, source_mask=None) -> PromptInputs:
         input_ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
+        extras = {name: kwargs[name] for name in FROZEN_PASS_EXTRAS if torch.is_tensor(kwargs.get(name))}
         return PromptInputs(
             input_ids=input_ids,
             attention_mask=kwargs.get("attention_mask"),
@@ -844,6 +853,7 @@ class PromptTuner(BaseTuner):
             teacher_forced=self._teacher_forced,
             frozen_runner=self._run_frozen,
             embedder=input_embeddings(self.model),
+            frozen_extras=extras,
         )
 
     def _enter(self, role: str, module: nn.Module, args: tuple, kwargs: dict):
@@ -1065,13 +1075,21 @@ class PromptTuner(BaseTuner):
             self.model.get_encoder() if encoder_decoder else getattr(self.model, "base_model", self.model)
         )
         tokens = inputs.input_ids if inputs.input_ids is not None else inputs.inputs_embeds
+        accepted = inspect.signature(backbone.forward).parameters
+        length = tokens.shape[1]
         call = {"attention_mask": source.long()}
+        call |= {
+            name: value
+            for name, value in inputs.frozen_extras.items()
+            if name in accepted and value.dim() >= 2 and value.shape[-1] == length
+        }
         if self._causal and not encoder_decoder:
             if not is_tracing(tokens):  # torch.export cannot trace a length read from the data: it runs uncut
                 present = source.any(0).nonzero()
                 end = int(present.max()) + 1 if len(present) else 1
-                tokens, call["attention_mask"] = tokens[:, :end], call["attention_mask"][:, :end]
-            if "position_ids" in inspect.signature(backbone.forward).parameters:
+                tokens = tokens[:, :end]
+                call = {name: value[..., :end] for name, value in call.items()}
+            if "position_ids" in accepted:
                 call["position_ids"] = (call["attention_mask"].cumsum(-1) - 1).clamp(min=0)
         call["input_ids" if inputs.input_ids is not None else "inputs_embeds"] = tokens
         stop = None
