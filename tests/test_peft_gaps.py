@@ -504,6 +504,59 @@ def test_instance_prompt_refuses_packed_rows_naming_padding_and_prefix_v2(varian
             )  # positions that count up: one sequence
 
 
+def _block_diagonal(lengths: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """A (1, 1, T, T) mask keeping each packed sequence causal and to itself: bool, or additive in ``dtype``."""
+    total = sum(lengths)
+    keep = torch.zeros(total, total, dtype=torch.bool)
+    start = 0
+    for length in lengths:
+        keep[start : start + length, start : start + length] = torch.ones(length, length).tril().bool()
+        start += length
+    if dtype == torch.bool:
+        return keep[None, None]
+    return torch.zeros(total, total, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)[None, None]
+
+
+@pytest.mark.parametrize(
+    ("attn", "dtype"), [("sdpa", torch.bool), ("sdpa", torch.float32), ("eager", torch.float32)]
+)
+def test_prefix_v2_takes_a_4d_mask_over_packed_sequences(attn, dtype):
+    """A custom 4-D mask (here block-diagonal over two packed sequences, with restarting positions): each sequence
+    sees its own tokens and the prefix, as it does alone. (transformers' eager attention adds a bool 4-D mask as
+    numbers, wrong without an adapter too, so eager takes the additive form.)"""
+    model = get_peft_model(
+        tiny_model("llama", attn=attn),
+        PrefixTuningV2Config(task_type="CAUSAL_LM", prefix_length=4, init_weights=False),
+    ).eval()
+    first, second = token_batch(1, 4, seed=1), token_batch(1, 5, seed=2)
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4]])
+    with torch.no_grad():
+        packed = model(
+            input_ids=torch.cat([first, second], 1),
+            attention_mask=_block_diagonal([4, 5], dtype),
+            position_ids=positions,
+        ).logits
+        torch.testing.assert_close(packed[:, :4], model(input_ids=first).logits, rtol=0, atol=1e-5)
+        torch.testing.assert_close(packed[:, 4:], model(input_ids=second).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("injection", ["hybrid", "input"])
+def test_instance_prompt_refuses_a_4d_mask_naming_the_padding_mask(injection):
+    """An instance prompt reads each row's input tokens from a (batch, length) mask; a 4-D one failed deep in
+    torch ("The size of tensor a (2) must match the size of tensor b (6)")."""
+    config = InstancePromptConfig(task_type="CAUSAL_LM", prompt_length=4, injection=injection)
+    model = get_peft_model(tiny_model("llama"), config).eval()
+    ids = token_batch(2, 6)
+    mask = torch.ones(6, 6).tril().bool()[None, None].expand(2, 1, 6, 6)
+    why = r"attention_mask has shape \(2, 1, 6, 6\).*\(batch, length\) padding mask.*PrefixTuningV2Config"
+    with pytest.raises(ValueError, match=why):
+        model(input_ids=ids, attention_mask=mask)
+    with pytest.raises(ValueError, match=why):
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2)
+    with torch.no_grad():  # the padding mask is served
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+
 @pytest.mark.parametrize(
     "arch, task, config",
     [

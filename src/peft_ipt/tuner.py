@@ -254,6 +254,19 @@ class EntryHook:
         return self.method(self.role, *args, **kwargs)
 
 
+def _check_padding_mask(inputs: PromptInputs) -> None:
+    """Refuse an attention_mask that is not (batch, length): an instance prompt reads from it which of a row's tokens
+    are its input, and a custom 4-D mask does not say that."""
+    mask = inputs.attention_mask
+    if torch.is_tensor(mask) and mask.dim() != 2:
+        raise ValueError(
+            f"attention_mask has shape {tuple(mask.shape)}, but an instance prompt reads which tokens of each row are "
+            "its input (not padding) from a (batch, length) mask, which a custom 4-D mask (an attention pattern, or "
+            "a block-diagonal mask over packed sequences) does not say. Pass the (batch, length) padding mask, or "
+            "use PrefixTuningV2Config, whose prefixes take 4-D masks."
+        )
+
+
 def _check_some_source(inputs: PromptInputs) -> None:
     """Refuse a decoder-only batch whose labels mark every token a target: the instance prompt would be built from
     nothing in training, and from the whole input at generate() (a collator for plain language modelling does this)."""
@@ -1026,6 +1039,7 @@ class PromptTuner(BaseTuner):
                     "from the encoder's input, which this call does not have. Call the whole model "
                     "(model(input_ids=..., decoder_input_ids=...)) or its encoder."
                 )
+            _check_padding_mask(inputs)
             _check_some_source(inputs)
             past = cache_argument(kwargs)
             if past is not None and past.get_seq_length() > 0:
@@ -1328,6 +1342,8 @@ class PromptTuner(BaseTuner):
         if self._enabled and self.active_adapters:
             self._check_route(kwargs)
             self._check_length(inputs, {})
+            if self._instance_wise():
+                _check_padding_mask(inputs)
         # generate() runs without gradient: so does the prompt it decodes with (no autograd history kept after it).
         with torch.no_grad():
             self._calls.append(self.model)  # the frozen pass of the prompt computation is nested in this call
