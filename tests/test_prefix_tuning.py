@@ -616,10 +616,17 @@ def test_an_adapter_saved_after_resize_token_embeddings_reloads_on_the_resized_b
         PeftModel.from_pretrained(tiny_model("llama"), tmp_path)
 
 
-def test_flash_attention_is_refused_at_get_peft_model():
+@pytest.mark.parametrize(
+    ("impl", "why"),
+    [
+        ("flash_attention_2", "flash-attention kernels take no per-layer key/value prefix"),
+        ("flex_attention", "flex_attention's block mask is built over the model's own keys"),
+    ],
+)
+def test_an_attention_without_prefixes_is_refused_at_get_peft_model_with_its_reason(impl, why):
     base = tiny_model("llama")
-    base.config._attn_implementation = "flash_attention_2"
-    with pytest.raises(ValueError, match="attn_implementation='flash_attention_2' is not supported"):
+    base.config._attn_implementation = impl
+    with pytest.raises(ValueError, match=rf"attn_implementation='{impl}' is not supported.*'sdpa'\. {why}"):
         get_peft_model(base, PrefixTuningV2Config(task_type="CAUSAL_LM"))
 
 

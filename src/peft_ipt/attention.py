@@ -427,10 +427,15 @@ def check_transformers_model(model: nn.Module) -> str:
     impl = config._attn_implementation or "eager"
     base_impl = impl.removeprefix(REGISTERED_PREFIX)
     if base_impl not in SUPPORTED_IMPLEMENTATIONS:
+        if "flex" in base_impl:
+            why = "flex_attention's block mask is built over the model's own keys, with no room for prefix keys."
+        elif "paged" in base_impl:
+            why = "paged attention serves continuous batching, which keeps no per-row prefix."
+        else:
+            why = "flash-attention kernels take no per-layer key/value prefix with the padding layout transformers uses."
         raise UnsupportedModelError(
             f"attn_implementation={impl!r} is not supported by peft-ipt's prefixes (supported: "
-            f"{', '.join(SUPPORTED_IMPLEMENTATIONS)}); load the model with attn_implementation='sdpa'. "
-            "flash-attention kernels take no per-layer key/value prefix with the padding layout transformers uses."
+            f"{', '.join(SUPPORTED_IMPLEMENTATIONS)}); load the model with attn_implementation='sdpa'. {why}"
         )
     return base_impl
 
