@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import lm_labels, tiny_model, token_batch
+from conftest import lm_labels, move_trainable_weights, tiny_model, token_batch
 from peft import PeftModel, get_peft_model
 from test_prefix_tuning import COMBOS, main_output, model_inputs
 from transformers import AlbertConfig, AutoModelForSequenceClassification, ElectraConfig
@@ -277,6 +277,45 @@ def test_left_padded_batch_matches_single_examples(variant):
             input_ids=prompt[None], attention_mask=torch.ones(1, len(prompt), dtype=torch.long), **kwargs
         )
         assert torch.equal(together[row, -5:], alone[0, -5:])
+
+
+@pytest.mark.parametrize("task", ["CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS"])
+def test_input_injection_puts_a_left_padded_rows_prompt_after_its_padding(task):
+    """A left-padded row's prompt goes right before its first token, so on a rotary decoder a forward gives each
+    row's own logits, hidden states and loss, as without an adapter. In front of the padding it sat at another
+    distance from the tokens: 3e-4 off on the logits of a tiny Llama, 6e-2 for token classification."""
+    model = ipt_model("llama", task, injection="input", instance_encoder="none").eval()
+    move_trainable_weights(model)
+    pad = model.config.pad_token_id
+    long, short = token_batch(1, 8, seed=4), token_batch(1, 5, seed=5)
+    batch = torch.cat([long, torch.cat([torch.full((1, 3), pad), short], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :3] = 0
+    labels = [lm_labels(long), lm_labels(short)] if task == "CAUSAL_LM" else [None, None]
+    with torch.no_grad():
+        batch_labels = None
+        if task == "CAUSAL_LM":
+            batch_labels = torch.cat([labels[0], torch.cat([torch.full((1, 3), -100), labels[1]], 1)])
+        both = model(input_ids=batch, attention_mask=mask, labels=batch_labels, output_hidden_states=True)
+        losses, counts = [], []
+        for row, (ids, row_labels) in enumerate(zip((long, short), labels, strict=True)):
+            alone = model(input_ids=ids, labels=row_labels, output_hidden_states=True)
+            columns = slice(0, 8) if row == 0 else slice(3, 8)
+            for name in ("logits", "start_logits", "end_logits"):
+                if getattr(alone, name, None) is not None:
+                    torch.testing.assert_close(getattr(both, name)[row, columns], getattr(alone, name)[0])
+            torch.testing.assert_close(both.hidden_states[-1][row, columns], alone.hidden_states[-1][0])
+            if row_labels is not None:  # every target token counts once, in the batch as alone
+                losses.append(alone.loss * (row_labels != -100).sum())
+                counts.append((row_labels != -100).sum())
+        if losses:
+            torch.testing.assert_close(both.loss, sum(losses) / sum(counts))
+    if task == "CAUSAL_LM":  # generate()'s first-step hidden states: each row's own positions, with beams too
+        kwargs = {"max_new_tokens": 2, "num_beams": 2, "num_return_sequences": 2, "pad_token_id": pad}
+        kwargs |= {"output_hidden_states": True, "return_dict_in_generate": True}
+        together = model.generate(input_ids=batch, attention_mask=mask, **kwargs).hidden_states[0][-1]
+        alone = model.generate(input_ids=short, attention_mask=torch.ones_like(short), **kwargs)
+        torch.testing.assert_close(together[2:, 3:], alone.hidden_states[0][-1])
 
 
 def test_beam_search_expands_each_rows_prompt():

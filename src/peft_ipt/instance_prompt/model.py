@@ -24,6 +24,39 @@ from .layer import InstancePromptModule
 PER_TOKEN_OUTPUTS = ("logits", "start_logits", "end_logits", "last_hidden_state")
 
 
+def first_present(mask: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
+    """(B,) the column of each row's first token that is not padding (0 without a mask, or for an empty row)."""
+    batch, length = tokens.shape[:2]
+    if mask is None:
+        return torch.zeros(batch, dtype=torch.long, device=tokens.device)
+    present = mask[:, -length:].bool()
+    return torch.where(present.any(1), present.long().argmax(1), 0)
+
+
+def insertion_order(at: torch.Tensor, length: int, P: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where P prompt tokens go into rows of ``length`` tokens, before column ``at`` (B,) of each row.
+
+    Returns ``order`` (B, length + P): for each new position, its index into [the row's tokens, the prompt] (the
+    prompt's k-th token is index length + k); and ``kept`` (B, length): the new positions of the row's tokens.
+    """
+    at = at[:, None]
+    new = torch.arange(length + P, device=at.device)[None]
+    order = torch.where(new < at, new, torch.where(new < at + P, length + new - at, new - P))
+    old = torch.arange(length, device=at.device)[None]
+    kept = torch.where(old < at, old, old + P)
+    return order, kept
+
+
+def keep_positions(tensor: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """The row's own positions of a per-token output (B', length + P, ...), the prompt's cut out; B' may be a
+    multiple of B (generate's beams and returned sequences)."""
+    kept = kept.to(tensor.device)
+    if tensor.shape[0] != kept.shape[0]:
+        kept = kept.repeat_interleave(tensor.shape[0] // kept.shape[0], dim=0)
+    index = kept.view(*kept.shape, *([1] * (tensor.dim() - 2))).expand(-1, -1, *tensor.shape[2:])
+    return torch.gather(tensor, 1, index)
+
+
 class InstancePromptModel(PromptTuner):
     prefix = "ipt_"
     modules_attr = "ipt_encoder"
@@ -31,7 +64,9 @@ class InstancePromptModel(PromptTuner):
     def _pre_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
         super()._pre_injection_hook(model, config, adapter_name)
         self._hidden_hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
-        self._trim: tuple[int, int, int, bool] | None = None  # (at, P, length, return a tuple)
+        # (the row's tokens' new positions (B, T), P, T, return a tuple) of the call that inserted an input prompt
+        self._trim: tuple[torch.Tensor, int, int, bool] | None = None
+        self._kept: torch.Tensor | None = None  # the same positions, for generate()'s hidden states
         self._generated: tuple | None = None  # set by _generate_call for _finish_generate
         self._encoder_only = (
             not getattr(model.config, "is_encoder_decoder", False) and not self._injection.causal
@@ -187,11 +222,19 @@ class InstancePromptModel(PromptTuner):
         self._inserted = prompt.detach()
         batch, length = embeds.shape[:2]
         P = prompt.shape[1]
-        at = 1 if self._encoder_only else 0  # keep [CLS] first: the classifier reads position 0
+        mask = kwargs.get("attention_mask")
+        # Each row's prompt goes right before its first token (after [CLS] for encoders: the classifier reads it),
+        # so a left-padded row holds [padding, prompt, tokens] and its tokens sit from the prompt as they do alone.
+        at = first_present(mask, embeds) + (1 if self._encoder_only else 0)  # (B,)
+        order, kept = insertion_order(at, length, P)
 
         def insert(tensor: torch.Tensor, fill) -> torch.Tensor:
             block = tensor.new_full((batch, P, *tensor.shape[2:]), fill) if fill is not None else prompt
-            return torch.cat([tensor[:, :at], block, tensor[:, at:]], dim=1)
+            joined = torch.cat([tensor, block], dim=1)
+            index = order.view(batch, length + P, *([1] * (tensor.dim() - 2))).expand(
+                -1, -1, *tensor.shape[2:]
+            )
+            return torch.gather(joined, 1, index)
 
         kwargs = {k: v for k, v in kwargs.items() if k != "input_ids"}
         if kwargs.get("position_ids") is not None:
@@ -201,7 +244,6 @@ class InstancePromptModel(PromptTuner):
                 "its base model, whose generate() passes them"
             )
         kwargs["inputs_embeds"] = insert(embeds, None)
-        mask = kwargs.get("attention_mask")
         kwargs["attention_mask"] = insert(
             mask if mask is not None else embeds.new_ones(batch, length, dtype=torch.long), 1
         )
@@ -212,7 +254,7 @@ class InstancePromptModel(PromptTuner):
             kwargs["labels"] = insert(labels, -100)
         for name in ("start_positions", "end_positions"):
             if kwargs.get(name) is not None:
-                kwargs[name] = kwargs[name] + P * (kwargs[name] >= at)
+                kwargs[name] = kwargs[name] + P * (kwargs[name] >= at.to(kwargs[name].device))
         if not for_generate:
             # The prompt's positions are cut out of the named per-token outputs, so the call returns a ModelOutput;
             # a call that asked for a tuple (return_dict=False, or the config's) gets it after the cut.
@@ -220,7 +262,9 @@ class InstancePromptModel(PromptTuner):
             as_tuple = not (getattr(self.model.config, "return_dict", True) if asked is None else asked)
             if as_tuple:
                 kwargs["return_dict"] = True
-            self._trim = (at, P, length, as_tuple)
+            self._trim = (kept, P, length, as_tuple)
+        else:
+            self._kept = kept
         return kwargs
 
     def _transform_call(self, args: tuple, kwargs: dict, inputs: PromptInputs):
@@ -295,6 +339,7 @@ class InstancePromptModel(PromptTuner):
         if generated is None:
             return output
         source, length, P, encoder_decoder = generated
+        kept, self._kept = getattr(self, "_kept", None), None
 
         # A decoder's generate() from inputs_embeds returns only new tokens; give back the input + new tokens as usual.
         def with_input(new_tokens: torch.Tensor) -> torch.Tensor:
@@ -303,9 +348,11 @@ class InstancePromptModel(PromptTuner):
             rows = source.repeat_interleave(new_tokens.shape[0] // source.shape[0], dim=0)
             return torch.cat([rows, new_tokens], dim=1)
 
-        # as in forward: the prompt's positions (in front) out of each layer's states
+        # as in forward: the prompt's positions out of each layer's states
         def cut(states: tuple) -> tuple:
-            return tuple(h[:, P:] if h.dim() == 3 and h.shape[1] == length + P else h for h in states)
+            return tuple(
+                keep_positions(h, kept) if h.dim() == 3 and h.shape[1] == length + P else h for h in states
+            )
 
         if torch.is_tensor(output):
             return with_input(output)
@@ -327,7 +374,7 @@ class InstancePromptModel(PromptTuner):
         """Trim an input-level prompt's positions out of the per-token outputs of the call that inserted it."""
         if self._trim is None:
             return None
-        at, P, length, as_tuple = self._trim
+        kept, P, length, as_tuple = self._trim
         self._trim = None
         encoder_side = role == ENCODER_CALL or not getattr(self.model.config, "is_encoder_decoder", False)
         names = PER_TOKEN_OUTPUTS if encoder_side else ("encoder_last_hidden_state",)
@@ -336,7 +383,7 @@ class InstancePromptModel(PromptTuner):
             # per-token outputs: (B, T+P, ...) with 3 dims, or QA's (B, T+P) span logits; never (B, labels)
             per_token = torch.is_tensor(tensor) and (tensor.dim() >= 3 or per_token_2d)
             if per_token and tensor.shape[1] == length + P:
-                return torch.cat([tensor[:, :at], tensor[:, at + P :]], dim=1)
+                return keep_positions(tensor, kept)
             return tensor
 
         for name in names:
