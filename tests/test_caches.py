@@ -9,7 +9,7 @@ import inspect
 
 import pytest
 import torch
-from conftest import tiny_model, token_batch
+from conftest import move_trainable_weights, tiny_model, token_batch
 from peft import get_peft_model
 from transformers import LlamaForCausalLM
 
@@ -196,6 +196,45 @@ def test_a_manual_decoding_loop_reuses_the_prompt_of_its_prefill(cache_name):
             steps.append(out.logits[:, -1])
     for manual, step in zip(steps, generated.logits, strict=True):
         assert torch.allclose(manual, step, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask_width", ["caller's tokens", "with the prompt"])
+def test_an_input_prompts_manual_decoding_loop_with_a_mask_over_a_left_padded_batch_gives_generates_logits(
+    mask_width,
+):
+    """The loop passes the attention mask of its own tokens, as with any model. An input-level prompt's P positions
+    are in the cache too: such a mask was padded with zeros at its end by transformers, hiding the newest keys (a
+    different third token on a tiny Llama); it is widened where the prefill put the prompt. A mask that already
+    covers the prompt's positions is left as it is. (A rotary decoder needs no position_ids here: the prompt is in
+    the sequence, so each row's tokens sit from it as they do alone.)"""
+    config = InstancePromptConfig(
+        task_type="CAUSAL_LM", prompt_length=3, injection="input", init_weights=False
+    )
+    model = get_peft_model(tiny_model("llama"), config).eval()
+    move_trainable_weights(model)
+    ids = token_batch(2, 7)
+    ids[1, :2] = 0
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    kwargs = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    generated = model.generate(
+        input_ids=ids, attention_mask=mask, output_logits=True, return_dict_in_generate=True, **kwargs
+    )
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        steps = [out.logits[:, -1]]
+        if mask_width == "with the prompt":  # the caller's own widening: the prompt after each row's padding
+            mask = torch.ones(2, 10, dtype=torch.long)
+            mask[1, :2] = 0
+        for position in range(ids.shape[1], ids.shape[1] + 3):
+            token = generated.sequences[:, position : position + 1]
+            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+            out = model(
+                input_ids=token, attention_mask=mask, use_cache=True, **{CACHE_NAMES[0]: out.past_key_values}
+            )
+            steps.append(out.logits[:, -1])
+    for manual, step in zip(steps, generated.logits, strict=True):
+        torch.testing.assert_close(manual, step, atol=1e-5, rtol=0)
 
 
 def test_input_level_prompts_refuse_the_base_models_generate_and_say_where_to_generate():

@@ -1045,9 +1045,10 @@ class PromptTuner(BaseTuner):
             if past is not None and past.get_seq_length() > 0:
                 # a decoding step, or a later chunk of a prompt fed in pieces: the cache's own prompt, the one its
                 # keys and values were computed with (another call may have run in between)
-                self._prefixes = self._prompt_of_cache(past).prefixes
+                record = self._prompt_of_cache(past)
+                self._prefixes = record.prefixes
                 self._continuing = True
-                return args, kwargs
+                return args, self._continue_call(kwargs, record, past)
             if inputs.tokens is None and kwargs.get("encoder_outputs") is not None:
                 self._prefixes = self._prompt_of_encoder_outputs(kwargs["encoder_outputs"])
                 self._continuing = True
@@ -1289,6 +1290,11 @@ class PromptTuner(BaseTuner):
     def _transform_call(self, args: tuple, kwargs: dict, inputs: PromptInputs) -> tuple[tuple, dict]:
         """Hook for methods that change the call itself (input-level prompts); default: unchanged."""
         return args, kwargs
+
+    def _continue_call(self, kwargs: dict, record: CachePrompt, past) -> dict:
+        """Hook for methods whose prompt the cache holds as positions (input-level prompts): a call continuing it
+        may need its mask widened by them; default: unchanged."""
+        return kwargs
 
     def _generate_call(self, args: tuple, kwargs: dict, inputs: PromptInputs) -> tuple[tuple, dict]:
         """Hook to change the arguments of ``generate``; default: unchanged."""

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..attention import SiteLayout
-from ..call_state import cache_argument, drafting
+from ..call_state import CachePrompt, cache_argument, drafting
 from ..tuner import ENCODER_CALL, PromptInputs, PromptTuner, gradient_checkpointing_on, in_backward
 from .config import InstancePromptConfig
 from .encoders import first_source_tokens
@@ -266,6 +266,24 @@ class InstancePromptModel(PromptTuner):
         else:
             self._kept = kept
         return kwargs
+
+    def _continue_call(self, kwargs: dict, record: CachePrompt, past) -> dict:
+        """A call continuing a cache whose prefill had an input-level prompt (a hand-written decoding loop, a later
+        chunk): the cache holds the prompt's P positions, which a mask over the caller's own tokens lacks (and
+        transformers would pad it with zeros at the end, hiding the newest keys). Widen it by P columns where the
+        prefill put the prompt: before each row's first token."""
+        mask = kwargs.get("attention_mask")
+        if record.inserted is None or getattr(self.model.config, "is_encoder_decoder", False):
+            return kwargs
+        tokens = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        if not torch.is_tensor(mask) or mask.dim() != 2 or not torch.is_tensor(tokens):
+            return kwargs
+        P = record.inserted.shape[1]
+        if mask.shape[1] != past.get_seq_length() + tokens.shape[1] - P:
+            return kwargs  # already over every cached position (the prompt's included), or not a 2-D padding mask
+        order, _ = insertion_order(first_present(mask, mask), mask.shape[1], P)
+        joined = torch.cat([mask, mask.new_ones(mask.shape[0], P)], dim=1)
+        return {**kwargs, "attention_mask": torch.gather(joined, 1, order.to(mask.device))}
 
     def _transform_call(self, args: tuple, kwargs: dict, inputs: PromptInputs):
         module = self._active_module()
