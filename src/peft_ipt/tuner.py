@@ -1052,7 +1052,7 @@ class PromptTuner(BaseTuner):
             if inputs.tokens is None and kwargs.get("encoder_outputs") is not None:
                 self._prefixes = self._prompt_of_encoder_outputs(kwargs["encoder_outputs"])
                 self._continuing = True
-                return args, kwargs
+                return args, self._continue_from_encoder(kwargs)
             _check_not_packed(kwargs)  # a new prompt: from one sequence per row
         self._start_call(inputs)
         return self._transform_call(args, kwargs, inputs)
@@ -1290,6 +1290,11 @@ class PromptTuner(BaseTuner):
     def _transform_call(self, args: tuple, kwargs: dict, inputs: PromptInputs) -> tuple[tuple, dict]:
         """Hook for methods that change the call itself (input-level prompts); default: unchanged."""
         return args, kwargs
+
+    def _continue_from_encoder(self, kwargs: dict) -> dict:
+        """Hook for a decoder call on an encoder's outputs (input-level prompts put their positions back); default:
+        unchanged."""
+        return kwargs
 
     def _continue_call(self, kwargs: dict, record: CachePrompt, past) -> dict:
         """Hook for methods whose prompt the cache holds as positions (input-level prompts): a call continuing it

@@ -22,6 +22,9 @@ from .encoders import first_source_tokens
 from .layer import InstancePromptModule
 
 PER_TOKEN_OUTPUTS = ("logits", "start_logits", "end_logits", "last_hidden_state")
+# On the outputs of an encoder called alone (injection='input'): (its states with the prompt's positions, the new
+# positions of the caller's tokens), for a decoder call on those outputs
+ENCODER_PROMPT_STATES = "_peft_ipt_encoder_prompt_states"
 
 
 def first_present(mask: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
@@ -213,11 +216,21 @@ class InstancePromptModel(PromptTuner):
 
     # -- injection='input' -----------------------------------------------------------------------------------
 
-    def _with_input_prompt(self, module, kwargs: dict, inputs: PromptInputs, for_generate: bool) -> dict:
+    def _with_input_prompt(
+        self,
+        module,
+        kwargs: dict,
+        inputs: PromptInputs,
+        for_generate: bool,
+        prompt: torch.Tensor | None = None,
+    ) -> dict:
+        """The call with the prompt inserted (``prompt``: a cache's own, for a call that runs the encoder again)."""
         embeds = inputs.inputs_embeds
         if embeds is None:
             embeds = self.model.get_input_embeddings()(inputs.input_ids)
-        prompt = module.input_prompt(inputs).to(embeds.dtype)  # (B, P, hidden)
+        prompt = (module.input_prompt(inputs) if prompt is None else prompt).to(
+            embeds.dtype
+        )  # (B, P, hidden)
         # what a cache this call fills records (see PromptTuner._remember_prompt)
         self._inserted = prompt.detach()
         batch, length = embeds.shape[:2]
@@ -273,8 +286,20 @@ class InstancePromptModel(PromptTuner):
         transformers would pad it with zeros at the end, hiding the newest keys). Widen it by P columns where the
         prefill put the prompt: before each row's first token."""
         mask = kwargs.get("attention_mask")
-        if record.inserted is None or getattr(self.model.config, "is_encoder_decoder", False):
+        if record.inserted is None:
             return kwargs
+        if getattr(self.model.config, "is_encoder_decoder", False):
+            # the encoder's side: its outputs passed on (the prompt's states put back), or its input again (the
+            # cache's prompt inserted as the prefill did)
+            if kwargs.get("encoder_outputs") is not None:
+                return self._continue_from_encoder(kwargs)
+            module = self._active_module()
+            if module is None or module.config.injection != "input":
+                return kwargs
+            if kwargs.get("input_ids") is None and kwargs.get("inputs_embeds") is None:
+                return kwargs
+            inputs = self._inputs_from_call((), kwargs)
+            return self._with_input_prompt(module, kwargs, inputs, for_generate=False, prompt=record.inserted)
         tokens = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
         if not torch.is_tensor(mask) or mask.dim() != 2 or not torch.is_tensor(tokens):
             return kwargs
@@ -284,6 +309,26 @@ class InstancePromptModel(PromptTuner):
         order, _ = insertion_order(first_present(mask, mask), mask.shape[1], P)
         joined = torch.cat([mask, mask.new_ones(mask.shape[0], P)], dim=1)
         return {**kwargs, "attention_mask": torch.gather(joined, 1, order.to(mask.device))}
+
+    def _continue_from_encoder(self, kwargs: dict) -> dict:
+        """A decoder call on encoder outputs that a call of the encoder alone returned (trimmed to the caller's
+        tokens): the decoder attends to the prompt's states too, as in a call of the whole model. Put them back,
+        and widen the encoder's mask by their P columns."""
+        outputs = kwargs["encoder_outputs"]
+        carried = getattr(outputs, ENCODER_PROMPT_STATES, None)
+        if carried is None:
+            return kwargs
+        full, kept = carried
+        length, P = kept.shape[1], full.shape[1] - kept.shape[1]
+        if outputs[0].shape[1] != length:
+            return kwargs  # not the trimmed states (already with the prompt's positions)
+        kwargs = {**kwargs, "encoder_outputs": type(outputs)(**{**outputs, "last_hidden_state": full})}
+        mask = kwargs.get("attention_mask")
+        if torch.is_tensor(mask) and mask.dim() == 2 and mask.shape[1] == length:
+            widened = mask.new_ones(mask.shape[0], length + P)
+            kwargs["attention_mask"] = widened.scatter(1, kept.to(mask.device), mask)
+        self._trim = (kept, P, length, False)  # the encoder states this call returns: the caller's positions
+        return kwargs
 
     def _transform_call(self, args: tuple, kwargs: dict, inputs: PromptInputs):
         module = self._active_module()
@@ -394,7 +439,11 @@ class InstancePromptModel(PromptTuner):
             return None
         kept, P, length, as_tuple = self._trim
         self._trim = None
-        encoder_side = role == ENCODER_CALL or not getattr(self.model.config, "is_encoder_decoder", False)
+        encoder_decoder = getattr(self.model.config, "is_encoder_decoder", False)
+        encoder_side = role == ENCODER_CALL or not encoder_decoder
+        full = (
+            getattr(output, "last_hidden_state", None) if role == ENCODER_CALL and encoder_decoder else None
+        )
         names = PER_TOKEN_OUTPUTS if encoder_side else ("encoder_last_hidden_state",)
 
         def cut(tensor, per_token_2d: bool = False):
@@ -412,4 +461,7 @@ class InstancePromptModel(PromptTuner):
         for name in ("hidden_states",) if encoder_side else ("encoder_hidden_states",):
             if getattr(output, name, None) is not None:
                 setattr(output, name, tuple(cut(h) for h in getattr(output, name)))
+        if torch.is_tensor(full) and full.shape[1] == length + P and not as_tuple:
+            # an encoder called alone: the decoder called on these outputs gets the prompt's states back
+            setattr(output, ENCODER_PROMPT_STATES, (full, kept))
         return output.to_tuple() if as_tuple and hasattr(output, "to_tuple") else output
