@@ -483,6 +483,34 @@ def test_a_decoder_call_on_encoder_outputs_uses_their_prompt_whatever_ran_in_bet
         assert torch.equal(model(encoder_outputs=encoded_a, decoder_input_ids=decoder).logits, whole)
 
 
+@pytest.mark.parametrize(
+    "variant",
+    [{}, {"instance_source": "frozen_model"}, {"instance_source": "hidden"}, {"injection": "input"}],
+    ids=["embeddings", "frozen_model", "hidden", "input"],
+)
+@pytest.mark.parametrize("arch", ["bart", "t5"])
+def test_generate_on_the_outputs_of_the_encoder_called_alone_decodes_as_from_the_input(arch, variant):
+    """generate(encoder_outputs=...) skips the encoder: it decodes with the prompt those outputs were computed with.
+    It refused ("the instance prompt needs input_ids"), and with an input-level prompt failed on a KeyError."""
+    config = InstancePromptConfig(task_type="SEQ_2_SEQ_LM", prompt_length=3, init_weights=False, **variant)
+    model = get_peft_model(tiny_model(arch, "SEQ_2_SEQ_LM"), config).eval()
+    move_trainable_weights(model)
+    pad = model.config.pad_token_id
+    ids = token_batch(2, 7)
+    ids[1, 5:] = pad
+    mask = (ids != pad).long()
+    kwargs = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False}
+    kwargs |= {"output_logits": True, "return_dict_in_generate": True}
+    expected = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    with torch.no_grad():
+        encoded = model.get_encoder()(input_ids=ids, attention_mask=mask)
+        model.get_encoder()(input_ids=token_batch(2, 7, seed=9))  # another input's encoder call in between
+    generated = model.generate(encoder_outputs=encoded, attention_mask=mask, **kwargs)
+    assert torch.equal(generated.sequences, expected.sequences)
+    for step, reference in zip(generated.logits, expected.logits, strict=True):
+        torch.testing.assert_close(step, reference, atol=1e-5, rtol=0)
+
+
 def test_encoder_outputs_rebuilt_from_their_tensors_are_refused_naming_what_to_pass():
     from transformers.modeling_outputs import BaseModelOutput
 

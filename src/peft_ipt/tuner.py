@@ -1291,10 +1291,20 @@ class PromptTuner(BaseTuner):
         """Hook for methods that change the call itself (input-level prompts); default: unchanged."""
         return args, kwargs
 
-    def _continue_from_encoder(self, kwargs: dict) -> dict:
+    def _continue_from_encoder(self, kwargs: dict, trim: bool = True) -> dict:
         """Hook for a decoder call on an encoder's outputs (input-level prompts put their positions back); default:
         unchanged."""
         return kwargs
+
+    def _start_from_encoder_outputs(self, inputs: PromptInputs, encoder_outputs) -> None:
+        """generate() on encoder outputs alone: decode with the prompt of the encoder call that returned them."""
+        prefixes = self._prompt_of_encoder_outputs(encoder_outputs)
+        self._inputs = inputs
+        self._instance_done = True
+        self._continuing = True
+        self._inserted = getattr(encoder_outputs, CACHE_PROMPT).inserted
+        self._call_state = CallState(inputs, None, self._row_adapters)
+        self._prefixes = self._call_state.prefixes = prefixes
 
     def _continue_call(self, kwargs: dict, record: CachePrompt, past) -> dict:
         """Hook for methods whose prompt the cache holds as positions (input-level prompts): a call continuing it
@@ -1359,7 +1369,13 @@ class PromptTuner(BaseTuner):
         with torch.no_grad():
             self._calls.append(self.model)  # the frozen pass of the prompt computation is nested in this call
             try:
-                self._start_call(inputs)
+                encoded = kwargs.get("encoder_outputs")
+                if inputs.tokens is None and encoded is not None and self._instance_wise():
+                    # generating on the outputs of the encoder called alone: the prompt they were computed with
+                    self._start_from_encoder_outputs(inputs, encoded)
+                    kwargs = self._continue_from_encoder(kwargs, trim=False)
+                else:
+                    self._start_call(inputs)
             finally:
                 self._calls.pop()
             if self._enabled and self.active_adapters:

@@ -310,7 +310,7 @@ class InstancePromptModel(PromptTuner):
         joined = torch.cat([mask, mask.new_ones(mask.shape[0], P)], dim=1)
         return {**kwargs, "attention_mask": torch.gather(joined, 1, order.to(mask.device))}
 
-    def _continue_from_encoder(self, kwargs: dict) -> dict:
+    def _continue_from_encoder(self, kwargs: dict, trim: bool = True) -> dict:
         """A decoder call on encoder outputs that a call of the encoder alone returned (trimmed to the caller's
         tokens): the decoder attends to the prompt's states too, as in a call of the whole model. Put them back,
         and widen the encoder's mask by their P columns."""
@@ -327,7 +327,8 @@ class InstancePromptModel(PromptTuner):
         if torch.is_tensor(mask) and mask.dim() == 2 and mask.shape[1] == length:
             widened = mask.new_ones(mask.shape[0], length + P)
             kwargs["attention_mask"] = widened.scatter(1, kept.to(mask.device), mask)
-        self._trim = (kept, P, length, False)  # the encoder states this call returns: the caller's positions
+        if trim:  # the encoder states this call returns: the caller's positions
+            self._trim = (kept, P, length, False)
         return kwargs
 
     def _transform_call(self, args: tuple, kwargs: dict, inputs: PromptInputs):
@@ -344,6 +345,8 @@ class InstancePromptModel(PromptTuner):
             return args, kwargs
         if args and torch.is_tensor(args[0]):
             kwargs, args = {**kwargs, "input_ids": args[0]}, args[1:]
+        if kwargs.get("input_ids") is None and kwargs.get("inputs_embeds") is None:
+            return args, kwargs  # on encoder outputs alone: their prompt's states are back in them already
         self._refuse_an_assistant(kwargs)
         source = kwargs.get("input_ids")
         length = (source if source is not None else kwargs["inputs_embeds"]).shape[1]
