@@ -76,3 +76,21 @@ def test_token_classification_pipeline_tags_each_word_from_the_models_logits(met
     torch.testing.assert_close(
         torch.tensor([float(e["score"]) for e in entities]), probs.max(-1).values, rtol=1e-5, atol=1e-6
     )
+
+
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+def test_feature_extraction_pipeline_gives_the_models_own_states(method):
+    """Sentence-embedding users' path: one state per token of the input (an input-level prompt's cut out)."""
+    model = adapted("bert", "FEATURE_EXTRACTION", method)
+    tokenizer = tiny_tokenizer(with_cls=True)
+    extractor = transformers.pipeline("feature-extraction", model=model, tokenizer=tokenizer)
+    for text in TEXTS:
+        got = extractor(text, return_tensors=True)
+        inputs = tokenizer(text, return_tensors="pt")
+        with torch.no_grad():
+            expected = model(**inputs).last_hidden_state
+            with model.disable_adapter():
+                bare = model(**inputs).last_hidden_state
+        assert got.shape == (1, inputs["input_ids"].shape[1], 32)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(got, bare, atol=1e-3)  # the adapter moved them
