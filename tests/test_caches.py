@@ -304,6 +304,23 @@ def test_the_position_check_counts_the_tokens_in_a_cache_passed_as_cache():
             model(input_ids=token_batch(1, 10), use_cache=True, **{CACHE_NAMES[0]: cache})
 
 
+def test_the_position_check_counts_an_input_prompts_positions_once_when_a_cache_holds_them():
+    """A cache filled by a call with an input-level prompt holds its P positions: a continuing call adds only its
+    own tokens. They were counted again, refusing a step that fits (131 of 128 positions for 127)."""
+    config = InstancePromptConfig(task_type="CAUSAL_LM", prompt_length=4, injection="input")
+    model = get_peft_model(tiny_model("gpt2"), config).eval()
+    limit = model.config.n_positions
+    with torch.no_grad():
+        cache = model(input_ids=token_batch(1, limit - 6), use_cache=True).past_key_values
+        assert cache.get_seq_length() == limit - 2
+        cache = model(
+            input_ids=token_batch(1, 2, seed=3), use_cache=True, **{CACHE_NAMES[0]: cache}
+        ).past_key_values
+        assert cache.get_seq_length() == limit  # every learned position used
+        with pytest.raises(ValueError, match=rf"takes {limit + 1} positions \(1 tokens \+ {limit} cached\)"):
+            model(input_ids=token_batch(1, 1, seed=4), use_cache=True, **{CACHE_NAMES[0]: cache})
+
+
 # -- a cache carries the instance prompt it was filled with ---------------------------------------------------
 # Continuing a cache (a decoding step, a later chunk) must use the prompt its keys and values were computed with.
 # The tuner once kept "the last call's prompt", so a call on another batch in between (two sessions served in

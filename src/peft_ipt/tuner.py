@@ -1135,9 +1135,10 @@ class PromptTuner(BaseTuner):
         tokens = inputs.tokens
         if limit is None or tokens is None:
             return
-        added = self._positions_added()
         past = cache_argument(kwargs)
         cached = past.get_seq_length() if past is not None and not inputs.is_encoder_decoder else 0
+        # a cache already holds the positions of its prefill's input-level prompt
+        added = 0 if cached else self._positions_added()
         length = tokens.shape[1] + added + cached
         if length > limit:
             parts = f"{tokens.shape[1]} tokens"
