@@ -318,6 +318,28 @@ def test_input_injection_puts_a_left_padded_rows_prompt_after_its_padding(task):
         torch.testing.assert_close(together[2:, 3:], alone.hidden_states[0][-1])
 
 
+@pytest.mark.parametrize("variant", [{}, {"injection": "input"}, {"instance_source": "frozen_model"}])
+def test_generate_without_a_mask_infers_it_from_the_pad_token_as_transformers_does(variant):
+    """generate(input_ids) on a padded batch with no attention_mask: transformers infers the mask from the pad token,
+    but only after the prompt was built, which then read the padding (5e-3 off the logits with the mask for hybrid,
+    4e-2 with an input-level prompt). A pad token that is also end-of-sequence infers nothing, in both."""
+    model = ipt_model("llama", **variant).eval()
+    move_trainable_weights(model)
+    ids = token_batch(2, 7)
+    ids[1, :2] = 0
+    kwargs = {"max_new_tokens": 3, "min_new_tokens": 3, "do_sample": False}
+    kwargs |= {"output_logits": True, "return_dict_in_generate": True, "pad_token_id": 0}
+
+    def logits(**call):
+        return torch.stack(model.generate(input_ids=ids, **call, **kwargs).logits)
+
+    torch.testing.assert_close(logits(), logits(attention_mask=(ids != 0).long()), atol=1e-6, rtol=0)
+    # the pad token as end-of-sequence too: no mask inferred, every token read
+    torch.testing.assert_close(
+        logits(eos_token_id=0), logits(attention_mask=torch.ones_like(ids), eos_token_id=0), atol=1e-6, rtol=0
+    )
+
+
 def test_beam_search_expands_each_rows_prompt():
     model = ipt_model("llama")
     ids = token_batch(2, 6)

@@ -1297,6 +1297,36 @@ class PromptTuner(BaseTuner):
         unchanged."""
         return kwargs
 
+    def _generation_setting(self, kwargs: dict, name: str):
+        """A generate() setting as transformers resolves it: the keyword, the generation_config passed, the model's."""
+        for source in (
+            kwargs,
+            kwargs.get("generation_config"),
+            getattr(self.model, "generation_config", None),
+        ):
+            value = source.get(name) if isinstance(source, dict) else getattr(source, name, None)
+            if value is not None:
+                return value
+        return None
+
+    def _with_inferred_mask(self, args: tuple, kwargs: dict) -> dict:
+        """generate() given padded input_ids and no attention_mask: transformers infers the mask from the pad token
+        (input_ids != pad_token_id, unless the pad token is also end-of-sequence), after the prompt is built here.
+        Infer it first, by the same rule, so that padding never enters an instance prompt."""
+        ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
+        if kwargs.get("attention_mask") is not None or not torch.is_tensor(ids) or ids.dim() != 2:
+            return kwargs
+        pad, eos = (self._generation_setting(kwargs, name) for name in ("pad_token_id", "eos_token_id"))
+        if pad is None or ids.is_floating_point():
+            return kwargs
+        pads = torch.as_tensor(pad, device=ids.device).flatten()
+        padding = torch.isin(ids, pads)
+        if not padding.any() or (
+            eos is not None and torch.isin(torch.as_tensor(eos).flatten(), pads.cpu()).any()
+        ):
+            return kwargs
+        return {**kwargs, "attention_mask": (~padding).long()}
+
     def _start_from_encoder_outputs(self, inputs: PromptInputs, encoder_outputs) -> None:
         """generate() on encoder outputs alone: decode with the prompt of the encoder call that returned them."""
         prefixes = self._prompt_of_encoder_outputs(encoder_outputs)
@@ -1360,6 +1390,8 @@ class PromptTuner(BaseTuner):
         self._check_thread()
         self._owner = threading.get_ident()
         source_mask = kwargs.pop("source_mask", None)
+        if self._enabled and self.active_adapters and self._instance_wise():
+            kwargs = self._with_inferred_mask(args, kwargs)
         inputs = self._inputs_from_call(args, kwargs, source_mask)
         if self._enabled and self.active_adapters:
             self._check_route(kwargs)

@@ -361,18 +361,6 @@ class InstancePromptModel(PromptTuner):
             kwargs = self._lengths_past_the_prompt(kwargs, module.config.prompt_length)
         return args, self._with_input_prompt(module, kwargs, inputs, for_generate=True)
 
-    def _generation_setting(self, kwargs: dict, name: str):
-        """A generate() setting as transformers resolves it: the keyword, the generation_config passed, the model's."""
-        for source in (
-            kwargs,
-            kwargs.get("generation_config"),
-            getattr(self.model, "generation_config", None),
-        ):
-            value = source.get(name) if isinstance(source, dict) else getattr(source, name, None)
-            if value is not None:
-                return value
-        return None
-
     def _lengths_past_the_prompt(self, kwargs: dict, prompt_length: int) -> dict:
         """A decoder's generate() from inputs_embeds counts max_length and min_length from the embeddings, which hold
         the P prompt tokens: move both by P, so they count the caller's tokens as without the prompt."""
