@@ -237,6 +237,16 @@ def test_an_input_prompts_manual_decoding_loop_with_a_mask_over_a_left_padded_ba
         torch.testing.assert_close(manual, step, atol=1e-5, rtol=0)
 
 
+def seq2seq_on_a_padded_batch(arch: str, **config):
+    """An IPT seq2seq model whose weights are moved off their start, and two rows, the second right-padded."""
+    config = InstancePromptConfig(task_type="SEQ_2_SEQ_LM", prompt_length=3, init_weights=False, **config)
+    model = get_peft_model(tiny_model(arch, "SEQ_2_SEQ_LM"), config).eval()
+    move_trainable_weights(model)
+    ids = token_batch(2, 7)
+    ids[1, 5:] = model.config.pad_token_id
+    return model, ids, (ids != model.config.pad_token_id).long()
+
+
 @pytest.mark.parametrize("encoder_side", ["input_ids", "encoder_outputs"])
 @pytest.mark.parametrize("arch", ["bart", "t5"])
 def test_an_input_prompts_seq2seq_decoding_loop_with_the_encoders_mask_gives_generates_logits(
@@ -246,15 +256,7 @@ def test_an_input_prompts_seq2seq_decoding_loop_with_the_encoders_mask_gives_gen
     input again or the outputs of the encoder called alone. The cache's cross-attention holds the prompt's P
     positions too: the mask gets their columns, a re-run encoder its prompt, and encoder outputs their prompt
     states. Each step failed on a shape mismatch."""
-    config = InstancePromptConfig(
-        task_type="SEQ_2_SEQ_LM", prompt_length=3, injection="input", init_weights=False
-    )
-    model = get_peft_model(tiny_model(arch, "SEQ_2_SEQ_LM"), config).eval()
-    move_trainable_weights(model)
-    pad = model.config.pad_token_id
-    ids = token_batch(2, 7)
-    ids[1, 5:] = pad
-    mask = (ids != pad).long()
+    model, ids, mask = seq2seq_on_a_padded_batch(arch, injection="input")
     generated = model.generate(
         input_ids=ids,
         attention_mask=mask,
@@ -509,13 +511,7 @@ def test_a_decoder_call_on_encoder_outputs_uses_their_prompt_whatever_ran_in_bet
 def test_generate_on_the_outputs_of_the_encoder_called_alone_decodes_as_from_the_input(arch, variant):
     """generate(encoder_outputs=...) skips the encoder: it decodes with the prompt those outputs were computed with.
     It refused ("the instance prompt needs input_ids"), and with an input-level prompt failed on a KeyError."""
-    config = InstancePromptConfig(task_type="SEQ_2_SEQ_LM", prompt_length=3, init_weights=False, **variant)
-    model = get_peft_model(tiny_model(arch, "SEQ_2_SEQ_LM"), config).eval()
-    move_trainable_weights(model)
-    pad = model.config.pad_token_id
-    ids = token_batch(2, 7)
-    ids[1, 5:] = pad
-    mask = (ids != pad).long()
+    model, ids, mask = seq2seq_on_a_padded_batch(arch, **variant)
     kwargs = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False}
     kwargs |= {"output_logits": True, "return_dict_in_generate": True}
     expected = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
