@@ -340,6 +340,23 @@ def test_generate_without_a_mask_infers_it_from_the_pad_token_as_transformers_do
     )
 
 
+@pytest.mark.parametrize("arch, task", [("llama", "CAUSAL_LM"), ("bart", "SEQ_2_SEQ_LM")])
+@pytest.mark.parametrize("variant", [{}, {"injection": "input"}], ids=["hybrid", "input"])
+def test_generate_takes_its_input_as_inputs_too(arch, task, variant):
+    """generate(inputs=ids), transformers' own name for the main input: the same prompt as from input_ids. Hybrid
+    refused it ("needs input_ids"); an input-level prompt generated without its prompt."""
+    model = ipt_model(arch, task, **variant).eval()
+    move_trainable_weights(model)
+    ids = token_batch(2, 7)
+    kwargs = {"max_new_tokens": 3, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
+    expected = torch.stack(model.generate(input_ids=ids, **kwargs).logits)
+    torch.testing.assert_close(torch.stack(model.generate(inputs=ids, **kwargs).logits), expected)
+    with model.disable_adapter():  # the prompt matters here
+        assert not torch.allclose(
+            torch.stack(model.generate(inputs=ids, **kwargs).logits), expected, atol=1e-3
+        )
+
+
 def test_beam_search_expands_each_rows_prompt():
     model = ipt_model("llama")
     ids = token_batch(2, 6)

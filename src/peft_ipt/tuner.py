@@ -1390,6 +1390,10 @@ class PromptTuner(BaseTuner):
         self._check_thread()
         self._owner = threading.get_ident()
         source_mask = kwargs.pop("source_mask", None)
+        if torch.is_tensor(kwargs.get("inputs")) and "input_ids" not in kwargs and not args:
+            # generate(inputs=ids): transformers' name for its main input, the token ids of a text model
+            if getattr(self.model, "main_input_name", "input_ids") == "input_ids":
+                kwargs["input_ids"] = kwargs.pop("inputs")
         if self._enabled and self.active_adapters and self._instance_wise():
             kwargs = self._with_inferred_mask(args, kwargs)
         inputs = self._inputs_from_call(args, kwargs, source_mask)
