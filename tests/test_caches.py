@@ -522,6 +522,11 @@ def test_generate_on_the_outputs_of_the_encoder_called_alone_decodes_as_from_the
     assert torch.equal(generated.sequences, expected.sequences)
     for step, reference in zip(generated.logits, expected.logits, strict=True):
         torch.testing.assert_close(step, reference, atol=1e-5, rtol=0)
+    with model.disable_adapter():  # the bare model's encoder outputs carry no prompt, and need none
+        bare = model.get_encoder()(input_ids=ids, attention_mask=mask)
+        generated = model.generate(encoder_outputs=bare, attention_mask=mask, **kwargs)
+        expected = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    assert torch.equal(generated.sequences, expected.sequences)
 
 
 def test_encoder_outputs_rebuilt_from_their_tensors_are_refused_naming_what_to_pass():

@@ -1407,7 +1407,7 @@ class PromptTuner(BaseTuner):
             self._calls.append(self.model)  # the frozen pass of the prompt computation is nested in this call
             try:
                 encoded = kwargs.get("encoder_outputs")
-                if inputs.tokens is None and encoded is not None and self._instance_wise():
+                if inputs.tokens is None and encoded is not None and self._enabled and self._instance_wise():
                     # generating on the outputs of the encoder called alone: the prompt they were computed with
                     self._start_from_encoder_outputs(inputs, encoded)
                     kwargs = self._continue_from_encoder(kwargs, trim=False)
