@@ -50,6 +50,11 @@ def insertion_order(at: torch.Tensor, length: int, P: int) -> tuple[torch.Tensor
     return order, kept
 
 
+def widen_mask(mask: torch.Tensor, kept: torch.Tensor, P: int) -> torch.Tensor:
+    """A (B, T) mask over the caller's tokens, at their ``kept`` positions of T + P: the prompt's columns set."""
+    return mask.new_ones(mask.shape[0], mask.shape[1] + P).scatter(1, kept.to(mask.device), mask)
+
+
 def keep_positions(tensor: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """The row's own positions of a per-token output (B', length + P, ...), the prompt's cut out; B' may be a
     multiple of B (generate's beams and returned sequences)."""
@@ -285,7 +290,6 @@ class InstancePromptModel(PromptTuner):
         chunk): the cache holds the prompt's P positions, which a mask over the caller's own tokens lacks (and
         transformers would pad it with zeros at the end, hiding the newest keys). Widen it by P columns where the
         prefill put the prompt: before each row's first token."""
-        mask = kwargs.get("attention_mask")
         if record.inserted is None:
             return kwargs
         if getattr(self.model.config, "is_encoder_decoder", False):
@@ -300,15 +304,14 @@ class InstancePromptModel(PromptTuner):
                 return kwargs
             inputs = self._inputs_from_call((), kwargs)
             return self._with_input_prompt(module, kwargs, inputs, for_generate=False, prompt=record.inserted)
-        tokens = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        mask, tokens = kwargs.get("attention_mask"), kwargs.get("input_ids", kwargs.get("inputs_embeds"))
         if not torch.is_tensor(mask) or mask.dim() != 2 or not torch.is_tensor(tokens):
             return kwargs
         P = record.inserted.shape[1]
         if mask.shape[1] != past.get_seq_length() + tokens.shape[1] - P:
             return kwargs  # already over every cached position (the prompt's included), or not a 2-D padding mask
-        order, _ = insertion_order(first_present(mask, mask), mask.shape[1], P)
-        joined = torch.cat([mask, mask.new_ones(mask.shape[0], P)], dim=1)
-        return {**kwargs, "attention_mask": torch.gather(joined, 1, order.to(mask.device))}
+        _, kept = insertion_order(first_present(mask, mask), mask.shape[1], P)
+        return {**kwargs, "attention_mask": widen_mask(mask, kept, P)}
 
     def _continue_from_encoder(self, kwargs: dict, trim: bool = True) -> dict:
         """A decoder call on encoder outputs that a call of the encoder alone returned (trimmed to the caller's
@@ -325,8 +328,7 @@ class InstancePromptModel(PromptTuner):
         kwargs = {**kwargs, "encoder_outputs": type(outputs)(**{**outputs, "last_hidden_state": full})}
         mask = kwargs.get("attention_mask")
         if torch.is_tensor(mask) and mask.dim() == 2 and mask.shape[1] == length:
-            widened = mask.new_ones(mask.shape[0], length + P)
-            kwargs["attention_mask"] = widened.scatter(1, kept.to(mask.device), mask)
+            kwargs["attention_mask"] = widen_mask(mask, kept, P)
         if trim:  # the encoder states this call returns: the caller's positions
             self._trim = (kept, P, length, False)
         return kwargs
