@@ -118,7 +118,7 @@ def trained_folder(run: dict[str, Any], quick: bool) -> Path:
     if (folder / "metrics.json").is_file():
         return folder
     words = shlex.split(run["command"])  # peft-ipt train CONFIG --set A --set B ...
-    config, overrides = ROOT / words[2], words[4::2]
+    config, overrides = ROOT / words[2], [*words[4::2], *quality.former_default_overrides(run)]
     train(config, overrides + list(QUICK_OVERRIDES if quick else ()), output_dir=folder)
     return folder
 

@@ -37,6 +37,8 @@ INITS = {
     "text": ["method_config.prefix_init=text", f"method_config.prefix_init_text={TEXT}"],
 }
 METHODS = ("ipt", "prefix_v2")
+# IPT's runs here were measured at instance scale 1.0, InstancePromptConfig's default until peft-ipt 0.2.0 (0.05 since)
+METHOD_OVERRIDES = {"ipt": ["method_config.instance_scale=1.0"]}
 
 
 def initial_loss(config: Path, overrides: list[str]) -> tuple[float, float]:
@@ -81,7 +83,7 @@ def main(argv=None) -> None:
     for method in args.methods:
         config = ROOT / "configs" / f"e2e_{method}.yaml"
         for init in args.inits:
-            overrides = ["training.eval_strategy=no", *INITS[init]]
+            overrides = ["training.eval_strategy=no", *METHOD_OVERRIDES.get(method, []), *INITS[init]]
             base_loss, start_loss = initial_loss(config, overrides)
             results = train_run(config, overrides)
             runs[f"{method}/{init}"] = {

@@ -80,6 +80,7 @@ part's alone. A run there takes 3-7 min on Rotten Tomatoes, about 7 on BBC News 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import hashlib
 import json
@@ -137,14 +138,21 @@ class MethodSpec:
 # 49.5 vs 58.5 at 3e-2), so it was dropped to fit the suite's budget. Full fine-tuning runs at its config's 5e-5
 # only (see "Cost": one point instead of two, which can only flatter the methods compared with it).
 PROMPT_GRID = (1e-2, 3e-2)
+# The instance scale every IPT row below was measured with: InstancePromptConfig's default until peft-ipt 0.2.0, when
+# the converged tier's validation moved it to 0.05 (CHANGED_DEFAULTS). Set on these rows so their commands still
+# reproduce their figures.
+FORMER_SCALE = "method_config.instance_scale=1.0"
 SMALL_METHODS: dict[str, MethodSpec] = {
-    "ipt": MethodSpec("IPT (default)", "ipt", PROMPT_GRID),
+    "ipt": MethodSpec("IPT (scale 1.0, the default before 0.2.0)", "ipt", PROMPT_GRID, (FORMER_SCALE,)),
     # The strongest IPT variant within the goal's 1.5% budget: the paper's own instance signal, a separate
     # trainable re-embedding of the source tokens ("Prefix + Random IPT", METHODS.md 3), hybrid injection into
     # every layer. ipt_ablation.py's other candidates add no capacity (first-layer-only, CNN, LPT-style hidden
     # source are lighter), and a longer prompt (P=64: 2.6% of MiniLM) breaks the parameter budget.
     "ipt_token_table": MethodSpec(
-        "IPT (token table)", "ipt", PROMPT_GRID, ("method_config.instance_source=token_table",)
+        "IPT (token table, scale 1.0)",
+        "ipt",
+        PROMPT_GRID,
+        ("method_config.instance_source=token_table", FORMER_SCALE),
     ),
     "prefix_v2": MethodSpec("PrefixTuningV2", "prefix_v2", PROMPT_GRID),
     "peft_prompt_tuning": MethodSpec("peft PromptTuning", "prompt_tuning", PROMPT_GRID),
@@ -155,7 +163,11 @@ SMALL_METHODS: dict[str, MethodSpec] = {
 }
 # A lever measured on request (``--methods ipt_p8``), never part of the default suite: ipt_ablation.py found a
 # shorter prompt better on Rotten Tomatoes validation (P=8 76.2 vs P=16 75.0), so it is checked on the goal tasks.
-EXTRA_METHODS = {"ipt_p8": MethodSpec("IPT (P=8)", "ipt", PROMPT_GRID, ("method_config.prompt_length=8",))}
+EXTRA_METHODS = {
+    "ipt_p8": MethodSpec(
+        "IPT (P=8, scale 1.0)", "ipt", PROMPT_GRID, ("method_config.prompt_length=8", FORMER_SCALE)
+    )
+}
 SMALL_METHODS.update(EXTRA_METHODS)
 PEFT_PROMPT_METHODS = ("peft_prompt_tuning", "peft_p_tuning", "peft_prefix_tuning")
 ZERO_SHOT = "zero_shot"  # the untrained model, generation tasks only
@@ -427,18 +439,25 @@ IPT_ON_MLP_PREFIX = (
     "method_config.task_prefix_hidden_size=56",
 )
 CONVERGED_METHODS: dict[str, MethodSpec] = {
+    # The candidates without a scale of their own ran at FORMER_SCALE, the default then, which they keep.
     "ipt_frozen": MethodSpec(
-        "IPT, frozen-model source", "ipt", PAIR_GRID, ("method_config.instance_source=frozen_model",)
+        "IPT, frozen-model source",
+        "ipt",
+        PAIR_GRID,
+        ("method_config.instance_source=frozen_model", FORMER_SCALE),
     ),
     "ipt_embeddings": MethodSpec(
-        "IPT, embeddings source", "ipt", PAIR_GRID, ("method_config.instance_source=embeddings",)
+        "IPT, embeddings source (scale 1.0, the default before 0.2.0)",
+        "ipt",
+        PAIR_GRID,
+        ("method_config.instance_source=embeddings", FORMER_SCALE),
     ),
     # the third regulariser against memorisation: AdamW's decoupled weight decay, on the default source
     "ipt_embeddings_wd": MethodSpec(
         "IPT, embeddings source, weight decay 0.1",
         "ipt",
         PAIR_GRID,
-        ("method_config.instance_source=embeddings", "training.weight_decay=0.1"),
+        ("method_config.instance_source=embeddings", "training.weight_decay=0.1", FORMER_SCALE),
     ),
     # the paper's instance scale on the default source: the task prefix steps at the prefix alone's rate while the
     # instance part's output moves 20x slower, so the generator cannot outrun the task prefix it is added to
@@ -461,10 +480,16 @@ CONVERGED_METHODS: dict[str, MethodSpec] = {
         ),
     ),
     "ipt_token_table": MethodSpec(
-        "IPT, token-table source", "ipt", PAIR_GRID, ("method_config.instance_source=token_table",)
+        "IPT, token-table source",
+        "ipt",
+        PAIR_GRID,
+        ("method_config.instance_source=token_table", FORMER_SCALE),
     ),
     "ipt_hidden": MethodSpec(
-        "IPT, hidden-state source (LPT)", "ipt", PAIR_GRID, ("method_config.instance_source=hidden",)
+        "IPT, hidden-state source (LPT)",
+        "ipt",
+        PAIR_GRID,
+        ("method_config.instance_source=hidden", FORMER_SCALE),
     ),
     # the regularisers against memorisation: dropout on the instance codes and a lower rank
     "ipt_frozen_reg": MethodSpec(
@@ -475,6 +500,7 @@ CONVERGED_METHODS: dict[str, MethodSpec] = {
             "method_config.instance_source=frozen_model",
             "method_config.prompt_dropout=0.1",
             "method_config.instance_rank=8",
+            FORMER_SCALE,
         ),
     ),
     # the paper's instance scale: the instance part's effective step 20x smaller than the task prefix's
@@ -526,6 +552,7 @@ CONVERGED_METHODS: dict[str, MethodSpec] = {
             "method_config.instance_source=frozen_model",
             "method_config.instance_encoder=mixture",
             "method_config.encoder_hidden_size=16",
+            FORMER_SCALE,
         ),
     ),
     "prefix_alone": MethodSpec(
@@ -1089,6 +1116,21 @@ def write_results(
     write_json(path, document)
 
 
+# Method defaults that changed, with the value each had before (peft-ipt 0.2.0 moved InstancePromptConfig's
+# instance_scale from 1.0 to 0.05). A run names in its setup only the fields its config and overrides set, so one
+# recorded before such a change and silent on the field ran at the former value. setup_of() names each of these fields
+# (today's default where the run left it out), and recorded_setup() reads a recorded setup silent on one as the
+# former value: such a run stays current for a method that now sets that value, and no longer counts for one that
+# takes today's default.
+CHANGED_DEFAULTS = {"ipt": {"instance_scale": 1.0}}
+
+
+def today_default(method: str, name: str) -> Any:
+    from peft_ipt.cli.experiment import METHODS
+
+    return next(f.default for f in dataclasses.fields(METHODS[method].config_class()) if f.name == name)
+
+
 def setup_of(experiment: dict[str, Any], method: str) -> str:
     """What makes runs comparable: the resolved experiment (config file + overrides) without lr and seed, so a
     run recorded before a config or a task budget changed no longer counts."""
@@ -1101,6 +1143,33 @@ def setup_of(experiment: dict[str, Any], method: str) -> str:
         }
     else:
         setup["training"] = {k: v for k, v in setup["training"].items() if k not in ("learning_rate", "seed")}
+        for name in CHANGED_DEFAULTS.get(setup["method"], {}):
+            setup["method_config"].setdefault(name, today_default(setup["method"], name))
+    return json.dumps(setup, sort_keys=True)
+
+
+def former_default_overrides(run: dict[str, Any]) -> list[str]:
+    """The --set overrides that give a recorded run's command the former value of each CHANGED_DEFAULTS field it
+    relied on, so that rerunning it trains what it trained."""
+    setup = json.loads(run["setup"])
+    fields = CHANGED_DEFAULTS.get(setup.get("method"), {})
+    return [
+        f"method_config.{name}={value}"
+        for name, value in fields.items()
+        if name not in setup["method_config"]
+    ]
+
+
+def recorded_setup(run: dict[str, Any]) -> str | None:
+    """A recorded run's setup, with the former value of each CHANGED_DEFAULTS field it is silent on."""
+    if "setup" not in run:
+        return None
+    try:
+        setup = json.loads(run["setup"])
+    except ValueError:  # not a setup_of() one: it matches none
+        return run["setup"]
+    for name, former in CHANGED_DEFAULTS.get(setup.get("method"), {}).items():
+        setup["method_config"].setdefault(name, former)
     return json.dumps(setup, sort_keys=True)
 
 
@@ -1133,7 +1202,7 @@ def is_current(run: dict[str, Any], quick: bool) -> bool:
         or run.get("method") not in (*TIER.methods, *UNTRAINED)
     ):
         return False
-    return run.get("setup") == current_setup(run["task"], run["method"], quick)
+    return recorded_setup(run) == current_setup(run["task"], run["method"], quick)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -272,3 +272,47 @@ def test_an_adapter_copied_whole_still_loads(saved, tmp_path):
     folder, _ = saved
     shutil.copytree(folder, tmp_path / "copy")
     load(tmp_path / "copy")
+
+
+# -- defaults that changed ----------------------------------------------------------------------------------
+
+
+def silent_on_the_scale(tmp_path, version: str | None):
+    """An IPT adapter trained at instance_scale 1.0 (the default before peft-ipt 0.2.0), its config as a writer
+    silent on the scale left it, claiming peft-ipt ``version`` (None: no version either); returns (folder, logits)."""
+    model = get_peft_model(
+        tiny_model("llama"),
+        InstancePromptConfig(task_type="CAUSAL_LM", init_weights=False, instance_scale=1.0),
+    ).eval()
+    folder = tmp_path / "adapter"
+    model.save_pretrained(folder)
+    config = json.loads((folder / CONFIG).read_text())
+    assert config["instance_scale"] == 1.0  # save_pretrained names every field
+    del config["instance_scale"], config["peft_ipt_version"]
+    (folder / CONFIG).write_text(json.dumps(config | ({"peft_ipt_version": version} if version else {})))
+    with torch.no_grad():
+        return folder, model(input_ids=token_batch()).logits
+
+
+def test_an_adapter_from_before_the_scale_default_changed_loads_at_the_scale_it_was_trained_with(tmp_path):
+    folder, trained = silent_on_the_scale(tmp_path, "0.1.0")
+    loaded = load(folder).eval()
+    assert loaded.peft_config["default"].instance_scale == 1.0
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=token_batch()).logits, trained, rtol=0, atol=0)
+
+
+def test_an_adapter_from_since_the_change_silent_on_the_scale_takes_todays_default(tmp_path):
+    folder, trained = silent_on_the_scale(tmp_path, "0.2.0")
+    loaded = load(folder).eval()
+    assert loaded.peft_config["default"].instance_scale == 0.05
+    with torch.no_grad():
+        assert not torch.allclose(loaded(input_ids=token_batch()).logits, trained, atol=1e-4)
+
+
+def test_an_adapter_silent_on_the_scale_and_on_its_version_is_refused_naming_the_field(tmp_path):
+    folder, _ = silent_on_the_scale(tmp_path, None)
+    with pytest.raises(
+        ValueError, match=r"names neither instance_scale nor the peft-ipt version.*1\.0 to 0\.05.*Add"
+    ):
+        load(folder)

@@ -258,3 +258,28 @@ def test_a_first_stage_is_trained_once_and_appears_whole(converged, tmp_path, mo
     assert [p.name for p in first[0].iterdir()] == ["metrics.json"]  # the checkpoints removed
     assert [p.name for p in first[0].parent.iterdir()] == [first[0].name]  # no partial folder left
     assert f"--output-dir {first[0]}" in first[2]
+
+
+def silent_on_the_scale(setup: str) -> str:
+    """A setup as a run recorded before peft-ipt 0.2.0 wrote it: the instance scale left out where it was defaulted."""
+    resolved = json.loads(setup)
+    del resolved["method_config"]["instance_scale"]
+    return json.dumps(resolved, sort_keys=True)
+
+
+def test_a_run_recorded_silent_on_the_instance_scale_counts_as_the_former_default_1(converged, monkeypatch):
+    """InstancePromptConfig's instance_scale moved from 1.0 to 0.05 in 0.2.0: a run recorded before, silent on it,
+    trained at 1.0, so it stays current for a row that now sets 1.0 and counts for no row that takes 0.05."""
+    monkeypatch.setitem(
+        quality.TIERS["converged"].methods, "ipt_today", quality.MethodSpec("IPT, today's default", "ipt", GRID)
+    )
+    for method, scale in (("ipt_embeddings", 1.0), ("ipt_embeddings_scale", 0.05), ("ipt_today", 0.05)):
+        setup = quality.current_setup("rotten_tomatoes", method, False)
+        assert json.loads(setup)["method_config"]["instance_scale"] == scale  # named, defaulted or not
+        run = {"task": "rotten_tomatoes", "method": method, "lr": 1e-2, "seed": 0, "setup": setup}
+        assert quality.is_current(run, False) and quality.former_default_overrides(run) == []
+        old = {**run, "setup": silent_on_the_scale(setup)}
+        assert quality.is_current(old, False) is (scale == 1.0)
+        assert quality.former_default_overrides(old) == ["method_config.instance_scale=1.0"]
+    prefix = quality.current_setup("rotten_tomatoes", "prefix_alone", False)
+    assert "instance_scale" not in json.loads(prefix)["method_config"]  # another method's setup is left alone

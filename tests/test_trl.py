@@ -92,7 +92,7 @@ def test_dpo_trainer_scores_completions_as_the_logits_do_and_trains(method, tmp_
     """DPOTrainer patches the base model with a fused LM head and reads per-token log-probabilities from it, cutting
     prompt-learning's virtual positions by counting from the end; the reference is the model with the adapter
     disabled. The log-probabilities it reads equal those of the logits, and the DPO loss falls."""
-    dpo = trl_trainer("DPO", DPO_METHODS[method](), PREFERENCES * 8, tmp_path, max_steps=10)
+    dpo = trl_trainer("DPO", DPO_METHODS[method](), PREFERENCES * 8, tmp_path, max_steps=20)
     batch = next(iter(dpo.get_train_dataloader()))
     kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
@@ -106,4 +106,4 @@ def test_dpo_trainer_scores_completions_as_the_logits_do_and_trains(method, tmp_
     model.train()
     dpo.train()
     losses = [h["loss"] for h in dpo.state.log_history if "loss" in h]
-    assert len(losses) == 10 and losses[-1] < losses[0] - 0.01
+    assert len(losses) == 20 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.005  # the last five below the first

@@ -1,1 +1,1 @@
-__version__ = "0.1.0"  # keep in step with pyproject.toml
+__version__ = "0.2.0"  # keep in step with pyproject.toml

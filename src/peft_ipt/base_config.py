@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
+from packaging.version import Version
 from peft.config import PeftConfig
 
 from ._version import __version__
@@ -77,6 +78,9 @@ class PromptConfigBase(PeftConfig):
         "num_transformer_submodules": "nothing: the encoder/decoder stacks are read from the model "
         "(encoder_prefix / decoder_prefix / cross_prefix choose among them)",
     }
+    # Fields whose default changed: name -> (the peft-ipt version that changed it, the value before). An
+    # adapter_config.json written before that version and silent on the field was trained at the former value.
+    changed_defaults: ClassVar[dict[str, tuple[str, object]]] = {}
 
     def __new__(cls, *args, **kwargs):
         """Refuse peft's names for our fields before the dataclass' own TypeError, which names no fix."""
@@ -203,6 +207,25 @@ class PromptConfigBase(PeftConfig):
                 f"know; it was written by peft-ipt {kwargs.get('peft_ipt_version') or '(unknown version)'} "
                 f"with peft {kwargs.get('peft_version') or '(unknown)'}. Upgrade: pip install -U peft-ipt peft"
             )
+        return cls.with_former_defaults(kwargs)
+
+    @classmethod
+    def with_former_defaults(cls, kwargs: dict) -> dict:
+        """A loaded config's fields, with the former default of each changed_defaults field it is silent on when an
+        older peft-ipt wrote it: the value it was trained with, not today's default."""
+        written_by = kwargs.get("peft_ipt_version")
+        defaults = {f.name: f.default for f in fields(cls)}
+        for name, (since, former) in cls.changed_defaults.items():
+            if name in kwargs:
+                continue
+            if written_by is None:
+                raise ValueError(
+                    f"adapter_config.json names neither {name} nor the peft-ipt version that wrote it, and the "
+                    f"default of {name} changed from {former!r} to {defaults[name]!r} in peft-ipt {since}. Add "
+                    f'"{name}": the value the adapter was trained with (before {since}: {former!r}) to the file'
+                )
+            if Version(written_by) < Version(since):
+                kwargs = {**kwargs, name: former}
         return kwargs
 
     @classmethod
