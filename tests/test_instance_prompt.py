@@ -1088,3 +1088,21 @@ def test_models_that_embed_narrower_than_their_hidden_states_read_and_take_embed
     assert (logits - base(input_ids=ids).logits).abs().max() > 1e-5
     model.train()(input_ids=ids, labels=torch.tensor([0, 2])).loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_input_injection_keeps_the_logits_a_tensor_of_logits_to_keep_names(arch):
+    """transformers' ``logits_to_keep`` as a tensor names positions of the caller's sequence; with the prompt's P
+    positions inserted in front of a row's first token, the model's own slicing picked other positions, silently
+    (another token's logits). An int keeps the last tokens, which the prompt does not move."""
+    model = ipt_model(arch, "CAUSAL_LM", injection="input").eval()
+    move_trainable_weights(model)
+    ids = token_batch(2, 7)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding: the rows' prompts sit at different columns
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits
+        for keep in (torch.tensor([1, 4]), torch.tensor([6, -1, 3]), 1, 3):
+            kept = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+            expected = full[:, keep] if torch.is_tensor(keep) else full[:, -keep:]
+            torch.testing.assert_close(kept, expected)

@@ -73,7 +73,8 @@ class InstancePromptModel(PromptTuner):
         super()._pre_injection_hook(model, config, adapter_name)
         self._hidden_hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
         # (the row's tokens' new positions (B, T), P, T, return a tuple) of the call that inserted an input prompt
-        self._trim: tuple[torch.Tensor, int, int, bool] | None = None
+        # (kept, P, length, as_tuple, logits_to_keep): see _with_input_prompt and _finish_call
+        self._trim: tuple[torch.Tensor, int, int, bool, torch.Tensor | None] | None = None
         self._kept: torch.Tensor | None = None  # the same positions, for generate()'s hidden states
         self._generated: tuple | None = None  # set by _generate_call for _finish_generate
         self._encoder_only = (
@@ -280,7 +281,12 @@ class InstancePromptModel(PromptTuner):
             as_tuple = not (getattr(self.model.config, "return_dict", True) if asked is None else asked)
             if as_tuple:
                 kwargs["return_dict"] = True
-            self._trim = (kept, P, length, as_tuple)
+            # logits_to_keep as a tensor names positions of the caller's sequence, which the prompt moves: every
+            # position's logits are computed, and the named ones picked once the prompt's are cut out
+            keep = kwargs.get("logits_to_keep")
+            if torch.is_tensor(keep):
+                kwargs["logits_to_keep"] = 0
+            self._trim = (kept, P, length, as_tuple, keep if torch.is_tensor(keep) else None)
         else:
             self._kept = kept
         return kwargs
@@ -330,7 +336,7 @@ class InstancePromptModel(PromptTuner):
         if torch.is_tensor(mask) and mask.dim() == 2 and mask.shape[1] == length:
             kwargs["attention_mask"] = widen_mask(mask, kept, P)
         if trim:  # the encoder states this call returns: the caller's positions
-            self._trim = (kept, P, length, False)
+            self._trim = (kept, P, length, False, None)
         return kwargs
 
     def _transform_call(self, args: tuple, kwargs: dict, inputs: PromptInputs):
@@ -430,7 +436,7 @@ class InstancePromptModel(PromptTuner):
         """Trim an input-level prompt's positions out of the per-token outputs of the call that inserted it."""
         if self._trim is None:
             return None
-        kept, P, length, as_tuple = self._trim
+        kept, P, length, as_tuple, keep = self._trim
         self._trim = None
         encoder_decoder = getattr(self.model.config, "is_encoder_decoder", False)
         encoder_side = role == ENCODER_CALL or not encoder_decoder
@@ -454,6 +460,8 @@ class InstancePromptModel(PromptTuner):
         for name in ("hidden_states",) if encoder_side else ("encoder_hidden_states",):
             if getattr(output, name, None) is not None:
                 setattr(output, name, tuple(cut(h) for h in getattr(output, name)))
+        if keep is not None and encoder_side and getattr(output, "logits", None) is not None:
+            output.logits = output.logits[:, keep.to(output.logits.device)]
         if torch.is_tensor(full) and full.shape[1] == length + P and not as_tuple:
             # an encoder called alone: the decoder called on these outputs gets the prompt's states back
             setattr(output, ENCODER_PROMPT_STATES, (full, kept))
