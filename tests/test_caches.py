@@ -586,3 +586,53 @@ def test_generate_compiling_its_own_decoding_on_a_static_cache_generates_what_pl
         assert torch.equal(compiled, plain)
     assert hasattr(model.get_base_model(), "_compiled_call")  # the decoding steps did run compiled
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("variant", ["prefix_v2", "embeddings", "frozen_model"])
+def test_chunked_prefill_generates_what_one_prefill_generates(variant):
+    """transformers' prefill_chunk_size runs the prompt in pieces on one cache; the prompt built from the whole
+    input once per generate() stays through every piece."""
+    config = (
+        METHODS["prefix_v2"]()
+        if variant == "prefix_v2"
+        else InstancePromptConfig(
+            task_type="CAUSAL_LM", prompt_length=3, init_weights=False, **IPT_VARIANTS[variant]
+        )
+    )
+    model = get_peft_model(tiny_model("llama"), config).eval()
+    ids = token_batch(2, 9)
+    kwargs = {"input_ids": ids, "max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+    kwargs |= {"output_scores": True, "return_dict_in_generate": True}
+    whole, chunked = model.generate(**kwargs), model.generate(**kwargs, prefill_chunk_size=4)
+    assert torch.equal(chunked.sequences, whole.sequences)
+    for step_chunked, step_whole in zip(chunked.scores, whole.scores, strict=True):
+        torch.testing.assert_close(step_chunked, step_whole, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["input", "hidden"])
+def test_prompts_that_chunked_prefill_would_change_refuse_it_naming_what_works(variant):
+    """An input-level prompt generates from inputs_embeds, which transformers cannot chunk (a shape error inside
+    it); the hidden-state source would build its prompt from the first chunk alone (7.8e-4 off on the first
+    step's scores of a tiny Llama, silently). Both refuse, also when the model's generation_config sets it."""
+    settings = {"injection": "input"} if variant == "input" else IPT_VARIANTS["hidden"]
+    config = InstancePromptConfig(task_type="CAUSAL_LM", prompt_length=3, init_weights=False, **settings)
+    model = get_peft_model(tiny_model("llama"), config).eval()
+    kwargs = {"input_ids": token_batch(2, 9), "max_new_tokens": 3, "do_sample": False, "pad_token_id": 0}
+    refusal = r"prefill_chunk_size=4 is refused\. Generate without it.*instance_source='embeddings'"
+    with pytest.raises(ValueError, match=refusal):
+        model.generate(**kwargs, prefill_chunk_size=4)
+    model.get_base_model().generation_config.prefill_chunk_size = 4
+    with pytest.raises(ValueError, match=refusal):
+        model.generate(**kwargs)
+    model.get_base_model().generation_config.prefill_chunk_size = None
+    assert model.generate(**kwargs).shape == (2, 12)
+
+
+def test_an_input_level_prompt_on_an_encoder_decoder_generates_chunked_as_whole():
+    """There the prompt is the encoder's; the decoder's prefill may be chunked."""
+    config = InstancePromptConfig(
+        task_type="SEQ_2_SEQ_LM", prompt_length=3, init_weights=False, injection="input"
+    )
+    model = get_peft_model(tiny_model("bart", "SEQ_2_SEQ_LM"), config).eval()
+    kwargs = {"input_ids": token_batch(2, 9), "max_new_tokens": 4, "do_sample": False}
+    assert torch.equal(model.generate(**kwargs, prefill_chunk_size=2), model.generate(**kwargs))

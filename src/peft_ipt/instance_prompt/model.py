@@ -349,7 +349,10 @@ class InstancePromptModel(PromptTuner):
 
     def _generate_call(self, args: tuple, kwargs: dict, inputs: PromptInputs):
         module = self._active_module()
-        if module is None or module.config.injection != "input":
+        if module is None:
+            return args, kwargs
+        self._refuse_chunked_prefill(module.config, kwargs, inputs)
+        if module.config.injection != "input":
             return args, kwargs
         if args and torch.is_tensor(args[0]):
             kwargs, args = {**kwargs, "input_ids": args[0]}, args[1:]
@@ -378,6 +381,31 @@ class InstancePromptModel(PromptTuner):
             if length and self._generation_setting(kwargs, new) is None:
                 kwargs[total] = length + prompt_length
         return kwargs
+
+    def _refuse_chunked_prefill(self, config, kwargs: dict, inputs: PromptInputs) -> None:
+        """transformers' chunked prefill (prefill_chunk_size) runs a decoder's prompt in pieces on one cache: the
+        sources read from input_ids build the prompt from the whole input first, once per generate(), but two cannot."""
+        chunk = self._generation_setting(kwargs, "prefill_chunk_size")
+        if chunk is None or inputs.is_encoder_decoder:
+            return
+        if config.injection == "input":
+            why = (
+                "its prompt is P soft tokens in front of the input, so generate() runs from inputs_embeds, which "
+                "transformers' chunked prefill cannot split (it splits input_ids)"
+            )
+        elif config.instance_source == "hidden":
+            why = (
+                "instance_source='hidden' builds the prompt from the hidden states of the call that fills the cache, "
+                f"which would be the first {chunk} tokens' alone"
+            )
+        else:
+            return
+        raise ValueError(
+            f"{why}: generate() with prefill_chunk_size={chunk} is refused. Generate without it (set "
+            "prefill_chunk_size=None, in the model's generation_config too), or use instance_source='embeddings' or "
+            "'frozen_model' with injection='hybrid' or 'prefix', whose prompts are built from the whole input once "
+            "per generate() and give the same tokens chunked."
+        )
 
     def _refuse_an_assistant(self, kwargs: dict) -> None:
         """Assisted generation drafts from input_ids, which an input-level prompt's generate() does not pass."""
