@@ -10,7 +10,7 @@ import inspect
 
 import pytest
 import torch
-from conftest import TINY_DECODER, VOCAB, token_batch
+from conftest import TINY_DECODER, VOCAB, move_trainable_weights, token_batch
 from peft import PeftModel, get_peft_model
 from test_mixed_batches import ROWS, assert_each_row_matches_alone, three_adapter_model
 from transformers import (
@@ -289,6 +289,34 @@ def test_a_left_padded_rows_logits_are_its_logits_alone(name, method):
         together = padded_forward(model, [short, long])
         for row, logits in zip((short, long), together, strict=True):
             torch.testing.assert_close(logits, padded_forward(model, [row])[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["prefix_v2", "ipt"])
+@pytest.mark.parametrize("name", list(DECODERS))
+def test_without_position_ids_a_left_padded_row_gets_its_logits_alone_wherever_the_bare_model_gives_them(
+    name, method
+):
+    """Rotary and ALiBi decoders give a left-padded row its logits alone without position_ids (positions enter
+    attention as differences), as LoRA keeps them; with a prefix, whose keys carry no position, rotary ones did not
+    (their positions were counted from the padding). Decoders with learned absolute positions (GPT-Neo, XGLM) need
+    position_ids with or without an adapter."""
+    model = get_peft_model(decoder(name), METHODS[method]("CAUSAL_LM")).eval()
+    move_trainable_weights(model)
+    short, long = token_batch(1, 5, seed=2)[0], token_batch(1, 9, seed=3)[0]
+    ids = torch.stack([torch.cat([torch.zeros(4, dtype=torch.long), short]), long])
+    mask = torch.stack([torch.arange(9) >= 4, torch.ones(9, dtype=torch.bool)]).long()
+    with torch.no_grad():
+        padded, alone = (
+            model(input_ids=ids, attention_mask=mask).logits[0, 4:],
+            model(input_ids=short[None]).logits[0],
+        )
+        with model.disable_adapter():
+            bare = model(input_ids=ids, attention_mask=mask).logits[0, 4:]
+            bare_alone = model(input_ids=short[None]).logits[0]
+    bare_keeps_them = torch.allclose(bare, bare_alone, atol=1e-5)
+    assert bare_keeps_them == (name not in ("gpt_neo", "xglm"))
+    assert torch.allclose(padded, alone, atol=1e-5) == bare_keeps_them
+    assert not torch.allclose(padded, bare, atol=1e-3)  # the adapter is in the call
 
 
 def test_gpt_neo_local_layers_see_the_prefix_from_every_query():

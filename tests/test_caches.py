@@ -636,3 +636,43 @@ def test_an_input_level_prompt_on_an_encoder_decoder_generates_chunked_as_whole(
     model = get_peft_model(tiny_model("bart", "SEQ_2_SEQ_LM"), config).eval()
     kwargs = {"input_ids": token_batch(2, 9), "max_new_tokens": 4, "do_sample": False}
     assert torch.equal(model.generate(**kwargs, prefill_chunk_size=2), model.generate(**kwargs))
+
+
+@pytest.mark.parametrize("variant", ["prefix_v2", "embeddings", "frozen_model"])
+def test_a_prefix_manual_decoding_loop_over_a_left_padded_batch_needs_no_position_ids(variant):
+    """A rotary decoder gives a left-padded row its logits alone without position_ids, so a loop passes only the
+    mask. A prefix's keys carry no position, so counted from the padding the rows' scores against them moved (a
+    different first step on a tiny Llama); each row's positions are now counted from its first token, as generate()
+    counts them, at the prefill and at every step."""
+    config = (
+        METHODS["prefix_v2"]()
+        if variant == "prefix_v2"
+        else InstancePromptConfig(
+            task_type="CAUSAL_LM", prompt_length=3, init_weights=False, **IPT_VARIANTS[variant]
+        )
+    )
+    model = get_peft_model(tiny_model("llama"), config).eval()
+    move_trainable_weights(model)
+    ids = token_batch(2, 7)
+    ids[1, :3] = 0
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    kwargs = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    generated = model.generate(
+        input_ids=ids, attention_mask=mask, output_logits=True, return_dict_in_generate=True, **kwargs
+    )
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        torch.testing.assert_close(
+            out.logits[1, 3:], model(input_ids=ids[1:, 3:]).logits[0], atol=1e-5, rtol=0
+        )
+        steps = [out.logits[:, -1]]
+        for position in range(ids.shape[1], ids.shape[1] + 3):
+            token = generated.sequences[:, position : position + 1]
+            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+            out = model(
+                input_ids=token, attention_mask=mask, use_cache=True, **{CACHE_NAMES[0]: out.past_key_values}
+            )
+            steps.append(out.logits[:, -1])
+    for manual, step in zip(steps, generated.logits, strict=True):
+        torch.testing.assert_close(manual, step, atol=1e-5, rtol=0)

@@ -892,6 +892,7 @@ class PromptTuner(BaseTuner):
             return args, kwargs
         try:
             self._check_route(kwargs)
+            kwargs = self._positions_from_first_tokens(module, args, kwargs)
             return self._start_entry(role, args, kwargs, source_mask)
         except BaseException:
             self._calls.pop()  # the always-called _leave then finds another module on top and does nothing
@@ -1128,6 +1129,57 @@ class PromptTuner(BaseTuner):
     def _positions_added(self) -> int:
         """Positions the active adapter adds to the input (an input-level prompt); prefixes add none."""
         return 0
+
+    def _positions_from_first_tokens(self, module: nn.Module, args: tuple, kwargs: dict) -> dict:
+        """A left-padded batch on a rotary decoder, called without position_ids: each left-padded row's positions
+        counted from its first token, as generate() counts them.
+
+        Without a prefix such a model gives a row its logits alone whatever the padding in front of it (rotary
+        positions enter attention only as differences between a query's and a key's), so transformers numbers the
+        padding too. A prefix's keys carry no position, so their scores moved with the padding: a left-padded row's
+        logits were off its logits alone (2e-3 on a tiny Llama), where LoRA's are not. Counted from the first token,
+        the model without a prefix computes what it computed, and with one what the row computes alone. A row is
+        renumbered only where its mask is one run of ones after zeros (and, continuing a cache, ones to the end);
+        every other row keeps transformers' numbering. Tensor operations only, so torch.export traces it."""
+        if (
+            kwargs.get("position_ids") is not None
+            or self._positions_added()
+            or not self._rotary_decoder(module)
+        ):
+            return kwargs
+        mask = kwargs.get("attention_mask")
+        tokens = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
+        tokens = kwargs.get("inputs_embeds") if tokens is None else tokens
+        if not torch.is_tensor(mask) or mask.dim() != 2 or tokens is None or tokens.dim() < 2:
+            return kwargs
+        past = cache_argument(kwargs)
+        seen = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
+        length = tokens.shape[1]
+        if mask.shape[1] != seen + length:
+            return kwargs  # a mask over part of the sequence: nothing to count from
+        ones = mask != 0
+        rises = (ones[:, 1:] & ~ones[:, :-1]).sum(1)  # 0 -> 1 steps: one for a left-padded row
+        renumber = ~ones[:, 0] & (rises == 1)
+        if seen:
+            renumber &= ones[:, -1] & ((~ones[:, 1:] & ones[:, :-1]).sum(1) == 0)  # its padding all in front
+        counted = (ones.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+        numbered = torch.arange(seen, seen + length, device=mask.device).expand_as(counted)
+        return {**kwargs, "position_ids": torch.where(renumber[:, None], counted, numbered)}
+
+    def _rotary_decoder(self, module: nn.Module) -> bool:
+        """Whether ``module`` (an entry point) is a text-only decoder with rotary positions that takes position_ids;
+        vision-language models number their positions themselves (multimodal rotary positions), so not those."""
+        known = self.__dict__.setdefault("_rotary_entries", {})
+        key = type(module)
+        if key not in known:
+            config = self.model.config
+            known[key] = (
+                not getattr(config, "is_encoder_decoder", False)
+                and not getattr(type(config), "sub_configs", None)
+                and "position_ids" in inspect.signature(module.forward).parameters
+                and any(type(m).__name__.endswith("RotaryEmbedding") for m in self.model.modules())
+            )
+        return known[key]
 
     def _check_length(self, inputs: PromptInputs, kwargs: dict) -> None:
         """Refuse inputs longer than the model's learned positions, before the lookup fails inside torch."""
