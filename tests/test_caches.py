@@ -212,20 +212,29 @@ def test_an_input_prompts_manual_decoding_loop_with_a_mask_over_a_left_padded_ba
     )
     model = get_peft_model(tiny_model("llama"), config).eval()
     move_trainable_weights(model)
+    widened = None
+    if mask_width == "with the prompt":  # the caller's own widening: the prompt after each row's padding
+        widened = torch.ones(2, 10, dtype=torch.long)
+        widened[1, :2] = 0
+    loop_decodes_as_generate(model, pads=2, widened=widened)
+
+
+def loop_decodes_as_generate(model, pads: int, widened: torch.Tensor | None = None):
+    """Two rows, the second left-padded by ``pads``, decoded greedily by generate() and by a hand-written loop that
+    passes the mask of its own tokens (continued from ``widened`` after the prefill, where given): their logits are
+    the same at every step. Returns the batch and the loop's prefill output."""
     ids = token_batch(2, 7)
-    ids[1, :2] = 0
+    ids[1, :pads] = 0
     mask = torch.ones_like(ids)
-    mask[1, :2] = 0
+    mask[1, :pads] = 0
     kwargs = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
     generated = model.generate(
         input_ids=ids, attention_mask=mask, output_logits=True, return_dict_in_generate=True, **kwargs
     )
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        out = prefill = model(input_ids=ids, attention_mask=mask, use_cache=True)
         steps = [out.logits[:, -1]]
-        if mask_width == "with the prompt":  # the caller's own widening: the prompt after each row's padding
-            mask = torch.ones(2, 10, dtype=torch.long)
-            mask[1, :2] = 0
+        mask = mask if widened is None else widened
         for position in range(ids.shape[1], ids.shape[1] + 3):
             token = generated.sequences[:, position : position + 1]
             mask = torch.cat([mask, torch.ones_like(token)], dim=1)
@@ -235,6 +244,7 @@ def test_an_input_prompts_manual_decoding_loop_with_a_mask_over_a_left_padded_ba
             steps.append(out.logits[:, -1])
     for manual, step in zip(steps, generated.logits, strict=True):
         torch.testing.assert_close(manual, step, atol=1e-5, rtol=0)
+    return ids, prefill
 
 
 def seq2seq_on_a_padded_batch(arch: str, **config):
@@ -588,10 +598,8 @@ def test_generate_compiling_its_own_decoding_on_a_static_cache_generates_what_pl
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("variant", ["prefix_v2", "embeddings", "frozen_model"])
-def test_chunked_prefill_generates_what_one_prefill_generates(variant):
-    """transformers' prefill_chunk_size runs the prompt in pieces on one cache; the prompt built from the whole
-    input once per generate() stays through every piece."""
+def llama_with(variant: str):
+    """A tiny Llama with PrefixTuningV2 (``"prefix_v2"``) or IPT from one of IPT_VARIANTS' sources, in eval mode."""
     config = (
         METHODS["prefix_v2"]()
         if variant == "prefix_v2"
@@ -599,7 +607,14 @@ def test_chunked_prefill_generates_what_one_prefill_generates(variant):
             task_type="CAUSAL_LM", prompt_length=3, init_weights=False, **IPT_VARIANTS[variant]
         )
     )
-    model = get_peft_model(tiny_model("llama"), config).eval()
+    return get_peft_model(tiny_model("llama"), config).eval()
+
+
+@pytest.mark.parametrize("variant", ["prefix_v2", "embeddings", "frozen_model"])
+def test_chunked_prefill_generates_what_one_prefill_generates(variant):
+    """transformers' prefill_chunk_size runs the prompt in pieces on one cache; the prompt built from the whole
+    input once per generate() stays through every piece."""
+    model = llama_with(variant)
     ids = token_batch(2, 9)
     kwargs = {"input_ids": ids, "max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
     kwargs |= {"output_scores": True, "return_dict_in_generate": True}
@@ -644,35 +659,9 @@ def test_a_prefix_manual_decoding_loop_over_a_left_padded_batch_needs_no_positio
     mask. A prefix's keys carry no position, so counted from the padding the rows' scores against them moved (a
     different first step on a tiny Llama); each row's positions are now counted from its first token, as generate()
     counts them, at the prefill and at every step."""
-    config = (
-        METHODS["prefix_v2"]()
-        if variant == "prefix_v2"
-        else InstancePromptConfig(
-            task_type="CAUSAL_LM", prompt_length=3, init_weights=False, **IPT_VARIANTS[variant]
-        )
-    )
-    model = get_peft_model(tiny_model("llama"), config).eval()
+    model = llama_with(variant)
     move_trainable_weights(model)
-    ids = token_batch(2, 7)
-    ids[1, :3] = 0
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0
-    kwargs = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
-    generated = model.generate(
-        input_ids=ids, attention_mask=mask, output_logits=True, return_dict_in_generate=True, **kwargs
-    )
+    ids, prefill = loop_decodes_as_generate(model, pads=3)
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
-        torch.testing.assert_close(
-            out.logits[1, 3:], model(input_ids=ids[1:, 3:]).logits[0], atol=1e-5, rtol=0
-        )
-        steps = [out.logits[:, -1]]
-        for position in range(ids.shape[1], ids.shape[1] + 3):
-            token = generated.sequences[:, position : position + 1]
-            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
-            out = model(
-                input_ids=token, attention_mask=mask, use_cache=True, **{CACHE_NAMES[0]: out.past_key_values}
-            )
-            steps.append(out.logits[:, -1])
-    for manual, step in zip(steps, generated.logits, strict=True):
-        torch.testing.assert_close(manual, step, atol=1e-5, rtol=0)
+        alone = model(input_ids=ids[1:, 3:]).logits[0]
+    torch.testing.assert_close(prefill.logits[1, 3:], alone, atol=1e-5, rtol=0)
