@@ -1177,7 +1177,14 @@ class PromptTuner(BaseTuner):
                 not getattr(config, "is_encoder_decoder", False)
                 and not getattr(type(config), "sub_configs", None)
                 and "position_ids" in inspect.signature(module.forward).parameters
-                and any(type(m).__name__.endswith("RotaryEmbedding") for m in self.model.modules())
+                and (
+                    any(type(m).__name__.endswith("RotaryEmbedding") for m in self.model.modules())
+                    # GPT-J and CodeGen rotate from a table of their own in older releases (transformers 5.20)
+                    or any(
+                        ("rope" in name or "rotary" in name) and value
+                        for name, value in config.to_dict().items()
+                    )
+                )
             )
         return known[key]
 
