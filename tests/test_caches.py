@@ -665,3 +665,26 @@ def test_a_prefix_manual_decoding_loop_over_a_left_padded_batch_needs_no_positio
     with torch.no_grad():
         alone = model(input_ids=ids[1:, 3:]).logits[0]
     torch.testing.assert_close(prefill.logits[1, 3:], alone, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["prefix_v2", "embeddings"])
+def test_a_row_padded_on_both_sides_gets_its_logits_alone_on_a_rotary_decoder(variant):
+    """TRL's preference batches put left-padded prompts before right-padded completions: one run of tokens between
+    padding. Its positions are counted from its first token too; a row with holes in its mask keeps transformers'."""
+    model = llama_with(variant)
+    move_trainable_weights(model)
+    ids = token_batch(2, 9)
+    mask = torch.ones_like(ids)
+    mask[0, :3], mask[0, 7:] = 0, 0
+    with torch.no_grad():
+        both = model(input_ids=ids, attention_mask=mask).logits
+        alone = model(input_ids=ids[:1, 3:7]).logits
+        torch.testing.assert_close(both[0, 3:7], alone[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(both[1], model(input_ids=ids[1:]).logits[0], atol=1e-5, rtol=0)
+        holes = mask.clone()
+        holes[1, 4] = 0
+        numbered = torch.arange(9).expand(2, 9)
+        given = model(input_ids=ids, attention_mask=holes, position_ids=numbered).logits
+        torch.testing.assert_close(
+            model(input_ids=ids, attention_mask=holes).logits[1], given[1], atol=1e-6, rtol=0
+        )
