@@ -1131,7 +1131,7 @@ class PromptTuner(BaseTuner):
         return 0
 
     def _positions_from_first_tokens(self, module: nn.Module, args: tuple, kwargs: dict) -> dict:
-        """A left-padded batch on a rotary decoder, called without position_ids: each left-padded row's positions
+        """A left-padded batch on a rotary model, called without position_ids: each left-padded row's positions
         counted from its first token, as generate() counts them.
 
         Without a prefix such a model gives a row its logits alone whatever the padding in front of it (rotary
@@ -1144,7 +1144,7 @@ class PromptTuner(BaseTuner):
         if (
             kwargs.get("position_ids") is not None
             or self._positions_added()
-            or not self._rotary_decoder(module)
+            or not self._rotary_text_model(module)
         ):
             return kwargs
         mask = kwargs.get("attention_mask")
@@ -1166,9 +1166,10 @@ class PromptTuner(BaseTuner):
         numbered = torch.arange(seen, seen + length, device=mask.device).expand_as(counted)
         return {**kwargs, "position_ids": torch.where(renumber[:, None], counted, numbered)}
 
-    def _rotary_decoder(self, module: nn.Module) -> bool:
-        """Whether ``module`` (an entry point) is a text-only decoder with rotary positions that takes position_ids;
-        vision-language models number their positions themselves (multimodal rotary positions), so not those."""
+    def _rotary_text_model(self, module: nn.Module) -> bool:
+        """Whether ``module`` (an entry point) is a text-only model with rotary positions that takes position_ids (a
+        decoder, or an encoder such as ModernBERT); vision-language models number their positions themselves
+        (multimodal rotary positions), and encoder-decoder models are not read, so not those."""
         known = self.__dict__.setdefault("_rotary_entries", {})
         key = type(module)
         if key not in known:
