@@ -271,7 +271,9 @@ def test_a_run_recorded_silent_on_the_instance_scale_counts_as_the_former_defaul
     """InstancePromptConfig's instance_scale moved from 1.0 to 0.05 in 0.2.0: a run recorded before, silent on it,
     trained at 1.0, so it stays current for a row that now sets 1.0 and counts for no row that takes 0.05."""
     monkeypatch.setitem(
-        quality.TIERS["converged"].methods, "ipt_today", quality.MethodSpec("IPT, today's default", "ipt", GRID)
+        quality.TIERS["converged"].methods,
+        "ipt_today",
+        quality.MethodSpec("IPT, today's default", "ipt", GRID),
     )
     for method, scale in (("ipt_embeddings", 1.0), ("ipt_embeddings_scale", 0.05), ("ipt_today", 0.05)):
         setup = quality.current_setup("rotten_tomatoes", method, False)
