@@ -139,7 +139,7 @@ class MethodSpec:
 # only (see "Cost": one point instead of two, which can only flatter the methods compared with it).
 PROMPT_GRID = (1e-2, 3e-2)
 # The instance scale every IPT row below was measured with: InstancePromptConfig's default until peft-ipt 0.2.0, when
-# the converged tier's validation moved it to 0.05 (CHANGED_DEFAULTS). Set on these rows so their commands still
+# the converged tier's validation moved it to 0.05 (changed_defaults()). Set on these rows so their commands still
 # reproduce their figures.
 FORMER_SCALE = "method_config.instance_scale=1.0"
 SMALL_METHODS: dict[str, MethodSpec] = {
@@ -1116,13 +1116,18 @@ def write_results(
     write_json(path, document)
 
 
-# Method defaults that changed, with the value each had before (peft-ipt 0.2.0 moved InstancePromptConfig's
-# instance_scale from 1.0 to 0.05). A run names in its setup only the fields its config and overrides set, so one
-# recorded before such a change and silent on the field ran at the former value. setup_of() names each of these fields
-# (today's default where the run left it out), and recorded_setup() reads a recorded setup silent on one as the
-# former value: such a run stays current for a method that now sets that value, and no longer counts for one that
-# takes today's default.
-CHANGED_DEFAULTS = {"ipt": {"instance_scale": 1.0}}
+# Method defaults that changed, with the value each had before: the config class's own changed_defaults (peft-ipt
+# 0.2.0 moved InstancePromptConfig's instance_scale from 1.0 to 0.05), the table its loader reads too. A run names in
+# its setup only the fields its config and overrides set, so one recorded before such a change and silent on the field
+# ran at the former value. setup_of() names each of these fields (today's default where the run left it out), and
+# recorded_setup() reads a recorded setup silent on one as the former value: such a run stays current for a method
+# that now sets that value, and no longer counts for one that takes today's default.
+def changed_defaults(method: str | None) -> dict[str, Any]:
+    """{field: its former default} for an experiment's ``method:`` (none for peft's methods and full fine-tuning)."""
+    from peft_ipt.cli.experiment import METHODS
+
+    config_class = METHODS[method].config_class() if method in METHODS else None
+    return {name: former for name, (_, former) in getattr(config_class, "changed_defaults", {}).items()}
 
 
 def today_default(method: str, name: str) -> Any:
@@ -1143,16 +1148,16 @@ def setup_of(experiment: dict[str, Any], method: str) -> str:
         }
     else:
         setup["training"] = {k: v for k, v in setup["training"].items() if k not in ("learning_rate", "seed")}
-        for name in CHANGED_DEFAULTS.get(setup["method"], {}):
+        for name in changed_defaults(setup["method"]):
             setup["method_config"].setdefault(name, today_default(setup["method"], name))
     return json.dumps(setup, sort_keys=True)
 
 
 def former_default_overrides(run: dict[str, Any]) -> list[str]:
-    """The --set overrides that give a recorded run's command the former value of each CHANGED_DEFAULTS field it
+    """The --set overrides that give a recorded run's command the former value of each changed_defaults() field it
     relied on, so that rerunning it trains what it trained."""
     setup = json.loads(run["setup"])
-    fields = CHANGED_DEFAULTS.get(setup.get("method"), {})
+    fields = changed_defaults(setup.get("method"))
     return [
         f"method_config.{name}={value}"
         for name, value in fields.items()
@@ -1161,14 +1166,14 @@ def former_default_overrides(run: dict[str, Any]) -> list[str]:
 
 
 def recorded_setup(run: dict[str, Any]) -> str | None:
-    """A recorded run's setup, with the former value of each CHANGED_DEFAULTS field it is silent on."""
+    """A recorded run's setup, with the former value of each changed_defaults() field it is silent on."""
     if "setup" not in run:
         return None
     try:
         setup = json.loads(run["setup"])
     except ValueError:  # not a setup_of() one: it matches none
         return run["setup"]
-    for name, former in CHANGED_DEFAULTS.get(setup.get("method"), {}).items():
+    for name, former in changed_defaults(setup.get("method")).items():
         setup["method_config"].setdefault(name, former)
     return json.dumps(setup, sort_keys=True)
 
