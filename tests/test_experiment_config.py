@@ -126,6 +126,14 @@ def test_a_peft_field_name_in_method_config_names_ours(folder, no_model_loads):
     )
 
 
+def test_the_other_methods_field_name_in_method_config_names_ours(folder, no_model_loads):
+    message = train_error(write(folder, changed(method_config={"prefix_length": 8})))
+    assert (
+        "x.yaml: method_config.prefix_length is not a known key (that is PrefixTuningV2Config's name; use "
+        "prompt_length)" in message
+    )
+
+
 def test_wrong_type_is_named_with_the_expected_type(folder, no_model_loads):
     message = train_error(write(folder, changed(training__learning_rate="fast")))
     assert message == f"{folder / 'x.yaml'}: training.learning_rate must be float (got 'fast', a str)"

@@ -563,6 +563,31 @@ def test_peft_field_names_are_refused_naming_ours(config_cls, name, value, fix):
 
 
 @pytest.mark.parametrize(
+    ("config_cls", "name", "fix"),
+    [
+        (PrefixTuningV2Config, "prompt_length", "Use prefix_length"),
+        (InstancePromptConfig, "prefix_length", "Use prompt_length"),
+        (InstancePromptConfig, "reparameterize", "Use task_prefix_hidden_size"),
+        (PrefixTuningV2Config, "task_prefix_hidden_size", "Use reparameterize=True"),
+        (InstancePromptConfig, "prefix_dropout", "Use prompt_dropout"),
+        (PrefixTuningV2Config, "prompt_dropout", "Use prefix_dropout"),
+    ],
+)
+def test_the_other_methods_field_names_are_refused_naming_ours(config_cls, name, fix):
+    # Moving a config from one method to the other: the bare dataclass error names no fix.
+    other = {InstancePromptConfig: "PrefixTuningV2Config", PrefixTuningV2Config: "InstancePromptConfig"}[
+        config_cls
+    ]
+    with pytest.raises(TypeError) as info:
+        config_cls(task_type="CAUSAL_LM", **{name: 8})
+    message = str(info.value)
+    assert (
+        f"{config_cls.__name__} has no field {name!r} (got {name}=8); that is {other}'s name. {fix}"
+        in message
+    )
+
+
+@pytest.mark.parametrize(
     "change",
     [
         {"num_hidden_layers": 3},

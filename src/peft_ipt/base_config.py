@@ -78,20 +78,34 @@ class PromptConfigBase(PeftConfig):
         "num_transformer_submodules": "nothing: the encoder/decoder stacks are read from the model "
         "(encoder_prefix / decoder_prefix / cross_prefix choose among them)",
     }
+    # The other peft-ipt method's config class, its field names (a user moving a config between the two methods),
+    # and what to write here.
+    sibling: ClassVar[str] = ""
+    sibling_names: ClassVar[dict[str, str]] = {}
     # Fields whose default changed: name -> (the peft-ipt version that changed it, the value before). An
     # adapter_config.json written before that version and silent on the field was trained at the former value.
     changed_defaults: ClassVar[dict[str, tuple[str, object]]] = {}
 
     def __new__(cls, *args, **kwargs):
-        """Refuse peft's names for our fields before the dataclass' own TypeError, which names no fix."""
-        known = {f.name for f in fields(cls)}
+        """Refuse peft's names (and the other method's) for our fields before the dataclass' own TypeError, which
+        names no fix."""
+        renamed = cls.renamed_fields()
         for name, value in kwargs.items():
-            if name in cls.peft_names and name not in known:
+            if name in renamed:
+                whose, fix = renamed[name]
                 raise TypeError(
-                    f"{cls.__name__} has no field {name!r} (got {name}={value!r}); that is peft's name. "
-                    f"Use {cls.peft_names[name]}"
+                    f"{cls.__name__} has no field {name!r} (got {name}={value!r}); that is {whose} name. Use {fix}"
                 )
         return super().__new__(cls)
+
+    @classmethod
+    def renamed_fields(cls) -> dict[str, tuple[str, str]]:
+        """Names a user brings from peft or from the other peft-ipt method: name -> (whose name it is, what to write
+        here)."""
+        known = {f.name for f in fields(cls)}
+        renamed = {name: ("peft's", fix) for name, fix in cls.peft_names.items()}
+        renamed |= {name: (f"{cls.sibling}'s", fix) for name, fix in cls.sibling_names.items()}
+        return {name: entry for name, entry in renamed.items() if name not in known}
 
     layers_to_transform: list[int] | int | None = field(
         default=None,

@@ -442,13 +442,24 @@ def _matches(value: Any, annotation: Any) -> bool:
     return True
 
 
+def _renamed_fields(config_class: type | None) -> dict[str, tuple[str, str]] | None:
+    """Our configs' table of names peft or the other method uses for their fields; peft's own configs have none."""
+    renamed = getattr(config_class, "renamed_fields", None)
+    return renamed() if renamed else None
+
+
 def _unknown_key(
-    source: str, key: str, known: list[str], from_set: set[str], renamed: dict[str, str] | None = None
+    source: str,
+    key: str,
+    known: list[str],
+    from_set: set[str],
+    renamed: dict[str, tuple[str, str]] | None = None,
 ) -> ExperimentError:
     name = key.rpartition(".")[2]
     close = difflib.get_close_matches(name, known, n=1)
     if renamed and name in renamed:
-        hint = f" (that is peft's name; use {renamed[name]})"
+        whose, fix = renamed[name]
+        hint = f" (that is {whose} name; use {fix})"
     elif close:
         hint = f" (did you mean {close[0]}?)"
     else:
@@ -472,10 +483,10 @@ class _Checker:
         hints: dict[str, Any],
         prefix: str,
         required: tuple[str, ...] = (),
-        renamed: dict[str, str] | None = None,
+        renamed: dict[str, tuple[str, str]] | None = None,
     ) -> dict:
         """Check a mapping against ``name -> annotation``: known keys, types, required keys; ``renamed``: keys
-        another library names differently, with the name to use here."""
+        peft or the other method names differently: whose name each is, and the name to use here."""
         if not isinstance(raw, dict):
             raise self.error(prefix.rstrip("."), f"must be a mapping (got {raw!r})")
         for key, value in raw.items():
@@ -637,7 +648,7 @@ def validate(raw: dict[str, Any], source: str = "<dict>", from_set: set[str] | N
         method_hints(method),
         "method_config.",
         method.required,
-        getattr(method.config_class(), "peft_names", None),
+        _renamed_fields(method.config_class()),
     )
 
     experiment = Experiment(

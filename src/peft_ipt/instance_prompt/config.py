@@ -48,6 +48,12 @@ class InstancePromptConfig(PromptConfigBase):
         "prefix_projection": "task_prefix_hidden_size (the width of prefix-tuning's MLP for the task prefix; "
         "None: flat)",
     }
+    sibling: ClassVar[str] = "PrefixTuningV2Config"
+    sibling_names: ClassVar[dict[str, str]] = {
+        "prefix_length": "prompt_length",
+        "reparameterize": "task_prefix_hidden_size (the width of prefix-tuning's MLP for the task prefix; None: flat)",
+        "prefix_dropout": "prompt_dropout for dropout on the instance codes (the task prefix takes no dropout here)",
+    }
 
     prompt_length: int = field(
         default=16, metadata={"help": "Number of prompt vectors P (paper: 5-120, best near 100)."}

@@ -39,6 +39,12 @@ class PrefixTuningV2Config(PromptConfigBase):
         "num_virtual_tokens": "prefix_length",
         "prefix_projection": "reparameterize (True: prefix-tuning's MLP, hidden size encoder_hidden_size)",
     }
+    sibling: ClassVar[str] = "InstancePromptConfig"
+    sibling_names: ClassVar[dict[str, str]] = {
+        "prompt_length": "prefix_length",
+        "task_prefix_hidden_size": "reparameterize=True with encoder_hidden_size (prefix-tuning's MLP and its width)",
+        "prompt_dropout": "prefix_dropout for dropout on the prefix keys/values (there are no instance codes here)",
+    }
 
     prefix_length: int = field(
         default=16,
