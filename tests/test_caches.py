@@ -688,3 +688,42 @@ def test_a_row_padded_on_both_sides_gets_its_logits_alone_on_a_rotary_decoder(va
         torch.testing.assert_close(
             model(input_ids=ids, attention_mask=holes).logits[1], given[1], atol=1e-6, rtol=0
         )
+
+
+@pytest.mark.parametrize(
+    ("arch", "task", "config"),
+    [
+        ("bert", "QUESTION_ANS", lambda: InstancePromptConfig(task_type="QUESTION_ANS", prompt_length=3)),
+        ("bert", "SEQ_CLS", lambda: PrefixTuningV2Config(task_type="SEQ_CLS", prefix_length=3)),
+        ("llama", "CAUSAL_LM", lambda: InstancePromptConfig(task_type="CAUSAL_LM", prompt_length=3)),
+        (
+            "llama",
+            "CAUSAL_LM",
+            lambda: InstancePromptConfig(task_type="CAUSAL_LM", prompt_length=3, injection="input"),
+        ),
+        ("t5", "SEQ_2_SEQ_LM", lambda: InstancePromptConfig(task_type="SEQ_2_SEQ_LM", prompt_length=3)),
+    ],
+)
+def test_our_calls_log_no_cache_name_deprecation(monkeypatch, arch, task, config):
+    # transformers 5.25 renamed outputs' past_key_values to cache and logs a deprecation when the old name is read;
+    # reading it to find a call's cache made every adapted call log it, as if the user's code used the old name.
+    import transformers.utils.generic as generic
+
+    logged = []
+    monkeypatch.setattr(
+        generic.logger, "warning_once", lambda message, *args, **kwargs: logged.append(message)
+    )
+    model = get_peft_model(tiny_model(arch, task), config()).eval()
+    ids = token_batch(2, 6)
+    with torch.no_grad():
+        if task == "SEQ_2_SEQ_LM":
+            model(input_ids=ids, decoder_input_ids=ids[:, :3])
+            model.generate(input_ids=ids, max_new_tokens=3, do_sample=False)
+        elif task == "CAUSAL_LM":
+            model(input_ids=ids)
+            model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False
+            )
+        else:
+            model(input_ids=ids)
+    assert not [message for message in logged if "past_key_values" in str(message)]

@@ -103,7 +103,12 @@ def drafting(generate_kwargs: dict) -> bool:
 def cache_of_output(output):
     if isinstance(output, tuple) and not hasattr(output, "keys"):  # return_dict=False: (logits, cache, ...)
         return next((item for item in output if hasattr(item, "get_seq_length")), None)
+    declared = getattr(output, "__dataclass_fields__", None)
     for name in ("cache", "past_key_values"):  # transformers 5.25 names it cache
+        if declared is not None and name not in declared:
+            # From 5.25 a ModelOutput answers the old name through a property that logs a deprecation the caller
+            # did not cause; an output class declares the one it has.
+            continue
         cache = getattr(output, name, None)
         if cache is not None and hasattr(cache, "get_seq_length"):
             return cache
