@@ -1434,16 +1434,20 @@ class PromptTuner(BaseTuner):
             and self._call_state is not None
         ):
             # a training forward run without grad: reentrant checkpointing, which recomputes this site in backward
-            shared = self._injection.kv_shared_layers
-            if shared and gradient_checkpointing_on(self.model):
-                raise ValueError(
-                    f"reentrant gradient checkpointing on a model whose layers {shared} reuse earlier layers' keys "
-                    "and values (KV sharing, as in Gemma 3n and Gemma 4): the forward computes those keys and values "
-                    "without gradient, so every gradient through them is lost (LoRA's gradients there are wrong "
-                    "too). Use gradient_checkpointing_kwargs={'use_reentrant': False}."
-                )
+            self._refuse_reentrant_site(key)
             self._call_state.reentrant_sites.add(key)
         return entry
+
+    def _refuse_reentrant_site(self, site: tuple[str, int]) -> None:
+        """Raise where reentrant checkpointing of this site's layer cannot give the right gradients."""
+        shared = self._injection.kv_shared_layers
+        if shared and gradient_checkpointing_on(self.model):
+            raise ValueError(
+                f"reentrant gradient checkpointing on a model whose layers {shared} reuse earlier layers' keys "
+                "and values (KV sharing, as in Gemma 3n and Gemma 4): the forward computes those keys and values "
+                "without gradient, so every gradient through them is lost (LoRA's gradients there are wrong "
+                "too). Use gradient_checkpointing_kwargs={'use_reentrant': False}."
+            )
 
     def generate(self, *args, **kwargs):
         """``model.generate`` with the prompt computed once from the source, then reused at every step."""

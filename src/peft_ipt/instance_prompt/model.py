@@ -65,6 +65,15 @@ def keep_positions(tensor: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     return torch.gather(tensor, 1, index)
 
 
+def _reentrant_refusal() -> ValueError:
+    return ValueError(
+        "instance_source='hidden' cannot train under reentrant gradient checkpointing: the prompt built at "
+        "hidden_layer feeds the later layers across checkpoint boundaries, which reentrant recomputation "
+        "cannot differentiate. Use gradient_checkpointing_kwargs={'use_reentrant': False}, or another "
+        "instance_source."
+    )
+
+
 class InstancePromptModel(PromptTuner):
     prefix = "ipt_"
     modules_attr = "ipt_encoder"
@@ -173,6 +182,16 @@ class InstancePromptModel(PromptTuner):
 
     # -- instance_source='hidden' ------------------------------------------------------------------------------
 
+    def _refuse_reentrant_site(self, site: tuple[str, int]) -> None:
+        """A layer the hidden-state prompt feeds, run by reentrant checkpointing: its recomputation in backward
+        rebuilds the prefix from the call's inputs, which cannot rebuild a prompt made from hidden states. With
+        every_n_layers > 1 (transformers 5.25) the layer that reads the hidden states can run outside a checkpoint
+        while a later one runs inside: its gradients came back wrong, silently."""
+        super()._refuse_reentrant_site(site)
+        module = self._active_module()
+        if module is not None and module.config.instance_source == "hidden":
+            raise _reentrant_refusal()
+
     def _hidden_states_hook(self, attention: nn.Module, args: tuple, kwargs: dict):
         module = self._active_module()
         if module is None or module.config.instance_source != "hidden" or self._prefixes_off:
@@ -180,12 +199,7 @@ class InstancePromptModel(PromptTuner):
         if self._continuing:
             return None  # continuing a cache: the prompt it was filled with stays
         if module.training and not torch.is_grad_enabled() and gradient_checkpointing_on(self.model):
-            raise ValueError(
-                "instance_source='hidden' cannot train under reentrant gradient checkpointing: the prompt built at "
-                "hidden_layer feeds the later layers across checkpoint boundaries, which reentrant recomputation "
-                "cannot differentiate. Use gradient_checkpointing_kwargs={'use_reentrant': False}, or another "
-                "instance_source."
-            )
+            raise _reentrant_refusal()
         hidden = kwargs.get("hidden_states", args[0] if args else None)  # (B, T, d)
         # gradient checkpointing recomputing this layer in backward: the call that ran it, whatever ran since
         recomputing = not self._calls and in_backward()
