@@ -103,6 +103,20 @@ def test_a_training_choice_is_checked_before_trainer_ignores_it(folder, no_model
     )
 
 
+def test_activation_checkpointing_is_taken_where_transformers_has_it(folder, no_model_loads):
+    # transformers 5.25 renamed TrainingArguments.gradient_checkpointing to activation_checkpointing; the old name
+    # is taken on every version.
+    path = write(folder, BASE)
+    old = load_experiment(path, ["training.gradient_checkpointing=true"])
+    assert training_arguments(old, folder).gradient_checkpointing is True
+    if "activation_checkpointing" in transformers.TrainingArguments.__dataclass_fields__:
+        new = load_experiment(path, ["training.activation_checkpointing=true"])
+        assert training_arguments(new, folder).activation_checkpointing is True
+    else:
+        message = train_error(path, ["training.activation_checkpointing=true"])
+        assert "training.activation_checkpointing (from --set) is not a known key" in message
+
+
 def test_length_grouped_batches_reach_the_trainer(folder):
     experiment = load_experiment(write(folder, BASE), ["training.train_sampling_strategy=group_by_length"])
     assert training_arguments(experiment, folder).train_sampling_strategy == "group_by_length"

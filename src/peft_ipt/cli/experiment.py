@@ -86,6 +86,7 @@ TRAINING_KEYS = (
     "bf16",
     "fp16",
     "gradient_checkpointing",
+    "activation_checkpointing",  # transformers 5.25's name for gradient_checkpointing
     "dataloader_num_workers",
     "disable_tqdm",
     "use_cpu",
@@ -522,7 +523,8 @@ def training_hints() -> dict[str, Any]:
     from transformers import TrainingArguments
 
     hints = typing.get_type_hints(TrainingArguments)
-    return {**{name: hints[name] for name in TRAINING_KEYS}, **EARLY_STOPPING_KEYS}
+    # the keys this transformers' TrainingArguments has (activation_checkpointing is 5.25's)
+    return {**{name: hints[name] for name in TRAINING_KEYS if name in hints}, **EARLY_STOPPING_KEYS}
 
 
 def training_choices() -> dict[str, tuple[str, ...]]:
