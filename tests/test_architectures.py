@@ -27,6 +27,7 @@ from transformers import (
     GPTJConfig,
     GPTNeoConfig,
     GPTNeoXJapaneseConfig,
+    JetMoeConfig,
     MambaConfig,
     MiMoV2FlashConfig,
     MptConfig,
@@ -114,6 +115,16 @@ DECODERS = {
     ),
     "xglm": lambda: XGLMConfig(
         d_model=32, num_layers=2, attention_heads=4, ffn_dim=64, max_position_embeddings=64, **IDS
+    ),
+    # a mixture of attention heads that tiles its 2 key/value heads top_k = 2 times itself, before the attention
+    # function (other models repeat them inside it)
+    "jetmoe": lambda: JetMoeConfig(
+        **TINY_DECODER,
+        num_hidden_layers=2,
+        kv_channels=8,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        **{k: v for k, v in IDS.items() if k != "vocab_size"},
     ),
 }
 ENCODERS = {
@@ -243,6 +254,7 @@ def test_a_left_padded_decoder_batch_matches_each_row_alone(name, method):
         "gemma4_text",
         "deepseek_v3",
         "mimo_v2_flash",
+        "jetmoe",
     ],
 )
 def test_a_prefix_of_the_models_own_keys_and_values_acts_as_those_tokens_in_front(name):

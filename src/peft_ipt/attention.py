@@ -166,6 +166,13 @@ def adapted_call_running() -> bool:
     return any(tuner._calls and tuner._owner == thread for tuner in list(ADAPTED))
 
 
+# Attention modules that tile their key/value heads themselves before calling the attention function, by the
+# attribute that says how many times (JetMoE's mixture of attention heads repeats them top_k times with
+# Tensor.repeat; other models repeat them inside the attention function, after the prefix is joined): the prefix,
+# built with the config's key/value heads, is tiled alike.
+KV_TILED_BY = {"JetMoeAttention": "top_k"}
+
+
 def prefix_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -189,8 +196,11 @@ def prefix_attention_forward(
         )
     site.reached = True
     provider = site.provider()
+    tiles = getattr(module, KV_TILED_BY[type(module).__name__]) if type(module).__name__ in KV_TILED_BY else 1
     if provider is not None and provider.capturing:
-        provider.capture(site, key, value)
+        # the model's own heads, as a prefix holds them (the tiles are copies)
+        heads = key.shape[1] // tiles
+        provider.capture(site, key[:, :heads], value[:, :heads])
     prefix = provider.prefix_for(site) if provider is not None else None
     if prefix is None:
         return site.inner(module, query, key, value, attention_mask, **kwargs)
@@ -198,6 +208,9 @@ def prefix_attention_forward(
     batch, key_len = key.shape[0], key.shape[2]
     valid = match_batch(valid[0], batch) if valid else None
     prefix_len = prefix_key.shape[2]
+    if tiles > 1:
+        prefix_key = prefix_key.repeat(1, tiles, 1, 1)
+        prefix_value = prefix_value.repeat(1, tiles, 1, 1)
     if (prefix_key.shape[1], prefix_key.shape[3], prefix_value.shape[3]) != (
         key.shape[1],
         key.shape[3],
