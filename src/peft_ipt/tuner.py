@@ -1432,8 +1432,10 @@ class PromptTuner(BaseTuner):
             and entry[0].requires_grad
             and not torch.is_grad_enabled()
             and self._call_state is not None
+            and self._call_state.rng is not None
         ):
-            # a training forward run without grad: reentrant checkpointing, which recomputes this site in backward
+            # a training forward (begun with grad) run without grad: reentrant checkpointing, which recomputes this
+            # site in backward
             self._refuse_reentrant_site(key)
             self._call_state.reentrant_sites.add(key)
         return entry

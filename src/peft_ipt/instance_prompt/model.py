@@ -189,7 +189,8 @@ class InstancePromptModel(PromptTuner):
         while a later one runs inside: its gradients came back wrong, silently."""
         super()._refuse_reentrant_site(site)
         module = self._active_module()
-        if module is not None and module.config.instance_source == "hidden":
+        hidden = module is not None and module.config.instance_source == "hidden"
+        if hidden and module.training and gradient_checkpointing_on(self.model):
             raise _reentrant_refusal()
 
     def _hidden_states_hook(self, attention: nn.Module, args: tuple, kwargs: dict):
