@@ -10,6 +10,7 @@ import inspect
 
 import pytest
 import torch
+import transformers
 from conftest import TINY_DECODER, VOCAB, move_trainable_weights, token_batch
 from peft import PeftModel, get_peft_model
 from test_mixed_batches import ROWS, assert_each_row_matches_alone, three_adapter_model
@@ -127,6 +128,27 @@ DECODERS = {
         **{k: v for k, v in IDS.items() if k != "vocab_size"},
     ),
 }
+if hasattr(transformers, "Inkling2TextConfig"):  # transformers 5.25 has it, 5.20 not
+    # Attention residuals call the attention function over each layer's block states (no tokens, no mask): they
+    # take no prefix. A global layer between two sliding ones, with other key/value heads and sizes; relative
+    # position biases and attention sinks.
+    DECODERS["inkling2_text"] = lambda: transformers.Inkling2TextConfig(
+        **TINY_DECODER | {"num_key_value_heads": 1},
+        num_hidden_layers=3,
+        head_dim=16,
+        swa_num_attention_heads=4,
+        swa_num_key_value_heads=2,
+        swa_head_dim=8,
+        sliding_window_size=3,
+        layer_types=["hybrid_sliding", "hybrid", "hybrid_sliding"],
+        n_layers_per_attn_res_block=2,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        d_rel=4,
+        unpadded_vocab_size=VOCAB,
+        **{k: v for k, v in IDS.items() if k != "vocab_size"},
+    )
 ENCODERS = {
     "deberta": lambda: DebertaConfig(
         hidden_size=32,

@@ -15,6 +15,7 @@ the current forward pass.
 from __future__ import annotations
 
 import copy
+import inspect
 import re
 import sys
 import threading
@@ -33,6 +34,9 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 SUPPORTED_IMPLEMENTATIONS = ("eager", "sdpa")
 REGISTERED_PREFIX = "peft_ipt_"
 SITE_ATTR = "_peft_ipt_site"
+# Marks a module that calls the attention interface over something other than the tokens (Inkling 2's attention
+# residuals mix a layer's block states with P learned queries and no mask): it takes no prefix.
+NOT_TOKENS_ATTR = "_peft_ipt_not_over_tokens"
 
 SELF, ENCODER, DECODER, CROSS = "self", "encoder", "decoder", "cross"
 
@@ -183,16 +187,18 @@ def prefix_attention_forward(
 ):
     site: AttentionSite | None = module.__dict__.get(SITE_ATTR)
     if site is None:
-        if not adapted_call_running():
+        if not adapted_call_running() or module.__dict__.get(NOT_TOKENS_ATTR):
             # A model built from an adapted model's config object (AutoModelForCausalLM.from_config(
             # peft_model.config), a reference model): the config names peft-ipt's attention, the model has no
-            # adapter. It runs the implementation the config named before get_peft_model.
+            # adapter. It runs the implementation the config named before get_peft_model. So does an attention
+            # over something other than the tokens.
             config = getattr(module, "config", None)
             impl = (getattr(config, "_attn_implementation", None) or "eager").removeprefix(REGISTERED_PREFIX)
             return _inner_implementation(module, impl)(module, query, key, value, attention_mask, **kwargs)
         raise RuntimeError(
             f"peft_ipt: {type(module).__name__} was not prepared for prefixes; it was probably added to the model "
-            "after get_peft_model. Call get_peft_model again on the final model."
+            "after get_peft_model (call get_peft_model again on the final model), or it is an attention layer "
+            "peft-ipt does not recognise as one (see `peft-ipt supported-models`)."
         )
     site.reached = True
     provider = site.provider()
@@ -329,6 +335,23 @@ def tokenless_towers(model: nn.Module) -> tuple[str, ...]:
         for name, module in model.named_modules()
         if name and isinstance(module, PreTrainedModel) and module.main_input_name != "input_ids"
     )
+
+
+def not_over_tokens(model: nn.Module, sites) -> list[nn.Module]:
+    """Modules that call the attention interface (transformers marks them with ``is_causal``), not causally, and
+    whose forward can take no attention mask (no such parameter, no ``**kwargs``), so attend over something other
+    than the padded tokens (Inkling 2's attention residuals): they take no prefix and run the model's own
+    implementation."""
+    site_ids = {id(site[0]) for site in sites}
+    found = []
+    for module in model.modules():
+        if id(module) in site_ids or getattr(module, "is_causal", None) is not False:
+            continue
+        parameters = inspect.signature(type(module).forward).parameters
+        takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+        if "attention_mask" not in parameters and not takes_kwargs:
+            found.append(module)
+    return found
 
 
 def find_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -483,6 +506,9 @@ class AttentionPath:
             ]
         self._base_impl = base_impl
         self._sites = sites
+        self._not_over_tokens = not_over_tokens(model, sites)
+        for module in self._not_over_tokens:
+            module.__dict__[NOT_TOKENS_ATTR] = True
         self.enable(model)
 
     def enable(self, model: nn.Module) -> None:
@@ -525,6 +551,8 @@ class AttentionPath:
 
     def remove(self, model: nn.Module, sites) -> None:
         self.disable(model)
+        for module in getattr(self, "_not_over_tokens", ()):
+            module.__dict__.pop(NOT_TOKENS_ATTR, None)
         for module, *_ in sites:
             site = module.__dict__.pop(SITE_ATTR, None)
             for handle in site.watch if site is not None else ():
