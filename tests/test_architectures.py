@@ -22,6 +22,7 @@ from transformers import (
     DebertaConfig,
     DebertaV2Config,
     DeepseekV3Config,
+    DogeConfig,
     FalconConfig,
     Gemma3nTextConfig,
     Gemma4TextConfig,
@@ -116,6 +117,10 @@ DECODERS = {
     ),
     "xglm": lambda: XGLMConfig(
         d_model=32, num_layers=2, attention_heads=4, ffn_dim=64, max_position_embeddings=64, **IDS
+    ),
+    # attention under a dynamic mask computed from the values, without transformers' is_causal mark
+    "doge": lambda: DogeConfig(
+        **TINY_DECODER, num_hidden_layers=2, **{k: v for k, v in IDS.items() if k != "vocab_size"}
     ),
     # a mixture of attention heads that tiles its 2 key/value heads top_k = 2 times itself, before the attention
     # function (other models repeat them inside it)

@@ -231,7 +231,8 @@ def prefix_attention_forward(
     key = torch.cat([match_batch(prefix_key, batch).to(key.dtype), key], dim=2)
     value = torch.cat([match_batch(prefix_value, batch).to(value.dtype), value], dim=2)
     causal = kwargs.get("is_causal")
-    causal = getattr(module, "is_causal", False) if causal is None else causal
+    if causal is None:
+        causal = getattr(module, "is_causal", UNMARKED_ATTENTION.get(type(module).__name__, False))
     attention_mask = widen_mask(
         attention_mask,
         prefix_len,
@@ -312,8 +313,14 @@ def _value_dim(module: nn.Module, key_dim: int) -> int:
     return _attr((module,), ("v_head_dim",)) or key_dim
 
 
+# Attention classes that call the attention function without transformers' ``is_causal`` mark, with the causality
+# they attend with: Doge's dynamic-mask attention (always given its mask, a causal one).
+UNMARKED_ATTENTION = {"DogeAttention": True}
+
+
 def _is_attention(module: nn.Module) -> bool:
-    return type(module).__name__.endswith("Attention") and hasattr(module, "is_causal")
+    name = type(module).__name__
+    return name.endswith("Attention") and (hasattr(module, "is_causal") or name in UNMARKED_ATTENTION)
 
 
 def input_embeddings(model: nn.Module) -> nn.Module | None:
