@@ -980,6 +980,18 @@ def test_fsmt_generates_the_same_with_and_without_the_cache(method):
     )
 
 
+def test_an_input_level_prompt_on_fsmt_runs_forward_and_generate_is_refused_naming_the_reason():
+    # FSMT's encoder requires input_ids; generate() runs it on the prompted inputs_embeds alone (a TypeError before)
+    model = get_peft_model(
+        fsmt(), InstancePromptConfig(task_type="SEQ_2_SEQ_LM", prompt_length=3, injection="input")
+    ).eval()
+    batch = seq2seq_batch()
+    with torch.no_grad():
+        assert model(**batch).logits.shape[:2] == batch["decoder_input_ids"].shape
+    with pytest.raises(ValueError, match=r"injection='input' cannot generate with FSMT.*requires input_ids"):
+        model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=2)
+
+
 @pytest.mark.parametrize("method", ["prefix", "ipt"])
 def test_each_row_of_a_mixed_batch_on_fsmt_equals_that_row_alone(method):
     model = three_adapter_model(task="SEQ_2_SEQ_LM", method=method, base=fsmt())

@@ -374,6 +374,8 @@ class InstancePromptModel(PromptTuner):
         if kwargs.get("input_ids") is None and kwargs.get("inputs_embeds") is None:
             return args, kwargs  # on encoder outputs alone: their prompt's states are back in them already
         self._refuse_an_assistant(kwargs)
+        if inputs.is_encoder_decoder:
+            self._refuse_an_encoder_without_embeddings()
         source = kwargs.get("input_ids")
         length = (source if source is not None else kwargs["inputs_embeds"]).shape[1]
         # what _finish_generate needs: the decoder's input to put back in front, the lengths to cut the states by
@@ -421,6 +423,18 @@ class InstancePromptModel(PromptTuner):
             "'frozen_model' with injection='hybrid' or 'prefix', whose prompts are built from the whole input once "
             "per generate() and give the same tokens chunked."
         )
+
+    def _refuse_an_encoder_without_embeddings(self) -> None:
+        """generate() on an encoder-decoder model runs the encoder on the prompted inputs_embeds alone; an encoder
+        whose forward requires input_ids (FSMT's) failed there with a TypeError."""
+        encoder = self.model.get_encoder()
+        needed = inspect.signature(encoder.forward).parameters.get("input_ids")
+        if needed is not None and needed.default is inspect.Parameter.empty:
+            raise ValueError(
+                f"injection='input' cannot generate with {type(self.model).__name__}: generate() runs its encoder "
+                f"({type(encoder).__name__}) on the prompted inputs_embeds alone, and that encoder requires "
+                "input_ids. Use injection='prefix' or 'hybrid' (the forward pass takes the input-level prompt)."
+            )
 
     def _refuse_an_assistant(self, kwargs: dict) -> None:
         """Assisted generation drafts from input_ids, which an input-level prompt's generate() does not pass."""
