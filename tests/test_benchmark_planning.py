@@ -285,3 +285,19 @@ def test_a_run_recorded_silent_on_the_instance_scale_counts_as_the_former_defaul
         assert quality.former_default_overrides(old) == ["method_config.instance_scale=1.0"]
     prefix = quality.current_setup("rotten_tomatoes", "prefix_alone", False)
     assert "instance_scale" not in json.loads(prefix)["method_config"]  # another method's setup is left alone
+
+
+def test_the_architecture_sweep_tells_a_served_model_from_a_refused_one():
+    import architectures
+
+    served = architectures.sweep("CAUSAL_LM", "llama")
+    assert served["built"] == "yes"
+    assert all(served[method] == ("ok", "") for method in architectures.METHODS)
+    assert served["peft_prefix_tuning"] == "moves"
+    refused = architectures.sweep("SEQ_CLS", "mpnet")  # computes its attention itself
+    assert all(refused[method][0] == "refused" for method in architectures.METHODS)
+    assert "does not route attention through transformers.AttentionInterface" in refused["prefix_v2"][1]
+    assert architectures.sweep("CAUSAL_LM", "gpt2")["prefix_v2"] == (
+        "ok",
+        "needs position_ids, as the bare model does",
+    )

@@ -1,0 +1,368 @@
+"""Every model type transformers maps to a causal LM, a seq2seq LM or (encoders) a sequence classifier, on a tiny
+random model built from a generic config: does each method work there, or refuse with a clear error, and what does
+peft's PrefixTuning do on the same model?
+
+For each model type and method (PrefixTuningV2, IPT hybrid, IPT with an input-level prompt) the row records one of:
+- ``ok``: the adapter moves the outputs, ``disable_adapter()`` gives the bare model's (to 1e-6), a padded row's
+  outputs equal the row alone (where the bare model's do: learned-absolute-position decoders need ``position_ids``
+  with or without an adapter), ``generate()`` with and without the cache gives the same scores (decoders and
+  seq2seq), and the loss reaches every trainable parameter;
+- ``refused``: ``get_peft_model`` (or the first call) raised peft-ipt's own error, naming the reason;
+- ``FAIL``: anything else, with what failed (an invariant broken, or an error that is not ours).
+
+peft's PrefixTuning on the same model: ``moves`` (its forward runs and changes the outputs), ``no effect`` (runs and
+changes nothing: the prefix is silently dropped), or ``fails`` (raises). A model type whose generic tiny config
+cannot be built is listed as not built, and is not counted. The invariants are checked for the methods, not for
+peft's PrefixTuning.
+
+    python benchmarks/architectures.py                  # every model type (about 25 minutes on 2 cores)
+    python benchmarks/architectures.py --types llama t5  # some
+
+Writes results/architectures.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+import warnings
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import RESULTS, markdown_table, write_outputs  # noqa: E402
+
+VOCAB = 96
+# One generic tiny config: each model type's config takes the fields it has. Key/value heads equal the query heads
+# unless the model type takes grouped-query attention in its config.
+GENERIC = {
+    "vocab_size": VOCAB,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+    "head_dim": 8,
+    "max_position_embeddings": 64,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "num_labels": 3,
+}
+# Fields other model types name differently, set where the config has them.
+ALIASES = {
+    "n_embd": 32,
+    "n_layer": 2,
+    "n_head": 4,
+    "n_inner": 64,
+    "d_model": 32,
+    "n_layers": 2,
+    "n_heads": 4,
+    "num_layers": 2,
+    "ffn_dim": 64,
+    "embedding_size": 32,
+    "word_embed_proj_dim": 32,
+    "encoder_layers": 2,
+    "decoder_layers": 2,
+    "encoder_attention_heads": 4,
+    "decoder_attention_heads": 4,
+    "encoder_ffn_dim": 64,
+    "decoder_ffn_dim": 64,
+    "num_decoder_layers": 2,
+    "num_heads": 4,
+    "d_kv": 8,
+    "d_ff": 64,
+    "decoder_start_token_id": 2,
+    "num_local_experts": 4,
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 32,
+    "sliding_window": 4,
+}
+SEQ2SEQ_PAD = 1  # BART-like models pad with 1 and start the decoder with 2
+# A generic config leaves a model type's sub-configs (a speech encoder's, a vision tower's) at their full size:
+# such a model, counted on the meta device first, is not built (one such took 22 GB and was killed for memory).
+MAX_PARAMETERS = 20_000_000
+METHODS = ("prefix_v2", "ipt", "ipt_input")
+TIMEOUT_S = 60
+
+
+class TimedOut(Exception):
+    pass
+
+
+@contextmanager
+def time_limit(seconds: int):
+    def stop(*_):
+        raise TimedOut
+
+    signal.signal(signal.SIGALRM, stop)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+
+
+def model_types() -> dict[str, list[str]]:
+    from transformers.models.auto import modeling_auto as auto
+
+    causal = sorted(auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    seq2seq = sorted(auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
+    encoders = sorted(set(auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES) - set(causal) - set(seq2seq))
+    return {"CAUSAL_LM": causal, "SEQ_2_SEQ_LM": seq2seq, "SEQ_CLS": encoders}
+
+
+def tiny_model(model_type: str, task: str):
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
+        AutoModelForSequenceClassification,
+    )
+
+    settings = dict(GENERIC)
+    if task == "SEQ_2_SEQ_LM":
+        settings |= {"pad_token_id": SEQ2SEQ_PAD, "bos_token_id": 0, "forced_eos_token_id": None}
+    config = AutoConfig.for_model(model_type, **settings)
+    for name, value in ALIASES.items():
+        if hasattr(config, name):
+            try:
+                setattr(config, name, value)
+            except Exception:  # a derived or validated field: the config keeps its own
+                pass
+    if hasattr(config, "num_key_value_heads"):
+        config.num_key_value_heads = 2  # grouped-query attention where the model type has it
+    auto = {"CAUSAL_LM": AutoModelForCausalLM, "SEQ_2_SEQ_LM": AutoModelForSeq2SeqLM}
+    builder = auto.get(task, AutoModelForSequenceClassification)
+    with torch.device("meta"):
+        count = sum(p.numel() for p in builder.from_config(config).parameters())
+    if count > MAX_PARAMETERS:
+        raise ValueError(
+            f"the generic config gives {count / 1e6:.0f}M parameters (sub-configs keep their sizes)"
+        )
+    torch.manual_seed(0)
+    return builder.from_config(config).eval()
+
+
+def method_config(method: str, task: str):
+    from peft_ipt import InstancePromptConfig, PrefixTuningV2Config
+
+    if method == "prefix_v2":
+        return PrefixTuningV2Config(task_type=task, prefix_length=3, init_weights=False)
+    injection = "input" if method == "ipt_input" else "hybrid"
+    return InstancePromptConfig(task_type=task, prompt_length=3, injection=injection, init_weights=False)
+
+
+def inputs(task: str) -> dict[str, torch.Tensor]:
+    """Two rows, the second right-padded by 2 (left-padded by 2 for decoders)."""
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, VOCAB, (2, 7), generator=generator)
+    mask = torch.ones_like(ids)
+    pad = SEQ2SEQ_PAD if task == "SEQ_2_SEQ_LM" else 0
+    if task == "CAUSAL_LM":
+        ids[1, :2], mask[1, :2] = pad, 0
+    else:
+        ids[1, 5:], mask[1, 5:] = pad, 0
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if task == "SEQ_2_SEQ_LM":
+        batch["decoder_input_ids"] = torch.randint(3, VOCAB, (2, 4), generator=generator)
+    return batch
+
+
+def row_alone(batch: dict[str, torch.Tensor], task: str) -> dict[str, torch.Tensor]:
+    kept = batch["attention_mask"][1].bool()
+    alone = {"input_ids": batch["input_ids"][1:, kept], "attention_mask": batch["attention_mask"][1:, kept]}
+    if task == "SEQ_2_SEQ_LM":
+        alone["decoder_input_ids"] = batch["decoder_input_ids"][1:]
+    return alone
+
+
+def padded_gap(model, batch, task) -> float:
+    """How far the padded row's outputs are from the row alone."""
+    together = model(**batch).logits[1]
+    alone = model(**row_alone(batch, task)).logits[0]
+    if task == "CAUSAL_LM":
+        together = together[2:]
+    return (together - alone).abs().max().item()
+
+
+def check_method(model_type: str, task: str, method: str) -> tuple[str, str]:
+    """(verdict, detail) for one method on one model type."""
+    import peft
+
+    from peft_ipt.attention import UnsupportedModelError
+
+    base = tiny_model(model_type, task)
+    batch = inputs(task)
+    with torch.no_grad():
+        bare = base(**batch).logits
+        bare_gap = padded_gap(base, batch, task)
+    try:
+        model = peft.get_peft_model(base, method_config(method, task)).eval()
+        with torch.no_grad():
+            adapted = model(**batch).logits
+    except (UnsupportedModelError, ValueError) as error:
+        return "refused", str(error).split(". ")[0][:140]
+    with torch.no_grad():
+        moved = (adapted - bare).abs().max().item()
+        with model.disable_adapter():
+            off = (model(**batch).logits - bare).abs().max().item()
+        gap = padded_gap(model, batch, task)
+    problems = []
+    if not moved > 1e-6:
+        problems.append(f"the adapter changes nothing ({moved:.1e})")
+    if off > 1e-6:  # float noise only: LoRA's get_peft_model and unload move FSMT by 4e-8 too
+        problems.append(f"disable_adapter is {off:.1e} off the bare model")
+    if gap > max(1e-4, 10 * bare_gap):
+        problems.append(f"a padded row is {gap:.1e} off its outputs alone (bare model {bare_gap:.1e})")
+    if task != "SEQ_CLS":
+        kwargs = {
+            "max_new_tokens": 3,
+            "do_sample": False,
+            "output_scores": True,
+            "return_dict_in_generate": True,
+        }
+        call = {k: v for k, v in batch.items() if k != "decoder_input_ids"}
+        try:
+            with torch.no_grad():
+                cached = model.generate(**call, **kwargs)
+                uncached = model.generate(**call, use_cache=False, **kwargs)
+        except ValueError as error:  # generate() refused; the forward pass works
+            return "refused", "generate(): " + str(error).split(". ")[0][:140]
+        drift = max((a - b).abs().max().item() for a, b in zip(cached.scores, uncached.scores, strict=True))
+        if drift > 1e-4:
+            problems.append(f"generate() with the cache is {drift:.1e} off generate() without")
+    model.train()
+    labels = batch["decoder_input_ids"] if task == "SEQ_2_SEQ_LM" else None
+    if task == "CAUSAL_LM":
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        labels[:, :4] = -100  # the source the instance prompt reads
+    if task == "SEQ_CLS":
+        labels = torch.tensor([0, 1])
+    model(**batch, labels=labels).loss.backward()
+    silent = [
+        n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())
+    ]
+    if silent:
+        problems.append(f"no gradient reaches {silent[0]}")
+    note = "needs position_ids, as the bare model does" if bare_gap > 1e-4 else ""
+    return ("FAIL", "; ".join(problems)) if problems else ("ok", note)
+
+
+def check_peft(model_type: str, task: str) -> str:
+    import peft
+
+    base = tiny_model(model_type, task)
+    batch = inputs(task)
+    try:
+        with torch.no_grad():
+            bare = base(**batch).logits
+            model = peft.get_peft_model(base, peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=3))
+            moved = (model(**batch).logits - bare).abs().max().item()
+    except Exception as error:
+        return f"fails ({type(error).__name__})"
+    return "moves" if moved > 1e-6 else "no effect"
+
+
+def sweep(task: str, model_type: str) -> dict:
+    row = {"task": task, "model_type": model_type}
+    try:
+        with time_limit(TIMEOUT_S):
+            tiny_model(model_type, task)
+    except (Exception, TimedOut) as error:
+        row["built"] = f"{type(error).__name__}: {str(error)[:100]}"
+        return row
+    row["built"] = "yes"
+    for method in METHODS:
+        try:
+            with time_limit(TIMEOUT_S):
+                row[method] = check_method(model_type, task, method)
+        except TimedOut:
+            row[method] = ("FAIL", f"timed out after {TIMEOUT_S} s")
+        except Exception as error:
+            row[method] = ("FAIL", f"{type(error).__name__}: {str(error)[:140]}")
+    try:
+        with time_limit(TIMEOUT_S):
+            row["peft_prefix_tuning"] = check_peft(model_type, task)
+    except TimedOut:
+        row["peft_prefix_tuning"] = "fails (timed out)"
+    return row
+
+
+def report(rows: list[dict]) -> str:
+    import peft
+    import transformers
+
+    built = [r for r in rows if r["built"] == "yes"]
+    lines = [
+        f"# Model types: tiny random models (transformers {transformers.__version__}, peft {peft.__version__})",
+        "",
+        "Command: `python benchmarks/architectures.py`. Each model type's tiny model is built from one generic "
+        "config; `ok`: the adapter moves the outputs, `disable_adapter()` gives the bare model's (to 1e-6), a padded "
+        "row equals the row alone (where the bare model's does), generate() with and without the cache agree, and "
+        "the loss reaches every trainable parameter; `refused`: peft-ipt's own error at `get_peft_model` or the "
+        "first call. peft's PrefixTuning: `moves` (runs and changes the outputs), `no effect` (runs, changes "
+        "nothing), `fails`.",
+        "",
+    ]
+    for task in ("CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS"):
+        group = [r for r in built if r["task"] == task]
+        if not group:
+            continue
+        counts = {m: Counter(r[m][0] for r in group) for m in METHODS}
+        peft_counts = Counter(r["peft_prefix_tuning"].split(" (")[0] for r in group)
+        lines.append(f"## {task}: {len(group)} model types built")
+        lines.append("")
+        for method in METHODS:
+            lines.append(f"- {method}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts[method].items())))
+        lines.append("- peft PrefixTuning: " + ", ".join(f"{k} {v}" for k, v in sorted(peft_counts.items())))
+        lines.append("")
+        table = [
+            [r["model_type"], *(_cell(r[m]) for m in METHODS), r["peft_prefix_tuning"]]
+            for r in sorted(group, key=lambda r: r["model_type"])
+        ]
+        lines.append(markdown_table(["model type", *METHODS, "peft PrefixTuning"], table))
+        lines.append("")
+    skipped = sorted(f"{r['model_type']} ({r['task']})" for r in rows if r["built"] != "yes")
+    lines.append(f"Not built from the generic tiny config (not counted): {', '.join(skipped) or 'none'}.")
+    return "\n".join(lines)
+
+
+def _cell(result) -> str:
+    verdict, detail = result
+    return f"{verdict}: {detail}" if detail else verdict
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--types", nargs="*", help="model types (default: every one)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    torch.set_num_threads(1)
+    import peft_ipt  # noqa: F401  (registers the methods)
+
+    rows, start = [], time.time()
+    groups = model_types()
+    todo = [(t, m) for t, types in groups.items() for m in types if not args.types or m in args.types]
+    from tqdm import tqdm
+
+    for task, model_type in tqdm(todo, unit="type"):
+        rows.append(sweep(task, model_type))
+    document = {"rows": rows, "seconds": round(time.time() - start)}
+    if args.types:
+        print(report(rows))
+        return
+    write_outputs("architectures", document, report(rows), args.out)
+
+
+if __name__ == "__main__":
+    main()
