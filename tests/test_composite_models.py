@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from conftest import CONFIGS, token_batch
+from conftest import CONFIGS, VOCAB, token_batch
 from peft import PeftModel, get_peft_model
 from test_architectures import gemma4_text_config
 from transformers import (
@@ -352,3 +352,43 @@ def test_git_is_refused_where_only_its_image_encoder_could_take_prefixes():
     )
     with pytest.raises(ValueError, match=r"GitForCausalLM \(git\): no attention modules found"):
         get_peft_model(GitForCausalLM(config), CASES["prefix_v2"]())
+
+
+@pytest.mark.parametrize("case", ["prefix_v2", "ipt"])
+@pytest.mark.parametrize("build", ["fuyu", "llava"])
+def test_a_left_padded_row_of_a_composite_rotary_model_gets_its_logits_alone(build, case):
+    # A model built of submodels around a rotary language model (Fuyu around Persimmon, Llava around Llama) numbers
+    # text positions along the text; the prefix's keys carry none, so a left-padded row called without
+    # position_ids must be renumbered from its first token, as for a plain rotary decoder (Fuyu's row was 3.7e-2
+    # off the row alone, silently).
+    from transformers import FuyuConfig, FuyuForCausalLM
+
+    if build == "fuyu":
+        config = FuyuConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            patch_size=4,
+        )
+        torch.manual_seed(0)
+        bare_model = FuyuForCausalLM(config).eval()
+    else:
+        bare_model = tiny_llava()
+    model = get_peft_model(bare_model, CASES[case]()).eval()
+    row = token_batch(1, 6, low=3)
+    padded = torch.cat([torch.zeros(1, 2, dtype=torch.long), row], 1)
+    mask = torch.cat([torch.zeros(1, 2, dtype=torch.long), torch.ones_like(row)], 1)
+    with torch.no_grad():
+        alone = model(input_ids=row, attention_mask=torch.ones_like(row)).logits
+        together = model(input_ids=padded, attention_mask=mask).logits[:, 2:]
+        with model.disable_adapter():  # the bare model gives it its logits alone too
+            bare = model(input_ids=padded, attention_mask=mask).logits[:, 2:]
+            bare_alone = model(input_ids=row).logits
+    torch.testing.assert_close(bare, bare_alone, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)

@@ -1167,16 +1167,17 @@ class PromptTuner(BaseTuner):
         return {**kwargs, "position_ids": torch.where(renumber[:, None], counted, numbered)}
 
     def _rotary_text_model(self, module: nn.Module) -> bool:
-        """Whether ``module`` (an entry point) is a text-only model with rotary positions that takes position_ids (a
-        decoder, or an encoder such as ModernBERT); vision-language models number their positions themselves
-        (multimodal rotary positions), and encoder-decoder models are not read, so not those."""
+        """Whether ``module`` (an entry point) is a model with rotary positions along the text that takes
+        position_ids (a decoder, or an encoder such as ModernBERT, and a model built of submodels around one, as Fuyu
+        or Moshi); models with multimodal rotary positions number them themselves (Qwen2-VL's get_rope_index), and
+        encoder-decoder models are not read, so not those."""
         known = self.__dict__.setdefault("_rotary_entries", {})
         key = type(module)
         if key not in known:
             config = self.model.config
             known[key] = (
                 not getattr(config, "is_encoder_decoder", False)
-                and not getattr(type(config), "sub_configs", None)
+                and not any(hasattr(m, "get_rope_index") for m in self.model.modules())
                 and "position_ids" in inspect.signature(module.forward).parameters
                 and (
                     any(type(m).__name__.endswith("RotaryEmbedding") for m in self.model.modules())
