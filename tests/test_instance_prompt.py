@@ -1138,3 +1138,25 @@ def test_input_injection_keeps_the_logits_a_tensor_of_logits_to_keep_names(arch)
             kept = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
             expected = full[:, keep] if torch.is_tensor(keep) else full[:, -keep:]
             torch.testing.assert_close(kept, expected)
+
+
+@pytest.mark.parametrize("task", ["CAUSAL_LM", "TOKEN_CLS"])
+def test_an_input_prompt_on_roberta_gives_a_left_padded_row_its_outputs_alone(task):
+    # RoBERTa numbers positions from input_ids after the padding; from the prompted inputs_embeds it counted from the
+    # first column, so a left-padded row's logits were 0.3 off the row alone (RoBERTa decoder), silently.
+    model = get_peft_model(
+        tiny_model("roberta", task, is_decoder=task == "CAUSAL_LM"),
+        InstancePromptConfig(task_type=task, prompt_length=3, injection="input", init_weights=False),
+    ).eval()
+    row = token_batch(1, 5, low=3)
+    padded = torch.cat([torch.ones(1, 2, dtype=torch.long), row], 1)  # RoBERTa pads with 1
+    mask = torch.cat([torch.zeros(1, 2, dtype=torch.long), torch.ones_like(row)], 1)
+    with torch.no_grad():
+        alone = model(input_ids=row, attention_mask=torch.ones_like(row)).logits
+        together = model(input_ids=padded, attention_mask=mask).logits
+        with model.disable_adapter():  # the bare model gives the padded row its outputs alone too
+            bare = model(input_ids=padded, attention_mask=mask).logits
+            bare_alone = model(input_ids=row).logits
+    together, bare = together[:, 2:], bare[:, 2:]  # per-token outputs: the row's own
+    torch.testing.assert_close(bare, bare_alone, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)

@@ -281,6 +281,13 @@ class InstancePromptModel(PromptTuner):
         kwargs["attention_mask"] = insert(
             mask if mask is not None else embeds.new_ones(batch, length, dtype=torch.long), 1
         )
+        numbering = self._padding_numbered_embeddings()
+        if numbering is not None and mask is not None and not for_generate and not inputs.is_encoder_decoder:
+            # RoBERTa and its kin number positions from input_ids, after the padding; from inputs_embeds they
+            # count from the first column, padding included, so a left-padded row's positions moved (its logits
+            # 0.3 off the row alone on a tiny RoBERTa decoder, silently). Number them as from input_ids.
+            shown = kwargs["attention_mask"].long()
+            kwargs["position_ids"] = shown.cumsum(1) * shown + numbering.padding_idx
         if kwargs.get("token_type_ids") is not None:
             kwargs["token_type_ids"] = insert(kwargs["token_type_ids"], 0)
         labels = kwargs.get("labels")
@@ -423,6 +430,21 @@ class InstancePromptModel(PromptTuner):
             "'frozen_model' with injection='hybrid' or 'prefix', whose prompts are built from the whole input once "
             "per generate() and give the same tokens chunked."
         )
+
+    def _padding_numbered_embeddings(self) -> nn.Module | None:
+        """The embeddings module of a model that numbers positions from input_ids after its padding (RoBERTa's
+        create_position_ids_from_input_ids), or None."""
+        known = self.__dict__.setdefault("_numbering", {})
+        if "embeddings" not in known:
+            known["embeddings"] = next(
+                (
+                    m
+                    for m in self.model.modules()
+                    if hasattr(m, "create_position_ids_from_input_ids") and isinstance(m.padding_idx, int)
+                ),
+                None,
+            )
+        return known["embeddings"]
 
     def _refuse_an_encoder_without_embeddings(self) -> None:
         """generate() on an encoder-decoder model runs the encoder on the prompted inputs_embeds alone; an encoder
