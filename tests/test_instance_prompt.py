@@ -1160,3 +1160,35 @@ def test_an_input_prompt_on_roberta_gives_a_left_padded_row_its_outputs_alone(ta
     together, bare = together[:, 2:], bare[:, 2:]  # per-token outputs: the row's own
     torch.testing.assert_close(bare, bare_alone, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
+
+
+def test_an_input_prompt_on_a_hash_routed_model_is_refused_and_prefixes_run():
+    # DeepSeek-V4 routes tokens to experts by their ids, so it cannot run from inputs_embeds: an input-level prompt
+    # failed inside the model with "'NoneType' object has no attribute 'reshape'"
+    from transformers import AutoModelForCausalLM, DeepseekV4Config
+
+    config = DeepseekV4Config(
+        vocab_size=128,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        head_dim=8,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"injection='input' on DeepseekV4ForCausalLM: .*hash routing"):
+        get_peft_model(
+            AutoModelForCausalLM.from_config(config),
+            InstancePromptConfig(task_type="CAUSAL_LM", prompt_length=3, injection="input"),
+        )
+    model = get_peft_model(
+        AutoModelForCausalLM.from_config(config).eval(),
+        InstancePromptConfig(task_type="CAUSAL_LM", prompt_length=3, init_weights=False),
+    )
+    ids = token_batch()
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        with model.disable_adapter():
+            assert not torch.allclose(model(input_ids=ids).logits, adapted, atol=1e-4)

@@ -65,6 +65,11 @@ def keep_positions(tensor: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     return torch.gather(tensor, 1, index)
 
 
+# A module that reads token ids inside the model (DeepSeek-V4's hash-routed experts: a token id -> expert table), so
+# the model needs input_ids and cannot run from inputs_embeds.
+TOKEN_ROUTING = "tid2eid"
+
+
 def _reentrant_refusal() -> ValueError:
     return ValueError(
         "instance_source='hidden' cannot train under reentrant gradient checkpointing: the prompt built at "
@@ -98,6 +103,13 @@ class InstancePromptModel(PromptTuner):
                 f"injection='input' with SEQ_CLS on {kind} model: transformers finds the token to classify (the last "
                 "one, or the last end-of-sequence token) from input_ids, which input-level prompts replace by "
                 "embeddings. Use injection='hybrid' or 'prefix'."
+            )
+        routed = next((type(m).__name__ for m in model.modules() if hasattr(m, TOKEN_ROUTING)), None)
+        if config.injection == "input" and routed is not None:
+            raise ValueError(
+                f"injection='input' on {type(model).__name__}: its {routed} routes each token to experts by its id "
+                "(hash routing), so the model cannot run from the inputs_embeds an input-level prompt hands it. Use "
+                "injection='hybrid' or 'prefix'."
             )
         if self._injection.multimodal and (
             config.injection == "input" or config.instance_source == "frozen_model"
