@@ -88,6 +88,9 @@ class AttentionSite:
     # the registry path's first-call hooks, until they pass
     watch: list = field(default_factory=list, repr=False)
     door: object = None  # what an architecture path's door needs at call time (e.g. DeBERTa's version)
+    tiles: int = (
+        1  # how many times the module tiles its key/value heads before the attention function (KV_TILED_BY)
+    )
 
 
 class UnsupportedModelError(ValueError):
@@ -202,7 +205,7 @@ def prefix_attention_forward(
         )
     site.reached = True
     provider = site.provider()
-    tiles = getattr(module, KV_TILED_BY[type(module).__name__]) if type(module).__name__ in KV_TILED_BY else 1
+    tiles = site.tiles
     if provider is not None and provider.capturing:
         # the model's own heads, as a prefix holds them (the tiles are copies)
         heads = key.shape[1] // tiles
@@ -500,6 +503,8 @@ class AttentionPath:
         base_impl = check_transformers_model(model)
         for module, kind, layer, n_kv, head_dim in sites:
             site = AttentionSite(kind, layer, n_kv, head_dim, _inner_implementation(module, base_impl))
+            tiled_by = KV_TILED_BY.get(type(module).__name__)
+            site.tiles = getattr(module, tiled_by) if tiled_by else 1
             site.provider = provider_ref
             module.__dict__[SITE_ATTR] = site  # a plain attribute: not a submodule, not in the state dict
             # Refuse a module that computes attention itself although its modeling file uses the registry
