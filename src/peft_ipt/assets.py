@@ -7,7 +7,11 @@ running Python environment, and no more:
 - the asset packages, installed with the running interpreter's pip and ``--no-deps`` (they declare heavy
   dependencies that are not needed);
 - the BIG-bench ``task.json`` files, read out of the 358 MB ``bigbench==1.0.0`` sdist into :data:`CACHE_DIR`, only
-  for an experiment on a BIG-bench data set;
+  for an experiment on a BIG-bench data set. **PyPI no longer serves that sdist** (as of 2026-12-05 it offers only
+  ``bigbench==0.0.1``, which holds no task files): a user with a copy of ``bigbench-1.0.0.tar.gz``, or a checkout of
+  the BIG-bench repository, passes it with ``peft-ipt assets fetch --bigbench PATH`` (or ``PEFT_IPT_BIGBENCH=PATH``).
+  Without one, the six BIG-bench data sets (vitaminc, presuppositions_nli, e2e_nlg, webnlg_en, xsum, common_gen)
+  raise :class:`AssetMissingError` saying so; ``fetch --all`` fetches every other asset and says which it could not;
 - SmolLM2-135M-Instruct, converted once from the bundled GGUF file to a plain HF folder in :data:`CACHE_DIR`, only
   for an experiment on it.
 
@@ -99,6 +103,17 @@ BIGBENCH_TASKS: tuple[str, ...] = (
     "vitaminc_fact_verification",
     "presuppositions_as_nli",
 )
+# Examples in each task.json of the bigbench 1.0.0 sdist: a copy given with --bigbench must hold the same files, or
+# the seeded splits (and every figure measured on them) would silently differ.
+BIGBENCH_EXAMPLES: dict[str, int] = {
+    "gem/e2e_nlg": 1_000,
+    "gem/webnlg_en": 1_001,
+    "gem/xsum": 1_001,
+    "gem/common_gen": 500,
+    "vitaminc_fact_verification": 54_668,
+    "presuppositions_as_nli": 735,
+}
+BIGBENCH_ENV = "PEFT_IPT_BIGBENCH"
 # Recent pip (26.3 here) refuses to download bigbench, even with --no-deps: its setup.py declares a
 # `bleurt @ file://...` dependency, and pip now rejects direct-URL dependencies of PyPI distributions.
 # pip 25.3 still downloads it, run from its wheel without being installed.
@@ -113,6 +128,10 @@ TEST_FRACTION = 0.1
 
 class AssetMissingError(FileNotFoundError):
     """A bundled asset is not installed or not fetched; the message names the command that fixes it."""
+
+
+class BigBenchUnavailableError(AssetMissingError):
+    """The bigbench 1.0.0 sdist could not be had from the package registry and no local copy was given."""
 
 
 def _cache_dir(cache_dir: Path | str | None) -> Path:
@@ -223,7 +242,9 @@ def bigbench_task_path(task: str, cache_dir: Path | str | None = None) -> Path:
     if not path.is_file():
         raise AssetMissingError(
             f"BIG-bench task {task!r} is not in the cache ({path}): run `peft-ipt assets fetch CONFIG` for the "
-            "experiment that needs it (or `peft-ipt assets fetch --only bigbench`)"
+            f"experiment that needs it; PyPI no longer serves {BIGBENCH_REQUIREMENT}, so give it a copy of the "
+            "sdist (bigbench-1.0.0.tar.gz) or of the BIG-bench repository: `peft-ipt assets fetch CONFIG "
+            "--bigbench PATH`"
         )
     return path
 
@@ -348,27 +369,53 @@ def convert_smollm2(cache_dir: Path | str | None = None, force: bool = False) ->
 # BIG-bench
 
 
-def fetch_bigbench(cache_dir: Path | str | None = None) -> Path:
-    """Download the bigbench sdist, copy the needed ``task.json`` files into the cache, delete the sdist."""
+def fetch_bigbench(cache_dir: Path | str | None = None, source: Path | str | None = None) -> Path:
+    """Copy the needed ``task.json`` files into the cache: from ``source`` (the sdist ``bigbench-1.0.0.tar.gz`` or a
+    folder holding ``bigbench/benchmark_tasks``, such as a checkout of the BIG-bench repository; default: the
+    ``PEFT_IPT_BIGBENCH`` environment variable), else from the sdist downloaded from the registry and then deleted.
+    Raises :class:`BigBenchUnavailableError` when neither can be had, before anything is written."""
     root = _cache_dir(cache_dir) / "bigbench"
     missing = [task for task in BIGBENCH_TASKS if not (root / task / "task.json").is_file()]
     if not missing:
         _say(f"bigbench: all {len(BIGBENCH_TASKS)} tasks already in {root}")
         return root
-    root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="peft_ipt-bigbench-") as tmp:
-        _say(f"bigbench: downloading {_PIP_FOR_BIGBENCH} to fetch the sdist with")
-        pip_download = ["download", "--quiet", "--no-deps", "--dest", tmp]
-        _run([sys.executable, "-m", "pip", *pip_download, "--only-binary", ":all:", _PIP_FOR_BIGBENCH])
-        (pip_wheel,) = Path(tmp).glob("pip-*.whl")
-        old_pip = [sys.executable, str(pip_wheel / "pip")]  # a pip wheel runs as a zip application
-        _say(f"bigbench: downloading the {BIGBENCH_REQUIREMENT} sdist (358 MB)")
-        _run([*old_pip, *pip_download, "--no-binary", ":all:", BIGBENCH_REQUIREMENT])
-        (sdist,) = Path(tmp).glob("bigbench-*.tar.gz")
-        _say(f"bigbench: extracting {len(missing)} task.json files in one pass over {sdist.name}")
-        _extract_tasks(sdist, missing, root)
-    _say(f"bigbench: done, tasks in {root}; sdist deleted")
+    source = source if source is not None else os.environ.get(BIGBENCH_ENV) or None
+    if source is not None:
+        source = Path(source).expanduser()
+        if not source.exists():
+            raise AssetMissingError(
+                f"--bigbench {source}: no such file or folder; give the bigbench-1.0.0.tar.gz sdist or a folder "
+                "that holds bigbench/benchmark_tasks (a checkout of the BIG-bench repository)"
+            )
+        _say(f"bigbench: reading {len(missing)} task.json files from {source}")
+        _extract_tasks(source, missing, root)
+    else:
+        with tempfile.TemporaryDirectory(prefix="peft_ipt-bigbench-") as tmp:
+            _download_bigbench(Path(tmp))
+            (sdist,) = Path(tmp).glob("bigbench-*.tar.gz")
+            _say(f"bigbench: extracting {len(missing)} task.json files in one pass over {sdist.name}")
+            _extract_tasks(sdist, missing, root)
+    _say(f"bigbench: done, tasks in {root}")
     return root
+
+
+def _download_bigbench(folder: Path) -> None:
+    _say(f"bigbench: downloading {_PIP_FOR_BIGBENCH} to fetch the sdist with")
+    pip_download = ["download", "--quiet", "--no-deps", "--dest", str(folder)]
+    _run([sys.executable, "-m", "pip", *pip_download, "--only-binary", ":all:", _PIP_FOR_BIGBENCH])
+    (pip_wheel,) = folder.glob("pip-*.whl")
+    old_pip = [sys.executable, str(pip_wheel / "pip")]  # a pip wheel runs as a zip application
+    _say(f"bigbench: downloading the {BIGBENCH_REQUIREMENT} sdist (358 MB)")
+    try:
+        _run([*old_pip, *pip_download, "--no-binary", ":all:", BIGBENCH_REQUIREMENT])
+    except RuntimeError as error:
+        raise BigBenchUnavailableError(
+            f"{BIGBENCH_REQUIREMENT} could not be downloaded ({error}); PyPI no longer serves it (it offers only "
+            "bigbench 0.0.1, which holds no task files). The BIG-bench data sets "
+            f"({', '.join(BIGBENCH_DATASETS)}) need its task.json files: if you have a copy of bigbench-1.0.0.tar.gz "
+            f"or a checkout of the BIG-bench repository, give it with `peft-ipt assets fetch --bigbench PATH` (or "
+            f"set {BIGBENCH_ENV}=PATH)"
+        ) from None
 
 
 def _run(command: list[str]) -> None:
@@ -377,23 +424,47 @@ def _run(command: list[str]) -> None:
         raise RuntimeError(f"`{' '.join(command)}` failed with exit status {result.returncode} (see above)")
 
 
-def _extract_tasks(sdist: Path, tasks: Sequence[str], root: Path) -> None:
-    # Member names look like bigbench-1.0.0/bigbench/benchmark_tasks/gem/e2e_nlg/task.json.
+def _extract_tasks(source: Path, tasks: Sequence[str], root: Path) -> None:
+    """Copy ``tasks``' ``task.json`` files out of the sdist or folder ``source`` into ``root``, each checked
+    against :data:`BIGBENCH_EXAMPLES` first; a file is either complete in the cache or absent."""
+    found: dict[str, bytes] = {}
     wanted = {f"bigbench/benchmark_tasks/{task}/task.json": task for task in tasks}
-    # Streaming mode ("r|gz") decompresses the 358 MB once, front to back; stop when all are found.
-    with tarfile.open(sdist, "r|gz") as tar:
-        for member in tar:
-            task = wanted.pop(member.name.partition("/")[2], None)
-            if task is None:
-                continue
-            destination = root / task / "task.json"
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            partial = destination.with_suffix(".json.partial")
-            partial.write_bytes(tar.extractfile(member).read())
-            os.replace(partial, destination)  # a task.json is either complete or absent
-            if not wanted:
-                return
-    raise RuntimeError(f"{sdist.name} lacks these task.json files: {sorted(wanted.values())}")
+    if source.is_dir():
+        for member, task in wanted.items():
+            path = source / member
+            if path.is_file():
+                found[task] = path.read_bytes()
+    else:
+        # Member names look like bigbench-1.0.0/bigbench/benchmark_tasks/gem/e2e_nlg/task.json. Streaming mode
+        # ("r|gz") decompresses the 358 MB once, front to back; stop when all are found.
+        with tarfile.open(source, "r|gz") as tar:
+            for member in tar:
+                task = wanted.get(member.name.partition("/")[2])
+                if task is not None:
+                    found[task] = tar.extractfile(member).read()
+                    if len(found) == len(wanted):
+                        break
+    lacking = sorted(set(tasks) - set(found))
+    if lacking:
+        raise RuntimeError(
+            f"{source.name} lacks these task.json files: {lacking}; give the bigbench-1.0.0.tar.gz sdist or a "
+            "folder that holds bigbench/benchmark_tasks"
+        )
+    for task, data in found.items():
+        examples = len(json.loads(data)["examples"])
+        expected = BIGBENCH_EXAMPLES.get(task)
+        if expected is not None and examples != expected:
+            raise AssetMissingError(
+                f"{source}: {task}/task.json holds {examples:,} examples where bigbench 1.0.0's holds {expected:,}; "
+                "the seeded splits (and the figures measured on them) are those of bigbench 1.0.0: give that "
+                "version's sdist or a checkout at its release"
+            )
+    for task, data in found.items():
+        destination = root / task / "task.json"
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        partial = destination.with_suffix(".json.partial")
+        partial.write_bytes(data)
+        os.replace(partial, destination)
 
 
 # What each bundled name needs: asset package modules, BIG-bench tasks, and whether SmolLM2 must be converted.
@@ -430,6 +501,9 @@ def plan_for(models: Sequence[str], datasets_: Sequence[str]) -> AssetPlan:
     return AssetPlan(tuple(sorted(packages)), tuple(sorted(tasks)), smollm2)
 
 
+BIGBENCH_DATASETS: tuple[str, ...] = tuple(name for name, (_, tasks) in DATASET_NEEDS.items() if tasks)
+
+
 def plan_all() -> AssetPlan:
     return AssetPlan(tuple(sorted(ASSET_PACKAGES)), BIGBENCH_TASKS, True)
 
@@ -445,32 +519,58 @@ def install_packages(modules: Sequence[str]) -> None:
     importlib.invalidate_caches()
 
 
-def fetch(plan: AssetPlan, cache_dir: Path | str | None = None) -> None:
-    """Carry out a plan: packages first (SmolLM2's conversion reads its package), then BIG-bench, then SmolLM2."""
+def fetch(plan: AssetPlan, cache_dir: Path | str | None = None, bigbench: Path | str | None = None) -> None:
+    """Carry out a plan: packages first (SmolLM2's conversion reads its package), then BIG-bench (from ``bigbench``,
+    a local sdist or folder, if given), then SmolLM2."""
     install_packages(plan.packages)
     if plan.bigbench:
-        fetch_bigbench(cache_dir)  # one pass over the sdist extracts every known task
+        fetch_bigbench(cache_dir, bigbench)  # one pass over the sdist extracts every known task
     if plan.smollm2:
         convert_smollm2(cache_dir)
 
 
-def fetch_all(cache_dir: Path | str | None = None) -> None:
-    """Every asset: all packages, the BIG-bench task files and the converted SmolLM2 (skips what is there)."""
-    fetch(plan_all(), cache_dir)
+def fetch_all(cache_dir: Path | str | None = None, bigbench: Path | str | None = None) -> list[str]:
+    """Every asset: all packages, the BIG-bench task files and the converted SmolLM2 (skips what is there). When the
+    BIG-bench files cannot be had (the registry no longer serves the sdist and no copy is given), everything else is
+    still fetched, and the data sets left out are returned and printed; loading one raises AssetMissingError."""
+    plan = plan_all()
+    install_packages(plan.packages)
+    left_out: list[str] = []
+    try:
+        fetch_bigbench(cache_dir, bigbench)
+    except BigBenchUnavailableError as error:
+        left_out = list(BIGBENCH_DATASETS)
+        _say(f"bigbench: NOT fetched: {error}")
+    convert_smollm2(cache_dir)
+    if left_out:
+        _say(f"every asset fetched except the BIG-bench data sets: {', '.join(left_out)}")
+    return left_out
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m peft_ipt.assets fetch [--only {bigbench,smollm2}]``: the whole cache (``peft-ipt assets fetch``
-    is the user-facing command, by experiment)."""
+    """``python -m peft_ipt.assets fetch [--only {bigbench,smollm2}] [--bigbench PATH]``: the whole cache
+    (``peft-ipt assets fetch`` is the user-facing command, by experiment)."""
     parser = argparse.ArgumentParser(prog="python -m peft_ipt.assets", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     fetch_parser = commands.add_parser(
         "fetch", help=f"fill the asset cache ({CACHE_DIR}; set PEFT_IPT_CACHE)"
     )
     fetch_parser.add_argument("--only", choices=("bigbench", "smollm2"), help="fetch only this asset")
+    fetch_parser.add_argument("--bigbench", metavar="PATH", help=BIGBENCH_HELP)
     args = parser.parse_args(argv)
     if args.command == "fetch":
-        {None: fetch_all, "bigbench": fetch_bigbench, "smollm2": convert_smollm2}[args.only]()
+        if args.only == "bigbench":
+            fetch_bigbench(source=args.bigbench)
+        elif args.only == "smollm2":
+            convert_smollm2()
+        else:
+            fetch_all(bigbench=args.bigbench)
+
+
+BIGBENCH_HELP = (
+    "the bigbench-1.0.0.tar.gz sdist, or a folder holding bigbench/benchmark_tasks (a checkout of the BIG-bench "
+    f"repository), to read the BIG-bench task files from; PyPI no longer serves the sdist (default: ${BIGBENCH_ENV})"
+)
 
 
 if __name__ == "__main__":

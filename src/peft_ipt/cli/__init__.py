@@ -7,7 +7,7 @@ IPT's token table.
     peft-ipt generate OUTPUT_DIR "text" [--max-new-tokens N]
     peft-ipt pretrain-table --data NAME [--out table.safetensors] [--table-size 2048] [--rank 32]
     peft-ipt supported-models
-    peft-ipt assets fetch [CONFIG ...] [--all]
+    peft-ipt assets fetch [CONFIG ...] [--all] [--bigbench PATH]
 
 Errors a user can cause (a bad config value, an unknown key, a missing file or asset) print one line that names the
 thing, the value and the fix, and exit with status 2; ``--debug`` shows the traceback instead.
@@ -90,7 +90,18 @@ def _parser() -> argparse.ArgumentParser:
     fetch.add_argument(
         "configs", nargs="*", metavar="CONFIG", help="experiment YAMLs (default: the default job)"
     )
-    fetch.add_argument("--all", action="store_true", help="every bundled asset (what the test suite needs)")
+    fetch.add_argument(
+        "--all",
+        action="store_true",
+        help="every bundled asset (what the test suite needs); the BIG-bench data sets only if their files can be had",
+    )
+    fetch.add_argument(
+        "--bigbench",
+        metavar="PATH",
+        help="the bigbench-1.0.0.tar.gz sdist, or a folder holding bigbench/benchmark_tasks (a checkout of the "
+        "BIG-bench repository), to read the BIG-bench task files from: PyPI no longer serves the sdist "
+        "(default: $PEFT_IPT_BIGBENCH)",
+    )
     return parser
 
 
@@ -146,7 +157,7 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command == "assets":
         from .fetch import fetch_assets
 
-        fetch_assets(args.configs, everything=args.all)
+        fetch_assets(args.configs, everything=args.all, bigbench=args.bigbench)
     else:
         from .pretrain_table import pretrain_table
 

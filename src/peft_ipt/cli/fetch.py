@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..assets import AssetPlan, fetch, plan_all, plan_for
+from ..assets import AssetPlan, fetch, fetch_all, plan_all, plan_for
 from .experiment import default_config_path, load_experiment
 
 
@@ -14,7 +14,9 @@ def plan_for_configs(configs: list[str]) -> AssetPlan:
     return plan_for([e.model for e in experiments], [e.data.name for e in experiments if e.data.name])
 
 
-def fetch_assets(configs: list[str], everything: bool = False) -> AssetPlan:
+def fetch_assets(configs: list[str], everything: bool = False, bigbench: str | None = None) -> AssetPlan:
+    """Fetch what ``configs`` need (or, ``everything``, every asset that can be had); ``bigbench``: a local copy of
+    the bigbench 1.0.0 sdist or of the BIG-bench repository to read the task files from."""
     plan = plan_all() if everything else plan_for_configs(configs)
     what = ", ".join(
         [
@@ -27,5 +29,8 @@ def fetch_assets(configs: list[str], everything: bool = False) -> AssetPlan:
         "every asset" if everything else ", ".join(configs) if configs else Path(default_config_path()).name
     )
     print(f"[peft-ipt] assets for {source}: {what or 'nothing bundled'}")
-    fetch(plan)
+    if everything:
+        fetch_all(bigbench=bigbench)
+    else:
+        fetch(plan, bigbench=bigbench)
     return plan
