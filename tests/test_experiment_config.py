@@ -327,7 +327,14 @@ def test_shipped_configs_cover_every_method_on_every_task():
     pairs = {
         (load_experiment(p).data.name, load_experiment(p).method) for p in CONFIGS if p.name != "default.yaml"
     }
-    data_sets = {"rotten_tomatoes", "bbc_news", "presuppositions_nli", "vitaminc", "e2e_nlg"}
+    data_sets = {
+        "rotten_tomatoes",
+        "bbc_news",
+        "twitter_sentiment",
+        "presuppositions_nli",
+        "vitaminc",
+        "e2e_nlg",
+    }
     methods = {
         "ipt",
         "prefix_v2",
