@@ -76,6 +76,12 @@ def main(argv=None) -> None:
     if args.report:
         write_table(results_file.field("runs", {}))
         return
+    from peft_ipt.assets import AssetMissingError, bigbench_task_path
+
+    try:  # E2E's BIG-bench file: PyPI no longer serves the sdist it came from
+        bigbench_task_path("gem/e2e_nlg")
+    except AssetMissingError as error:
+        parser.error(str(error))
     import torch
 
     torch.set_num_threads(args.threads)
