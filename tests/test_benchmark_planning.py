@@ -117,7 +117,13 @@ def scored(task: str, method: str, seed: int, main: float, other: float) -> dict
 
 def test_the_paired_table_shows_the_other_metric_and_the_mean_with_vitaminc_at_its_longer_cap(converged):
     # IPT ahead by 1 in the main metric on RT and BBC; on VitaminC +3 macro F1 at the 25-epoch cap, accuracy -1
-    gains = {"rotten_tomatoes": (1, 1), "bbc_news": (1, 0), "vitaminc": (0, 0), "vitaminc_25ep": (3, -1)}
+    gains = {
+        "rotten_tomatoes": (1, 1),
+        "bbc_news": (1, 0),
+        "vitaminc": (0, 0),
+        "vitaminc_25ep": (3, -1),
+        "twitter_sentiment": (-2, 1),
+    }
     runs = {}
     for task, (main, other) in gains.items():
         for seed in (0, 1):
@@ -130,6 +136,12 @@ def test_the_paired_table_shows_the_other_metric_and_the_mean_with_vitaminc_at_i
     assert lines["VitC-25ep"][3:] == ["+3.00 ± 0.00", "2", "-1.00 ± 0.00 |"]
     assert lines["mean of 3"][3] == "+0.67 ± 0.00"  # (1 + 1 + 0) / 3, the goal's columns
     assert lines["mean of 3, VitC-25ep for VitC (not a goal)"][3:5] == ["+1.67 ± 0.00", "2"]
+    # Twitter sentiment in VitaminC's place: (1 + 1 - 2) / 3
+    assert lines["mean of 3, Tweets for VitC (rerunnable without BIG-bench; not a goal)"][3:5] == [
+        "+0.00 ± 0.00",
+        "2",
+    ]
+    assert lines["Tweets"][3:] == ["-2.00 ± 0.00", "2", "+1.00 ± 0.00 |"]
 
 
 @pytest.mark.parametrize("classes", [2, 3, 5])
