@@ -411,6 +411,16 @@ def test_fetching_a_bigbench_job_without_the_sdist_is_one_line_naming_the_fix(mo
     assert assets.bigbench_task_path("gem/e2e_nlg").is_file()
 
 
+def test_a_bigbench_copy_given_without_a_bigbench_job_is_still_read(monkeypatch, tmp_path):
+    from peft_ipt.cli import main
+
+    monkeypatch.setattr(assets, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(assets, "install_packages", lambda modules: None)
+    checkout = _bigbench_checkout(tmp_path / "BIG-bench", assets.BIGBENCH_EXAMPLES)
+    assert main(["assets", "fetch", "--bigbench", str(checkout)]) == 0  # the default job needs no BIG-bench
+    assert all(assets.bigbench_task_path(task).is_file() for task in assets.BIGBENCH_TASKS)
+
+
 def test_minilm_is_a_plain_bert_folder():
     config = json.loads((bundled_model_path("minilm") / "config.json").read_text())
     assert (config["model_type"], config["num_hidden_layers"], config["hidden_size"]) == ("bert", 6, 384)

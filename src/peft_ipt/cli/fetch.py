@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..assets import AssetPlan, fetch, fetch_all, plan_all, plan_for
+from ..assets import BIGBENCH_TASKS, AssetPlan, fetch, fetch_all, plan_all, plan_for
 from .experiment import default_config_path, load_experiment
 
 
@@ -18,6 +18,8 @@ def fetch_assets(configs: list[str], everything: bool = False, bigbench: str | N
     """Fetch what ``configs`` need (or, ``everything``, every asset that can be had); ``bigbench``: a local copy of
     the bigbench 1.0.0 sdist or of the BIG-bench repository to read the task files from."""
     plan = plan_all() if everything else plan_for_configs(configs)
+    if bigbench is not None:  # a copy given is read whatever the experiments need, never ignored
+        plan = plan._replace(bigbench=BIGBENCH_TASKS)
     what = ", ".join(
         [
             *plan.packages,
