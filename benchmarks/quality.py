@@ -1673,7 +1673,17 @@ def _format_params(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K" if n >= 1e3 else str(n)
 
 
-def markdown(rows: list[dict[str, Any]], tasks: list[str], quick: bool) -> str:
+def failed_cells(runs: dict[str, dict[str, Any]]) -> dict[tuple[str, str], str]:
+    """(task, method) -> the error of its recorded runs that failed, for rows that have no run that succeeded."""
+    return {(run["task"], run["method"]): run["error"] for run in runs.values() if "error" in run}
+
+
+def markdown(
+    rows: list[dict[str, Any]],
+    tasks: list[str],
+    quick: bool,
+    failed: dict[tuple[str, str], str] | None = None,
+) -> str:
     steps = TIER.name == "converged"  # early stopping: how many steps each run took
     lines = []
     for task in tasks:
@@ -1703,7 +1713,9 @@ def markdown(rows: list[dict[str, Any]], tasks: list[str], quick: bool) -> str:
             label = TIER.methods[method].label if method in TIER.methods else UNTRAINED_LABELS[method]
             row = find_row(rows, task, method)
             if row is None:
-                lines.append(f"| {label} | not run | | | | | | | | |" + (" |" if steps else ""))
+                error = (failed or {}).get((task, method))
+                shown = f"failed: {error}".replace("|", "/") if error else "not run"
+                lines.append(f"| {label} | {shown} | | | | | | | | |" + (" |" if steps else ""))
                 continue
             spread = f" ± {row['test_std']:.1f}" if len(row["seeds"]) > 1 else ""
             tried = ", ".join(f"{lr:g}" for lr in row["lrs_tried"]) or "-"
@@ -1887,7 +1899,7 @@ def write_reports(
     rows = summarize(runs, quick)
     run_tasks = {run["task"] for run in runs.values()}
     tasks = [t for t in TIER.tasks if not quick or t in TIER.quick_tasks or t in run_tasks]
-    text = markdown(rows, tasks, quick)
+    text = markdown(rows, tasks, quick, failed_cells(runs))
     if not quick and rows and TIER.name == "converged":
         text = (
             "### Summary\n\nTest scores (accuracy on Rotten Tomatoes, macro F1 on BBC News and VitaminC, BLEU on E2E) "

@@ -177,6 +177,23 @@ def test_the_imdb_table_runs_on_minilm_rotten_tomatoes_only(task, method, capsys
     assert f"not {task}" in error and "--tasks rotten_tomatoes" in error
 
 
+def test_a_row_whose_runs_all_failed_says_so_with_the_error(converged):
+    runs = scored("rotten_tomatoes", "prefix_mlp", 0, 80, 80)
+    runs["rotten_tomatoes/peft_prefix_tuning/0.01/0"] = {
+        "task": "rotten_tomatoes",
+        "method": "peft_prefix_tuning",
+        "lr": 0.01,
+        "seed": 0,
+        "error": "ValueError('Model does not support past key values which are required for prefix tuning.')",
+    }
+    text = quality.markdown(
+        quality.summarize(runs, False), ["rotten_tomatoes"], False, quality.failed_cells(runs)
+    )
+    lines = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert "| failed: ValueError('Model does not support past key values" in lines["peft PrefixTuning"]
+    assert "| not run |" in lines["LoRA r=8"]
+
+
 def test_a_task_whose_bigbench_data_was_not_fetched_is_refused_before_any_run(tmp_path, monkeypatch, capsys):
     from peft_ipt import assets
 
