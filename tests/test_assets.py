@@ -312,8 +312,15 @@ def test_extract_tasks_copies_only_the_requested_task_files(monkeypatch, tmp_pat
     files = sorted(p.relative_to(tmp_path / "cache").as_posix() for p in (tmp_path / "cache").rglob("*.*"))
     assert files == ["gem/e2e_nlg/task.json"]
     assert json.loads((tmp_path / "cache" / files[0]).read_text()) == {"examples": [1]}
-    with pytest.raises(RuntimeError, match="lacks these task.json files: \\['gem/xsum'\\]"):
+    with pytest.raises(AssetMissingError, match="lacks these task.json files: \\['gem/xsum'\\]"):
         assets._extract_tasks(sdist, ["gem/xsum"], tmp_path / "cache")
+    (tmp_path / "bigbench.zip").write_bytes(b"PK\x03\x04 not a tarball")
+    with pytest.raises(AssetMissingError, match=r"bigbench.zip is not a readable \.tar\.gz"):
+        assets._extract_tasks(tmp_path / "bigbench.zip", ["gem/e2e_nlg"], tmp_path / "cache")
+    truncated = tmp_path / "cut.tar.gz"
+    truncated.write_bytes(sdist.read_bytes()[:40])
+    with pytest.raises(AssetMissingError, match=r"cut.tar.gz is not a readable \.tar\.gz"):
+        assets._extract_tasks(truncated, ["gem/e2e_nlg"], tmp_path / "cache")
 
 
 def _bigbench_checkout(root: Path, examples: dict[str, int]) -> Path:

@@ -437,16 +437,22 @@ def _extract_tasks(source: Path, tasks: Sequence[str], root: Path) -> None:
     else:
         # Member names look like bigbench-1.0.0/bigbench/benchmark_tasks/gem/e2e_nlg/task.json. Streaming mode
         # ("r|gz") decompresses the 358 MB once, front to back; stop when all are found.
-        with tarfile.open(source, "r|gz") as tar:
-            for member in tar:
-                task = wanted.get(member.name.partition("/")[2])
-                if task is not None:
-                    found[task] = tar.extractfile(member).read()
-                    if len(found) == len(wanted):
-                        break
+        try:
+            with tarfile.open(source, "r|gz") as tar:
+                for member in tar:
+                    task = wanted.get(member.name.partition("/")[2])
+                    if task is not None:
+                        found[task] = tar.extractfile(member).read()
+                        if len(found) == len(wanted):
+                            break
+        except (tarfile.TarError, OSError, EOFError) as error:  # not a .tar.gz, or cut off
+            raise AssetMissingError(
+                f"{source} is not a readable .tar.gz ({error}); give the bigbench-1.0.0.tar.gz sdist or a folder "
+                "that holds bigbench/benchmark_tasks"
+            ) from None
     lacking = sorted(set(tasks) - set(found))
     if lacking:
-        raise RuntimeError(
+        raise AssetMissingError(
             f"{source.name} lacks these task.json files: {lacking}; give the bigbench-1.0.0.tar.gz sdist or a "
             "folder that holds bigbench/benchmark_tasks"
         )
