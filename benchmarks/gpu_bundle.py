@@ -235,13 +235,14 @@ def check(unpacked: Path) -> None:
     """The bundle's data equals the installed assets' splits, its model the installed model, and it fits."""
     with tarfile.open(BUNDLE / "assets.tar.xz") as tar:
         tar.extractall(unpacked, filter="data")
-    here, there = _fingerprints(), _fingerprints(_bundle_env(unpacked))
-    for task in packed_tasks():
+    tasks = packed_tasks()
+    here, there = _fingerprints(tasks=tasks), _fingerprints(_bundle_env(unpacked), tasks)
+    for task in tasks:
         if here[task] != there[task]:
             raise SystemExit(
                 f"[gpu_bundle] {task}: the bundle's splits differ from the installed assets' splits"
             )
-    _say(f"splits identical to the installed assets' on {', '.join(packed_tasks())}")
+    _say(f"splits identical to the installed assets' on {', '.join(tasks)}")
     difference = _check_model(unpacked)
     if difference > 0.05:
         raise SystemExit(
