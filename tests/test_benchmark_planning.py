@@ -123,6 +123,7 @@ def test_the_paired_table_shows_the_other_metric_and_the_mean_with_vitaminc_at_i
         "vitaminc": (0, 0),
         "vitaminc_25ep": (3, -1),
         "twitter_sentiment": (-2, 1),
+        "twitter_sentiment_25ep": (4, 2),
     }
     runs = {}
     for task, (main, other) in gains.items():
@@ -142,6 +143,9 @@ def test_the_paired_table_shows_the_other_metric_and_the_mean_with_vitaminc_at_i
         "2",
     ]
     assert lines["Tweets"][3:] == ["-2.00 ± 0.00", "2", "+1.00 ± 0.00 |"]
+    # and at its 25-epoch cap: (1 + 1 + 4) / 3
+    assert lines["Tweets-25ep"][3:] == ["+4.00 ± 0.00", "2", "+2.00 ± 0.00 |"]
+    assert lines["mean of 3, Tweets-25ep for VitC (not a goal)"][3:5] == ["+2.00 ± 0.00", "2"]
 
 
 @pytest.mark.parametrize("classes", [2, 3, 5])
