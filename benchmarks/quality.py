@@ -1860,11 +1860,8 @@ def plot_paired(rows: list[dict[str, Any]], path: Path) -> None:
         return
     fig, grid = figure(1, 1, (1.3 * len(diffs) + 2.5, 3.6))
     axis = grid[0, 0]
-    short = {
-        "mean": "mean of 3",
-        "mean_vitaminc_25ep": "mean of 3,\nVitC-25ep",
-        "mean_twitter": "mean of 3,\nTweets",
-        "mean_twitter_25ep": "mean of 3,\nTweets-25ep",
+    short = {"mean": "mean of 3"} | {
+        name: f"mean of 3,\n{TIER.tasks[column].short}" for name, (column, _) in VITAMINC_STAND_INS.items()
     }
     names = [short.get(task) or TIER.tasks[task].short for task in diffs]
     for x, values in enumerate(diffs.values()):
