@@ -1700,7 +1700,7 @@ def _format_params(n: int) -> str:
 
 
 def failed_cells(runs: dict[str, dict[str, Any]]) -> dict[tuple[str, str], str]:
-    """(task, method) -> the error of its recorded runs that failed, for rows that have no run that succeeded."""
+    """(task, method) -> the error of a recorded run that failed; markdown() shows it where the cell has no row."""
     return {(run["task"], run["method"]): run["error"] for run in runs.values() if "error" in run}
 
 
