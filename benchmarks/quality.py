@@ -499,6 +499,20 @@ CONVERGED_METHODS: dict[str, MethodSpec] = {
             "method_config.instance_scale=0.05",
         ),
     ),
+    # The instance-signal test found the instance part co-adapted with its task prefix (leaving it out cost 4-7
+    # points) and one mean code doing nearly as well as each input's own. instance_drop=0.5 leaves out each training
+    # example's instance part half the time, so the task prefix must work alone and the instance part can only add
+    # what the input says; the chosen recipe otherwise.
+    "ipt_drop_scale": MethodSpec(
+        "IPT, embeddings source, instance scale 0.05, instance drop 0.5",
+        "ipt",
+        PAIR_GRID,
+        (
+            "method_config.instance_source=embeddings",
+            "method_config.instance_scale=0.05",
+            "method_config.instance_drop=0.5",
+        ),
+    ),
     "ipt_token_table": MethodSpec(
         "IPT, token-table source",
         "ipt",
@@ -704,6 +718,7 @@ IPT_CANDIDATES = (
     "ipt_attention_scale",
     "ipt_cnn_scale",
     "ipt_lstm_scale",
+    "ipt_drop_scale",
     "ipt_p64",
     "ipt_mlp_scale",
     "ipt_token_table",

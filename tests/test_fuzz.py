@@ -108,6 +108,7 @@ def ipt_cases(draw) -> tuple[str, str, str, dict]:
     }
     if injection == "hybrid":
         fields["task_prefix_hidden_size"] = draw(st.sampled_from([None, 4]))
+        fields["instance_drop"] = draw(st.sampled_from([0.0, 0.5]))
     if injection != "input":
         fields["layers_to_transform"] = draw(layer_subsets)
         selected = as_list(fields["layers_to_transform"])
@@ -260,6 +261,7 @@ IPT_INVALID = {
     "encoder_hidden_size": positive_int_bad,
     "table_size": positive_int_bad,
     "prompt_dropout": fraction_bad,
+    "instance_drop": fraction_bad,
     "injection": unknown_string("input", "prefix", "hybrid"),
     "instance_source": unknown_string("token_table", "embeddings", "hidden"),
     "instance_encoder": unknown_string("none", "mlp", "cnn", "lstm"),

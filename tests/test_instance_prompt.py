@@ -552,6 +552,49 @@ def test_default_hybrid_starts_as_the_task_prefix():
     assert_same_prefixes(first, prefix_snapshot(model))
 
 
+def test_instance_drop_leaves_out_whole_instance_parts_in_training_only():
+    model = ipt_model("llama", instance_drop=0.5)
+    module = model.base_model.prompt_modules["default"]
+    inputs = PromptInputs(input_ids=token_batch(16, 6), embedder=model.get_input_embeddings())
+    module.eval()
+    full = module.prefixes(inputs)["self"]  # task + scale x instance, for every row
+    task = module.combine(None)["self"]  # the task part alone, (1, ...) per slot
+    module.train()
+    torch.manual_seed(0)
+    dropped = module.prefixes(inputs)["self"]
+    left_out = []
+    for part in (0, 1):  # keys, values
+        for slot, got in enumerate(dropped[part]):
+            alone, kept = (
+                task[part][slot],
+                2.0 * full[part][slot] - task[part][slot],
+            )  # kept: rescaled by 1 / (1 - p)
+            rows_alone = [torch.allclose(got[b], alone[0], atol=1e-6) for b in range(16)]
+            rows_kept = [torch.allclose(got[b], kept[b], atol=1e-5) for b in range(16)]
+            assert all(
+                a != k for a, k in zip(rows_alone, rows_kept, strict=True)
+            )  # every row one or the other
+            left_out.append(rows_alone)
+    assert all(rows == left_out[0] for rows in left_out)  # one draw per example, shared by every layer
+    assert 0 < sum(left_out[0]) < 16
+
+
+def test_instance_drop_changes_nothing_in_evaluation_and_saves_with_the_adapter(tmp_path):
+    torch.manual_seed(0)
+    model = ipt_model("bert", "SEQ_CLS", instance_drop=0.3).eval()
+    plain = ipt_model("bert", "SEQ_CLS").eval()
+    plain.load_state_dict(model.state_dict())
+    ids = token_batch()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        assert torch.equal(plain(input_ids=ids).logits, expected)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_model("bert", "SEQ_CLS"), tmp_path)
+    assert loaded.peft_config["default"].instance_drop == 0.3
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, expected)
+
+
 @pytest.mark.parametrize("arch", ["llama", "bart"])
 def test_hybrid_task_prefix_starts_as_the_models_own_keys_and_values_of_real_words(arch, monkeypatch):
     token_ids = torch.tensor([5, 17, 42, 99])
@@ -641,6 +684,7 @@ CHECKPOINTED = [
     *VARIANTS,
     {"injection": "hybrid", "instance_source": "token_table", "instance_encoder": "lstm"},
     {"injection": "hybrid", "instance_source": "frozen_model", "prompt_dropout": 0.3},  # replayed draws
+    {"injection": "hybrid", "instance_drop": 0.5},  # replayed draws
 ]
 
 
@@ -786,6 +830,12 @@ def test_a_pretrained_table_is_loaded_and_can_be_frozen(tmp_path):
             r"table_path / freeze_table need instance_source=.token_table. \(got .embeddings.\)",
         ),
         ({"prompt_dropout": 1.0}, r"prompt_dropout must be in \[0, 1\) \(got 1.0\)"),
+        ({"instance_drop": 1.0}, r"instance_drop must be in \[0, 1\) \(got 1.0\); 0.0 keeps every"),
+        (
+            {"instance_drop": 0.2, "injection": "prefix"},
+            r"instance_drop=0.2 leaves an example's instance part out.*only injection='hybrid' has \(got "
+            r"injection='prefix'\); use prompt_dropout",
+        ),
     ],
 )
 def test_invalid_configs_are_rejected_naming_field_and_value(fields, message):

@@ -152,6 +152,15 @@ class InstancePromptConfig(PromptConfigBase):
     prompt_dropout: float = field(
         default=0.0, metadata={"help": "Dropout on the instance prompt codes during training."}
     )
+    instance_drop: float = field(
+        default=0.0,
+        metadata={
+            "help": "injection='hybrid': the chance, per training example, that its instance part is left out, so "
+            "the task prefix must work alone and the instance part can only add to it (stochastic depth on the "
+            "instance branch; the kept ones are scaled by 1 / (1 - instance_drop), so evaluation sees the mean). "
+            "At 0.0 (the default) the two parts train together and co-adapt."
+        },
+    )
     task_prefix_hidden_size: int | None = field(
         default=None,
         metadata={
@@ -182,6 +191,15 @@ class InstancePromptConfig(PromptConfigBase):
                 raise ValueError(f"{name} must be one of {allowed} (got {getattr(self, name)!r})")
         if not isinstance(self.prompt_dropout, (int, float)) or not 0.0 <= self.prompt_dropout < 1.0:
             raise ValueError(f"prompt_dropout must be in [0, 1) (got {self.prompt_dropout!r})")
+        drop = self.instance_drop
+        if not isinstance(drop, (int, float)) or isinstance(drop, bool) or not 0.0 <= drop < 1.0:
+            raise ValueError(f"instance_drop must be in [0, 1) (got {drop!r}); 0.0 keeps every instance part")
+        if drop and self.injection != "hybrid":
+            raise ValueError(
+                f"instance_drop={drop} leaves an example's instance part out so its task prefix works alone, which "
+                f"only injection='hybrid' has (got injection={self.injection!r}); use prompt_dropout, or leave "
+                "instance_drop at 0.0"
+            )
         scale = self.instance_scale
         if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
             raise ValueError(f"instance_scale must be a finite number (got {scale!r})")

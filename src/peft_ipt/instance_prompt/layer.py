@@ -124,6 +124,7 @@ class InstancePromptModule(PromptModule):
         """Per kind, per slot (B|1, n_kv, P, hd) keys/values: task part (hybrid) + scaled instance part."""
         task = self._last_task or {}
         out: Prefixes = {}
+        keep = self._instance_keep(codes)
         for kind, slots in self.layer_slots.items():
             keys, values = task.get(kind, ([None] * len(slots), [None] * len(slots)))
             keys, values = list(keys), list(values)
@@ -131,12 +132,24 @@ class InstancePromptModule(PromptModule):
                 # instance layer j's (B, n_kv, P, hd) key and value
                 inst_keys, inst_values = split_slots(self.heads[kind](codes), self._instance_shapes[kind])
                 scale = self.config.instance_scale if self.config.injection == "hybrid" else 1.0
+                if keep is not None:
+                    scale = (
+                        scale * keep
+                    )  # (B, 1, 1, 1): each example's instance part kept (rescaled) or left out
                 for j, layer in enumerate(self.instance_layers[kind]):
                     slot = slots[layer]
                     keys[slot] = scale * inst_keys[j] + (keys[slot] if keys[slot] is not None else 0)
                     values[slot] = scale * inst_values[j] + (values[slot] if values[slot] is not None else 0)
             out[kind] = (keys, values)
         return out
+
+    def _instance_keep(self, codes: torch.Tensor | None) -> torch.Tensor | None:
+        """instance_drop in training: per example, 0 (instance part left out) or 1 / (1 - p); None otherwise."""
+        p = self.config.instance_drop
+        if codes is None or not p or not self.training:
+            return None
+        kept = torch.rand(codes.shape[0], 1, 1, 1, device=codes.device) >= p
+        return kept.to(codes.dtype) / (1.0 - p)
 
     def prefixes(self, inputs: PromptInputs) -> Prefixes:
         if self.config.injection == "input":
