@@ -132,10 +132,8 @@ class InstancePromptModule(PromptModule):
                 # instance layer j's (B, n_kv, P, hd) key and value
                 inst_keys, inst_values = split_slots(self.heads[kind](codes), self._instance_shapes[kind])
                 scale = self.config.instance_scale if self.config.injection == "hybrid" else 1.0
-                if keep is not None:
-                    scale = (
-                        scale * keep
-                    )  # (B, 1, 1, 1): each example's instance part kept (rescaled) or left out
+                if keep is not None:  # (B, 1, 1, 1): each example's instance part kept (rescaled) or left out
+                    scale = scale * keep
                 for j, layer in enumerate(self.instance_layers[kind]):
                     slot = slots[layer]
                     keys[slot] = scale * inst_keys[j] + (keys[slot] if keys[slot] is not None else 0)
