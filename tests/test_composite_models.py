@@ -106,6 +106,7 @@ def test_the_language_model_takes_the_prefixes_and_the_vision_tower_none(base, c
 
 @pytest.mark.parametrize("case", ["prefix_v2", "ipt"])
 def test_training_on_images_reaches_only_the_adapter_and_the_saved_adapter_reloads(base, case, tmp_path):
+    torch.manual_seed(0)  # the adapter's initialisation, not whatever the worker ran before
     model = get_peft_model(copy.deepcopy(base), CASES[case]())
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("prefix_v2_encoder" in n or "ipt_encoder" in n for n in trainable)
@@ -115,7 +116,8 @@ def test_training_on_images_reaches_only_the_adapter_and_the_saved_adapter_reloa
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     model.train()
-    for _ in range(8):
+    # the instance prompt starts slower: 8 steps gave it 0.04-0.07 over 12 seeds, 20 give 0.17-0.28
+    for _ in range(20):
         loss = model(input_ids=ids, pixel_values=pixels, labels=labels).loss
         loss.backward()
         assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)

@@ -98,7 +98,9 @@ def test_a_whisper_prefix_changes_the_logits_trains_and_disables_exactly(method,
 
 
 def test_a_whisper_prefix_lowers_the_loss_when_trained():
-    model = get_peft_model(whisper(), METHODS["ipt_hidden"]("SEQ_2_SEQ_LM"))
+    base = whisper()
+    torch.manual_seed(0)  # the adapter's initialisation, not whatever the worker ran before
+    model = get_peft_model(base, METHODS["ipt_hidden"]("SEQ_2_SEQ_LM"))
     model.train()
     audio, labels = features(), targets()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-2)
@@ -109,7 +111,7 @@ def test_a_whisper_prefix_lowers_the_loss_when_trained():
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    assert losses[-1] < losses[0] - 0.1  # a tiny random model: 4.06 -> 3.88 here
+    assert losses[-1] < losses[0] - 0.1  # a tiny random model: it falls 0.12-0.15 over adapter seeds 0-7
 
 
 @pytest.mark.parametrize("task", TASKS)
