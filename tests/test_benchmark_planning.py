@@ -357,3 +357,22 @@ def test_the_architecture_sweep_tells_a_served_model_from_a_refused_one():
         "ok",
         "needs position_ids, as the bare model does",
     )
+
+
+@pytest.mark.parametrize(
+    "method", [m for m in quality.TIERS["converged"].methods if m not in quality.UNTRAINED]
+)
+def test_each_converged_row_resolves_to_a_config_holding_its_own_settings(converged, method):
+    from peft_ipt.cli.experiment import load_experiment, parse_value
+
+    task = quality.TIER.tasks["rotten_tomatoes"]
+    experiment = load_experiment(
+        quality.config_path(task, method), quality.run_overrides(task, method, 0.01, 0, False)
+    )
+    config = experiment.peft_config()
+    settings = [o.partition("=") for o in quality.TIER.methods[method].overrides]
+    for key, _, value in settings:
+        if key.startswith("method_config."):
+            field = key.removeprefix("method_config.")
+            assert getattr(config, field) == parse_value(value), (method, field)
+    assert experiment.training_settings["learning_rate"] == 0.01
