@@ -1709,18 +1709,21 @@ def converged_summary(rows: list[dict[str, Any]]) -> str:
 def paired_table(rows: list[dict[str, Any]], method: str) -> str:
     """One IPT candidate minus its task prefix alone, per task (and the goal-task mean once all three ran): each
     side's test mean over the seeds both ran (for the mean, over each side's own), and the mean ± 95% CI of the
-    per-seed differences."""
+    per-seed differences, on test in both metrics and on validation (the split that chooses)."""
     prefix = TIER.methods[method].own_prefix
     lines = [
         "",
         f"Paired difference, {TIER.methods[method].label} minus its task prefix alone ({TIER.methods[prefix].label}; "
         "same prompt length, budget and seeds), test points, mean ± 95% CI over the seeds both ran; the last "
-        "column in the task's other metric (accuracy where the first is macro F1, and the reverse):",
+        "columns in the task's other metric (accuracy where the first is macro F1, and the reverse), and on "
+        "validation in the main metric:",
         "",
-        "| task | IPT | task prefix alone | IPT - prefix | seeds | IPT - prefix, other metric |",
-        "|---|---|---|---|---|---|",
+        "| task | IPT | task prefix alone | IPT - prefix | seeds | IPT - prefix, other metric "
+        "| IPT - prefix, validation |",
+        "|---|---|---|---|---|---|---|",
     ]
     other = paired_differences(rows, method, prefix, "secondary_by_seed")
+    validation = paired_differences(rows, method, prefix, "validation_by_seed")
     for task, diffs in paired_differences(rows, method, prefix).items():
         if task == "mean":
             name, a, b = (
@@ -1742,7 +1745,8 @@ def paired_table(rows: list[dict[str, Any]], method: str) -> str:
                 statistics.mean(theirs["test_by_seed"][s] for s in seeds),
             )
         lines.append(
-            f"| {name} | {a:.1f} | {b:.1f} | {mean_ci(diffs)} | {len(diffs)} | {mean_ci(other[task])} |"
+            f"| {name} | {a:.1f} | {b:.1f} | {mean_ci(diffs)} | {len(diffs)} | {mean_ci(other[task])} "
+            f"| {mean_ci(validation[task])} |"
         )
     return "\n".join(lines) + "\n"
 

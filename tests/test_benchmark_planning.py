@@ -96,8 +96,9 @@ def test_more_seeds_run_at_the_chosen_rate_only(converged, tmp_path, monkeypatch
     ]
 
 
-def scored(task: str, method: str, seed: int, main: float, other: float) -> dict:
-    """A recorded run with test scores ``main`` (the task's metric) and ``other`` (its other one), in points."""
+def scored(task: str, method: str, seed: int, main: float, other: float, val: float | None = None) -> dict:
+    """A recorded run with test scores ``main`` (the task's metric) and ``other`` (its other one), in points, and
+    validation ``val`` in the main metric (``main`` unless given)."""
     metric = (
         "accuracy" if task.startswith("rotten") else "macro_f1"
     )  # the tier's: macro F1 on BBC and VitaminC
@@ -107,7 +108,7 @@ def scored(task: str, method: str, seed: int, main: float, other: float) -> dict
     entry |= {
         "main_metric": metric,
         "test": {metric: main / 100, second: other / 100, "examples": 100},
-        "validation": {metric: main / 100, second: other / 100},
+        "validation": {metric: (main if val is None else val) / 100, second: other / 100},
         "trainable_params": 1,
         "all_params": 100,
         "wall_time_s": 1.0,
@@ -130,12 +131,15 @@ def test_the_paired_table_shows_the_other_metric_and_the_mean_with_vitaminc_at_i
     for task, (main, other) in gains.items():
         for seed in (0, 1):
             runs |= scored(task, "prefix_mlp", seed, 50 + seed, 60)
-            runs |= scored(task, "ipt_mlp_scale", seed, 50 + seed + main, 60 + other)
+            # validation gains twice the test gain, so the validation column is told from the test one
+            runs |= scored(
+                task, "ipt_mlp_scale", seed, 50 + seed + main, 60 + other, val=50 + seed + 2 * main
+            )
     table = quality.paired_table(quality.summarize(runs, False), "ipt_mlp_scale")
     lines = {
         line.split(" | ")[0].strip("| "): line.split(" | ") for line in table.splitlines() if "|" in line
     }
-    assert lines["VitC-25ep"][3:] == ["+3.00 ± 0.00", "2", "-1.00 ± 0.00 |"]
+    assert lines["VitC-25ep"][3:] == ["+3.00 ± 0.00", "2", "-1.00 ± 0.00", "+6.00 ± 0.00 |"]
     assert lines["mean of 3"][3] == "+0.67 ± 0.00"  # (1 + 1 + 0) / 3, the goal's columns
     assert lines["mean of 3, VitC-25ep for VitC (not a goal)"][3:5] == ["+1.67 ± 0.00", "2"]
     # Twitter sentiment in VitaminC's place: (1 + 1 - 2) / 3
@@ -143,15 +147,15 @@ def test_the_paired_table_shows_the_other_metric_and_the_mean_with_vitaminc_at_i
         "+0.00 ± 0.00",
         "2",
     ]
-    assert lines["Tweets"][3:] == ["-2.00 ± 0.00", "2", "+1.00 ± 0.00 |"]
+    assert lines["Tweets"][3:] == ["-2.00 ± 0.00", "2", "+1.00 ± 0.00", "-4.00 ± 0.00 |"]
     # and at its 25-epoch cap: (1 + 1 + 4) / 3
-    assert lines["Tweets-25ep"][3:] == ["+4.00 ± 0.00", "2", "+2.00 ± 0.00 |"]
+    assert lines["Tweets-25ep"][3:] == ["+4.00 ± 0.00", "2", "+2.00 ± 0.00", "+8.00 ± 0.00 |"]
     assert lines["mean of 3, Tweets-25ep for VitC (not a goal)"][3:5] == ["+2.00 ± 0.00", "2"]
     # two stand-ins at once, BBC News at 256 and Twitter: (1 + 2 - 2) / 3, other metric (1 + 0 + 1) / 3
     affordable = lines[
         "mean of 3, BBC-256 for BBC and Tweets for VitC (rerunnable, 5-10 min a run; not a goal)"
     ]
-    assert affordable[3:] == ["+0.33 ± 0.00", "2", "+0.67 ± 0.00 |"]
+    assert affordable[3:] == ["+0.33 ± 0.00", "2", "+0.67 ± 0.00", "+0.67 ± 0.00 |"]
 
 
 @pytest.mark.parametrize("classes", [2, 3, 5])
