@@ -1550,8 +1550,11 @@ def _with_stand_ins(columns: dict[str, str]) -> list[str]:
     return [columns.get(t, t) for t in TIER.goal_tasks]
 
 
-def _mean_over_goal_tasks(rows: list[dict[str, Any]], method: str) -> float | None:
-    found = [find_row(rows, t, method) for t in TIER.goal_tasks]
+def _mean_over_goal_tasks(
+    rows: list[dict[str, Any]], method: str, tasks: list[str] | None = None
+) -> float | None:
+    """The method's test mean over the goal tasks (or ``tasks``, a stand-in set), None unless it ran on each."""
+    found = [find_row(rows, t, method) for t in tasks or TIER.goal_tasks]
     return statistics.mean(r["test_mean"] for r in found) if all(found) else None
 
 
@@ -1734,8 +1737,7 @@ def paired_table(rows: list[dict[str, Any]], method: str) -> str:
         elif task in STAND_INS:
             columns, name = STAND_INS[task]
             tasks = _with_stand_ins(columns)
-            a = statistics.mean(find_row(rows, t, method)["test_mean"] for t in tasks)
-            b = statistics.mean(find_row(rows, t, prefix)["test_mean"] for t in tasks)
+            a, b = _mean_over_goal_tasks(rows, method, tasks), _mean_over_goal_tasks(rows, prefix, tasks)
         else:
             ours, theirs = find_row(rows, task, method), find_row(rows, task, prefix)
             seeds = sorted(set(ours["test_by_seed"]) & set(theirs["test_by_seed"]))
