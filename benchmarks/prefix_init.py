@@ -15,6 +15,17 @@ initialisation starts. Usage (about 5 minutes a run on one core)::
     python benchmarks/prefix_init.py --methods ipt --inits random text
 
 Results: ``benchmarks/results/prefix_init.{json,md}`` (runs merged by method/init, the table rebuilt each time).
+
+``--drift`` trains nothing: for each bundled model as a Rotten Tomatoes classifier (the shipped
+``configs/rotten_tomatoes_{prefix_v2,ipt}.yaml``, ``model=`` set), it builds each untrained adapter (the flat prefix,
+the MLP prefix, IPT at instance scale 0.05) under each initialisation and compares the states the classifier head
+reads (the last layer at the token the head pools: the first on MiniLM, the last real one on SmolLM2) with the bare
+model's, over the first 16 training reviews: their cosine, and how alike the reviews still look to each other (the
+mean pairwise cosine). Beside it, the spread (std) of the model's own attention values at the first, middle and
+last layer, against the N(0, 1) that ``prefix_init="random"`` starts a flat prefix at. Results:
+``benchmarks/results/prefix_init_drift.{json,md}`` (about 1 min)::
+
+    python benchmarks/prefix_init.py --drift
 """
 
 from __future__ import annotations
@@ -71,7 +82,13 @@ def main(argv=None) -> None:
     parser.add_argument("--inits", nargs="+", choices=list(INITS), default=list(INITS))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--report", action="store_true", help="only rebuild the table from the JSON")
+    parser.add_argument(
+        "--drift", action="store_true", help="how far each untrained adapter moves the head's input"
+    )
     args = parser.parse_args(argv)
+    if args.drift:
+        drift(args.threads)
+        return
     results_file = ResultsFile(RESULTS / "prefix_init.json")
     if args.report:
         write_table(results_file.field("runs", {}))
@@ -106,6 +123,125 @@ def main(argv=None) -> None:
             }
             results_file.write({"runs": runs})
             write_table(runs)
+
+
+# --drift: the classification adapters compared, each an experiment file with overrides
+DRIFT_MODELS = ("minilm", "smollm2")
+DRIFT_ADAPTERS = {
+    "flat prefix": ("prefix_v2", ["method_config.reparameterize=false"]),
+    "MLP prefix": ("prefix_v2", ["method_config.reparameterize=true"]),
+    "IPT (scale 0.05)": ("ipt", ["method_config.instance_scale=0.05"]),
+}
+DRIFT_INITS = ("random", "vocab")
+
+
+def head_states(model, batch, decoder: bool):
+    """(rows, hidden) last-layer states at the position the classifier head reads, and every attention layer's
+    value-projection output (the values the prefix's own sit beside), collected by forward hooks."""
+    import torch
+
+    values = []
+    hooks = [
+        module.register_forward_hook(lambda _m, _i, out: values.append(out.detach()))
+        for name, module in model.named_modules()
+        if name.endswith((".v_proj", ".attention.self.value"))
+    ]
+    try:
+        with torch.no_grad():
+            out = model(**batch, output_hidden_states=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    last = out.hidden_states[-1]
+    index = batch["attention_mask"].sum(1) - 1 if decoder else torch.zeros(len(last), dtype=torch.long)
+    return last[torch.arange(len(last)), index], values
+
+
+def drift(threads: int) -> None:
+    import torch
+    from transformers import set_seed
+
+    from peft_ipt.cli.data import collator_for, load_splits, tokenize
+    from peft_ipt.cli.experiment import load_experiment
+    from peft_ipt.cli.models import build_model, load_tokenizer
+
+    torch.set_num_threads(threads)
+    cosine = torch.nn.functional.cosine_similarity
+
+    def pairwise(states):  # mean cosine between different reviews' states
+        sims = cosine(states[:, None], states[None], dim=-1)
+        return sims[~torch.eye(len(states), dtype=torch.bool)].mean().item()
+
+    rows, models = [], {}
+    for model_name in DRIFT_MODELS:
+        for label, (family, overrides) in DRIFT_ADAPTERS.items():
+            for init in DRIFT_INITS:
+                config = ROOT / "configs" / f"rotten_tomatoes_{family}.yaml"
+                experiment = load_experiment(
+                    config, [f"model={model_name}", *overrides, f"method_config.prefix_init={init}"]
+                )
+                splits = load_splits(experiment)
+                tokenizer = load_tokenizer(experiment)
+                tokenized = tokenize(splits.train, tokenizer, experiment)
+                batch = collator_for(experiment, tokenizer)([tokenized[i] for i in range(16)])
+                batch.pop("labels", None)
+                set_seed(experiment.training_settings["seed"])
+                model = build_model(experiment, tokenizer, splits.label_names).eval()
+                decoder = not model.config.is_encoder_decoder and model.config.model_type != "bert"
+                adapted, _ = head_states(model, batch, decoder)
+                with model.disable_adapter():
+                    bare, values = head_states(model, batch, decoder)
+                to_bare = cosine(adapted, bare)
+                models[model_name] = {
+                    "value_std": {
+                        "first layer": values[0].std().item(),
+                        "middle layer": values[len(values) // 2].std().item(),
+                        "last layer": values[-1].std().item(),
+                    },
+                    "bare_pairwise_cosine": pairwise(bare),
+                }
+                rows.append(
+                    {
+                        "model": model_name,
+                        "adapter": label,
+                        "prefix_init": init,
+                        "cosine_to_bare_mean": to_bare.mean().item(),
+                        "cosine_to_bare_min": to_bare.min().item(),
+                        "pairwise_cosine": pairwise(adapted),
+                    }
+                )
+                print(rows[-1], flush=True)
+    ResultsFile(RESULTS / "prefix_init_drift.json").write({"models": models, "rows": rows})
+    lines = [
+        "# How far each untrained adapter moves what the classifier head reads (Rotten Tomatoes, 16 reviews)",
+        "",
+        "`python benchmarks/prefix_init.py --drift`. Cosine between the last layer's state at the head's token with",
+        "the adapter and without it (1: the adapter starts as the bare model); pairwise: the mean cosine between",
+        "different reviews' states (the bare model's in the second table).",
+        "",
+    ]
+    table = [
+        [
+            r["model"],
+            r["adapter"],
+            r["prefix_init"],
+            f"{r['cosine_to_bare_mean']:.2f}",
+            f"{r['cosine_to_bare_min']:.2f}",
+            f"{r['pairwise_cosine']:.2f}",
+        ]
+        for r in rows
+    ]
+    header = ["model", "adapter", "prefix_init", "cosine to bare (mean)", "(min)", "pairwise cosine"]
+    own = [
+        [name, *(f"{v:.3f}" for v in m["value_std"].values()), f"{m['bare_pairwise_cosine']:.2f}"]
+        for name, m in models.items()
+    ]
+    own_header = ["model", "value std, first layer", "middle layer", "last layer", "bare pairwise cosine"]
+    markdown = (
+        "\n".join(lines) + "\n" + markdown_table(header, table) + "\n\n" + markdown_table(own_header, own)
+    )
+    (RESULTS / "prefix_init_drift.md").write_text(markdown + "\n")
+    print(markdown)
 
 
 def write_table(runs: dict) -> None:

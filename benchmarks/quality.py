@@ -672,10 +672,10 @@ CONVERGED_METHODS: dict[str, MethodSpec] = {
         own_prefix="prefix_mlp",
     ),
     # The flat pair with its task prefix started from the keys/values of random vocabulary tokens (prefix_init="vocab")
-    # instead of N(0, 1). On SmolLM2 the N(0, 1) prefix is about 20x the scale of the model's own first-layer values:
-    # at initialisation the last token's states keep a cosine of 0.14-0.40 with the bare model's (0.9 from vocab),
-    # and the flat prefix alone stayed at chance for 2-6 epochs at each of 1e-3, 3e-3 and 1e-2. On MiniLM (post-LN,
-    # values near unit scale) N(0, 1) fits, so there this is P-tuning v2's default, kept.
+    # instead of N(0, 1). On SmolLM2 the N(0, 1) prefix is 21x the spread of the model's own first-layer values (std
+    # 0.047): at initialisation the head's input keeps a cosine of 0.47 with the bare model's (0.89 from vocab;
+    # `prefix_init.py --drift`), and the flat prefix alone stayed at chance for 2-6 epochs at each of 1e-3, 3e-3 and
+    # 1e-2. On MiniLM (post-LN, value std 0.5-0.7) N(0, 1) keeps 0.95, so there P-tuning v2's default is kept.
     "prefix_vocab": MethodSpec(
         "task prefix alone, started from vocabulary keys/values",
         "prefix_v2",
