@@ -286,6 +286,31 @@ def test_disable_adapter_gives_the_base_model_logits_exactly():
 
 
 @pytest.mark.parametrize("config_class", [PrefixTuningV2Config, InstancePromptConfig])
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_disable_adapter_on_a_classifier_gives_the_base_model_and_its_own_head(config_class, arch):
+    # peft 0.21.2's prompt-learning path raises UnboundLocalError here (a SEQ_CLS PeftModel has no
+    # prepare_inputs_for_generation to swap); these methods go through the tuner path, as LoRA does
+    base = tiny_model(arch, "SEQ_CLS", attn="eager")
+    inputs = model_inputs(arch, "SEQ_CLS")
+    with torch.no_grad():
+        reference = base(**inputs).logits
+    model = get_peft_model(base, config_class(task_type="SEQ_CLS", init_weights=False))
+    head = next(
+        m
+        for n, m in model.named_modules()
+        if n.endswith(("score", "classifier")) and hasattr(m, "modules_to_save")
+    )
+    with torch.no_grad():
+        for weight in head.modules_to_save.parameters():  # the trained copy of the head moves too
+            weight.add_(1.0)
+        adapted = model(**inputs).logits
+        with model.disable_adapter():
+            assert torch.equal(model(**inputs).logits, reference)
+        assert torch.equal(model(**inputs).logits, adapted)
+    assert not torch.allclose(adapted, reference)
+
+
+@pytest.mark.parametrize("config_class", [PrefixTuningV2Config, InstancePromptConfig])
 @pytest.mark.parametrize(
     ("arch", "task"),
     [("gpt2", "CAUSAL_LM"), ("bart", "SEQ_2_SEQ_LM"), ("bert", "SEQ_CLS"), ("llama", "TOKEN_CLS")],
