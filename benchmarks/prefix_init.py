@@ -17,10 +17,10 @@ initialisation starts. Usage (about 5 minutes a run on one core)::
 Results: ``benchmarks/results/prefix_init.{json,md}`` (runs merged by method/init, the table rebuilt each time).
 
 ``--drift`` trains nothing: for each bundled model as a Rotten Tomatoes classifier (the shipped
-``configs/rotten_tomatoes_{prefix_v2,ipt}.yaml``, ``model=`` set), it builds each untrained adapter (the flat prefix,
-the MLP prefix, IPT at instance scale 0.05) under each initialisation and compares the states the classifier head
-reads (the last layer at the token the head pools: the first on MiniLM, the last real one on SmolLM2) with the bare
-model's, over the first 16 training reviews: their cosine, and how alike the reviews still look to each other (the
+``configs/rotten_tomatoes_{prefix_v2,ipt,peft_prefix_tuning}.yaml``, ``model=`` set), it builds each untrained
+adapter (the flat prefix, the MLP prefix, IPT at instance scale 0.05, each under each initialisation; peft's
+PrefixTuning from its own N(0, 1) start) and compares the states the classifier head reads (the last layer at the
+token the head pools: the first on MiniLM, the last real one on SmolLM2) with the bare model's, over the first 16 training reviews: their cosine, and how alike the reviews still look to each other (the
 mean pairwise cosine). Beside it, the spread (std) of the model's own attention values at the first, middle and
 last layer, against the N(0, 1) that ``prefix_init="random"`` starts a flat prefix at. Results:
 ``benchmarks/results/prefix_init_drift.{json,md}`` (about 1 min)::
@@ -127,12 +127,14 @@ def main(argv=None) -> None:
 
 # --drift: the classification adapters compared, each an experiment file with overrides
 DRIFT_MODELS = ("minilm", "smollm2")
-DRIFT_ADAPTERS = {
-    "flat prefix": ("prefix_v2", ["method_config.reparameterize=false"]),
-    "MLP prefix": ("prefix_v2", ["method_config.reparameterize=true"]),
-    "IPT (scale 0.05)": ("ipt", ["method_config.instance_scale=0.05"]),
-}
 DRIFT_INITS = ("random", "vocab")
+PEFT_OWN_INIT = "peft's own"  # peft's built-ins have no prefix_init: their embedding tables start at N(0, 1)
+DRIFT_ADAPTERS = {  # label: (config family, overrides, the starts compared)
+    "flat prefix": ("prefix_v2", ["method_config.reparameterize=false"], DRIFT_INITS),
+    "MLP prefix": ("prefix_v2", ["method_config.reparameterize=true"], DRIFT_INITS),
+    "IPT (scale 0.05)": ("ipt", ["method_config.instance_scale=0.05"], DRIFT_INITS),
+    "peft PrefixTuning": ("peft_prefix_tuning", [], (PEFT_OWN_INIT,)),
+}
 
 
 def head_states(model, batch, decoder: bool):
@@ -172,14 +174,13 @@ def drift(threads: int) -> None:
         sims = cosine(states[:, None], states[None], dim=-1)
         return sims[~torch.eye(len(states), dtype=torch.bool)].mean().item()
 
-    rows, models = [], {}
+    rows, models, refused = [], {}, []
     for model_name in DRIFT_MODELS:
-        for label, (family, overrides) in DRIFT_ADAPTERS.items():
-            for init in DRIFT_INITS:
+        for label, (family, overrides, inits) in DRIFT_ADAPTERS.items():
+            for init in inits:
                 config = ROOT / "configs" / f"rotten_tomatoes_{family}.yaml"
-                experiment = load_experiment(
-                    config, [f"model={model_name}", *overrides, f"method_config.prefix_init={init}"]
-                )
+                start = [] if init == PEFT_OWN_INIT else [f"method_config.prefix_init={init}"]
+                experiment = load_experiment(config, [f"model={model_name}", *overrides, *start])
                 splits = load_splits(experiment)
                 tokenizer = load_tokenizer(experiment)
                 tokenized = tokenize(splits.train, tokenizer, experiment)
@@ -188,9 +189,16 @@ def drift(threads: int) -> None:
                 set_seed(experiment.training_settings["seed"])
                 model = build_model(experiment, tokenizer, splits.label_names).eval()
                 decoder = not model.config.is_encoder_decoder and model.config.model_type != "bert"
-                adapted, _ = head_states(model, batch, decoder)
-                with model.disable_adapter():
-                    bare, values = head_states(model, batch, decoder)
+                try:
+                    adapted, _ = head_states(model, batch, decoder)
+                except ValueError as error:  # peft's PrefixTuning refuses MiniLM under transformers 5
+                    refused.append(f"{label} on {model_name}: cannot run (peft: {error})")
+                    continue
+                if init == PEFT_OWN_INIT:  # peft's disable_adapter() raises on a prompt-learning classifier
+                    bare, values = head_states(model.get_base_model(), batch, decoder)
+                else:
+                    with model.disable_adapter():
+                        bare, values = head_states(model, batch, decoder)
                 to_bare = cosine(adapted, bare)
                 models[model_name] = {
                     "value_std": {
@@ -211,7 +219,9 @@ def drift(threads: int) -> None:
                     }
                 )
                 print(rows[-1], flush=True)
-    ResultsFile(RESULTS / "prefix_init_drift.json").write({"models": models, "rows": rows})
+    ResultsFile(RESULTS / "prefix_init_drift.json").write(
+        {"models": models, "rows": rows, "refused": refused}
+    )
     lines = [
         "# How far each untrained adapter moves what the classifier head reads (Rotten Tomatoes, 16 reviews)",
         "",
@@ -237,8 +247,8 @@ def drift(threads: int) -> None:
         for name, m in models.items()
     ]
     own_header = ["model", "value std, first layer", "middle layer", "last layer", "bare pairwise cosine"]
-    markdown = (
-        "\n".join(lines) + "\n" + markdown_table(header, table) + "\n\n" + markdown_table(own_header, own)
+    markdown = "\n".join(
+        [*lines, markdown_table(header, table), "", *refused, "", markdown_table(own_header, own)]
     )
     (RESULTS / "prefix_init_drift.md").write_text(markdown + "\n")
     print(markdown)
