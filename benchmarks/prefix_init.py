@@ -20,12 +20,16 @@ Results: ``benchmarks/results/prefix_init.{json,md}`` (runs merged by method/ini
 ``configs/rotten_tomatoes_{prefix_v2,ipt,peft_prefix_tuning}.yaml``, ``model=`` set), it builds each untrained
 adapter (the flat prefix, the MLP prefix, IPT at instance scale 0.05, each under each initialisation; peft's
 PrefixTuning from its own N(0, 1) start) and compares the states the classifier head reads (the last layer at the
-token the head pools: the first on MiniLM, the last real one on SmolLM2) with the bare model's, over the first 16 training reviews: their cosine, and how alike the reviews still look to each other (the
-mean pairwise cosine). Beside it, the spread (std) of the model's own attention values at the first, middle and
+token the head pools: the first on MiniLM, the last real one on SmolLM2) with the bare model's, over the first 16
+training reviews: their cosine, and how alike the reviews still look to each other (the mean pairwise cosine). Beside
+it, the spread (std) of the model's own attention values at the first, middle and
 last layer, against the N(0, 1) that ``prefix_init="random"`` starts a flat prefix at. Results:
-``benchmarks/results/prefix_init_drift.{json,md}`` (about 1 min)::
+``benchmarks/results/prefix_init_drift.{json,md}`` (about 1 min), with the versions it ran under; ``--drift-stem``
+names another file, for a run in another environment (peft's PrefixTuning runs the classifiers only under
+transformers < 5.24)::
 
     python benchmarks/prefix_init.py --drift
+    python benchmarks/prefix_init.py --drift --drift-stem prefix_init_drift_transformers_5.20
 """
 
 from __future__ import annotations
@@ -85,9 +89,14 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--drift", action="store_true", help="how far each untrained adapter moves the head's input"
     )
+    parser.add_argument(
+        "--drift-stem",
+        default="prefix_init_drift",
+        help="--drift's results: benchmarks/results/<stem>.{json,md} (another name for another environment's run)",
+    )
     args = parser.parse_args(argv)
     if args.drift:
-        drift(args.threads)
+        drift(args.threads, args.drift_stem)
         return
     results_file = ResultsFile(RESULTS / "prefix_init.json")
     if args.report:
@@ -159,8 +168,10 @@ def head_states(model, batch, decoder: bool):
     return last[torch.arange(len(last)), index], values
 
 
-def drift(threads: int) -> None:
+def drift(threads: int, stem: str) -> None:
+    import peft
     import torch
+    import transformers
     from transformers import set_seed
 
     from peft_ipt.cli.data import collator_for, load_splits, tokenize
@@ -219,15 +230,22 @@ def drift(threads: int) -> None:
                     }
                 )
                 print(rows[-1], flush=True)
-    ResultsFile(RESULTS / "prefix_init_drift.json").write(
-        {"models": models, "rows": rows, "refused": refused}
+    versions = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+    }
+    ResultsFile(RESULTS / f"{stem}.json").write(
+        {"versions": versions, "models": models, "rows": rows, "refused": refused}
     )
     lines = [
         "# How far each untrained adapter moves what the classifier head reads (Rotten Tomatoes, 16 reviews)",
         "",
         "`python benchmarks/prefix_init.py --drift`. Cosine between the last layer's state at the head's token with",
         "the adapter and without it (1: the adapter starts as the bare model); pairwise: the mean cosine between",
-        "different reviews' states (the bare model's in the second table).",
+        "different reviews' states (the bare model's in the second table). Under "
+        + ", ".join(f"{name} {version}" for name, version in versions.items())
+        + ".",
         "",
     ]
     table = [
@@ -250,7 +268,7 @@ def drift(threads: int) -> None:
     markdown = "\n".join(
         [*lines, markdown_table(header, table), "", *refused, "", markdown_table(own_header, own)]
     )
-    (RESULTS / "prefix_init_drift.md").write_text(markdown + "\n")
+    (RESULTS / f"{stem}.md").write_text(markdown + "\n")
     print(markdown)
 
 
