@@ -61,6 +61,16 @@ class ResultsFile:
         write_json(self.path, document)
 
 
+def library_versions() -> dict[str, str]:
+    """The versions a run trained under: peft's own PrefixTuning, for one, refuses BERT-family models and decoder
+    classifiers from transformers 5.24 on, so its rows may come from another environment than the rest."""
+    import peft
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+
+
 def write_json(path: Path, document: Any) -> None:
     """Write JSON through a temporary file and a rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)

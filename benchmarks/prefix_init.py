@@ -42,7 +42,15 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import RESULTS, ROOT, ResultsFile, markdown_table, train_command, train_run  # noqa: E402
+from harness import (  # noqa: E402
+    RESULTS,
+    ROOT,
+    ResultsFile,
+    library_versions,
+    markdown_table,
+    train_command,
+    train_run,
+)
 
 TEXT = "Describe the restaurant in one fluent sentence using every attribute given."
 # Each initialisation is set explicitly, whatever the shipped config chooses (e2e_ipt.yaml ships with "text").
@@ -169,9 +177,7 @@ def head_states(model, batch, decoder: bool):
 
 
 def drift(threads: int, stem: str) -> None:
-    import peft
     import torch
-    import transformers
     from transformers import set_seed
 
     from peft_ipt.cli.data import collator_for, load_splits, tokenize
@@ -230,11 +236,7 @@ def drift(threads: int, stem: str) -> None:
                     }
                 )
                 print(rows[-1], flush=True)
-    versions = {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-    }
+    versions = library_versions()
     ResultsFile(RESULTS / f"{stem}.json").write(
         {"versions": versions, "models": models, "rows": rows, "refused": refused}
     )

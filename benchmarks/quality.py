@@ -110,6 +110,7 @@ from harness import (  # noqa: E402
     ResultsFile,
     ci95,
     figure,
+    library_versions,
     markdown_table,
     mean_ci,
     save_figure,
@@ -1048,16 +1049,6 @@ def device_name() -> str:
     import torch
 
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-
-
-def library_versions() -> dict[str, str]:
-    """The versions a run trained under: peft's own PrefixTuning, for one, refuses BERT-family models from
-    transformers 5.24 on, so its rows may come from another environment than the rest."""
-    import peft
-    import torch
-    import transformers
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
 
 
 def zero_shot_cell(task_name: str, quick: bool) -> dict[str, Any]:
