@@ -268,7 +268,14 @@ def drift(threads: int, stem: str) -> None:
     ]
     own_header = ["model", "value std, first layer", "middle layer", "last layer", "bare pairwise cosine"]
     markdown = "\n".join(
-        [*lines, markdown_table(header, table), "", *refused, "", markdown_table(own_header, own)]
+        [
+            *lines,
+            markdown_table(header, table),
+            "",
+            *refused,
+            *([""] if refused else []),
+            markdown_table(own_header, own),
+        ]
     )
     (RESULTS / f"{stem}.md").write_text(markdown + "\n")
     print(markdown)
