@@ -235,6 +235,49 @@ def test_peft_status_and_base_state_dict_helpers_see_the_adapter(config_cls):
     assert not torch.allclose(before, after)
 
 
+@pytest.mark.parametrize(
+    ("arch", "task"), [("llama", "CAUSAL_LM"), ("bert", "SEQ_CLS"), ("t5", "SEQ_2_SEQ_LM")]
+)
+@pytest.mark.parametrize("config_cls", [PrefixTuningV2Config, InstancePromptConfig])
+def test_transformers_parameter_counts_include_the_adapter_as_loras_do(config_cls, arch, task):
+    """num_parameters / get_memory_footprint reach the base model through PeftModel, which counts its own modules:
+    LoRA's weights are among them, a prompt adapter's are not (peft's own prompt methods answer 0 trainable)."""
+    from transformers import Trainer, TrainingArguments
+
+    model = get_peft_model(tiny_model(arch, task), config_cls(task_type=task))
+    trainable, total = model.get_nb_trainable_parameters()
+    assert model.num_parameters(only_trainable=True) == trainable > 0
+    assert model.num_parameters() == total == sum(p.numel() for p in model.parameters())
+    tables = {
+        id(m.weight): m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding)
+    }  # T5 shares one
+    assert model.num_parameters(exclude_embeddings=True) == total - sum(w.numel() for w in tables.values())
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
+    assert model.get_memory_footprint() == sum(t.numel() * t.element_size() for t in tensors)
+    assert model.get_memory_footprint(return_buffers=False) == sum(
+        p.numel() * p.element_size() for p in model.parameters()
+    )
+    # Trainer's FLOPs count: 6 x tokens x the non-embedding parameters, the adapter's among them
+    trainer = Trainer(model=model, args=TrainingArguments("unused", report_to=[], use_cpu=True))
+    ids = token_batch(2, 5)
+    assert trainer.floating_point_ops({"input_ids": ids}) == 6 * ids.numel() * model.num_parameters(
+        exclude_embeddings=True
+    )
+    model.set_requires_grad("default", False)
+    assert model.num_parameters(only_trainable=True) == model.get_nb_trainable_parameters()[0]
+
+
+def test_num_parameters_without_embeddings_leaves_ipts_token_table_out():
+    config = InstancePromptConfig(task_type="CAUSAL_LM", instance_source="token_table", table_size=64)
+    model = get_peft_model(tiny_model("llama"), config)
+    table = model.base_model.prompt_modules["default"].table.weight
+    base = model.get_base_model().num_parameters(exclude_embeddings=True)
+    assert (
+        model.num_parameters(exclude_embeddings=True)
+        == base + model.get_nb_trainable_parameters()[0] - table.numel()
+    )
+
+
 @pytest.mark.parametrize("config_cls", [PrefixTuningV2Config, InstancePromptConfig])
 def test_transformers_adapter_loading_refuses_naming_the_peft_loaders(config_cls, tmp_path):
     """transformers loads an adapter folder itself through peft's inject_adapter_in_model

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import itertools
 import threading
 import weakref
 from collections.abc import Callable
@@ -705,6 +706,42 @@ class PromptTuner(BaseTuner):
         if not autocast_adapter_dtype:
             dtype = next(p.dtype for p in self.model.parameters())
             self.prompt_modules[adapter_name].to(dtype)
+
+    # -- transformers' own counts ----------------------------------------------------------------------------
+    # PeftModel hands num_parameters and get_memory_footprint to the tuner, which would hand them on to the base
+    # model: it counts its own modules only. A LoRA adapter lives inside those; a prompt adapter lives on the tuner,
+    # so the base model alone answers 0 trainable parameters (as peft's own prompt methods do), and Trainer's FLOPs
+    # (6 x tokens x num_parameters) leave the adapter out.
+
+    def _adapter_tensors(self, buffers: bool = False) -> list[torch.Tensor]:
+        in_base = {id(t) for t in itertools.chain(self.model.parameters(), self.model.buffers())}
+        tensors = itertools.chain(
+            self.prompt_layer.parameters(), self.prompt_layer.buffers() if buffers else ()
+        )
+        return [t for t in tensors if id(t) not in in_base]
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """The base model's ``num_parameters`` with the adapters' parameters counted, as LoRA's are."""
+        count = self.model.num_parameters(
+            only_trainable=only_trainable, exclude_embeddings=exclude_embeddings
+        )
+        # transformers' rule for exclude_embeddings is the weights of nn.Embedding modules; an adapter's token table
+        # is a lookup too (IPT's hashed table says so with `embedding_table = True`)
+        tables = {
+            id(m.weight)
+            for m in self.prompt_layer.modules()
+            if isinstance(m, nn.Embedding) or getattr(m, "embedding_table", False)
+        }
+        return count + sum(
+            p.numel()
+            for p in self._adapter_tensors()
+            if (p.requires_grad or not only_trainable) and not (exclude_embeddings and id(p) in tables)
+        )
+
+    def get_memory_footprint(self, return_buffers: bool = True) -> int:
+        """The base model's ``get_memory_footprint`` with the adapters' tensors counted, as LoRA's are."""
+        size = self.model.get_memory_footprint(return_buffers=return_buffers)
+        return size + sum(t.numel() * t.element_size() for t in self._adapter_tensors(buffers=return_buffers))
 
     # -- unload ---------------------------------------------------------------------------------------------
 

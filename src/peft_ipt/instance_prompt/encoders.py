@@ -47,6 +47,8 @@ class HashedTokenTable(nn.Module):
     into a few thousand buckets keeps the table near 1% of a small model and works for any vocabulary.
     """
 
+    embedding_table = True  # a lookup, not compute: num_parameters(exclude_embeddings=True) leaves it out
+
     def __init__(self, buckets: int, dim: int):
         super().__init__()
         self.buckets = buckets
