@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import itertools
 import threading
 import weakref
 from collections.abc import Callable
@@ -714,11 +713,8 @@ class PromptTuner(BaseTuner):
     # (6 x tokens x num_parameters) leave the adapter out.
 
     def _adapter_tensors(self, buffers: bool = False) -> list[torch.Tensor]:
-        in_base = {id(t) for t in itertools.chain(self.model.parameters(), self.model.buffers())}
-        tensors = itertools.chain(
-            self.prompt_layer.parameters(), self.prompt_layer.buffers() if buffers else ()
-        )
-        return [t for t in tensors if id(t) not in in_base]
+        # none of them is the base model's: the prompt layer references the model, never registers it
+        return [*self.prompt_layer.parameters(), *(self.prompt_layer.buffers() if buffers else ())]
 
     def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
         """The base model's ``num_parameters`` with the adapters' parameters counted, as LoRA's are."""
