@@ -22,8 +22,9 @@ adapter (the flat prefix, the MLP prefix, IPT at instance scale 0.05, each under
 PrefixTuning from its own N(0, 1) start) and compares the states the classifier head reads (the last layer at the
 token the head pools: the first on MiniLM, the last real one on SmolLM2) with the bare model's, over the first 16
 training reviews: their cosine, and how alike the reviews still look to each other (the mean pairwise cosine). Beside
-it, the spread (std) of the model's own attention values at the first, middle and last layer, against the N(0, 1) that ``prefix_init="random"`` starts a flat prefix at. Results:
-``benchmarks/results/prefix_init_drift.{json,md}`` (about 1 min), with the versions it ran under; ``--drift-stem``
+it, the spread (std) of the model's own attention values at the first, middle and last layer, against the N(0, 1)
+that ``prefix_init="random"`` starts a flat prefix at. Results: ``benchmarks/results/prefix_init_drift.{json,md}``
+(about 1 min), with the versions it ran under; ``--drift-stem``
 names another file, for a run in another environment (peft's PrefixTuning runs the classifiers only under
 transformers < 5.24)::
 
@@ -207,9 +208,8 @@ def drift(threads: int, stem: str) -> None:
                 decoder = not model.config.is_encoder_decoder and model.config.model_type != "bert"
                 try:
                     adapted, _ = head_states(model, batch, decoder)
-                except (
-                    ValueError
-                ) as error:  # peft's PrefixTuning refuses classifiers from transformers 5.24 on
+                # peft's PrefixTuning refuses classifiers from transformers 5.24 on
+                except ValueError as error:
                     if init != PEFT_OWN_INIT:  # ours must run: never recorded as a refusal
                         raise
                     refused.append(f"{label} on {model_name}: cannot run (peft: {error})")
