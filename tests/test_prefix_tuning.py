@@ -362,6 +362,12 @@ def test_merge_adapter_is_refused_not_a_silent_no_op(config_class):
         model.merge_and_unload()
     with pytest.raises(ValueError, match="add_weighted_adapter combines LoRA weight deltas"):
         model.add_weighted_adapter(["default"], [1.0], "combined")
+    # peft's conversion to LoRA fits weight deltas, which a prefix is not: it must refuse, not return an empty LoRA
+    from peft.tuners.lora.conversion import convert_to_lora
+
+    assert model.supports_lora_conversion() is False
+    with pytest.raises(TypeError, match="do not support LoRA conversion: .*PromptLayer"):
+        convert_to_lora(model, rank=4)
 
 
 @pytest.mark.parametrize(
