@@ -581,6 +581,27 @@ CONVERGED_METHODS: dict[str, MethodSpec] = {
         PAIR_GRID,
         ("method_config.instance_source=frozen_model", "method_config.instance_scale=0.05"),
     ),
+    # IDPG's generator: its linear layers as PHM layers (n = 8: the MiniLM generator's 210k weights -> 32k)
+    "ipt_frozen_phm_scale": MethodSpec(
+        "IPT, frozen-model source, PHM generator (n = 8), instance scale 0.05",
+        "ipt",
+        PAIR_GRID,
+        (
+            "method_config.instance_source=frozen_model",
+            "method_config.instance_scale=0.05",
+            "method_config.instance_phm=8",
+        ),
+    ),
+    "ipt_phm_scale": MethodSpec(
+        "IPT, embeddings source, PHM generator (n = 8), instance scale 0.05",
+        "ipt",
+        PAIR_GRID,
+        (
+            "method_config.instance_source=embeddings",
+            "method_config.instance_scale=0.05",
+            "method_config.instance_phm=8",
+        ),
+    ),
     # the paper's own layout (Prefix + Random IPT): a trainable re-embedding of the source tokens, the first P of
     # them as the prompt, added to the first layer's task prefix at scale 0.05
     "ipt_paper": MethodSpec(
@@ -766,6 +787,8 @@ IPT_CANDIDATES = (
     "ipt_hidden",
     "ipt_frozen_reg",
     "ipt_frozen_scale",
+    "ipt_frozen_phm_scale",
+    "ipt_phm_scale",
     "ipt_paper",
     "ipt_pretrained_table",
     "ipt_pretrained_pooled",

@@ -12,7 +12,7 @@ from test_prefix_tuning import COMBOS, main_output, model_inputs
 from transformers import AlbertConfig, AutoModelForSequenceClassification, ElectraConfig
 
 from peft_ipt import InstancePromptConfig, PrefixTuningV2Config
-from peft_ipt.instance_prompt.encoders import HashedTokenTable
+from peft_ipt.instance_prompt.encoders import HashedTokenTable, PHMLinear
 from peft_ipt.tuner import PromptInputs
 
 VARIANTS = [
@@ -26,6 +26,8 @@ VARIANTS = [
     {"injection": "prefix", "instance_source": "frozen_model", "frozen_layers": 1},
     {"injection": "hybrid", "instance_encoder": "attention"},
     {"injection": "input", "instance_source": "token_table", "instance_encoder": "attention"},
+    # IDPG: the frozen model's states through a generator of PHM layers
+    {"injection": "hybrid", "instance_source": "frozen_model", "instance_phm": 4},
 ]
 # the variants whose prompt enters as key/value prefixes, where prefix_snapshot can see it
 PREFIX_VARIANTS = [v for v in VARIANTS if v["injection"] != "input"]
@@ -1081,6 +1083,81 @@ def test_frozen_layers_is_checked_against_the_source_and_the_model():
         ValueError, match=r"frozen_layers=2 must be below the model's 2 self-attention layers \(1..1\)"
     ):
         ipt_model(instance_source="frozen_model", frozen_layers=2)
+
+
+# -- IDPG's PHM generator (instance_phm) ------------------------------------------------------------------------
+
+
+def test_a_phm_layer_is_a_linear_layer_with_a_sum_of_kronecker_products_as_its_weight():
+    layer = PHMLinear(12, 8, n=4)
+    expected = sum(torch.kron(layer.rules[i], layer.factors[i]) for i in range(4))
+    assert layer.weight.shape == (8, 12)
+    torch.testing.assert_close(layer.weight, expected)
+    x = torch.randn(3, 12)
+    torch.testing.assert_close(layer(x), x @ expected.T + layer.bias)
+    assert sum(p.numel() for p in layer.parameters()) == 12 * 8 // 4 + 4**3 + 8
+
+
+def test_a_phm_layer_starts_with_the_spread_of_a_linear_layer():
+    torch.manual_seed(0)
+    phm, linear = PHMLinear(384, 512, n=8).weight, torch.nn.Linear(384, 512).weight
+    assert abs(phm.std().item() / linear.std().item() - 1) < 0.05
+
+
+@pytest.mark.parametrize("injection", ["hybrid", "prefix", "input"])
+def test_instance_phm_shrinks_the_generator_and_trains_and_reloads(injection, tmp_path):
+    plain = ipt_model(injection=injection)
+    model = ipt_model(injection=injection, instance_phm=4)
+    count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
+    assert count(model) < count(plain)
+    module = model.base_model.prompt_modules["default"]
+    phm_layers = [m for m in module.modules() if isinstance(m, PHMLinear)]
+    assert (
+        len(phm_layers) == 3
+    )  # the mlp encoder's two layers and the head (one attention kind, or the embedding)
+    ids = token_batch()
+    model.train()
+    model(input_ids=ids, labels=lm_labels(ids)).loss.backward()
+    for layer in phm_layers:
+        assert layer.rules.grad.abs().sum() > 0 and layer.factors.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+        other = model(input_ids=token_batch(seed=7)).logits
+    assert not torch.allclose(reference[:, -1], other[:, -1])  # each input its own prompt
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), tmp_path).eval()
+    assert loaded.peft_config["default"].instance_phm == 4
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, reference)
+
+
+def test_a_phm_instance_part_starts_at_zero_under_the_task_prefix():
+    """init_weights: the PHM heads output zero, so IPT starts as its task prefix alone, as with linear heads."""
+    model = get_peft_model(
+        tiny_model("llama"), InstancePromptConfig(task_type="CAUSAL_LM", prompt_length=4, instance_phm=4)
+    ).eval()
+    module = model.base_model.prompt_modules["default"]
+    codes = torch.randn(2, 4, 32)
+    for head in module.heads.values():
+        assert isinstance(head, PHMLinear) and head(codes).abs().max() == 0
+    ids = token_batch()
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        module.config.instance_scale = 0.0
+        task_only = model(input_ids=ids).logits
+    assert torch.equal(full, task_only)
+
+
+def test_instance_phm_refuses_widths_it_does_not_divide_and_encoders_it_cannot_factorise():
+    with pytest.raises(ValueError, match=r"instance_phm must be an integer >= 1 \(got 0\)"):
+        InstancePromptConfig(task_type="CAUSAL_LM", instance_phm=0)
+    with pytest.raises(ValueError, match=r"instance_phm=4 factorises.*got instance_encoder='lstm'.*'mlp'"):
+        InstancePromptConfig(task_type="CAUSAL_LM", instance_phm=4, instance_encoder="lstm")
+    # instance_rank 30: the heads map 30 codes -> keys/values, which 4 does not divide
+    config = InstancePromptConfig(task_type="CAUSAL_LM", instance_phm=4, instance_rank=30)
+    with pytest.raises(ValueError, match=r"instance_phm=4 must divide .* 30 -> .*n dividing both.*\[2"):
+        get_peft_model(tiny_model("llama"), config)
 
 
 # -- a reparameterised task prefix ----------------------------------------------------------------------------

@@ -35,6 +35,7 @@ class InstancePromptConfig(PromptConfigBase):
         "instance_source",
         "instance_encoder",
         "instance_rank",
+        "instance_phm",
         "instance_scale",
         "instance_layers",
         "task_prefix_hidden_size",
@@ -95,6 +96,15 @@ class InstancePromptConfig(PromptConfigBase):
         default=32,
         metadata={
             "help": "Width r of the prompt codes; one Linear(r, ...) per attention kind maps them into keys/values (or embeddings)."
+        },
+    )
+    instance_phm: int | None = field(
+        default=None,
+        metadata={
+            "help": "IDPG's parameterised hypercomplex multiplication (PHM) layers with n = instance_phm: the "
+            "instance generator's linear layers (the 'mlp' encoder's two, the 'none' encoder's projection, and the heads to keys/values or embeddings) "
+            "each become a sum of n Kronecker products, about 1/n of the parameters. n must divide their widths "
+            "(instance_rank, encoder_hidden_size, the model's). None: plain linear layers."
         },
     )
     encoder_hidden_size: int = field(
@@ -203,6 +213,14 @@ class InstancePromptConfig(PromptConfigBase):
         scale = self.instance_scale
         if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
             raise ValueError(f"instance_scale must be a finite number (got {scale!r})")
+        if self.instance_phm is not None:
+            check_positive_int(self, "instance_phm")
+            if self.instance_encoder not in ("mlp", "none"):
+                raise ValueError(
+                    f"instance_phm={self.instance_phm} factorises the generator's linear layers: the heads and the 'mlp' "
+                    f"or 'none' encoder's (got instance_encoder={self.instance_encoder!r}, whose convolutions, LSTM or "
+                    "learned prompts it cannot); use instance_encoder='mlp' (IDPG's bottleneck), or leave instance_phm None"
+                )
         if self.hidden_layer is not None:
             if self.instance_source != "hidden":
                 raise ValueError(

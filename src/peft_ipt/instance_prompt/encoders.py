@@ -81,13 +81,70 @@ class HashedTokenTable(nn.Module):
             self.weight.copy_(weight)
 
 
+class PHMLinear(nn.Module):
+    """A Linear(in, out) whose weight is a sum of n Kronecker products (IDPG's parameterised hypercomplex layers).
+
+    W = sum_i A_i (x) B_i, with n rules A_i (n, n) and n factors B_i (out/n, in/n): in * out / n + n^3 weights
+    instead of in * out. At n = 1 it is a plain Linear. Initialised so that each entry of W has nn.Linear's
+    variance, 1 / (3 in).
+    """
+
+    def __init__(self, in_features: int, out_features: int, n: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        bound = in_features**-0.5
+        self.rules = nn.Parameter(torch.randn(n, n, n) * n**-0.5)  # (n, n, n): A_i
+        self.factors = nn.Parameter(  # (n, out/n, in/n): B_i
+            torch.empty(n, out_features // n, in_features // n).uniform_(-bound, bound)
+        )
+        self.bias = nn.Parameter(torch.empty(out_features).uniform_(-bound, bound))
+
+    @property
+    def weight(self) -> torch.Tensor:  # (out, in): entry [a p + c, b q + d] = sum_i A_i[a, b] B_i[c, d]
+        return torch.einsum("iab,icd->acbd", self.rules, self.factors).reshape(
+            self.out_features, self.in_features
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def zero_(self) -> None:
+        """Output zero for every input (the instance part's start under a task prefix), as a zeroed Linear."""
+        with torch.no_grad():
+            self.factors.zero_()
+            self.bias.zero_()
+
+
+def generator_linear(in_features: int, out_features: int, phm: int | None) -> nn.Module:
+    """One linear layer of the instance generator: nn.Linear, or PHMLinear when instance_phm is set."""
+    if phm is None:
+        return nn.Linear(in_features, out_features)
+    if in_features % phm or out_features % phm:
+        common = [n for n in range(2, 33) if not in_features % n and not out_features % n]
+        raise ValueError(
+            f"instance_phm={phm} must divide the widths of every generator layer it factorises, but one maps "
+            f"{in_features} -> {out_features} (n dividing both, up to 32: {common or 'none'}); pick such an n, "
+            "set instance_rank / encoder_hidden_size to multiples of it, or leave instance_phm None"
+        )
+    return PHMLinear(in_features, out_features, phm)
+
+
+def zero_linear(layer: nn.Module) -> None:
+    """Make a generator layer output zero (nn.Linear or PHMLinear)."""
+    if isinstance(layer, PHMLinear):
+        layer.zero_()
+    else:
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
+
+
 class NoEncoder(nn.Module):
     """Random IPT: the first P source vectors are the prompt (projected to rank r)."""
 
-    def __init__(self, dim: int, prompt_length: int, rank: int, hidden: int):
+    def __init__(self, dim: int, prompt_length: int, rank: int, hidden: int, phm: int | None = None):
         super().__init__()
         self.prompt_length = prompt_length
-        self.proj = nn.Linear(dim, rank) if dim != rank else nn.Identity()
+        self.proj = generator_linear(dim, rank, phm) if dim != rank else nn.Identity()
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         x = x[:, : self.prompt_length] * valid[:, : self.prompt_length, None].to(x.dtype)
@@ -97,12 +154,15 @@ class NoEncoder(nn.Module):
 
 
 class MLPEncoder(nn.Module):
-    """Mean-pool -> Linear(d, h) -> tanh -> Linear(h, P * r): a bottleneck generator (IDPG, LPT)."""
+    """Mean-pool -> Linear(d, h) -> tanh -> Linear(h, P * r): a bottleneck generator (IDPG, LPT); with ``phm``,
+    both layers are IDPG's PHM layers."""
 
-    def __init__(self, dim: int, prompt_length: int, rank: int, hidden: int):
+    def __init__(self, dim: int, prompt_length: int, rank: int, hidden: int, phm: int | None = None):
         super().__init__()
         self.shape = (prompt_length, rank)
-        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, prompt_length * rank))
+        self.net = nn.Sequential(
+            generator_linear(dim, hidden, phm), nn.Tanh(), generator_linear(hidden, prompt_length * rank, phm)
+        )
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         return self.net(masked_mean(x, valid)).view(x.shape[0], *self.shape)

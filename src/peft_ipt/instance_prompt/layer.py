@@ -9,7 +9,7 @@ from ..attention import SiteLayout, input_embeddings
 from ..base_config import hidden_size_of
 from ..prefix_tuning.layer import PrefixTable, set_tables, slot_width, split_slots
 from ..tuner import Prefixes, PromptInputs, PromptModule
-from .encoders import ENCODERS, HashedTokenTable, first_source_tokens
+from .encoders import ENCODERS, HashedTokenTable, first_source_tokens, generator_linear, zero_linear
 
 
 class InstancePromptModule(PromptModule):
@@ -30,7 +30,9 @@ class InstancePromptModule(PromptModule):
             source_dim = r
         else:
             source_dim = embedding_dim if config.instance_source == "embeddings" else hidden
-        self.encoder = ENCODERS[config.instance_encoder](source_dim, P, r, config.encoder_hidden_size)
+        # instance_phm (IDPG's PHM layers) factorises the generator: the 'mlp' encoder and the heads below
+        phm = {"phm": config.instance_phm} if config.instance_phm is not None else {}
+        self.encoder = ENCODERS[config.instance_encoder](source_dim, P, r, config.encoder_hidden_size, **phm)
         self.dropout = nn.Dropout(config.prompt_dropout)
 
         self.task_prefix_length = P if config.injection == "hybrid" else 0
@@ -38,7 +40,9 @@ class InstancePromptModule(PromptModule):
         self.layer_slots, self._shapes, self._instance_shapes = {}, {}, {}
         self.heads, self.task = nn.ModuleDict(), nn.ModuleDict()
         if config.injection == "input":
-            self.to_embedding = nn.Linear(r, embedding_dim)  # the prompt enters as input embeddings
+            self.to_embedding = generator_linear(
+                r, embedding_dim, config.instance_phm
+            )  # enters as input embeddings
             return
         for kind in config.selected_kinds(layout):
             carried = (
@@ -50,15 +54,16 @@ class InstancePromptModule(PromptModule):
             # each slot's and each instance layer's (n_kv, key size, value size): they differ across Gemma 4's layers
             self._shapes[kind] = layout.slot_shapes(kind, carried)
             self._instance_shapes[kind] = layout.slot_shapes(kind, self.instance_layers[kind])
-            self.heads[kind] = nn.Linear(r, slot_width(self._instance_shapes[kind]))
+            self.heads[kind] = generator_linear(
+                r, slot_width(self._instance_shapes[kind]), config.instance_phm
+            )
             if config.injection == "hybrid":
                 self.task[kind] = PrefixTable(
                     P, slot_width(self._shapes[kind]), hidden, config.task_prefix_hidden_size
                 )
                 if config.init_weights:
                     # Start as plain P-tuning v2: the instance part grows from zero, as LoRA's B does.
-                    nn.init.zeros_(self.heads[kind].weight)
-                    nn.init.zeros_(self.heads[kind].bias)
+                    zero_linear(self.heads[kind])
         self._last_task: dict | None = None
 
     def __getstate__(self) -> dict:
