@@ -144,3 +144,12 @@ def test_a_call_that_raised_leaves_no_trim_for_the_next_call():
         with model.disable_adapter():
             assert model(input_ids=long).logits.shape[1] == 8
         assert model(input_ids=long).logits.shape[1] == 8
+
+
+@pytest.mark.parametrize("source", ["embeddings", "frozen_model", "token_table"])
+def test_a_call_without_input_ids_or_inputs_embeds_is_refused_naming_what_to_pass(source):
+    model = get_peft_model(
+        tiny_model("llama"), InstancePromptConfig(task_type="CAUSAL_LM", instance_source=source)
+    )
+    with pytest.raises(ValueError, match=r"gave neither; pass input_ids \(or inputs_embeds\)"):
+        model(attention_mask=torch.ones(2, 5, dtype=torch.long))

@@ -60,6 +60,11 @@ Prefixes = dict[str, tuple]
 # (keys, values, valid) with valid (B, P) marking each row's real prefix columns.
 SitePrefixes = dict[tuple[str, int], tuple]
 BASE_ROW = "__base__"  # peft's name for rows that use no adapter
+# a call with neither input_ids nor inputs_embeds gives an instance prompt nothing to be built from
+NO_SOURCE = (
+    "the instance prompt is built from the call's input_ids or inputs_embeds, and this call gave neither; pass "
+    "input_ids (or inputs_embeds) to the model, as its forward takes them"
+)
 # Names transformers gives learned absolute-position tables (BERT/RoBERTa, BART/OPT, GPT-2, ViT-style).
 POSITION_TABLES = ("position_embeddings", "embed_positions", "wpe", "position_embedding")
 # The modules a user may call on their own, by role: the whole transformers model, its backbone (``base_model``:
@@ -1118,7 +1123,7 @@ class PromptTuner(BaseTuner):
         """
         source = inputs.source()
         if source is None:
-            raise ValueError("the instance prompt needs input_ids or inputs_embeds in the model call")
+            raise ValueError(NO_SOURCE)
         encoder_decoder = bool(getattr(self.model.config, "is_encoder_decoder", False))
         backbone = (
             self.model.get_encoder() if encoder_decoder else getattr(self.model, "base_model", self.model)

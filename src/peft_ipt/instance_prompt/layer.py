@@ -8,7 +8,7 @@ from torch import nn
 from ..attention import SiteLayout, input_embeddings
 from ..base_config import hidden_size_of
 from ..prefix_tuning.layer import PrefixTable, set_tables, slot_width, split_slots
-from ..tuner import Prefixes, PromptInputs, PromptModule
+from ..tuner import NO_SOURCE, Prefixes, PromptInputs, PromptModule
 from .encoders import ENCODERS, HashedTokenTable, first_source_tokens, generator_linear, zero_linear
 
 
@@ -84,7 +84,7 @@ class InstancePromptModule(PromptModule):
     def encode_inputs(self, inputs: PromptInputs) -> torch.Tensor:
         source = inputs.source()
         if source is None:
-            raise ValueError("the instance prompt needs input_ids or inputs_embeds in the model call")
+            raise ValueError(NO_SOURCE)
         index, valid = first_source_tokens(source, self.config.instance_tokens)  # (B, n)
         if self.config.instance_source == "token_table":
             if inputs.input_ids is None:
