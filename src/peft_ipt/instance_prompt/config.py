@@ -102,9 +102,10 @@ class InstancePromptConfig(PromptConfigBase):
         default=None,
         metadata={
             "help": "IDPG's parameterised hypercomplex multiplication (PHM) layers with n = instance_phm: the "
-            "instance generator's linear layers (the 'mlp' encoder's two, the 'none' encoder's projection, and the heads to keys/values or embeddings) "
-            "each become a sum of n Kronecker products, about 1/n of the parameters. n must divide their widths "
-            "(instance_rank, encoder_hidden_size, the model's). None: plain linear layers."
+            "instance generator's linear layers (the 'mlp' encoder's two, the 'none' encoder's projection, and the "
+            "heads to keys/values or embeddings) each become a sum of n Kronecker products, about 1/n of the "
+            "parameters. n must divide their widths (instance_rank, encoder_hidden_size, the model's). None: plain "
+            "linear layers."
         },
     )
     encoder_hidden_size: int = field(
@@ -217,9 +218,10 @@ class InstancePromptConfig(PromptConfigBase):
             check_positive_int(self, "instance_phm")
             if self.instance_encoder not in ("mlp", "none"):
                 raise ValueError(
-                    f"instance_phm={self.instance_phm} factorises the generator's linear layers: the heads and the 'mlp' "
-                    f"or 'none' encoder's (got instance_encoder={self.instance_encoder!r}, whose convolutions, LSTM or "
-                    "learned prompts it cannot); use instance_encoder='mlp' (IDPG's bottleneck), or leave instance_phm None"
+                    f"instance_phm={self.instance_phm} factorises the generator's linear layers: the heads and the "
+                    f"'mlp' or 'none' encoder's (got instance_encoder={self.instance_encoder!r}, whose convolutions, "
+                    "LSTM or learned prompts it cannot); use instance_encoder='mlp' (IDPG's bottleneck), or leave "
+                    "instance_phm None"
                 )
         if self.hidden_layer is not None:
             if self.instance_source != "hidden":

@@ -40,9 +40,8 @@ class InstancePromptModule(PromptModule):
         self.layer_slots, self._shapes, self._instance_shapes = {}, {}, {}
         self.heads, self.task = nn.ModuleDict(), nn.ModuleDict()
         if config.injection == "input":
-            self.to_embedding = generator_linear(
-                r, embedding_dim, config.instance_phm
-            )  # enters as input embeddings
+            # the prompt enters as input embeddings
+            self.to_embedding = generator_linear(r, embedding_dim, config.instance_phm)
             return
         for kind in config.selected_kinds(layout):
             carried = (
