@@ -4,8 +4,8 @@ Every path finds the model's attention sites and opens one door into each: a hoo
 :class:`~peft_ipt.attention.PrefixProvider` as the registry path for the site's prefix and puts it in front of the
 keys and values. The methods never learn which path runs.
 
-- :mod:`.cache_view`: decoders that hand each attention call its layer's cache (GPT-J, CodeGen, Bloom, Falcon,
-  GPT-Neo, GPT-NeoX-Japanese, MPT, XGLM); the
+- :mod:`.cache_view`: models that hand each attention call its layer's cache (GPT-J, CodeGen, Bloom, Falcon,
+  GPT-Neo, GPT-NeoX-Japanese, MPT, XGLM; RoFormer, RemBERT and Megatron-BERT as encoders and as decoders); the
   door stands a view in for that cache which returns the prefix in front of the cached keys and values.
 - :mod:`.deberta`: DeBERTa and DeBERTa-v2, whose disentangled attention adds relative-position scores; a prefix key
   has no position, so it gets the content score only.
@@ -54,11 +54,14 @@ TESTED_MODEL_TYPES = (
     "llama",
     "llava",
     "mimo_v2_flash",
+    "megatron-bert",
     "mpt",
     "mvp",
     "qwen2_vl",
     "qwen3_next",
+    "rembert",
     "roberta",
+    "roformer",
     "speech_to_text",
     "t5",
     "vit",

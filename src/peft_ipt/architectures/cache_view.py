@@ -1,5 +1,6 @@
-"""Decoders that hand each attention call its layer's cache: GPT-J and CodeGen (transformers 5.23), Bloom, Falcon,
-GPT-Neo, GPT-NeoX-Japanese, MPT and XGLM.
+"""Models that hand each attention call its layer's cache: the decoders GPT-J and CodeGen (transformers 5.23), Bloom,
+Falcon, GPT-Neo, GPT-NeoX-Japanese, MPT and XGLM, and the BERT-like RoFormer, RemBERT and Megatron-BERT, as encoders
+and as decoders.
 
 Their attention modules compute this step's keys and values, then call ``cache.update(key, value, layer)`` and
 attend over what it returns. The door, a forward pre-hook on each attention module, stands a :class:`PrefixedCache`
@@ -16,6 +17,14 @@ attends as it does alone (peft's PrefixTuning, which puts P tokens in front of t
 - MPT slices its ALiBi bias (a slope times the key's index) by the number of keys too; the door hands it a bias of
   its own over (query, key), in which each prefix key gets the bias of the query's own index: distance zero.
 XGLM adds its positions to the input, so its keys carry none.
+
+RoFormer, RemBERT and Megatron-BERT call ``update`` on whatever cache they are handed, also in an encoder, which
+runs without one: the view stands in there too, and the prefix is in front of the keys. One attention class serves
+encoders and (``is_decoder``) decoders, so the config says whether a mask built here masks the future. Only the
+self-attention takes a prefix; a decoder's cross-attention (``crossattention``, the same class) takes none, as
+XGLM's. RoFormer rotates keys by their position and numbers positions from the padding, with no position_ids; a
+prefix key carries no rotation, so the door counts each left-padded row's positions from its first token (see
+:func:`_rotary_from_first_tokens`). RemBERT and Megatron-BERT add their positions to the input.
 """
 
 from __future__ import annotations
@@ -71,6 +80,8 @@ class _CacheViewInstallation(HookedInstallation):
 
     def sites(self, model: nn.Module) -> list[tuple[nn.Module, str, int, int, int]]:
         spec = self.spec
+        if spec.causal_by_config:
+            self.causal = bool(getattr(model.config, "is_decoder", False))
         found = [
             m
             for name, m in model.named_modules()
@@ -83,9 +94,12 @@ class _CacheViewInstallation(HookedInstallation):
 
     def install(self, model: nn.Module, sites, provider_ref) -> None:
         tables: dict = {}  # GPT-Neo's local tables with prefix columns, shared by the model's local layers
+        rotary = None
+        if self.spec.rotary_table_class is not None:  # RoFormer's sinusoidal table, which the model slices
+            rotary = next(m for m in model.modules() if type(m).__name__ == self.spec.rotary_table_class)
         for module, kind, layer, n_kv, head_dim in sites:
             site = AttentionSite(kind, layer, n_kv, head_dim, inner=None, provider=provider_ref)
-            site.door = (self.spec, tables, self.cache_keyword(module))
+            site.door = (self.spec, tables, self.cache_keyword(module), self.causal, rotary)
             # The hook finds its site through the module, so a copied model's hooks serve the copy's sites.
             module.__dict__[SITE_ATTR] = site
             self._handles.append(module.register_forward_pre_hook(_before_attention, with_kwargs=True))
@@ -97,7 +111,7 @@ class _CacheViewInstallation(HookedInstallation):
 def _before_attention(module: nn.Module, args: tuple, kwargs: dict):
     """The door: a forward pre-hook that stands a PrefixedCache in for the layer's cache argument."""
     site = module.__dict__[SITE_ATTR]
-    spec, tables, cache_arg = site.door
+    spec, tables, cache_arg, causal, rotary = site.door
     provider = site.provider()
     if provider is None:
         return None
@@ -122,6 +136,10 @@ def _before_attention(module: nn.Module, args: tuple, kwargs: dict):
     key_len = q_len + (cache.get_seq_length(site.layer) if cache is not None else 0)
     valid = match_batch(valid[0], batch) if valid else None
     kwargs = dict(kwargs)
+    if rotary is not None and kwargs.get("sinusoidal_pos") is not None:
+        kwargs["sinusoidal_pos"] = _rotary_from_first_tokens(
+            rotary, kwargs["sinusoidal_pos"], kwargs.get("attention_mask"), key_len, q_len
+        )
     kwargs[cache_arg] = PrefixedCache(
         cache, match_batch(prefix_key, batch), match_batch(prefix_value, batch), None
     )
@@ -130,7 +148,7 @@ def _before_attention(module: nn.Module, args: tuple, kwargs: dict):
         length,
         q_len,
         key_len,
-        not spec.masks_future_itself,
+        causal and not spec.masks_future_itself,
         valid,
         hidden.device,
         masked_is_true=spec.masked_is_true,
@@ -175,6 +193,32 @@ def _table_with_prefix(own: torch.Tensor, length: int, tables: dict) -> torch.Te
     return table
 
 
+def _rotary_from_first_tokens(
+    table: nn.Module, rotary: torch.Tensor, mask: torch.Tensor | None, key_len: int, q_len: int
+) -> torch.Tensor:
+    """RoFormer's rotary angles (1, 1, T, hd), with each left-padded row's positions counted from its first token.
+
+    RoFormer numbers positions from the padding and takes no position_ids. Without a prefix that changes nothing
+    (rotary positions enter attention only as differences), but a prefix key carries no rotation, so its scores would
+    move with the padding in front of a row. A row is renumbered where the last query's keys are one run of visible
+    keys after hidden ones; every other row keeps the model's numbering (what the tuner does for rotary models that
+    take position_ids)."""
+    if mask is None:
+        return rotary
+    last = mask[:, 0, -1, :]  # (B, keys): what the last query sees
+    ones = last if last.dtype == torch.bool else last > torch.finfo(last.dtype).min / 2
+    if ones.shape[-1] != key_len:
+        return rotary
+    rises = (ones[:, 1:] & ~ones[:, :-1]).sum(1)
+    renumber = ~ones[:, 0] & ones[:, -1] & (rises == 1)
+    if not bool(renumber.any()):
+        return rotary
+    numbered = torch.arange(key_len - q_len, key_len, device=mask.device)
+    padding = torch.where(renumber, key_len - ones.sum(-1), 0)
+    positions = (numbered[None] - padding[:, None]).clamp(min=0)  # the padding itself at 0, as the tuner does
+    return F.embedding(positions, table.weight).to(rotary.dtype)[:, None]
+
+
 def _bias_with_prefix(bias: torch.Tensor, length: int, q_len: int, key_len: int) -> torch.Tensor:
     """MPT's ALiBi bias (heads, 1, L), a slope times the key's index counted back from the last, which its attention
     slices to the last ``key_len`` columns: over (heads, query, prefix + keys), each prefix key with the bias of the
@@ -202,6 +246,10 @@ class CacheViewPath(ArchitecturePath):
     # ALiBi by key index, sliced by the module (MPT): see _bias_with_prefix
     key_index_bias_arg: str | None = None
     windowed_table: bool = False  # local layers slice a causal table by the number of keys (GPT-Neo)
+    # the same attention serves encoders and decoders (RoFormer, RemBERT, Megatron-BERT): config.is_decoder says
+    causal_by_config: bool = False
+    # the class of the model's rotary table, whose slice reaches the modules as sinusoidal_pos (RoFormer)
+    rotary_table_class: str | None = None
     installation = _CacheViewInstallation
 
 
@@ -238,6 +286,25 @@ CACHE_VIEW_PATHS = (
         cache_args=("cache", "past_key_values"),
         masked_is_true=True,
         key_index_bias_arg="position_bias",
+    ),
+    *(
+        # BERT-like encoders, decoders with is_decoder: self-attention only ("crossattention.self" is left out)
+        CacheViewPath(
+            model_type,
+            attention_class,
+            attrgetter("num_attention_heads"),
+            cache_args=("cache", "past_key_values"),
+            module_name=".attention.self",
+            head_dim_attr="attention_head_size",
+            additive_mask=True,
+            causal_by_config=True,
+            rotary_table_class=table,
+        )
+        for model_type, attention_class, table in (
+            ("roformer", "RoFormerSelfAttention", "RoFormerSinusoidalPositionalEmbedding"),
+            ("rembert", "RemBertSelfAttention", None),
+            ("megatron-bert", "MegatronBertSelfAttention", None),
+        )
     ),
     CacheViewPath(
         "xglm",
