@@ -1,7 +1,8 @@
 """Architectures whose attention transformers does not route through its registry (in the installed version): GPT-J,
 CodeGen, Bloom, Falcon (rotary and ALiBi, multi-query and grouped), GPT-Neo (global and local layers),
 GPT-NeoX-Japanese, MPT, XGLM, RoFormer, RemBERT and Megatron-BERT (as encoders and as decoders), DeBERTa, DeBERTa-v2,
-MVP, FSMT and LED's decoder. Each takes a path of
+MVP, FSMT and LED's decoder; and encoders on the registry whose attention carries no is_causal mark (LayoutLM,
+MarkupLM, Splinter). Each takes a path of
 its own (peft_ipt.architectures); where a version moves a model type onto the registry, the registry path serves it
 and these tests hold the same."""
 
@@ -17,6 +18,7 @@ from peft import PeftModel, get_peft_model
 from test_mixed_batches import ROWS, assert_each_row_matches_alone, three_adapter_model
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
     BloomConfig,
@@ -32,12 +34,15 @@ from transformers import (
     GPTNeoConfig,
     GPTNeoXJapaneseConfig,
     JetMoeConfig,
+    LayoutLMConfig,
     MambaConfig,
+    MarkupLMConfig,
     MegatronBertConfig,
     MiMoV2FlashConfig,
     MptConfig,
     RemBertConfig,
     RoFormerConfig,
+    SplinterConfig,
     XGLMConfig,
     XLNetConfig,
 )
@@ -227,6 +232,18 @@ ENCODERS = {
 }
 DEBERTA = list(ENCODERS)
 ENCODERS |= BERT_LIKE
+# on the registry, but their attention has no is_causal mark (peft_ipt.attention.UNMARKED_ATTENTION)
+BERT_SIZES = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+    "max_position_embeddings": 64,
+}
+ENCODERS |= {
+    "layoutlm": lambda: LayoutLMConfig(**BERT_SIZES, **IDS),
+    "markuplm": lambda: MarkupLMConfig(**BERT_SIZES, **IDS),
+}
 METHODS = {
     "prefix_v2": lambda task: PrefixTuningV2Config(task_type=task, prefix_length=3, init_weights=False),
     "ipt": lambda task: InstancePromptConfig(task_type=task, prompt_length=3, init_weights=False),
@@ -679,6 +696,70 @@ def test_a_one_layer_encoders_prefix_of_its_own_keys_and_values_acts_as_those_to
             bare = model(input_ids=ids, position_ids=torch.arange(3, 9)[None]).logits
     torch.testing.assert_close(shifted, reference, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(shifted, bare, atol=1e-5)
+
+
+def layout(name: str, ids: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+    """Each token's place on the page: LayoutLM's box (x0, y0, x1, y1), MarkupLM's XPath tag and subscript ids."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = ids.shape
+    if name == "layoutlm":
+        corner = torch.randint(0, 50, (*shape, 2), generator=generator)
+        return {
+            "bbox": torch.cat([corner, corner + torch.randint(0, 50, (*shape, 2), generator=generator)], -1)
+        }
+    return {
+        "xpath_tags_seq": torch.randint(0, 200, (*shape, 50), generator=generator),
+        "xpath_subs_seq": torch.randint(0, 1000, (*shape, 50), generator=generator),
+    }
+
+
+@pytest.mark.parametrize("name", ["layoutlm", "markuplm"])
+def test_the_frozen_pass_sees_each_tokens_layout(name):
+    """instance_source='frozen_model' is the frozen model on this call's input, layout included: LayoutLM's boxes and
+    MarkupLM's XPath ids, (B, T, k) tensors, reach the frozen pass as they reach the model."""
+    model = get_peft_model(encoder(name), METHODS["ipt_frozen"]("SEQ_CLS")).eval()
+    tuner = model.base_model
+    seen = []
+    original = tuner._run_frozen
+    tuner._run_frozen = lambda inputs, depth=None: seen.append(original(inputs, depth)) or seen[-1]
+    ids = token_batch()
+    call = {"input_ids": ids, "attention_mask": torch.tensor([[1] * 7, [1] * 5 + [0] * 2])} | layout(
+        name, ids, 0
+    )
+    rows = call["attention_mask"].bool()
+    with torch.no_grad():
+        model(**call)
+        with model.disable_adapter():
+            bare = model.get_base_model().base_model(**call).last_hidden_state
+        torch.testing.assert_close(seen[-1][rows], bare[rows])
+        model(**(call | layout(name, ids, 1)))  # the same words elsewhere on the page
+        assert not torch.allclose(seen[-1][rows], bare[rows], atol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["prefix_v2", "ipt", "ipt_frozen"])
+def test_splinter_answers_questions_with_a_prefix(method):
+    """Splinter's attention, on the registry without an is_causal mark, takes the prefix in question answering: the
+    logits move, a right-padded row's equal the row's alone, the loss reaches every adapter parameter, and disabling
+    gives the bare model's."""
+    torch.manual_seed(0)
+    base = AutoModelForQuestionAnswering.from_config(SplinterConfig(**BERT_SIZES, **IDS)).eval()
+    ids, mask = token_batch(), torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
+    with torch.no_grad():
+        reference = base(input_ids=ids, attention_mask=mask).start_logits
+    model = get_peft_model(base, METHODS[method]("QUESTION_ANS"))
+    model.train()
+    spans = {"start_positions": torch.tensor([1, 2]), "end_positions": torch.tensor([3, 4])}
+    model(input_ids=ids, attention_mask=mask, **spans).loss.backward()
+    grads = trainable_grads(model)
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).start_logits
+        alone = model(input_ids=ids[1:, :5]).start_logits
+        with model.disable_adapter():
+            assert torch.equal(model(input_ids=ids, attention_mask=mask).start_logits, reference)
+    assert not torch.allclose(logits, reference, atol=1e-4)
+    torch.testing.assert_close(logits[1, :5], alone[0], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", DEBERTA)

@@ -317,8 +317,14 @@ def _value_dim(module: nn.Module, key_dim: int) -> int:
 
 
 # Attention classes that call the attention function without transformers' ``is_causal`` mark, with the causality
-# they attend with: Doge's dynamic-mask attention (always given its mask, a causal one).
-UNMARKED_ATTENTION = {"DogeAttention": True}
+# they attend with: Doge's dynamic-mask attention (always given its mask, a causal one), and the self-attention of
+# encoders that never decode: LayoutLM, MarkupLM and Splinter (before, "no attention modules found").
+UNMARKED_ATTENTION = {
+    "DogeAttention": True,
+    "LayoutLMSelfAttention": False,
+    "MarkupLMSelfAttention": False,
+    "SplinterSelfAttention": False,
+}
 
 
 def _is_attention(module: nn.Module) -> bool:

@@ -140,9 +140,10 @@ def position_limit(model: nn.Module) -> int | None:
 
 
 # What the frozen pass (instance_source='frozen_model') takes from the call besides the tokens: BERT's segment ids
-# (a sentence pair's second text), and an encoder's explicit positions (a left-padded batch). Without them the frozen
-# states were not the frozen model's on this input. Decoder-only models number the source themselves (_run_frozen).
-FROZEN_PASS_EXTRAS = ("token_type_ids", "position_ids")
+# (a sentence pair's second text), an encoder's explicit positions (a left-padded batch), and the layout of each token
+# (LayoutLM's boxes, MarkupLM's XPath ids: (B, T, k)). Without them the frozen states were not the frozen model's on
+# this input. Decoder-only models number the source themselves (_run_frozen).
+FROZEN_PASS_EXTRAS = ("token_type_ids", "position_ids", "bbox", "xpath_tags_seq", "xpath_subs_seq")
 
 
 @dataclass
@@ -1132,17 +1133,22 @@ class PromptTuner(BaseTuner):
         accepted = inspect.signature(backbone.forward).parameters
         length = tokens.shape[1]
         call = {"attention_mask": source.long()}
-        call |= {
-            name: value
+        # per token: (B, T) (segments, positions) or (B, T, k) (boxes, XPath ids)
+        along = {
+            name: -1 if value.shape[-1] == length else 1
             for name, value in inputs.frozen_extras.items()
-            if name in accepted and value.dim() >= 2 and value.shape[-1] == length
+            if name in accepted and value.dim() >= 2 and length in (value.shape[-1], value.shape[1])
         }
+        call |= {name: inputs.frozen_extras[name] for name in along}
         if self._causal and not encoder_decoder:
             if not is_tracing(tokens):  # torch.export cannot trace a length read from the data: it runs uncut
                 present = source.any(0).nonzero()
                 end = int(present.max()) + 1 if len(present) else 1
                 tokens = tokens[:, :end]
-                call = {name: value[..., :end] for name, value in call.items()}
+                call = {
+                    name: value[..., :end] if along.get(name, -1) == -1 else value[:, :end]
+                    for name, value in call.items()
+                }
             if "position_ids" in accepted:
                 call["position_ids"] = (call["attention_mask"].cumsum(-1) - 1).clamp(min=0)
         call["input_ids" if inputs.input_ids is not None else "inputs_embeds"] = tokens
