@@ -1,7 +1,7 @@
 """Architectures whose attention transformers does not route through its registry (in the installed version): GPT-J,
 CodeGen, Bloom, Falcon (rotary and ALiBi, multi-query and grouped), GPT-Neo (global and local layers),
 GPT-NeoX-Japanese, MPT, XGLM, RoFormer, RemBERT and Megatron-BERT (as encoders and as decoders), DeBERTa, DeBERTa-v2,
-MVP, FSMT and LED's decoder; and encoders on the registry whose attention carries no is_causal mark (LayoutLM,
+MVP, FSMT, LED's decoder and MPNet; and encoders on the registry whose attention carries no is_causal mark (LayoutLM,
 MarkupLM, Splinter). Each takes a path of
 its own (peft_ipt.architectures); where a version moves a model type onto the registry, the registry path serves it
 and these tests hold the same."""
@@ -39,6 +39,7 @@ from transformers import (
     MarkupLMConfig,
     MegatronBertConfig,
     MiMoV2FlashConfig,
+    MPNetConfig,
     MptConfig,
     RemBertConfig,
     RoFormerConfig,
@@ -48,7 +49,7 @@ from transformers import (
 )
 
 from peft_ipt import InstancePromptConfig, PrefixTuningV2Config
-from peft_ipt.architectures import supported_model_types
+from peft_ipt.architectures import mpnet, supported_model_types
 from peft_ipt.architectures.deberta import V1, V2, _attend
 from peft_ipt.attention import SITE_ATTR
 
@@ -232,6 +233,15 @@ ENCODERS = {
 }
 DEBERTA = list(ENCODERS)
 ENCODERS |= BERT_LIKE
+# relative-position bias over (query, key): a prefix key gets none
+ENCODERS["mpnet"] = lambda: MPNetConfig(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=64,
+    **IDS,
+)
 # on the registry, but their attention has no is_causal mark (peft_ipt.attention.UNMARKED_ATTENTION)
 BERT_SIZES = {
     "hidden_size": 32,
@@ -493,7 +503,7 @@ def test_each_row_of_a_mixed_batch_on_a_path_of_its_own_equals_that_row_alone(na
         "deberta",
         "deberta-v2",
         "roformer",
-        "megatron-bert",
+        "megatron-bert",  # (MPNet does not support checkpointing in transformers)
     ],
 )
 def test_gradient_checkpointing_gives_the_same_gradients(name, reentrant):
@@ -698,6 +708,41 @@ def test_a_one_layer_encoders_prefix_of_its_own_keys_and_values_acts_as_those_to
     assert not torch.allclose(shifted, bare, atol=1e-5)
 
 
+def mpnet_attention_call(seed: int = 0):
+    """A tiny MPNet's first attention module and a call of it: states, a mask hiding a padded row's last two keys,
+    the encoder's position bias."""
+    base = encoder("mpnet")
+    attention = next(m for m in base.modules() if type(m).__name__ == mpnet.ATTENTION_CLASS)
+    hidden = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(seed))
+    mask = torch.zeros(2, 1, 7, 7)
+    mask[1, :, :, 5:] = torch.finfo(torch.float32).min
+    return attention, hidden, mask, base.mpnet.encoder.compute_position_bias(hidden)
+
+
+def test_mpnet_attention_with_an_empty_prefix_is_the_original_attention():
+    attention, hidden, mask, bias = mpnet_attention_call()
+    empty = (torch.zeros(1, 4, 0, 8), torch.zeros(1, 4, 0, 8))
+    with torch.no_grad():
+        ours = mpnet._attend(attention, empty, hidden, mask, bias, True)
+        theirs = attention(hidden, mask, bias, output_attentions=True)
+    torch.testing.assert_close(ours[0], theirs[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours[1], theirs[1], rtol=0, atol=1e-6)
+
+
+def test_an_mpnet_prefix_key_gets_no_position_bias():
+    """Raise the position bias by c: the input's keys all gain c, a prefix key gains nothing, so its attention weight
+    against any input key falls by exactly exp(-c)."""
+    attention, hidden, mask, bias = mpnet_attention_call()
+    prefix = (torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8))
+    with torch.no_grad():
+        _, before = mpnet._attend(attention, prefix, hidden, mask, bias, True)
+        _, after = mpnet._attend(attention, prefix, hidden, mask, bias + 3.0, True)
+    ratio_before = before[..., :2] / before[..., 2:3]  # prefix columns against the first input key
+    ratio_after = after[..., :2] / after[..., 2:3]
+    torch.testing.assert_close(ratio_after, ratio_before * torch.exp(torch.tensor(-3.0)), rtol=1e-4, atol=0)
+    assert (after[1, :, :, -2:] == 0).all()  # the padded keys stay hidden
+
+
 def layout(name: str, ids: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
     """Each token's place on the page: LayoutLM's box (x0, y0, x1, y1), MarkupLM's XPath tag and subscript ids."""
     generator = torch.Generator().manual_seed(seed)
@@ -852,7 +897,7 @@ def test_gemma4_prefixes_of_two_shapes_save_fold_and_load_and_another_shape_is_r
     )  # one shape: the config as before
 
 
-@pytest.mark.parametrize("name", ["falcon", "mpt", "deberta-v2", "rembert"])
+@pytest.mark.parametrize("name", ["falcon", "mpt", "deberta-v2", "rembert", "mpnet"])
 def test_save_and_load_round_trip_on_a_path_of_its_own(name, tmp_path):
     is_decoder = name in DECODERS
     build = (lambda: decoder(name)) if is_decoder else (lambda: encoder(name))
@@ -887,6 +932,7 @@ def test_the_supported_model_types_are_listed():
         "gptj",
         "led",
         "megatron-bert",
+        "mpnet",
         "mpt",
         "mvp",
         "rembert",
@@ -998,6 +1044,7 @@ def test_supported_models_names_each_tested_model_types_path(capsys):
     served = ("gptj", "codegen", "bloom", "falcon", "gpt_neo", "gpt_neox_japanese", "mpt", "xglm")
     assert all(lines[t] in ("cache_view  yes", "registry  yes") for t in served)
     assert lines["roformer"] == lines["rembert"] == lines["megatron-bert"] == "cache_view  yes"
+    assert lines["mpnet"] == "mpnet  yes"
 
 
 def test_a_module_that_bypasses_the_registry_is_refused_at_its_first_call_not_ignored():

@@ -9,6 +9,7 @@ keys and values. The methods never learn which path runs.
   door stands a view in for that cache which returns the prefix in front of the cached keys and values.
 - :mod:`.deberta`: DeBERTa and DeBERTa-v2, whose disentangled attention adds relative-position scores; a prefix key
   has no position, so it gets the content score only.
+- :mod:`.mpnet`: MPNet, whose attention adds a relative-position bias; a prefix key gets none, as in DeBERTa.
 - :mod:`.encoder_decoder`: MVP (BART-like), FSMT and LED's decoder, encoder-decoders off the registry; the door stands
   the same cache view in at the encoder's, the decoder's and the cross-attention (LED's Longformer encoder: refused).
 
@@ -24,8 +25,9 @@ from pathlib import Path
 from .cache_view import CACHE_VIEW_PATHS
 from .deberta import DEBERTA_PATHS
 from .encoder_decoder import ENCODER_DECODER_PATHS
+from .mpnet import MPNET_PATHS
 
-ARCHITECTURE_PATHS = (*CACHE_VIEW_PATHS, *DEBERTA_PATHS, *ENCODER_DECODER_PATHS)
+ARCHITECTURE_PATHS = (*CACHE_VIEW_PATHS, *DEBERTA_PATHS, *MPNET_PATHS, *ENCODER_DECODER_PATHS)
 # Model types the test suite runs on tiny models (tests/conftest.py, tests/test_architectures.py,
 # tests/test_composite_models.py, tests/test_hybrid_models.py, tests/test_tokenless_models.py).
 TESTED_MODEL_TYPES = (
@@ -49,12 +51,15 @@ TESTED_MODEL_TYPES = (
     "inkling2_text",
     "jamba",
     "jetmoe",
+    "layoutlm",
     "led",
     "lfm2",
     "llama",
     "llava",
-    "mimo_v2_flash",
+    "markuplm",
     "megatron-bert",
+    "mimo_v2_flash",
+    "mpnet",
     "mpt",
     "mvp",
     "qwen2_vl",
@@ -63,6 +68,7 @@ TESTED_MODEL_TYPES = (
     "roberta",
     "roformer",
     "speech_to_text",
+    "splinter",
     "t5",
     "vit",
     "wav2vec2",
