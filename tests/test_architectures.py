@@ -44,6 +44,7 @@ from transformers import (
     RemBertConfig,
     RoFormerConfig,
     SplinterConfig,
+    TapasConfig,
     XGLMConfig,
     XLNetConfig,
 )
@@ -251,6 +252,8 @@ BERT_SIZES = {
     "max_position_embeddings": 64,
 }
 ENCODERS |= {
+    # table question answering; its attention as RemBERT's (the cache view), token types (B, T, 7)
+    "tapas": lambda: TapasConfig(**BERT_SIZES, **IDS),
     "layoutlm": lambda: LayoutLMConfig(**BERT_SIZES, **IDS),
     "markuplm": lambda: MarkupLMConfig(**BERT_SIZES, **IDS),
 }
@@ -744,9 +747,14 @@ def test_an_mpnet_prefix_key_gets_no_position_bias():
 
 
 def layout(name: str, ids: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
-    """Each token's place on the page: LayoutLM's box (x0, y0, x1, y1), MarkupLM's XPath tag and subscript ids."""
+    """Each token's place on the page: LayoutLM's box (x0, y0, x1, y1), MarkupLM's XPath tag and subscript ids, and
+    TAPAS's place in the table (its seven token types: segment, column, row, ranks...)."""
     generator = torch.Generator().manual_seed(seed)
     shape = ids.shape
+    if name == "tapas":
+        sizes = ENCODERS["tapas"]().type_vocab_sizes
+        types = [torch.randint(0, size, shape, generator=generator) for size in sizes]
+        return {"token_type_ids": torch.stack(types, -1)}
     if name == "layoutlm":
         corner = torch.randint(0, 50, (*shape, 2), generator=generator)
         return {
@@ -758,19 +766,18 @@ def layout(name: str, ids: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.parametrize("name", ["layoutlm", "markuplm"])
+@pytest.mark.parametrize("name", ["layoutlm", "markuplm", "tapas"])
 def test_the_frozen_pass_sees_each_tokens_layout(name):
-    """instance_source='frozen_model' is the frozen model on this call's input, layout included: LayoutLM's boxes and
-    MarkupLM's XPath ids, (B, T, k) tensors, reach the frozen pass as they reach the model."""
+    """instance_source='frozen_model' is the frozen model on this call's input, layout included: LayoutLM's boxes,
+    MarkupLM's XPath ids and TAPAS's token types, (B, T, k) tensors, reach the frozen pass as they reach the model."""
     model = get_peft_model(encoder(name), METHODS["ipt_frozen"]("SEQ_CLS")).eval()
     tuner = model.base_model
     seen = []
     original = tuner._run_frozen
     tuner._run_frozen = lambda inputs, depth=None: seen.append(original(inputs, depth)) or seen[-1]
-    ids = token_batch()
-    call = {"input_ids": ids, "attention_mask": torch.tensor([[1] * 7, [1] * 5 + [0] * 2])} | layout(
-        name, ids, 0
-    )
+    ids = token_batch(2, 6)  # not 7 long: TAPAS's token types are (B, T, 7)
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+    call = {"input_ids": ids, "attention_mask": mask} | layout(name, ids, 0)
     rows = call["attention_mask"].bool()
     with torch.no_grad():
         model(**call)

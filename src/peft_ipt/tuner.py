@@ -1133,9 +1133,9 @@ class PromptTuner(BaseTuner):
         accepted = inspect.signature(backbone.forward).parameters
         length = tokens.shape[1]
         call = {"attention_mask": source.long()}
-        # per token: (B, T) (segments, positions) or (B, T, k) (boxes, XPath ids)
+        # the token axis of each: (B, T) (segments, positions) or (B, T, k) (boxes, XPath ids, TAPAS's token types)
         along = {
-            name: -1 if value.shape[-1] == length else 1
+            name: 1 if value.dim() >= 3 and value.shape[1] == length else -1
             for name, value in inputs.frozen_extras.items()
             if name in accepted and value.dim() >= 2 and length in (value.shape[-1], value.shape[1])
         }

@@ -5,7 +5,7 @@ Every path finds the model's attention sites and opens one door into each: a hoo
 keys and values. The methods never learn which path runs.
 
 - :mod:`.cache_view`: models that hand each attention call its layer's cache (GPT-J, CodeGen, Bloom, Falcon,
-  GPT-Neo, GPT-NeoX-Japanese, MPT, XGLM; RoFormer, RemBERT and Megatron-BERT as encoders and as decoders); the
+  GPT-Neo, GPT-NeoX-Japanese, MPT, XGLM; RoFormer, RemBERT and Megatron-BERT as encoders and as decoders, TAPAS); the
   door stands a view in for that cache which returns the prefix in front of the cached keys and values.
 - :mod:`.deberta`: DeBERTa and DeBERTa-v2, whose disentangled attention adds relative-position scores; a prefix key
   has no position, so it gets the content score only.
@@ -70,6 +70,7 @@ TESTED_MODEL_TYPES = (
     "speech_to_text",
     "splinter",
     "t5",
+    "tapas",
     "vit",
     "wav2vec2",
     "whisper",

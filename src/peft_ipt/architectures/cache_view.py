@@ -1,6 +1,6 @@
 """Models that hand each attention call its layer's cache: the decoders GPT-J and CodeGen (transformers 5.23), Bloom,
-Falcon, GPT-Neo, GPT-NeoX-Japanese, MPT and XGLM, and the BERT-like RoFormer, RemBERT and Megatron-BERT, as encoders
-and as decoders.
+Falcon, GPT-Neo, GPT-NeoX-Japanese, MPT and XGLM, the BERT-like RoFormer, RemBERT and Megatron-BERT, as encoders
+and as decoders, and TAPAS (an encoder).
 
 Their attention modules compute this step's keys and values, then call ``cache.update(key, value, layer)`` and
 attend over what it returns. The door, a forward pre-hook on each attention module, stands a :class:`PrefixedCache`
@@ -18,7 +18,7 @@ attends as it does alone (peft's PrefixTuning, which puts P tokens in front of t
   its own over (query, key), in which each prefix key gets the bias of the query's own index: distance zero.
 XGLM adds its positions to the input, so its keys carry none.
 
-RoFormer, RemBERT and Megatron-BERT call ``update`` on whatever cache they are handed, also in an encoder, which
+RoFormer, RemBERT, Megatron-BERT and TAPAS call ``update`` on whatever cache they are handed, also in an encoder, which
 runs without one: the view stands in there too, and the prefix is in front of the keys. One attention class serves
 encoders and (``is_decoder``) decoders, so the config says whether a mask built here masks the future. Only the
 self-attention takes a prefix; a decoder's cross-attention (``crossattention``, the same class) takes none, as
@@ -304,6 +304,7 @@ CACHE_VIEW_PATHS = (
             ("roformer", "RoFormerSelfAttention", "RoFormerSinusoidalPositionalEmbedding"),
             ("rembert", "RemBertSelfAttention", None),
             ("megatron-bert", "MegatronBertSelfAttention", None),
+            ("tapas", "TapasSelfAttention", None),  # an encoder only
         )
     ),
     CacheViewPath(
