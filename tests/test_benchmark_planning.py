@@ -360,7 +360,7 @@ def test_the_architecture_sweep_tells_a_served_model_from_a_refused_one():
     assert served["built"] == "yes"
     assert all(served[method] == ("ok", "") for method in architectures.METHODS)
     assert served["peft_prefix_tuning"] == "moves"
-    refused = architectures.sweep("SEQ_CLS", "mpnet")  # computes its attention itself
+    refused = architectures.sweep("SEQ_CLS", "convbert")  # computes its attention itself
     assert all(refused[method][0] == "refused" for method in architectures.METHODS)
     assert "does not route attention through transformers.AttentionInterface" in refused["prefix_v2"][1]
     assert architectures.sweep("CAUSAL_LM", "gpt2")["prefix_v2"] == (

@@ -196,7 +196,8 @@ def _table_with_prefix(own: torch.Tensor, length: int, tables: dict) -> torch.Te
 def _rotary_from_first_tokens(
     table: nn.Module, rotary: torch.Tensor, mask: torch.Tensor | None, key_len: int, q_len: int
 ) -> torch.Tensor:
-    """RoFormer's rotary angles (1, 1, T, hd), with each left-padded row's positions counted from its first token.
+    """RoFormer's rotary angles, (1, 1, T, hd) as the model hands them, per row (B, 1, T, hd), each left-padded row's
+    positions counted from its first token.
 
     RoFormer numbers positions from the padding and takes no position_ids. Without a prefix that changes nothing
     (rotary positions enter attention only as differences), but a prefix key carries no rotation, so its scores would
@@ -211,8 +212,7 @@ def _rotary_from_first_tokens(
         return rotary
     rises = (ones[:, 1:] & ~ones[:, :-1]).sum(1)
     renumber = ~ones[:, 0] & ones[:, -1] & (rises == 1)
-    if not bool(renumber.any()):
-        return rotary
+    # every row through one lookup, no branch on the data (torch.export); rows kept as numbered get the model's angles
     numbered = torch.arange(key_len - q_len, key_len, device=mask.device)
     padding = torch.where(renumber, key_len - ones.sum(-1), 0)
     positions = (numbered[None] - padding[:, None]).clamp(min=0)  # the padding itself at 0, as the tuner does
