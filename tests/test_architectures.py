@@ -77,36 +77,20 @@ def gemma4_text_config(global_head_dim: int = 16) -> Gemma4TextConfig:
     )
 
 
+# BERT's sizes, shrunk: the encoders below share them
+BERT_SIZES = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+    "max_position_embeddings": 64,
+}
 # BERT-like models whose one attention class serves encoders and (with is_decoder) decoders: RoFormer's rotary
 # positions, RemBERT's narrower input embeddings, Megatron-BERT's pre-norm layers
 BERT_LIKE = {
-    "roformer": lambda: RoFormerConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        embedding_size=32,
-        max_position_embeddings=64,
-        **IDS,
-    ),
-    "rembert": lambda: RemBertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        input_embedding_size=16,
-        output_embedding_size=16,
-        max_position_embeddings=64,
-        **IDS,
-    ),
-    "megatron-bert": lambda: MegatronBertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        **IDS,
-    ),
+    "roformer": lambda: RoFormerConfig(**BERT_SIZES, embedding_size=32, **IDS),
+    "rembert": lambda: RemBertConfig(**BERT_SIZES, input_embedding_size=16, output_embedding_size=16, **IDS),
+    "megatron-bert": lambda: MegatronBertConfig(**BERT_SIZES, **IDS),
 }
 
 
@@ -235,25 +219,11 @@ ENCODERS = {
 DEBERTA = list(ENCODERS)
 ENCODERS |= BERT_LIKE
 # relative-position bias over (query, key): a prefix key gets none
-ENCODERS["mpnet"] = lambda: MPNetConfig(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
-    max_position_embeddings=64,
-    **IDS,
-)
-# on the registry, but their attention has no is_causal mark (peft_ipt.attention.UNMARKED_ATTENTION)
-BERT_SIZES = {
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "intermediate_size": 64,
-    "max_position_embeddings": 64,
-}
+ENCODERS["mpnet"] = lambda: MPNetConfig(**BERT_SIZES, **IDS)
 ENCODERS |= {
     # table question answering; its attention as RemBERT's (the cache view), token types (B, T, 7)
     "tapas": lambda: TapasConfig(**BERT_SIZES, **IDS),
+    # on the registry, but their attention has no is_causal mark (peft_ipt.attention.UNMARKED_ATTENTION)
     "layoutlm": lambda: LayoutLMConfig(**BERT_SIZES, **IDS),
     "markuplm": lambda: MarkupLMConfig(**BERT_SIZES, **IDS),
 }
@@ -373,10 +343,16 @@ def test_a_prefix_of_the_models_own_keys_and_values_acts_as_those_tokens_in_fron
     no position, so a window never drops it, where it would drop those tokens). Gemma 4's prefixes have two shapes,
     and its last two layers reuse the first two's keys and values."""
     windows = {"gpt_neo": {"window_size": 16}, "gemma4_text": {"sliding_window": 16}}
-    base = decoder(name, **windows.get(name, {}))
-    model = get_peft_model(
-        base, PrefixTuningV2Config(task_type="CAUSAL_LM", prefix_length=3, reparameterize=False)
+    shifted, reference, _ = own_words_as_prefix_and_in_front(
+        decoder(name, **windows.get(name, {})), "CAUSAL_LM"
     )
+    torch.testing.assert_close(shifted, reference, rtol=1e-4, atol=1e-5)
+
+
+def own_words_as_prefix_and_in_front(base, task: str) -> tuple[torch.Tensor, ...]:
+    """The logits of 6 tokens at positions 3-8: with the model's own keys and values of 3 words as the prefix; with
+    those words in front instead (no adapter); and alone (no adapter)."""
+    model = get_peft_model(base, PrefixTuningV2Config(task_type=task, prefix_length=3, reparameterize=False))
     words, ids = token_batch(1, 3, seed=4), token_batch(1, 6, seed=5)
     tuner = model.base_model
     tuner.prompt_modules["default"].set_prefix(tuner.record_activations(words[0]))
@@ -384,7 +360,8 @@ def test_a_prefix_of_the_models_own_keys_and_values_acts_as_those_tokens_in_fron
         shifted = model(input_ids=ids, position_ids=torch.arange(3, 9)[None]).logits
         with model.disable_adapter():
             reference = model(input_ids=torch.cat([words, ids], 1)).logits[:, 3:]
-    torch.testing.assert_close(shifted, reference, rtol=1e-4, atol=1e-5)
+            bare = model(input_ids=ids, position_ids=torch.arange(3, 9)[None]).logits
+    return shifted, reference, bare
 
 
 def padded_forward(model, rows: list[torch.Tensor], **kwargs) -> list[torch.Tensor]:
@@ -463,15 +440,21 @@ def test_xglm_with_cross_attention_prefixes_its_self_attention_only():
     ).eval()
     layer = model.get_base_model().model.layers[0]
     assert SITE_ATTR in layer.self_attn.__dict__ and SITE_ATTR not in layer.encoder_attn.__dict__
+    assert_a_cached_step_over_a_memory_equals_the_whole_call(model)
+
+
+def assert_a_cached_step_over_a_memory_equals_the_whole_call(model) -> None:
+    """Over an encoder's states (4 of width 32): 4 tokens then 2 through the cache give the logits of the 6 at once,
+    the cache holds the tokens alone, and the adapter moves the logits."""
     ids, memory = token_batch(2, 6), torch.randn(2, 4, 32)
+    # transformers 5.24 renamed past_key_values to cache
+    name = (
+        "cache"
+        if "cache" in inspect.signature(model.get_base_model().forward).parameters
+        else "past_key_values"
+    )
     with torch.no_grad():
         first = model(input_ids=ids[:, :4], encoder_hidden_states=memory, use_cache=True)
-        # transformers 5.24 renamed past_key_values to cache
-        name = (
-            "cache"
-            if "cache" in inspect.signature(model.get_base_model().forward).parameters
-            else "past_key_values"
-        )
         cache = getattr(first, name)
         step = model(input_ids=ids[:, 4:], encoder_hidden_states=memory, use_cache=True, **{name: cache})
         whole = model(input_ids=ids, encoder_hidden_states=memory, use_cache=False).logits
@@ -669,22 +652,7 @@ def test_a_bert_like_decoder_with_cross_attention_prefixes_its_self_attention_on
     assert len(layers) == 2
     assert all(SITE_ATTR in layer.attention.self.__dict__ for layer in layers)
     assert not any(SITE_ATTR in layer.crossattention.self.__dict__ for layer in layers)
-    ids, memory = token_batch(2, 6), torch.randn(2, 4, 32)
-    name = (
-        "cache"
-        if "cache" in inspect.signature(model.get_base_model().forward).parameters
-        else "past_key_values"
-    )
-    with torch.no_grad():
-        first = model(input_ids=ids[:, :4], encoder_hidden_states=memory, use_cache=True)
-        cache = getattr(first, name)
-        step = model(input_ids=ids[:, 4:], encoder_hidden_states=memory, use_cache=True, **{name: cache})
-        whole = model(input_ids=ids, encoder_hidden_states=memory, use_cache=False).logits
-        with model.disable_adapter():
-            plain = model(input_ids=ids, encoder_hidden_states=memory).logits
-    assert cache.self_attention_cache.get_seq_length() == 6  # the prefix never enters the cache
-    torch.testing.assert_close(step.logits, whole[:, 4:], rtol=1e-4, atol=1e-5)
-    assert not torch.allclose(whole, plain, atol=1e-4)
+    assert_a_cached_step_over_a_memory_equals_the_whole_call(model)
 
 
 @pytest.mark.parametrize("name", ["rembert", "megatron-bert"])
@@ -696,17 +664,7 @@ def test_a_one_layer_encoders_prefix_of_its_own_keys_and_values_acts_as_those_to
     config.num_hidden_layers, config.num_labels = 1, 3
     torch.manual_seed(0)
     base = AutoModelForTokenClassification.from_config(config).eval()
-    model = get_peft_model(
-        base, PrefixTuningV2Config(task_type="TOKEN_CLS", prefix_length=3, reparameterize=False)
-    )
-    words, ids = token_batch(1, 3, seed=4), token_batch(1, 6, seed=5)
-    tuner = model.base_model
-    tuner.prompt_modules["default"].set_prefix(tuner.record_activations(words[0]))
-    with torch.no_grad():
-        shifted = model(input_ids=ids, position_ids=torch.arange(3, 9)[None]).logits
-        with model.disable_adapter():
-            reference = model(input_ids=torch.cat([words, ids], 1)).logits[:, 3:]
-            bare = model(input_ids=ids, position_ids=torch.arange(3, 9)[None]).logits
+    shifted, reference, bare = own_words_as_prefix_and_in_front(base, "TOKEN_CLS")
     torch.testing.assert_close(shifted, reference, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(shifted, bare, atol=1e-5)
 

@@ -17,7 +17,6 @@ Without a prefix it computes what the original forward computes (tested against 
 
 from __future__ import annotations
 
-import functools
 import sys
 from dataclasses import dataclass
 
@@ -26,15 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import (
-    SELF,
     SITE_ATTR,
-    AttentionSite,
     UnsupportedModelError,
-    _first_int,
     match_batch,
     widen_mask,
 )
-from .path import ArchitecturePath, Installation
+from .path import ArchitecturePath, ForwardDoorInstallation
 
 ATTENTION_CLASS = "DisentangledSelfAttention"
 
@@ -146,32 +142,6 @@ def _attend(
     return context, probs if output_attentions else None
 
 
-class _DebertaInstallation(Installation):
-    causal = False
-
-    def sites(self, model: nn.Module) -> list[tuple[nn.Module, str, int, int, int]]:
-        return [
-            (module, SELF, _first_int(name), module.num_attention_heads, module.attention_head_size)
-            for name, module in model.named_modules()
-            if type(module).__name__ == ATTENTION_CLASS
-        ]
-
-    def install(self, model: nn.Module, sites, provider_ref) -> None:
-        for module, kind, layer, n_kv, head_dim in sites:
-            site = AttentionSite(kind, layer, n_kv, head_dim, inner=None, provider=provider_ref)
-            site.door = self.spec.version
-            # The door finds its site through the module, so a copied model's doors serve the copy's sites.
-            module.__dict__[SITE_ATTR] = site
-            # this instance only; remove() restores the class's
-            # (a partial, not a bound method: a copied or pickled module keeps its door)
-            module.forward = functools.partial(_door_forward, module)
-
-    def remove(self, model: nn.Module, sites) -> None:
-        for module, *_ in sites:
-            module.__dict__.pop("forward", None)
-            module.__dict__.pop(SITE_ATTR, None)
-
-
 def _door_forward(
     self,
     hidden_states,
@@ -183,7 +153,7 @@ def _door_forward(
 ):
     """The forward of a prepared ``DisentangledSelfAttention``: the class's own without a prefix, else _attend."""
     site = self.__dict__[SITE_ATTR]
-    version = site.door
+    version = site.door.version
     provider = site.provider()
     call = (hidden_states, attention_mask, output_attentions, query_states, relative_pos, rel_embeddings)
     if provider is not None and provider.capturing:
@@ -199,7 +169,9 @@ def _door_forward(
 class DebertaPath(ArchitecturePath):
     model_type: str
     version: Version
-    installation = _DebertaInstallation
+    attention_class = ATTENTION_CLASS
+    door_forward = staticmethod(_door_forward)
+    installation = ForwardDoorInstallation
 
 
 DEBERTA_PATHS = (DebertaPath("deberta", V1), DebertaPath("deberta-v2", V2))

@@ -14,7 +14,6 @@ Without a prefix it computes what the original forward computes (tested against 
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -22,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import SELF, SITE_ATTR, AttentionSite, _first_int, match_batch, widen_mask
-from .path import ArchitecturePath, Installation
+from ..attention import SITE_ATTR, match_batch, widen_mask
+from .path import ArchitecturePath, ForwardDoorInstallation
 
 ATTENTION_CLASS = "MPNetSelfAttention"
 
@@ -64,31 +63,6 @@ def _attend(
     return (output, probs) if output_attentions else (output,)
 
 
-class _MPNetInstallation(Installation):
-    causal = False
-
-    def sites(self, model: nn.Module) -> list[tuple[nn.Module, str, int, int, int]]:
-        return [
-            (module, SELF, _first_int(name), module.num_attention_heads, module.attention_head_size)
-            for name, module in model.named_modules()
-            if type(module).__name__ == ATTENTION_CLASS
-        ]
-
-    def install(self, model: nn.Module, sites, provider_ref) -> None:
-        for module, kind, layer, n_kv, head_dim in sites:
-            site = AttentionSite(kind, layer, n_kv, head_dim, inner=None, provider=provider_ref)
-            # The door finds its site through the module, so a copied model's doors serve the copy's sites.
-            module.__dict__[SITE_ATTR] = site
-            # this instance only; remove() restores the class's
-            # (a partial, not a bound method: a copied or pickled module keeps its door)
-            module.forward = functools.partial(_door_forward, module)
-
-    def remove(self, model: nn.Module, sites) -> None:
-        for module, *_ in sites:
-            module.__dict__.pop("forward", None)
-            module.__dict__.pop(SITE_ATTR, None)
-
-
 def _door_forward(
     self, hidden_states, attention_mask=None, position_bias=None, output_attentions=False, **kwargs
 ):
@@ -109,7 +83,9 @@ def _door_forward(
 @dataclass(frozen=True)
 class MPNetPath(ArchitecturePath):
     model_type: str
-    installation = _MPNetInstallation
+    attention_class = ATTENTION_CLASS
+    door_forward = staticmethod(_door_forward)
+    installation = ForwardDoorInstallation
 
 
 MPNET_PATHS = (MPNetPath("mpnet"),)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 from torch import nn
 
-from ..attention import SITE_ATTR, UnsupportedModelError
+from ..attention import SELF, SITE_ATTR, AttentionSite, UnsupportedModelError, _first_int
 
 
 class ArchitecturePath:
@@ -68,4 +69,33 @@ class HookedInstallation(Installation):
             handle.remove()
         self._handles.clear()
         for module, *_ in sites:
+            module.__dict__.pop(SITE_ATTR, None)
+
+
+class ForwardDoorInstallation(Installation):
+    """Doors that replace the forward of each attention module of the spec's ``attention_class`` (DeBERTa, MPNet):
+    the spec's ``door_forward(module, *args)`` runs instead, on this instance only; ``remove`` restores the class's.
+    Encoder self-attention only, with the module's ``num_attention_heads`` and ``attention_head_size``."""
+
+    causal = False
+
+    def sites(self, model: nn.Module) -> list[tuple[nn.Module, str, int, int, int]]:
+        return [
+            (module, SELF, _first_int(name), module.num_attention_heads, module.attention_head_size)
+            for name, module in model.named_modules()
+            if type(module).__name__ == self.spec.attention_class
+        ]
+
+    def install(self, model: nn.Module, sites, provider_ref) -> None:
+        for module, kind, layer, n_kv, head_dim in sites:
+            site = AttentionSite(kind, layer, n_kv, head_dim, inner=None, provider=provider_ref)
+            site.door = self.spec
+            # The door finds its site through the module, so a copied model's doors serve the copy's sites.
+            module.__dict__[SITE_ATTR] = site
+            # (a partial, not a bound method: a copied or pickled module keeps its door)
+            module.forward = functools.partial(self.spec.door_forward, module)
+
+    def remove(self, model: nn.Module, sites) -> None:
+        for module, *_ in sites:
+            module.__dict__.pop("forward", None)
             module.__dict__.pop(SITE_ATTR, None)
