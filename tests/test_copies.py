@@ -22,6 +22,9 @@ MODELS = {
     "bert": (lambda: tiny_model("bert", "SEQ_CLS"), "SEQ_CLS"),
     "bloom": (lambda: decoder("bloom"), "CAUSAL_LM"),  # a path of its own: a hook on each attention module
     "deberta-v2": (lambda: encoder("deberta-v2"), "SEQ_CLS"),  # a path of its own: a forward per module
+    "mpnet": (lambda: encoder("mpnet"), "SEQ_CLS"),  # the same door, its own attention
+    # a hook per module whose door holds the model's rotary table (left-padded rows renumbered)
+    "roformer": (lambda: encoder("roformer"), "SEQ_CLS"),
 }
 METHODS = {
     "prefix_v2": lambda task: PrefixTuningV2Config(task_type=task, prefix_length=3, init_weights=False),
