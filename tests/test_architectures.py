@@ -746,6 +746,31 @@ def test_the_frozen_pass_sees_each_tokens_layout(name):
         assert not torch.allclose(seen[-1][rows], bare[rows], atol=1e-3)
 
 
+@pytest.mark.parametrize("name", ["layoutlm", "markuplm", "tapas"])
+def test_an_input_level_prompt_gets_its_place_in_the_layout_and_the_tokens_keep_theirs(name):
+    """injection='input' puts P prompt positions after [CLS]: each per-token layout input gets P positions there too,
+    with what the model fills in where a call gives none (LayoutLM's empty box, MarkupLM's padding XPath, TAPAS's
+    token type 0), and every token keeps its own. Before, LayoutLM and MarkupLM failed with a shape error."""
+    base = encoder(name)
+    config = InstancePromptConfig(task_type="SEQ_CLS", prompt_length=3, injection="input", init_weights=False)
+    model = get_peft_model(base, config).eval()
+    ids = token_batch(2, 6)
+    given = layout(name, ids, 0)
+    seen = {}
+    embeddings = model.get_base_model().base_model.embeddings
+    embeddings.register_forward_pre_hook(lambda _m, _a, kwargs: seen.update(kwargs), with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), **given)
+    fills = {"bbox": 0, "token_type_ids": 0}
+    if name == "markuplm":
+        fills |= {"xpath_tags_seq": base.config.tag_pad_id, "xpath_subs_seq": base.config.subs_pad_id}
+    for key, tensor in given.items():
+        reached = seen[key]
+        assert reached.shape == (2, 9, *tensor.shape[2:])
+        assert torch.equal(reached[:, :1], tensor[:, :1]) and torch.equal(reached[:, 4:], tensor[:, 1:])
+        assert (reached[:, 1:4] == fills[key]).all()
+
+
 @pytest.mark.parametrize("method", ["prefix_v2", "ipt", "ipt_frozen"])
 def test_splinter_answers_questions_with_a_prefix(method):
     """Splinter's attention, on the registry without an is_causal mark, takes the prefix in question answering: the

@@ -300,8 +300,17 @@ class InstancePromptModel(PromptTuner):
             # 0.3 off the row alone on a tiny RoBERTa decoder, silently). Number them as from input_ids.
             shown = kwargs["attention_mask"].long()
             kwargs["position_ids"] = shown.cumsum(1) * shown + numbering.padding_idx
-        if kwargs.get("token_type_ids") is not None:
-            kwargs["token_type_ids"] = insert(kwargs["token_type_ids"], 0)
+        # per-token inputs the prompt's positions need too, with what the model fills in where the call gives none:
+        # segment 0 (TAPAS's seven token types too), LayoutLM's empty box, MarkupLM's padding XPath
+        config = self.model.config
+        for name, fill in (
+            ("token_type_ids", 0),
+            ("bbox", 0),
+            ("xpath_tags_seq", getattr(config, "tag_pad_id", None)),
+            ("xpath_subs_seq", getattr(config, "subs_pad_id", None)),
+        ):
+            if kwargs.get(name) is not None and fill is not None:
+                kwargs[name] = insert(kwargs[name], fill)
         labels = kwargs.get("labels")
         if labels is not None and not inputs.is_encoder_decoder and labels.shape == (batch, length):
             kwargs["labels"] = insert(labels, -100)
