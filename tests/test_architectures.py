@@ -887,6 +887,31 @@ def test_gemma4_prefixes_of_two_shapes_save_fold_and_load_and_another_shape_is_r
     )  # one shape: the config as before
 
 
+@pytest.mark.parametrize("method", ["prefix_v2", "ipt"])
+@pytest.mark.parametrize("name", ["bloom", "gpt_neo", "roformer-decoder", "roformer", "mpnet", "deberta-v2"])
+def test_unload_on_a_path_of_its_own_gives_back_the_model_as_it_was(name, method):
+    """As LoRA's unload: the doors go (hooks, replaced forwards, the sites' marks) and the model computes what it
+    computed before get_peft_model, bit for bit; a fresh adapter then takes it again."""
+    is_decoder = name in DECODERS
+    base = decoder(name) if is_decoder else encoder(name)
+    task = "CAUSAL_LM" if is_decoder else "SEQ_CLS"
+    ids = token_batch()
+    hooks = {n: (len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in base.named_modules()}
+    with torch.no_grad():
+        reference = base(input_ids=ids).logits
+    model = get_peft_model(base, METHODS[method](task))
+    with torch.no_grad():
+        model(input_ids=ids)  # a call first: GPT-Neo's local tables are swapped in and back during it
+    restored = model.unload()
+    assert restored is base
+    assert {n: (len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in base.named_modules()} == hooks
+    assert not any(SITE_ATTR in m.__dict__ or "forward" in m.__dict__ for m in base.modules())
+    with torch.no_grad():
+        assert torch.equal(restored(input_ids=ids).logits, reference)
+        again = get_peft_model(restored, METHODS[method](task))
+        assert not torch.allclose(again(input_ids=ids).logits, reference, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["falcon", "mpt", "deberta-v2", "rembert", "mpnet"])
 def test_save_and_load_round_trip_on_a_path_of_its_own(name, tmp_path):
     is_decoder = name in DECODERS
