@@ -771,13 +771,75 @@ def test_an_input_level_prompt_gets_its_place_in_the_layout_and_the_tokens_keep_
         assert (reached[:, 1:4] == fills[key]).all()
 
 
+def test_an_input_prompt_on_mpnet_gives_a_left_padded_row_its_outputs_alone():
+    """MPNet numbers positions from input_ids after its padding (a create_position_ids_from_input_ids of its modeling
+    file, not of the embeddings, as RoBERTa's is); from the prompted inputs_embeds it counted from the first column,
+    so a left-padded row's outputs moved with its padding, silently."""
+    config = ENCODERS["mpnet"]()  # pads with 1 whatever the config says
+    config.num_labels = 3
+    torch.manual_seed(0)
+    base = AutoModelForTokenClassification.from_config(config).eval()
+    model = get_peft_model(
+        base,
+        InstancePromptConfig(task_type="TOKEN_CLS", prompt_length=3, injection="input", init_weights=False),
+    ).eval()
+    row = token_batch(1, 5)
+    padded = torch.cat([torch.ones(1, 2, dtype=torch.long), row], 1)
+    mask = torch.cat([torch.zeros(1, 2, dtype=torch.long), torch.ones_like(row)], 1)
+    with torch.no_grad():
+        alone = model(input_ids=row).logits
+        together = model(input_ids=padded, attention_mask=mask).logits[:, 2:]
+        with model.disable_adapter():  # the bare model gives the padded row its outputs alone too
+            bare = model(input_ids=padded, attention_mask=mask).logits[:, 2:]
+            bare_alone = model(input_ids=row).logits
+    torch.testing.assert_close(bare, bare_alone, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
+
+
+def splinter_qa():
+    torch.manual_seed(0)
+    config = SplinterConfig(**BERT_SIZES, **IDS, question_token_id=5)
+    return AutoModelForQuestionAnswering.from_config(config).eval()
+
+
+def test_an_input_level_prompt_on_splinter_moves_the_question_positions_and_needs_them():
+    """Splinter reads its answer span from the [QUESTION] token's state, found in input_ids when the call names no
+    question_positions. An input-level prompt hands the model inputs_embeds, so it would read position 0 ([CLS])
+    silently: refused, naming question_positions. Given, they move past the P prompt positions as the span does."""
+    base = splinter_qa()
+    config = InstancePromptConfig(
+        task_type="QUESTION_ANS", prompt_length=3, injection="input", init_weights=False
+    )
+    model = get_peft_model(base, config).eval()
+    ids = token_batch(2, 7, low=6)
+    ids[:, 2] = 5  # the question token
+    with torch.no_grad(), pytest.raises(ValueError, match="Pass question_positions"):
+        model(input_ids=ids)
+    seen = []
+    base.splinter_qass.register_forward_pre_hook(lambda _m, args: seen.append(args[1]))
+    with torch.no_grad():
+        model(input_ids=ids, question_positions=torch.tensor([[2], [2]]))
+    assert torch.equal(seen[-1], torch.tensor([[5], [5]]))  # after [CLS] and the 3 prompt positions
+
+
+def test_an_input_level_prompt_on_tapas_question_answering_is_refused_naming_the_reason():
+    """TAPAS's answer labels (0/1 per token, -100 no ignore index) and numeric values have no value for prompt
+    positions; its classifier takes one (its token types get type 0)."""
+    torch.manual_seed(0)
+    base = transformers.TapasForQuestionAnswering(
+        ENCODERS["tapas"]()
+    )  # (the table-QA auto class is not mapped)
+    config = InstancePromptConfig(task_type="QUESTION_ANS", prompt_length=3, injection="input")
+    with pytest.raises(ValueError, match="injection='input' on TapasForQuestionAnswering.*numeric_values"):
+        get_peft_model(base, config)
+
+
 @pytest.mark.parametrize("method", ["prefix_v2", "ipt", "ipt_frozen"])
 def test_splinter_answers_questions_with_a_prefix(method):
     """Splinter's attention, on the registry without an is_causal mark, takes the prefix in question answering: the
     logits move, a right-padded row's equal the row's alone, the loss reaches every adapter parameter, and disabling
     gives the bare model's."""
-    torch.manual_seed(0)
-    base = AutoModelForQuestionAnswering.from_config(SplinterConfig(**BERT_SIZES, **IDS)).eval()
+    base = splinter_qa()
     ids, mask = token_batch(), torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
     with torch.no_grad():
         reference = base(input_ids=ids, attention_mask=mask).start_logits

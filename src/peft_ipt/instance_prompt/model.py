@@ -132,6 +132,13 @@ class InstancePromptModel(PromptTuner):
                 "'prefix' with instance_source='embeddings', 'token_table' or 'hidden' (the hidden states the "
                 "language model computes, image features included)."
             )
+        table_inputs = {"numeric_values", "table_mask"} & set(inspect.signature(model.forward).parameters)
+        if config.injection == "input" and table_inputs:
+            raise ValueError(
+                f"injection='input' on {type(model).__name__}: its per-token table inputs ({', '.join(sorted(table_inputs))}"
+                ", and labels that mark answer cells with 0/1, where -100 is no ignore index) have no value for "
+                "inserted prompt positions. Use injection='hybrid' or 'prefix'."
+            )
         reads = getattr(model, "main_input_name", "input_ids")
         # Whisper's forward names decoder_input_ids only; Wav2Vec2's and ViT's no ids at all
         tokenless = "input_ids" not in inspect.signature(model.forward).parameters
@@ -314,9 +321,18 @@ class InstancePromptModel(PromptTuner):
         labels = kwargs.get("labels")
         if labels is not None and not inputs.is_encoder_decoder and labels.shape == (batch, length):
             kwargs["labels"] = insert(labels, -100)
-        for name in ("start_positions", "end_positions"):
+        if "question_positions" in inspect.signature(self.model.forward).parameters:
+            if kwargs.get("question_positions") is None:
+                raise ValueError(
+                    f"injection='input' on {type(self.model).__name__}: without question_positions the model finds "
+                    "its question token in input_ids, which the input-level prompt replaces by inputs_embeds (it "
+                    "would read position 0 instead). Pass question_positions (they are moved past the prompt), or "
+                    "use injection='hybrid' or 'prefix'."
+                )
+        for name in ("start_positions", "end_positions", "question_positions"):
             if kwargs.get(name) is not None:
-                kwargs[name] = kwargs[name] + P * (kwargs[name] >= at.to(kwargs[name].device))
+                at_rows = at.to(kwargs[name].device).view(-1, *([1] * (kwargs[name].dim() - 1)))
+                kwargs[name] = kwargs[name] + P * (kwargs[name] >= at_rows)
         if not for_generate:
             # The prompt's positions are cut out of the named per-token outputs, so the call returns a ModelOutput;
             # a call that asked for a tuple (return_dict=False, or the config's) gets it after the cut.
@@ -454,14 +470,19 @@ class InstancePromptModel(PromptTuner):
 
     def _padding_numbered_embeddings(self) -> nn.Module | None:
         """The embeddings module of a model that numbers positions from input_ids after its padding (RoBERTa's
-        create_position_ids_from_input_ids), or None."""
+        create_position_ids_from_input_ids; MPNet's is a function of its modeling file, beside the embeddings'
+        create_position_ids_from_inputs_embeds), or None."""
         known = self.__dict__.setdefault("_numbering", {})
         if "embeddings" not in known:
             known["embeddings"] = next(
                 (
                     m
                     for m in self.model.modules()
-                    if hasattr(m, "create_position_ids_from_input_ids") and isinstance(m.padding_idx, int)
+                    if (
+                        hasattr(m, "create_position_ids_from_input_ids")
+                        or hasattr(m, "create_position_ids_from_inputs_embeds")
+                    )
+                    and isinstance(getattr(m, "padding_idx", None), int)
                 ),
                 None,
             )
