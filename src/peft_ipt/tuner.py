@@ -143,7 +143,15 @@ def position_limit(model: nn.Module) -> int | None:
 # (a sentence pair's second text), an encoder's explicit positions (a left-padded batch), and the layout of each token
 # (LayoutLM's boxes, MarkupLM's XPath ids: (B, T, k)). Without them the frozen states were not the frozen model's on
 # this input. Decoder-only models number the source themselves (_run_frozen).
-FROZEN_PASS_EXTRAS = ("token_type_ids", "position_ids", "bbox", "xpath_tags_seq", "xpath_subs_seq")
+# Per-token inputs besides the tokens, with what the model fills in where a call gives none (a number, or the config
+# field that holds it): an input-level prompt's positions get that fill (instance_prompt/model.py).
+TOKEN_INPUT_FILLS = {
+    "token_type_ids": 0,
+    "bbox": 0,
+    "xpath_tags_seq": "tag_pad_id",
+    "xpath_subs_seq": "subs_pad_id",
+}
+FROZEN_PASS_EXTRAS = ("position_ids", *TOKEN_INPUT_FILLS)
 
 
 @dataclass

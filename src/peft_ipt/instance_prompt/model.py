@@ -16,7 +16,14 @@ from torch import nn
 
 from ..attention import SiteLayout
 from ..call_state import CachePrompt, cache_argument, drafting
-from ..tuner import ENCODER_CALL, PromptInputs, PromptTuner, gradient_checkpointing_on, in_backward
+from ..tuner import (
+    ENCODER_CALL,
+    TOKEN_INPUT_FILLS,
+    PromptInputs,
+    PromptTuner,
+    gradient_checkpointing_on,
+    in_backward,
+)
 from .config import InstancePromptConfig
 from .encoders import first_source_tokens
 from .layer import InstancePromptModule
@@ -309,13 +316,8 @@ class InstancePromptModel(PromptTuner):
             kwargs["position_ids"] = shown.cumsum(1) * shown + numbering.padding_idx
         # per-token inputs the prompt's positions need too, with what the model fills in where the call gives none:
         # segment 0 (TAPAS's seven token types too), LayoutLM's empty box, MarkupLM's padding XPath
-        config = self.model.config
-        for name, fill in (
-            ("token_type_ids", 0),
-            ("bbox", 0),
-            ("xpath_tags_seq", getattr(config, "tag_pad_id", None)),
-            ("xpath_subs_seq", getattr(config, "subs_pad_id", None)),
-        ):
+        for name, fill in TOKEN_INPUT_FILLS.items():
+            fill = getattr(self.model.config, fill, None) if isinstance(fill, str) else fill
             if kwargs.get(name) is not None and fill is not None:
                 kwargs[name] = insert(kwargs[name], fill)
         labels = kwargs.get("labels")
