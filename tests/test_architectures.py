@@ -9,6 +9,7 @@ and these tests hold the same."""
 from __future__ import annotations
 
 import inspect
+import json
 
 import pytest
 import torch
@@ -1497,3 +1498,23 @@ def test_led_save_and_load_round_trip(tmp_path):
     loaded = PeftModel.from_pretrained(led(), tmp_path).eval()
     with torch.no_grad():
         assert torch.equal(loaded(**batch).logits, expected)
+
+
+def test_a_grouped_falcon_adapter_from_the_other_transformers_layout_is_refused_naming_the_change(tmp_path):
+    # transformers 5.25 moved grouped Falcon from caching every query head's keys to its key/value heads; an adapter
+    # saved under the other layout must be refused with that reason, not only "load it onto its base model"
+    model = get_peft_model(
+        decoder("falcon-grouped"), PrefixTuningV2Config(task_type="CAUSAL_LM", prefix_length=3)
+    )
+    model.save_pretrained(tmp_path)
+    config_file = tmp_path / "adapter_config.json"
+    saved = json.loads(config_file.read_text())
+    layers, heads, head_dim = saved["base_model_shapes"]["self"]
+    saved["base_model_shapes"]["self"] = [
+        layers,
+        6 - heads,
+        head_dim,
+    ]  # 4 <-> 2: the other transformers' layout
+    config_file.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"Falcon's grouped attention is one: before transformers 5\.25"):
+        PeftModel.from_pretrained(decoder("falcon-grouped"), tmp_path)

@@ -59,6 +59,29 @@ def vocab_size_of(config) -> int | None:
     return value if value is not None else getattr(text_config_of(config), "vocab_size", None)
 
 
+def layout_change_hint(model, diff: dict) -> str:
+    """When only the attention layout differs (hidden and vocabulary sizes agree), the base model may be the right one
+    and the installed transformers the change: say so, and name the one such change known (grouped Falcon)."""
+    if not diff or {"hidden_size", "vocab_size"} & diff.keys():
+        return ""
+    if any(k in (SELF, ENCODER, DECODER, CROSS) and a and b and a[0] != b[0] for k, (a, b) in diff.items()):
+        return ""  # another number of layers: another model, not another layout
+    import transformers
+
+    hint = (
+        f" If it is that model, the installed transformers ({transformers.__version__}) lays out its attention "
+        "differently from the one the adapter was saved under; a prefix's per-head keys and values cannot be mapped "
+        "between layouts, so load it under the transformers it was saved with, or train it again under this one."
+    )
+    config = text_config_of(model.config)
+    if getattr(config, "model_type", None) == "falcon" and getattr(config, "new_decoder_architecture", False):
+        hint += (
+            f" Falcon's grouped attention is one: before transformers 5.25 it cached every query head's keys "
+            f"({config.num_attention_heads} heads here), from 5.25 on its {config.num_kv_heads} key/value heads."
+        )
+    return hint
+
+
 @dataclass
 class PromptConfigBase(PeftConfig):
     # For the model card save_pretrained writes (peft_ipt.model_card): the method's name, what it does, the fields
@@ -327,6 +350,7 @@ class PromptConfigBase(PeftConfig):
                     f"this adapter was built for a base model with shapes {saved}, but the model has {shapes} "
                     f"({detail}). Load it onto the base model it was trained on "
                     f"({self.base_model_name_or_path or 'see base_model_name_or_path'})."
+                    + layout_change_hint(model, diff)
                 )
         self.selected_kinds(layout)
         for kind in self.selected_kinds(layout):
