@@ -22,6 +22,7 @@ from transformers import (
     AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
+    BigBirdConfig,
     BloomConfig,
     CodeGenConfig,
     DebertaConfig,
@@ -53,7 +54,7 @@ from transformers import (
 from peft_ipt import InstancePromptConfig, PrefixTuningV2Config
 from peft_ipt.architectures import mpnet, supported_model_types
 from peft_ipt.architectures.deberta import V1, V2, _attend
-from peft_ipt.attention import SITE_ATTR
+from peft_ipt.attention import SITE_ATTR, UnsupportedModelError
 
 IDS = {"vocab_size": VOCAB, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 
@@ -92,6 +93,8 @@ BERT_LIKE = {
     "roformer": lambda: RoFormerConfig(**BERT_SIZES, embedding_size=32, **IDS),
     "rembert": lambda: RemBertConfig(**BERT_SIZES, input_embedding_size=16, output_embedding_size=16, **IDS),
     "megatron-bert": lambda: MegatronBertConfig(**BERT_SIZES, **IDS),
+    # full attention: block-sparse attention (the config's default) is refused
+    "big_bird": lambda: BigBirdConfig(**BERT_SIZES, attention_type="original_full", **IDS),
 }
 
 
@@ -331,6 +334,7 @@ def test_a_left_padded_decoder_batch_matches_each_row_alone(name, method):
         "xglm",
         "rembert-decoder",
         "megatron-bert-decoder",
+        "big_bird-decoder",
         "gemma4_text",
         "deepseek_v3",
         "mimo_v2_flash",
@@ -398,7 +402,7 @@ def test_without_position_ids_a_left_padded_row_gets_its_logits_alone_wherever_t
     """Rotary and ALiBi decoders give a left-padded row its logits alone without position_ids (positions enter
     attention as differences), as LoRA keeps them; with a prefix, whose keys carry no position, rotary ones did not
     (their positions were counted from the padding). Decoders with learned absolute positions (GPT-Neo, XGLM) need
-    position_ids with or without an adapter."""
+    position_ids with or without an adapter, as do RemBERT, Megatron-BERT and BigBird."""
     model = get_peft_model(decoder(name), METHODS[method]("CAUSAL_LM")).eval()
     move_trainable_weights(model)
     short, long = token_batch(1, 5, seed=2)[0], token_batch(1, 9, seed=3)[0]
@@ -413,7 +417,8 @@ def test_without_position_ids_a_left_padded_row_gets_its_logits_alone_wherever_t
             bare = model(input_ids=ids, attention_mask=mask).logits[0, 4:]
             bare_alone = model(input_ids=short[None]).logits[0]
     bare_keeps_them = torch.allclose(bare, bare_alone, atol=1e-5)
-    assert bare_keeps_them == (name not in ("gpt_neo", "xglm", "rembert-decoder", "megatron-bert-decoder"))
+    absolute = ("gpt_neo", "xglm", "rembert-decoder", "megatron-bert-decoder", "big_bird-decoder")
+    assert bare_keeps_them == (name not in absolute)
     assert torch.allclose(padded, alone, atol=1e-5) == bare_keeps_them
     assert not torch.allclose(padded, bare, atol=1e-3)  # the adapter is in the call
 
@@ -656,7 +661,7 @@ def test_a_bert_like_decoder_with_cross_attention_prefixes_its_self_attention_on
     assert_a_cached_step_over_a_memory_equals_the_whole_call(model)
 
 
-@pytest.mark.parametrize("name", ["rembert", "megatron-bert"])
+@pytest.mark.parametrize("name", ["rembert", "megatron-bert", "big_bird"])
 def test_a_one_layer_encoders_prefix_of_its_own_keys_and_values_acts_as_those_tokens_in_front(name):
     """One bidirectional layer: the keys and values it computes for P tokens alone are those it computes for them in
     front of the input, so as a prefix (the input's positions moved on by P) they give the input's outputs exactly
@@ -1518,3 +1523,29 @@ def test_a_grouped_falcon_adapter_from_the_other_transformers_layout_is_refused_
     config_file.write_text(json.dumps(saved))
     with pytest.raises(ValueError, match=r"Falcon's grouped attention is one: before transformers 5\.25"):
         PeftModel.from_pretrained(decoder("falcon-grouped"), tmp_path)
+
+
+def test_bigbirds_block_sparse_attention_is_refused_naming_full_attention():
+    base = AutoModelForSequenceClassification.from_config(BigBirdConfig(**BERT_SIZES, **IDS))  # block_sparse
+    with pytest.raises(
+        UnsupportedModelError, match=r"block-sparse attention.*attention_type='original_full'"
+    ):
+        get_peft_model(base, METHODS["prefix_v2"]("SEQ_CLS"))
+
+
+@pytest.mark.parametrize("method", ["prefix_v2", "ipt"])
+def test_bigbird_switched_to_block_sparse_after_get_peft_model_is_refused_at_the_next_call(method):
+    """set_attention_type builds new attention modules, without the doors: the model and its backbone called
+    directly must refuse, not run without the prefix (also after switching back, which builds new modules again)."""
+    model = get_peft_model(encoder("big_bird"), METHODS[method]("SEQ_CLS")).eval()
+    ids = token_batch()
+    with torch.no_grad():
+        model(input_ids=ids)  # runs before the switch
+    backbone = model.get_base_model().bert
+    backbone.set_attention_type("block_sparse")
+    with pytest.raises(UnsupportedModelError, match="replaced after get_peft_model"):
+        model(input_ids=ids)
+    backbone.set_attention_type("original_full")  # new full-attention modules: still without the prefix
+    for call in (model, backbone):
+        with pytest.raises(UnsupportedModelError, match="replaced after get_peft_model"):
+            call(input_ids=ids)

@@ -33,6 +33,7 @@ ARCHITECTURE_PATHS = (*CACHE_VIEW_PATHS, *DEBERTA_PATHS, *MPNET_PATHS, *ENCODER_
 TESTED_MODEL_TYPES = (
     "bart",
     "bert",
+    "big_bird",
     "bloom",
     "codegen",
     "deberta",

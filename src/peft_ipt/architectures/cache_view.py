@@ -1,6 +1,6 @@
 """Models that hand each attention call its layer's cache: the decoders GPT-J and CodeGen (transformers 5.23), Bloom,
-Falcon, GPT-Neo, GPT-NeoX-Japanese, MPT and XGLM, the BERT-like RoFormer, RemBERT and Megatron-BERT, as encoders
-and as decoders, and TAPAS (an encoder).
+Falcon, GPT-Neo, GPT-NeoX-Japanese, MPT and XGLM, the BERT-like RoFormer, RemBERT, Megatron-BERT and BigBird (in
+full attention), as encoders and as decoders, and TAPAS (an encoder).
 
 Their attention modules compute this step's keys and values, then call ``cache.update(key, value, layer)`` and
 attend over what it returns. The door, a forward pre-hook on each attention module, stands a :class:`PrefixedCache`
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import EncoderDecoderCache
 
-from ..attention import SELF, SITE_ATTR, AttentionSite, match_batch, widen_mask
+from ..attention import SELF, SITE_ATTR, AttentionSite, UnsupportedModelError, match_batch, widen_mask
 from .path import ArchitecturePath, HookedInstallation
 
 
@@ -106,6 +106,55 @@ class _CacheViewInstallation(HookedInstallation):
             if self.spec.windowed_table:
                 # puts the module's own table back after every call, one that raised included
                 self._handles.append(module.register_forward_hook(_after_attention, always_call=True))
+
+
+BLOCK_SPARSE = (
+    "BigBird's block-sparse attention (attention_type='block_sparse', its config's default and its checkpoints') "
+    "attends in blocks of global, sliding and random keys, where a prefix has no place. "
+)
+FULL_ATTENTION_FIX = (
+    "Load it with full attention, from_pretrained(..., attention_type='original_full'), or call "
+    "model.set_attention_type('original_full') before get_peft_model (inputs up to (5 + 2 * num_random_blocks) * "
+    "block_size tokens run in full attention anyway)."
+)
+
+
+class _BigBirdInstallation(_CacheViewInstallation):
+    """BigBird's full attention (``original_full``) is RemBERT's; its block-sparse attention takes no prefix, and
+    ``set_attention_type`` replaces the attention modules, doors and all, so a switch after installation is refused
+    at the next call rather than run without the prefix."""
+
+    def sites(self, model: nn.Module):
+        if _sparse_parts(model):
+            raise UnsupportedModelError(BLOCK_SPARSE + FULL_ATTENTION_FIX)
+        return super().sites(model)
+
+    def check_routed(self, model: nn.Module) -> None:
+        doorless = [
+            name
+            for name, m in model.named_modules()
+            if type(m).__name__ == "BigBirdAttention"
+            and ".crossattention" not in f".{name}"
+            and SITE_ATTR not in m.self.__dict__
+        ]
+        if _sparse_parts(model) or doorless:
+            raise UnsupportedModelError(
+                "BigBird's attention modules were replaced after get_peft_model (model.set_attention_type(...) "
+                "builds new ones), so its layers would run without the prefix. "
+                + (BLOCK_SPARSE if _sparse_parts(model) else "")
+                + "Call get_peft_model (or PeftModel.from_pretrained) again on the model in full attention "
+                "(attention_type='original_full'), and do not switch it afterwards."
+            )
+
+
+def _sparse_parts(model: nn.Module) -> list[str]:
+    """The names of BigBird's model and attention modules set to block-sparse attention."""
+    return [
+        name or type(m).__name__
+        for name, m in model.named_modules()
+        if type(m).__name__ in ("BigBirdModel", "BigBirdAttention")
+        and getattr(m, "attention_type", "original_full") != "original_full"
+    ]
 
 
 def _before_attention(module: nn.Module, args: tuple, kwargs: dict):
@@ -258,6 +307,13 @@ def _falcon_kv_heads(module: nn.Module) -> int:
     return module.num_heads if module.new_decoder_architecture else module.num_kv_heads
 
 
+@dataclass(frozen=True)
+class BigBirdPath(CacheViewPath):
+    """BigBird in full attention, as RemBERT; block-sparse attention refused (see _BigBirdInstallation)."""
+
+    installation = _BigBirdInstallation
+
+
 CACHE_VIEW_PATHS = (
     CacheViewPath("gptj", "GPTJAttention", attrgetter("num_attention_heads")),
     CacheViewPath("codegen", "CodeGenAttention", attrgetter("num_attention_heads")),
@@ -306,6 +362,16 @@ CACHE_VIEW_PATHS = (
             ("megatron-bert", "MegatronBertSelfAttention", None),
             ("tapas", "TapasSelfAttention", None),  # an encoder only
         )
+    ),
+    BigBirdPath(
+        "big_bird",
+        "BigBirdSelfAttention",
+        attrgetter("num_attention_heads"),
+        cache_args=("cache", "past_key_values"),
+        module_name=".attention.self",
+        head_dim_attr="attention_head_size",
+        additive_mask=True,
+        causal_by_config=True,
     ),
     CacheViewPath(
         "xglm",
