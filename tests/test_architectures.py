@@ -1543,9 +1543,18 @@ def test_bigbird_switched_to_block_sparse_after_get_peft_model_is_refused_at_the
         model(input_ids=ids)  # runs before the switch
     backbone = model.get_base_model().bert
     backbone.set_attention_type("block_sparse")
-    with pytest.raises(UnsupportedModelError, match="replaced after get_peft_model"):
+    with pytest.raises(UnsupportedModelError, match="replaced after get_peft_model.*unload"):
         model(input_ids=ids)
     backbone.set_attention_type("original_full")  # new full-attention modules: still without the prefix
     for call in (model, backbone):
         with pytest.raises(UnsupportedModelError, match="replaced after get_peft_model"):
             call(input_ids=ids)
+
+
+def test_a_bigbird_decoder_with_cross_attention_is_refused_naming_why():
+    """transformers' BigBirdLayer hands the encoder's states to the self-attention too: there is no decoder
+    self-attention for a prefix to join (its outputs do not depend on earlier decoder tokens)."""
+    with pytest.raises(UnsupportedModelError, match=r"add_cross_attention=True.*self-attention as well"):
+        get_peft_model(
+            decoder("big_bird-decoder", add_cross_attention=True), METHODS["prefix_v2"]("CAUSAL_LM")
+        )

@@ -28,6 +28,7 @@ from transformers import (
     LlavaForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    RemBertConfig,
     SiglipVisionConfig,
 )
 
@@ -285,6 +286,51 @@ def two_berts() -> EncoderDecoderModel:
     config.decoder_start_token_id, config.pad_token_id = 2, 0
     torch.manual_seed(0)
     return EncoderDecoderModel(config=config).eval()
+
+
+def bert_with_a_rembert(half: str) -> EncoderDecoderModel:
+    """Two BERTs, one half a RemBERT: a model type served on a path of its own, off the registry."""
+    bert, rembert = (
+        CONFIGS["bert"](),
+        RemBertConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            input_embedding_size=16,
+            output_embedding_size=16,
+            pad_token_id=0,
+        ),
+    )
+    encoder, decoder = (rembert, bert) if half == "encoder" else (bert, rembert)
+    decoder.is_decoder, decoder.add_cross_attention = True, True
+    config = EncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    config.decoder_start_token_id, config.pad_token_id = 2, 0
+    torch.manual_seed(0)
+    return EncoderDecoderModel(config=config).eval()
+
+
+@pytest.mark.parametrize("half", ["encoder", "decoder"])
+def test_an_encoder_decoder_model_with_a_half_off_the_registry_refuses_its_prefix_and_serves_the_other(half):
+    """The registry path cannot open a RemBERT half inside EncoderDecoderModel: before, that half silently took no
+    prefix while encoder_prefix=None means "on where the model has it"."""
+    off = {"encoder_prefix": False} if half == "encoder" else {"decoder_prefix": False, "cross_prefix": False}
+    with pytest.raises(ValueError, match=rf"{half}_prefix=None: EncoderDecoderModel's {half} is RemBert"):
+        get_peft_model(
+            bert_with_a_rembert(half), PrefixTuningV2Config(task_type="SEQ_2_SEQ_LM", prefix_length=3)
+        )
+    base = bert_with_a_rembert(half)
+    config = PrefixTuningV2Config(task_type="SEQ_2_SEQ_LM", prefix_length=3, init_weights=False, **off)
+    model = get_peft_model(copy.deepcopy(base), config).eval()
+    kinds = {module.__dict__[SITE_ATTR].kind for module in model.modules() if SITE_ATTR in module.__dict__}
+    assert kinds == ({"decoder", "cross"} if half == "encoder" else {"encoder"})
+    call = {"input_ids": token_batch(2, 7), "decoder_input_ids": token_batch(2, 5, seed=3)}
+    with torch.no_grad():
+        tuned, bare = model(**call), base(**call)
+    # the half that takes the prefix moves: the decoder's logits, or the encoder's states
+    output = "logits" if half == "encoder" else "encoder_last_hidden_state"
+    assert (tuned[output] - bare[output]).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("case", ["prefix_v2", "ipt"])

@@ -450,6 +450,37 @@ def discover_sites(model: nn.Module) -> list[tuple[nn.Module, str, int, int, int
     return sites
 
 
+def halves_off_the_registry(model: nn.Module) -> dict[str, str]:
+    """A composite encoder-decoder (EncoderDecoderModel) routes its attention through the registry, but a half
+    built from a model type off it (BigBird, RemBERT, RoFormer...) would silently take no prefix: the kinds of such a
+    half, each with the reason and the fix."""
+    config = model.config
+    if not getattr(config, "is_encoder_decoder", False) or not hasattr(model, "get_decoder"):
+        return {}
+    halves = {ENCODER: (model.get_encoder(), (ENCODER,)), DECODER: (model.get_decoder(), (DECODER, CROSS))}
+    towers = tokenless_towers(model)
+    names = {id(module): name for name, module in model.named_modules()}
+    found = {}
+    for half, (module, kinds) in halves.items():
+        if (
+            module is model
+            or not isinstance(module, PreTrainedModel)
+            or module._can_set_attn_implementation()
+        ):
+            continue
+        if towers and names.get(id(module), "").startswith(towers):
+            continue  # an image or speech encoder: it takes no prefix anyway
+        reason = (
+            f"{type(model).__name__}'s {half} is {type(module).__name__} ({module.config.model_type}), whose "
+            "attention does not go through transformers' AttentionInterface, so inside this composite model it "
+            f"cannot take a prefix (peft-ipt's own path for it serves it only as a model of its own). Set "
+            f"{half}_prefix=False{' and cross_prefix=False' if half == DECODER else ''} to tune the other half "
+            f"only, or build the {half} from a model type on the registry (BERT, RoBERTa, GPT-2...)."
+        )
+        found.update(dict.fromkeys(kinds, reason))
+    return found
+
+
 def layout_of(sites) -> SiteLayout:
     shapes: dict[str, tuple[int, int, int]] = {}
     layer_shapes: dict[str, dict[int, tuple[int, int, int]]] = {}
@@ -501,8 +532,12 @@ class AttentionPath:
     """
 
     name = "registry"
+    unserved: dict[str, str] = {}
 
     def sites(self, model: nn.Module) -> list[tuple[nn.Module, str, int, int, int]]:
+        self.unserved = halves_off_the_registry(model)
+        if self.unserved and not find_attention_modules(model):
+            raise UnsupportedModelError(" ".join(dict.fromkeys(self.unserved.values())))
         return discover_sites(model)
 
     def install(self, model: nn.Module, sites, provider_ref) -> None:

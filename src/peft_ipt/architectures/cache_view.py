@@ -113,9 +113,15 @@ BLOCK_SPARSE = (
     "attends in blocks of global, sliding and random keys, where a prefix has no place. "
 )
 FULL_ATTENTION_FIX = (
-    "Load it with full attention, from_pretrained(..., attention_type='original_full'), or call "
-    "model.set_attention_type('original_full') before get_peft_model (inputs up to (5 + 2 * num_random_blocks) * "
-    "block_size tokens run in full attention anyway)."
+    "Load it with full attention, from_pretrained(..., attention_type='original_full'), or call its backbone's "
+    "set_attention_type('original_full') (model.bert.set_attention_type on BigBird's task models) before "
+    "get_peft_model (inputs up to (5 + 2 * num_random_blocks) * block_size tokens run in full attention anyway)."
+)
+CROSS_ATTENTION = (
+    "BigBird with cross-attention (add_cross_attention=True) is refused: transformers' BigBirdLayer hands the "
+    "encoder's states to its self-attention as well, so that attention reads the encoder's memory, not the decoder's "
+    "own tokens, and a prefix there would sit among the memory keys. Use BigBird as an encoder, or as a causal LM "
+    "without cross-attention."
 )
 
 
@@ -127,24 +133,26 @@ class _BigBirdInstallation(_CacheViewInstallation):
     def sites(self, model: nn.Module):
         if _sparse_parts(model):
             raise UnsupportedModelError(BLOCK_SPARSE + FULL_ATTENTION_FIX)
+        if any(hasattr(m, "crossattention") for m in model.modules()):
+            raise UnsupportedModelError(CROSS_ATTENTION)
         return super().sites(model)
 
     def check_routed(self, model: nn.Module) -> None:
-        doorless = [
-            name
-            for name, m in model.named_modules()
-            if type(m).__name__ == "BigBirdAttention"
-            and ".crossattention" not in f".{name}"
-            and SITE_ATTR not in m.self.__dict__
-        ]
-        if _sparse_parts(model) or doorless:
-            raise UnsupportedModelError(
-                "BigBird's attention modules were replaced after get_peft_model (model.set_attention_type(...) "
-                "builds new ones), so its layers would run without the prefix. "
-                + (BLOCK_SPARSE if _sparse_parts(model) else "")
-                + "Call get_peft_model (or PeftModel.from_pretrained) again on the model in full attention "
-                "(attention_type='original_full'), and do not switch it afterwards."
-            )
+        # one walk over the modules (a copied or unpickled model's doors are its own modules' attributes)
+        if not any(
+            (kind == "BigBirdAttention" and SITE_ATTR not in m.self.__dict__)
+            or (kind in ("BigBirdModel", "BigBirdAttention") and m.attention_type != "original_full")
+            for m in model.modules()
+            for kind in (type(m).__name__,)
+        ):
+            return
+        raise UnsupportedModelError(
+            "BigBird's attention modules were replaced after get_peft_model (set_attention_type(...) builds new "
+            "ones, also when switching back to 'original_full'), so its layers would run without the prefix. "
+            "To go on: save the adapter (save_pretrained), unload() it, put the model in full attention "
+            "(set_attention_type('original_full') on its backbone) and load the adapter again "
+            "(PeftModel.from_pretrained); do not switch the attention type while an adapter is on."
+        )
 
 
 def _sparse_parts(model: nn.Module) -> list[str]:
