@@ -20,9 +20,11 @@ from test_mixed_batches import ROWS, assert_each_row_matches_alone, three_adapte
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForQuestionAnswering,
+    AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
     BigBirdConfig,
+    BigBirdPegasusConfig,
     BloomConfig,
     CodeGenConfig,
     DebertaConfig,
@@ -1558,3 +1560,31 @@ def test_a_bigbird_decoder_with_cross_attention_is_refused_naming_why():
         get_peft_model(
             decoder("big_bird-decoder", add_cross_attention=True), METHODS["prefix_v2"]("CAUSAL_LM")
         )
+
+
+def test_bigbird_pegasus_refuses_its_encoders_prefix_and_serves_its_decoder():
+    """Its decoder goes through the registry, its encoder (BigBird's attention) does not: before, encoder_prefix=None
+    ("on where the model has it") left the encoder silently without a prefix."""
+    config = BigBirdPegasusConfig(
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=64,
+        decoder_start_token_id=2,
+        **IDS,
+    )
+    build = lambda: AutoModelForSeq2SeqLM.from_config(config).eval()  # noqa: E731
+    with pytest.raises(
+        ValueError, match=r"encoder_prefix=None: .*BigBirdPegasusEncoderAttention.*encoder_prefix=False"
+    ):
+        get_peft_model(build(), PrefixTuningV2Config(task_type="SEQ_2_SEQ_LM", prefix_length=3))
+    prefix = PrefixTuningV2Config(task_type="SEQ_2_SEQ_LM", prefix_length=3, encoder_prefix=False)
+    model = get_peft_model(build(), prefix)
+    assert {m.__dict__[SITE_ATTR].kind for m in model.modules() if SITE_ATTR in m.__dict__} == {
+        "decoder",
+        "cross",
+    }

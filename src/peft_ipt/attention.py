@@ -478,7 +478,21 @@ def halves_off_the_registry(model: nn.Module) -> dict[str, str]:
             f"only, or build the {half} from a model type on the registry (BERT, RoBERTa, GPT-2...)."
         )
         found.update(dict.fromkeys(kinds, reason))
+    encoder = model.get_encoder()
+    own = next((m for m in encoder.modules() if type(m).__name__ in ENCODER_ATTENTION_OFF_THE_REGISTRY), None)
+    if own is not None and ENCODER not in found:
+        found[ENCODER] = (
+            f"{type(model).__name__}'s encoder attends through {type(own).__name__} "
+            f"({ENCODER_ATTENTION_OFF_THE_REGISTRY[type(own).__name__]}), outside transformers' AttentionInterface, "
+            "so it cannot take a prefix; set encoder_prefix=False to tune the decoder and cross-attention only."
+        )
     return found
+
+
+# encoder attention of models whose decoder goes through the registry but whose encoder does not
+ENCODER_ATTENTION_OFF_THE_REGISTRY = {
+    "BigBirdPegasusEncoderAttention": "block-sparse attention, or BigBird's full attention in original_full",
+}
 
 
 def layout_of(sites) -> SiteLayout:
