@@ -552,7 +552,19 @@ class AttentionPath:
         self.unserved = halves_off_the_registry(model)
         if self.unserved and not find_attention_modules(model):
             raise UnsupportedModelError(" ".join(dict.fromkeys(self.unserved.values())))
-        return discover_sites(model)
+        sites = discover_sites(model)
+        if getattr(model.config, "is_encoder_decoder", False) and ENCODER not in self.unserved:
+            if not any(kind == ENCODER for _, kind, *_ in sites) and any(
+                True for _ in model.get_encoder().parameters()
+            ):
+                # an encoder whose attention the registry never reaches: it would run without a prefix, silently
+                self.unserved = {
+                    **self.unserved,
+                    ENCODER: f"{type(model).__name__}'s encoder has no attention module on transformers' "
+                    "AttentionInterface, so it cannot take a prefix; set encoder_prefix=False to tune the decoder "
+                    "and cross-attention only.",
+                }
+        return sites
 
     def install(self, model: nn.Module, sites, provider_ref) -> None:
         base_impl = check_transformers_model(model)
