@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+import transformers
 from conftest import CONFIGS, VOCAB, token_batch
 from peft import PeftModel, get_peft_model
 from test_architectures import gemma4_text_config
@@ -33,7 +34,7 @@ from transformers import (
 )
 
 from peft_ipt import InstancePromptConfig, PrefixTuningV2Config
-from peft_ipt.attention import SITE_ATTR
+from peft_ipt.attention import SITE_ATTR, UnsupportedModelError
 
 IMAGE = 127  # the image placeholder token; a 16x16 image in 8x8 patches fills 4 of them
 IMAGE_TOKENS = 4
@@ -440,3 +441,80 @@ def test_a_left_padded_row_of_a_composite_rotary_model_gets_its_logits_alone(bui
             bare_alone = model(input_ids=row).logits
     torch.testing.assert_close(bare, bare_alone, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
+
+
+# -- towers that are not the text's: Idefics' vision transformer (a plain module), Evolla's protein encoder ---------
+
+
+def idefics() -> transformers.IdeficsForVisionText2Text:
+    vision = {"embed_dim": 32, "image_size": 30, "patch_size": 10, "num_hidden_layers": 1}
+    config = transformers.IdeficsConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,  # the vision tower's heads have the text's shape, so nothing refused it
+        cross_layer_interval=2,
+        max_position_embeddings=64,
+        vision_config={**vision, "num_attention_heads": 4, "intermediate_size": 64},
+        perceiver_config={"use_resampler": False},
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    return transformers.IdeficsForVisionText2Text(config).eval()
+
+
+def evolla() -> transformers.EvollaForProteinText2Text:
+    protein = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}
+    config = transformers.EvollaConfig(
+        protein_encoder_config={**protein, "intermediate_size": 64, "max_position_embeddings": 64},
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        aligner_num_add_layers=2,
+        resampler_num_latents=4,
+        resampler_depth=1,
+        resampler_dim_head=8,
+        resampler_heads=4,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    return transformers.EvollaForProteinText2Text(config).eval()
+
+
+@pytest.mark.parametrize(("build", "tower"), [(idefics, "vision_model."), (evolla, "protein_encoder.")])
+def test_a_tower_that_is_not_the_texts_takes_no_text_prefix(build, tower):
+    """Before, Idefics' image patches (its vision transformer is a plain module, not a model with a main input)
+    and Evolla's protein tokens attended to the text layers' prefixes where their heads had the text's shape."""
+    model = get_peft_model(build(), PrefixTuningV2Config(task_type="CAUSAL_LM", prefix_length=3))
+    sited = [name for name, m in model.named_modules() if SITE_ATTR in m.__dict__]
+    assert sited and not [name for name in sited if f".{tower}" in f".{name}"]
+
+
+def test_gpt2_upcast_attention_under_eager_is_refused_and_served_under_sdpa():
+    """GPT-2 upcasts its scores (reorder_and_upcast_attn) only under the name "eager"; under peft-ipt's name it
+    would silently attend without the upcast. sdpa never upcasts, adapter or not."""
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, reorder_and_upcast_attn=True
+    )
+    eager = transformers.GPT2LMHeadModel._from_config(config, attn_implementation="eager")
+    with pytest.raises(
+        UnsupportedModelError, match=r"reorder_and_upcast_attn=True.*attn_implementation='sdpa'"
+    ):
+        get_peft_model(eager, PrefixTuningV2Config(task_type="CAUSAL_LM", prefix_length=3))
+    assert not any(SITE_ATTR in m.__dict__ for m in eager.modules())  # refused before anything was installed
+    sdpa = transformers.GPT2LMHeadModel._from_config(config, attn_implementation="sdpa")
+    model = get_peft_model(sdpa, PrefixTuningV2Config(task_type="CAUSAL_LM", prefix_length=3)).eval()
+    ids = token_batch()
+    model(input_ids=ids)
+    model.base_model.model.set_attn_implementation("eager")  # switched afterwards: refused at the next call
+    with pytest.raises(UnsupportedModelError, match="reorder_and_upcast_attn=True"):
+        model(input_ids=ids)

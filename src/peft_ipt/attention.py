@@ -349,8 +349,17 @@ def tokenless_towers(model: nn.Module) -> tuple[str, ...]:
     return tuple(
         name + "."
         for name, module in model.named_modules()
-        if name and isinstance(module, PreTrainedModel) and module.main_input_name != "input_ids"
+        if name
+        and (
+            (isinstance(module, PreTrainedModel) and module.main_input_name != "input_ids")
+            or type(module).__name__ in OTHER_TOWERS
+        )
     )
+
+
+# towers that are plain modules, not models with a main input (Idefics' vision transformer), or that read tokens of
+# their own (Evolla's protein encoder): their attention is not the text's and takes no text prefix
+OTHER_TOWERS = ("IdeficsVisionTransformer", "EvollaProteinEncoder")
 
 
 def not_over_tokens(model: nn.Module, sites) -> list[nn.Module]:
@@ -537,6 +546,18 @@ def check_transformers_model(model: nn.Module) -> str:
     return base_impl
 
 
+def check_no_upcast(sites, base_impl: str) -> None:
+    """GPT-2 upcasts its attention scores only under the implementation name "eager" (``reorder_and_upcast_attn``):
+    under peft-ipt's name it would silently attend without the upcast."""
+    if base_impl == "eager" and any(getattr(m, "reorder_and_upcast_attn", False) for m, *_ in sites):
+        raise UnsupportedModelError(
+            "reorder_and_upcast_attn=True with attn_implementation='eager': GPT-2 upcasts its attention scores "
+            "only in its own eager code, which a prefix cannot go through, so the adapted model would attend "
+            "without the upcast. Load the model with attn_implementation='sdpa' (which never upcasts, with or "
+            "without an adapter) or with reorder_and_upcast_attn=False."
+        )
+
+
 class AttentionPath:
     """How prefixes enter one family of models: where the attention sites are, and the door into each.
 
@@ -568,6 +589,7 @@ class AttentionPath:
 
     def install(self, model: nn.Module, sites, provider_ref) -> None:
         base_impl = check_transformers_model(model)
+        check_no_upcast(sites, base_impl)
         for module, kind, layer, n_kv, head_dim in sites:
             site = AttentionSite(kind, layer, n_kv, head_dim, _inner_implementation(module, base_impl))
             tiled_by = KV_TILED_BY.get(type(module).__name__)
@@ -618,6 +640,7 @@ class AttentionPath:
                 f"without them. Set it back with model.set_attn_implementation('{self._base_impl}') (supported: "
                 f"{', '.join(SUPPORTED_IMPLEMENTATIONS)})."
             )
+        check_no_upcast(self._sites, base)
         self._route(model, base)
 
     def _route(self, model: nn.Module, base_impl: str) -> None:
