@@ -353,7 +353,7 @@ CACHE_VIEW_PATHS = (
     ),
     *(
         # BERT-like encoders, decoders with is_decoder: self-attention only ("crossattention.self" is left out)
-        CacheViewPath(
+        path(
             model_type,
             attention_class,
             attrgetter("num_attention_heads"),
@@ -364,22 +364,13 @@ CACHE_VIEW_PATHS = (
             causal_by_config=True,
             rotary_table_class=table,
         )
-        for model_type, attention_class, table in (
-            ("roformer", "RoFormerSelfAttention", "RoFormerSinusoidalPositionalEmbedding"),
-            ("rembert", "RemBertSelfAttention", None),
-            ("megatron-bert", "MegatronBertSelfAttention", None),
-            ("tapas", "TapasSelfAttention", None),  # an encoder only
+        for path, model_type, attention_class, table in (
+            (CacheViewPath, "roformer", "RoFormerSelfAttention", "RoFormerSinusoidalPositionalEmbedding"),
+            (CacheViewPath, "rembert", "RemBertSelfAttention", None),
+            (CacheViewPath, "megatron-bert", "MegatronBertSelfAttention", None),
+            (CacheViewPath, "tapas", "TapasSelfAttention", None),  # an encoder only
+            (BigBirdPath, "big_bird", "BigBirdSelfAttention", None),  # in full attention only
         )
-    ),
-    BigBirdPath(
-        "big_bird",
-        "BigBirdSelfAttention",
-        attrgetter("num_attention_heads"),
-        cache_args=("cache", "past_key_values"),
-        module_name=".attention.self",
-        head_dim_attr="attention_head_size",
-        additive_mask=True,
-        causal_by_config=True,
     ),
     CacheViewPath(
         "xglm",
