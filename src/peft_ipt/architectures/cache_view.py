@@ -131,20 +131,19 @@ class _BigBirdInstallation(_CacheViewInstallation):
     at the next call rather than run without the prefix."""
 
     def sites(self, model: nn.Module):
-        if _sparse_parts(model):
+        if _block_sparse(model):
             raise UnsupportedModelError(BLOCK_SPARSE + FULL_ATTENTION_FIX)
         if any(hasattr(m, "crossattention") for m in model.modules()):
             raise UnsupportedModelError(CROSS_ATTENTION)
         return super().sites(model)
 
     def check_routed(self, model: nn.Module) -> None:
-        # one walk over the modules (a copied or unpickled model's doors are its own modules' attributes)
-        if not any(
-            (kind == "BigBirdAttention" and SITE_ATTR not in m.self.__dict__)
-            or (kind in ("BigBirdModel", "BigBirdAttention") and m.attention_type != "original_full")
+        # (a copied or unpickled model's doors are its own modules' attributes)
+        doorless = any(
+            type(m).__name__ == "BigBirdAttention" and SITE_ATTR not in m.self.__dict__
             for m in model.modules()
-            for kind in (type(m).__name__,)
-        ):
+        )
+        if not doorless and not _block_sparse(model):
             return
         raise UnsupportedModelError(
             "BigBird's attention modules were replaced after get_peft_model (set_attention_type(...) builds new "
@@ -155,14 +154,13 @@ class _BigBirdInstallation(_CacheViewInstallation):
         )
 
 
-def _sparse_parts(model: nn.Module) -> list[str]:
-    """The names of BigBird's model and attention modules set to block-sparse attention."""
-    return [
-        name or type(m).__name__
-        for name, m in model.named_modules()
-        if type(m).__name__ in ("BigBirdModel", "BigBirdAttention")
+def _block_sparse(model: nn.Module) -> bool:
+    """Whether any of BigBird's model or attention modules is set to block-sparse attention."""
+    return any(
+        type(m).__name__ in ("BigBirdModel", "BigBirdAttention")
         and getattr(m, "attention_type", "original_full") != "original_full"
-    ]
+        for m in model.modules()
+    )
 
 
 def _before_attention(module: nn.Module, args: tuple, kwargs: dict):
