@@ -1564,60 +1564,40 @@ def test_a_bigbird_decoder_with_cross_attention_is_refused_naming_why():
         )
 
 
-def test_bigbird_pegasus_refuses_its_encoders_prefix_and_serves_its_decoder():
-    """Its decoder goes through the registry, its encoder (BigBird's attention) does not: before, encoder_prefix=None
-    ("on where the model has it") left the encoder silently without a prefix."""
-    config = BigBirdPegasusConfig(
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        max_position_embeddings=64,
-        decoder_start_token_id=2,
-        **IDS,
-    )
-    build = lambda: AutoModelForSeq2SeqLM.from_config(config).eval()  # noqa: E731
-    with pytest.raises(
-        ValueError, match=r"encoder_prefix=None: .*BigBirdPegasusEncoderAttention.*encoder_prefix=False"
-    ):
-        get_peft_model(build(), PrefixTuningV2Config(task_type="SEQ_2_SEQ_LM", prefix_length=3))
-    prefix = PrefixTuningV2Config(task_type="SEQ_2_SEQ_LM", prefix_length=3, encoder_prefix=False)
-    model = get_peft_model(build(), prefix)
-    assert {m.__dict__[SITE_ATTR].kind for m in model.modules() if SITE_ATTR in m.__dict__} == {
-        "decoder",
-        "cross",
-    }
-
-
+# BART's layout, shrunk: the encoder-decoders below share it
+BART_SIZES = {
+    "d_model": 32,
+    "encoder_layers": 2,
+    "decoder_layers": 2,
+    "encoder_attention_heads": 4,
+    "decoder_attention_heads": 4,
+    "encoder_ffn_dim": 64,
+    "decoder_ffn_dim": 64,
+    "max_position_embeddings": 64,
+    "decoder_start_token_id": 2,
+}
+# model type -> (config, what the refusal names): local / transient-global attention (LongT5), block-local attention
+# with global tokens (PEGASUS-X), BigBird's attention (BigBirdPegasus)
 SEQ2SEQ_WITH_ENCODERS_OFF_THE_REGISTRY = {
-    # local / transient-global attention (LongT5) and block-local attention with global tokens (PEGASUS-X)
-    "longt5": lambda: LongT5Config(
-        d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0, **IDS
+    "longt5": (
+        lambda: LongT5Config(
+            d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0, **IDS
+        ),
+        "encoder",
     ),
-    "pegasus_x": lambda: PegasusXConfig(
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        max_position_embeddings=64,
-        decoder_start_token_id=2,
-        **IDS,
-    ),
+    "pegasus_x": (lambda: PegasusXConfig(**BART_SIZES, **IDS), "encoder"),
+    "bigbird_pegasus": (lambda: BigBirdPegasusConfig(**BART_SIZES, **IDS), "BigBirdPegasusEncoderAttention"),
 }
 
 
 @pytest.mark.parametrize("name", list(SEQ2SEQ_WITH_ENCODERS_OFF_THE_REGISTRY))
 def test_an_encoder_off_the_registry_refuses_its_prefix_and_the_decoder_is_served(name):
-    """Before, the default encoder_prefix=None left such an encoder silently without a prefix."""
-    config = SEQ2SEQ_WITH_ENCODERS_OFF_THE_REGISTRY[name]()
+    """Their decoders go through the registry, their encoders do not: before, the default encoder_prefix=None ("on
+    where the model has it") left such an encoder silently without a prefix."""
+    build_config, named = SEQ2SEQ_WITH_ENCODERS_OFF_THE_REGISTRY[name]
+    config = build_config()
     build = lambda: AutoModelForSeq2SeqLM.from_config(config).eval()  # noqa: E731
-    with pytest.raises(ValueError, match=r"encoder_prefix=None: .*encoder.*encoder_prefix=False"):
+    with pytest.raises(ValueError, match=rf"encoder_prefix=None: .*{named}.*encoder_prefix=False"):
         get_peft_model(build(), PrefixTuningV2Config(task_type="SEQ_2_SEQ_LM", prefix_length=3))
     prefix = PrefixTuningV2Config(task_type="SEQ_2_SEQ_LM", prefix_length=3, encoder_prefix=False)
     model = get_peft_model(build(), prefix)

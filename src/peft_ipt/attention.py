@@ -487,7 +487,7 @@ def halves_off_the_registry(model: nn.Module) -> dict[str, str]:
             f"only, or build the {half} from a model type on the registry (BERT, RoBERTa, GPT-2...)."
         )
         found.update(dict.fromkeys(kinds, reason))
-    encoder = model.get_encoder()
+    encoder = halves[ENCODER][0]
     own = next((m for m in encoder.modules() if type(m).__name__ in ENCODER_ATTENTION_OFF_THE_REGISTRY), None)
     if own is not None and ENCODER not in found:
         found[ENCODER] = (
