@@ -179,6 +179,26 @@ DECODERS = {
         num_experts_per_tok=2,
         **{k: v for k, v in IDS.items() if k != "vocab_size"},
     ),
+    # two latent attentions in each decoder layer (cache slots 2i and 2i + 1), named MLA: each takes a prefix of
+    # its own; keys 4 + 4 wide, values 6
+    "longcat_flash": lambda: transformers.LongcatFlashConfig(
+        hidden_size=32,
+        num_layers=2,
+        num_attention_heads=4,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_nope_head_dim=4,
+        qk_rope_head_dim=4,
+        head_dim=4,
+        v_head_dim=6,
+        ffn_hidden_size=64,
+        expert_ffn_hidden_size=32,
+        n_routed_experts=4,
+        zero_expert_num=2,
+        moe_topk=2,
+        max_position_embeddings=64,
+        **IDS,
+    ),
 }
 if hasattr(transformers, "Inkling2TextConfig"):  # transformers 5.25 has it, 5.20 not
     # Attention residuals call the attention function over each layer's block states (no tokens, no mask): they
@@ -343,6 +363,7 @@ def test_a_left_padded_decoder_batch_matches_each_row_alone(name, method):
         "deepseek_v3",
         "mimo_v2_flash",
         "jetmoe",
+        "longcat_flash",
     ],
 )
 def test_a_prefix_of_the_models_own_keys_and_values_acts_as_those_tokens_in_front(name):
@@ -844,6 +865,34 @@ def test_an_input_level_prompt_on_tapas_question_answering_is_refused_naming_the
         get_peft_model(base, config)
 
 
+@pytest.mark.parametrize("method", ["prefix_v2", "ipt"])
+@pytest.mark.parametrize("name", ["AlignText", "ClapText"])
+def test_the_text_towers_of_align_and_clap_take_a_prefix(name, method):
+    """Their self-attention goes through the registry without an is_causal mark (before, "no attention modules
+    found"): the prefix moves the features, a right-padded row gets its features alone, the loss reaches the adapter
+    and disable_adapter gives the bare model's exactly."""
+    config = getattr(transformers, f"{name}Config")(**BERT_SIZES, **IDS)
+    torch.manual_seed(0)
+    base = getattr(transformers, f"{name}Model")(config).eval()
+    ids = token_batch(2, 7)
+    mask = torch.ones_like(ids)
+    ids[1, 5:], mask[1, 5:] = 0, 0
+    with torch.no_grad():
+        bare = base(input_ids=ids, attention_mask=mask).last_hidden_state
+    model = get_peft_model(base, METHODS[method]("FEATURE_EXTRACTION"))
+    with torch.no_grad():
+        features = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        alone = model(input_ids=ids[1:, :5], attention_mask=mask[1:, :5]).last_hidden_state
+        with model.disable_adapter():
+            assert torch.equal(model(input_ids=ids, attention_mask=mask).last_hidden_state, bare)
+    assert not torch.allclose(features, bare, atol=1e-4)
+    torch.testing.assert_close(features[1, :5], alone[0], rtol=1e-4, atol=1e-5)
+    model.train()
+    model(input_ids=ids, attention_mask=mask).last_hidden_state.pow(2).mean().backward()
+    grads = trainable_grads(model)
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
 @pytest.mark.parametrize("method", ["prefix_v2", "ipt", "ipt_frozen"])
 def test_splinter_answers_questions_with_a_prefix(method):
     """Splinter's attention, on the registry without an is_causal mark, takes the prefix in question answering: the
@@ -1132,6 +1181,15 @@ def test_supported_models_names_each_tested_model_types_path(capsys):
     assert all(lines[t] in ("cache_view  yes", "registry  yes") for t in served)
     assert lines["roformer"] == lines["rembert"] == lines["megatron-bert"] == "cache_view  yes"
     assert lines["mpnet"] == "mpnet  yes"
+    # their encoders attend off the registry: served with encoder_prefix=False (test_an_encoder_off_the_registry...)
+    assert (
+        lines["longt5"]
+        == lines["pegasus_x"]
+        == lines["bigbird_pegasus"]
+        == "registry (encoder_prefix=False)  yes"
+    )
+    for served_now in ("longcat_flash", "align", "clap", "moss_transcribe_diarize", "phi4_multimodal"):
+        assert lines[served_now] == "registry  yes"
 
 
 def test_a_module_that_bypasses_the_registry_is_refused_at_its_first_call_not_ignored():

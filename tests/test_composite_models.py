@@ -403,16 +403,44 @@ def test_git_is_refused_where_only_its_image_encoder_could_take_prefixes():
         get_peft_model(GitForCausalLM(config), CASES["prefix_v2"]())
 
 
+def tiny_moss():
+    """MOSS-Transcribe-Diarize around a tiny Qwen3: its forward names no position_ids, only ``**kwargs``, which it
+    hands on to the Qwen3."""
+    if not hasattr(transformers, "MossTranscribeDiarizeConfig"):
+        pytest.skip(f"transformers {transformers.__version__} has no MOSS-Transcribe-Diarize")
+    text = {
+        "model_type": "qwen3",
+        **TINY,
+        "num_key_value_heads": 2,
+        "head_dim": 8,
+        "max_position_embeddings": 64,
+    }
+    config = transformers.MossTranscribeDiarizeConfig(
+        audio_config={
+            "hidden_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+            "intermediate_size": 64,
+        },
+        text_config={**text, "vocab_size": VOCAB, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    )
+    torch.manual_seed(0)
+    return transformers.MossTranscribeDiarizeForConditionalGeneration(config).eval()
+
+
 @pytest.mark.parametrize("case", ["prefix_v2", "ipt"])
-@pytest.mark.parametrize("build", ["fuyu", "llava"])
+@pytest.mark.parametrize("build", ["fuyu", "llava", "moss"])
 def test_a_left_padded_row_of_a_composite_rotary_model_gets_its_logits_alone(build, case):
     # A model built of submodels around a rotary language model (Fuyu around Persimmon, Llava around Llama) numbers
     # text positions along the text; the prefix's keys carry none, so a left-padded row called without
     # position_ids must be renumbered from its first token, as for a plain rotary decoder (Fuyu's row was 3.7e-2
-    # off the row alone, silently).
+    # off the row alone, silently; MOSS-Transcribe-Diarize's 3.1e-2, its forward taking position_ids only through
+    # **kwargs).
     from transformers import FuyuConfig, FuyuForCausalLM
 
-    if build == "fuyu":
+    if build == "moss":
+        bare_model = tiny_moss()
+    elif build == "fuyu":
         config = FuyuConfig(
             vocab_size=VOCAB,
             hidden_size=32,
@@ -490,10 +518,33 @@ def evolla() -> transformers.EvollaForProteinText2Text:
     return transformers.EvollaForProteinText2Text(config).eval()
 
 
-@pytest.mark.parametrize(("build", "tower"), [(idefics, "vision_model."), (evolla, "protein_encoder.")])
+def phi4_multimodal() -> transformers.Phi4MultimodalForCausalLM:
+    audio = {"hidden_size": 32, "intermediate_size": 64, "num_blocks": 2, "num_attention_heads": 4}
+    audio |= {"ext_pw_out_channel": 32, "depthwise_seperable_out_channel": 32, "nemo_conv_channels": 32}
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4}
+    config = transformers.Phi4MultimodalConfig(
+        **TINY | {"vocab_size": 200},
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        audio_config=audio,
+        vision_config=vision | {"image_size": 16, "patch_size": 8, "crop_size": 16},
+    )
+    torch.manual_seed(0)
+    return transformers.Phi4MultimodalForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize(
+    ("build", "tower"),
+    [(idefics, "vision_model."), (evolla, "protein_encoder."), (phi4_multimodal, "audio_embed.encoder.")],
+)
 def test_a_tower_that_is_not_the_texts_takes_no_text_prefix(build, tower):
     """Before, Idefics' image patches (its vision transformer is a plain module, not a model with a main input)
-    and Evolla's protein tokens attended to the text layers' prefixes where their heads had the text's shape."""
+    and Evolla's protein tokens attended to the text layers' prefixes where their heads had the text's shape;
+    Phi-4-multimodal's audio encoder (a model that names no main input, inside the text model's embedding) was
+    taken for text layers 0..23 beside the text's own."""
     model = get_peft_model(build(), PrefixTuningV2Config(task_type="CAUSAL_LM", prefix_length=3))
     sited = [name for name, m in model.named_modules() if SITE_ATTR in m.__dict__]
     assert sited and not [name for name in sited if f".{tower}" in f".{name}"]

@@ -318,18 +318,24 @@ def _value_dim(module: nn.Module, key_dim: int) -> int:
 
 # Attention classes that call the attention function without transformers' ``is_causal`` mark, with the causality
 # they attend with: Doge's dynamic-mask attention (always given its mask, a causal one), and the self-attention of
-# encoders that never decode: LayoutLM, MarkupLM and Splinter (before, "no attention modules found").
+# encoders that never decode: LayoutLM, MarkupLM, Splinter and the text towers of ALIGN and CLAP (before, "no
+# attention modules found").
 UNMARKED_ATTENTION = {
     "DogeAttention": True,
     "LayoutLMSelfAttention": False,
     "MarkupLMSelfAttention": False,
     "SplinterSelfAttention": False,
+    "AlignTextSelfAttention": False,
+    "ClapTextSelfAttention": False,
 }
+# Attention classes named otherwise: LongCat-Flash's multi-head latent attention
+OTHER_ATTENTION_NAMES = ("LongcatFlashMLA",)
 
 
 def _is_attention(module: nn.Module) -> bool:
     name = type(module).__name__
-    return name.endswith("Attention") and (hasattr(module, "is_causal") or name in UNMARKED_ATTENTION)
+    named = name.endswith("Attention") or name in OTHER_ATTENTION_NAMES
+    return named and (hasattr(module, "is_causal") or name in UNMARKED_ATTENTION)
 
 
 def input_embeddings(model: nn.Module) -> nn.Module | None:
@@ -357,9 +363,10 @@ def tokenless_towers(model: nn.Module) -> tuple[str, ...]:
     )
 
 
-# towers that are plain modules, not models with a main input (Idefics' vision transformer), or that read tokens of
-# their own (Evolla's protein encoder): their attention is not the text's and takes no text prefix
-OTHER_TOWERS = ("IdeficsVisionTransformer", "EvollaProteinEncoder")
+# towers that are plain modules, not models with a main input (Idefics' vision transformer), that read tokens of
+# their own (Evolla's protein encoder), or that name no main input although they read speech (Phi-4-multimodal's
+# audio encoder, inside its embedding): their attention is not the text's and takes no text prefix
+OTHER_TOWERS = ("IdeficsVisionTransformer", "EvollaProteinEncoder", "Phi4MultimodalAudioModel")
 
 
 def not_over_tokens(model: nn.Module, sites) -> list[nn.Module]:
@@ -456,7 +463,30 @@ def discover_sites(model: nn.Module) -> list[tuple[nn.Module, str, int, int, int
             kind = CROSS if layer in seen_decoder_layers else DECODER
             seen_decoder_layers.add(layer)
         sites.append((module, kind, layer, *_kv_shape(module, config)))
-    return sites
+    return _own_layer_indices(sites)
+
+
+def _own_layer_indices(sites: list[tuple]) -> list[tuple]:
+    """Where one layer holds several attention modules of a kind (LongCat-Flash's two per decoder layer, each with
+    its own slot in the cache), number that kind's sites by the modules' own ``layer_idx``, so each takes a prefix of
+    its own; every other model keeps the index in its module name."""
+    kinds = {site[1] for site in sites}
+    renumbered = set()
+    for kind in kinds:
+        of_kind = [site for site in sites if site[1] == kind]
+        layers = [site[2] for site in of_kind]
+        if len(set(layers)) == len(layers):
+            continue
+        own = [getattr(site[0], "layer_idx", None) for site in of_kind]
+        if not all(isinstance(index, int) for index in own) or len(set(own)) != len(own):
+            raise UnsupportedModelError(
+                f"{type(of_kind[0][0]).__name__}: several {kind} attention modules share layer {layers[0]} and carry "
+                "no distinct layer_idx, so peft-ipt cannot give each a prefix of its own"
+            )
+        renumbered.add(kind)
+    return [
+        (site[0], site[1], site[0].layer_idx, *site[3:]) if site[1] in renumbered else site for site in sites
+    ]
 
 
 def halves_off_the_registry(model: nn.Module) -> dict[str, str]:

@@ -26,6 +26,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils.integrations import init_empty_weights
 from peft.utils.other import AuxiliaryTrainingWrapper, set_additional_trainable_modules
 from torch import nn
+from transformers import PreTrainedModel
 from transformers.generation.continuous_batching.cache import PagedAttentionCache
 from transformers.utils.import_utils import is_tracing
 
@@ -117,6 +118,23 @@ def gradient_checkpointing_on(model: nn.Module) -> bool:
     if flag is None:
         flag = getattr(model, "is_gradient_checkpointing", False)
     return bool(flag)
+
+
+def _passes_position_ids(module: nn.Module) -> bool:
+    """Whether a call of ``module`` can take position_ids: its forward names them, or takes ``**kwargs`` around a
+    text model whose forward names them (MOSS-Transcribe-Diarize hands its keyword arguments on to its Qwen3)."""
+    parameters = inspect.signature(module.forward).parameters
+    if "position_ids" in parameters:
+        return True
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return False
+    return any(
+        inner is not module
+        and isinstance(inner, PreTrainedModel)
+        and inner.main_input_name == "input_ids"
+        and "position_ids" in inspect.signature(inner.forward).parameters
+        for inner in module.modules()
+    )
 
 
 def position_limit(model: nn.Module) -> int | None:
@@ -1230,7 +1248,7 @@ class PromptTuner(BaseTuner):
             known[key] = (
                 not getattr(config, "is_encoder_decoder", False)
                 and not any(hasattr(m, "get_rope_index") for m in self.model.modules())
-                and "position_ids" in inspect.signature(module.forward).parameters
+                and _passes_position_ids(module)
                 and (
                     any(type(m).__name__.endswith("RotaryEmbedding") for m in self.model.modules())
                     # GPT-J and CodeGen rotate from a table of their own in older releases (transformers 5.20)

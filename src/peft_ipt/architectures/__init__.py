@@ -31,10 +31,13 @@ ARCHITECTURE_PATHS = (*CACHE_VIEW_PATHS, *DEBERTA_PATHS, *MPNET_PATHS, *ENCODER_
 # Model types the test suite runs on tiny models (tests/conftest.py, tests/test_architectures.py,
 # tests/test_composite_models.py, tests/test_hybrid_models.py, tests/test_tokenless_models.py).
 TESTED_MODEL_TYPES = (
+    "align",
     "bart",
     "bert",
     "big_bird",
+    "bigbird_pegasus",
     "bloom",
+    "clap",
     "codegen",
     "deberta",
     "deberta-v2",
@@ -57,12 +60,17 @@ TESTED_MODEL_TYPES = (
     "lfm2",
     "llama",
     "llava",
+    "longcat_flash",
+    "longt5",
     "markuplm",
     "megatron-bert",
     "mimo_v2_flash",
+    "moss_transcribe_diarize",
     "mpnet",
     "mpt",
     "mvp",
+    "pegasus_x",
+    "phi4_multimodal",
     "qwen2_vl",
     "qwen3_next",
     "rembert",
@@ -82,6 +90,11 @@ TESTED_MODEL_TYPES = (
 # Model types whose modeling file uses the registry, but not for the attention that reads the text: GIT's text
 # layers compute attention themselves (only its image encoder calls the registry), so get_peft_model refuses it.
 REFUSED_ON_THE_REGISTRY = ("git",)
+
+# Encoder-decoders whose decoder is on the registry and whose encoder attends outside it (local/global blocks,
+# BigBird's attention): served with encoder_prefix=False, which get_peft_model names where it is not set.
+ENCODER_OFF_THE_REGISTRY = ("bigbird_pegasus", "longt5", "pegasus_x")
+DECODER_ONLY_PATH = "registry (encoder_prefix=False)"
 
 # How a modeling file builds the submodels of a model type made of others.
 COMPOSING = ("AutoModel", "AutoModelForCausalLM")
@@ -111,7 +124,7 @@ def model_types_by_path() -> dict[str, str]:
         if model_type in REFUSED_ON_THE_REGISTRY:
             found[model_type] = "refused"
         elif "ALL_ATTENTION_FUNCTIONS" in text:
-            found[model_type] = "registry"
+            found[model_type] = DECODER_ONLY_PATH if model_type in ENCODER_OFF_THE_REGISTRY else "registry"
         elif model_type in own:
             found[model_type] = own[model_type]
         elif any(f"{auto}.from_config" in text for auto in COMPOSING):
