@@ -82,6 +82,49 @@ ALIASES = {
     "num_experts_per_tok": 2,
     "moe_intermediate_size": 32,
     "sliding_window": 4,
+    # multi-head latent attention (DeepSeek-V2/V3, MiniCPM3, LongCat-Flash): small ranks, head parts summing to 8
+    "q_lora_rank": 16,
+    "kv_lora_rank": 16,
+    "qk_rope_head_dim": 4,
+    "qk_nope_head_dim": 4,
+    "v_head_dim": 8,
+    "cross_attention_hidden_size": 32,  # T5Gemma's decoder reads its encoder's width
+    "rotary_dim": 4,  # GPT-J, CodeGen: rotary over part of the 8-wide heads
+}
+# Model types whose layer pattern or state-space sizes the generic config breaks: at least one attention layer in two
+# layers, and sizes that divide.
+TYPE_SETTINGS = {
+    "jamba": {
+        "attn_layer_period": 2,
+        "attn_layer_offset": 1,
+        "expert_layer_period": 2,
+        "expert_layer_offset": 1,
+        "use_mamba_kernels": False,
+        "mamba_dt_rank": 4,
+    },
+    "bamba": {
+        "attn_layer_indices": [1],
+        "mamba_n_heads": 4,
+        "mamba_d_head": 16,
+        "mamba_d_state": 8,
+        "mamba_chunk_size": 8,
+    },
+    "granitemoehybrid": {
+        "layer_types": ["mamba", "attention"],
+        "mamba_n_heads": 4,
+        "mamba_d_head": 16,
+        "mamba_d_state": 8,
+        "mamba_chunk_size": 8,
+    },
+    "recurrent_gemma": {"block_types": ["recurrent", "attention"], "lru_width": 32},
+    "gpt_neo": {"attention_types": [[["global", "local"], 1]], "window_size": 4},
+    "prophetnet": {
+        "num_encoder_layers": 2,
+        "num_decoder_layers": 2,
+        "num_encoder_attention_heads": 4,
+        "num_decoder_attention_heads": 4,
+        "ngram": 2,
+    },
 }
 SEQ2SEQ_PAD = 1  # BART-like models pad with 1 and start the decoder with 2
 # A generic config leaves a model type's sub-configs (a speech encoder's, a vision tower's) at their full size:
@@ -89,6 +132,10 @@ SEQ2SEQ_PAD = 1  # BART-like models pad with 1 and start the decoder with 2
 MAX_PARAMETERS = 20_000_000
 METHODS = ("prefix_v2", "ipt", "ipt_input")
 TIMEOUT_S = 60
+IMAGE_TEXT = (
+    "IMAGE_TEXT_TO_TEXT"  # a group, not a peft task type: tuned as a causal LM, or seq2seq if it is one
+)
+FOUR_LAYERS: set[str] = set()  # model types built with four layers (filled by sweep)
 
 
 class TimedOut(Exception):
@@ -114,30 +161,77 @@ def model_types() -> dict[str, list[str]]:
     causal = sorted(auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
     seq2seq = sorted(auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
     encoders = sorted(set(auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES) - set(causal) - set(seq2seq))
-    return {"CAUSAL_LM": causal, "SEQ_2_SEQ_LM": seq2seq, "SEQ_CLS": encoders}
+    # image-text models mapped to no LM class above (Llava, PaliGemma, BLIP-2, Qwen2.5-VL...), called with text
+    image_text = sorted(set(auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES) - set(causal) - set(seq2seq))
+    return {"CAUSAL_LM": causal, "SEQ_2_SEQ_LM": seq2seq, "SEQ_CLS": encoders, IMAGE_TEXT: image_text}
+
+
+def _config(model_type: str, settings: dict):
+    """The model type's config with ``settings``, leaving out those it cannot take (Falcon's derived head_dim,
+    ProphetNet's num_hidden_layers)."""
+    from transformers import AutoConfig
+
+    settings = dict(settings)
+    while True:
+        try:
+            return AutoConfig.for_model(model_type, **settings)
+        except (AttributeError, NotImplementedError) as error:
+            named = [k for k in settings if f"'{k}'" in str(error) or f"`{k}`" in str(error)]
+            if not named:
+                raise
+            del settings[named[0]]
+
+
+def _shrink(config, settings: dict) -> None:
+    """Set ``settings`` on each sub-config of a config (a vision tower's, a speech encoder's, T5Gemma's halves),
+    where it has the field and can take it."""
+    from transformers import PretrainedConfig
+
+    for sub in [v for v in vars(config).values() if isinstance(v, PretrainedConfig)]:
+        for name, value in settings.items():
+            settable = not isinstance(getattr(type(sub), name, None), property)
+            if settable and hasattr(sub, name) and not isinstance(getattr(sub, name), PretrainedConfig):
+                try:
+                    setattr(sub, name, value)
+                except Exception:  # a validated field: the sub-config keeps its own
+                    pass
+        _shrink(sub, settings)
 
 
 def tiny_model(model_type: str, task: str):
     from transformers import (
-        AutoConfig,
         AutoModelForCausalLM,
+        AutoModelForImageTextToText,
         AutoModelForSeq2SeqLM,
         AutoModelForSequenceClassification,
     )
 
-    settings = dict(GENERIC)
+    settings = dict(GENERIC) | TYPE_SETTINGS.get(model_type, {})
+    if model_type in FOUR_LAYERS:
+        settings["num_hidden_layers"] = 4
     if task == "SEQ_2_SEQ_LM":
         settings |= {"pad_token_id": SEQ2SEQ_PAD, "bos_token_id": 0, "forced_eos_token_id": None}
-    config = AutoConfig.for_model(model_type, **settings)
-    for name, value in ALIASES.items():
-        if hasattr(config, name):
-            try:
-                setattr(config, name, value)
-            except Exception:  # a derived or validated field: the config keeps its own
-                pass
-    if hasattr(config, "num_key_value_heads"):
-        config.num_key_value_heads = 2  # grouped-query attention where the model type has it
-    auto = {"CAUSAL_LM": AutoModelForCausalLM, "SEQ_2_SEQ_LM": AutoModelForSeq2SeqLM}
+    probe = _config(model_type, settings)
+    # the aliases the model type has go to the constructor too, so fields derived from them (DeepSeek's
+    # qk_head_dim from its rotary and non-rotary parts) follow
+    settings |= {k: v for k, v in ALIASES.items() if hasattr(probe, k)}
+    # grouped-query attention where the model type (or a sub-config) has it; multi-head latent attention has keys
+    # and values for every head, and a head_dim of its rotary part
+    latent = hasattr(probe, "kv_lora_rank")
+    kv_heads = {"num_key_value_heads": GENERIC["num_attention_heads"] if latent else 2}
+    if latent:
+        settings["head_dim"] = ALIASES["qk_rope_head_dim"]
+    if hasattr(probe, "num_key_value_heads"):
+        settings |= kv_heads
+    config = _config(model_type, settings)
+    if hasattr(probe, "num_key_value_heads"):
+        config.num_key_value_heads = kv_heads["num_key_value_heads"]
+    _shrink(config, ALIASES | kv_heads | {k: v for k, v in settings.items() if k != "num_labels"})
+    auto = {
+        "CAUSAL_LM": AutoModelForCausalLM,
+        "SEQ_2_SEQ_LM": AutoModelForSeq2SeqLM,
+        IMAGE_TEXT: AutoModelForImageTextToText,
+    }
     builder = auto.get(task, AutoModelForSequenceClassification)
     with torch.device("meta"):
         count = sum(p.numel() for p in builder.from_config(config).parameters())
@@ -204,12 +298,27 @@ def bare_runs(model_type: str, task: str) -> None:
     """Raise where the tiny model without an adapter fails on the inputs (forward, generate): a generic-config
     artefact, not counted."""
     model = tiny_model(model_type, task)
+    task = input_layout(model, task)
     batch = inputs(task)
     with torch.no_grad():
         model(**batch)
         model(**row_alone(batch, task))
         if task != "SEQ_CLS":
             generate_drift(model, batch)
+
+
+def input_layout(model, task: str) -> str:
+    """The task whose inputs a model reads: a decoder-only model under the seq2seq mapping (Qwen2-Audio, Voxtral)
+    reads a causal LM's, and its logits cover the input; an image-text model a causal LM's or a seq2seq LM's."""
+    encoder_decoder = getattr(model.config, "is_encoder_decoder", False)
+    if task in ("SEQ_2_SEQ_LM", IMAGE_TEXT) and not encoder_decoder:
+        return "CAUSAL_LM"
+    return "SEQ_2_SEQ_LM" if task == IMAGE_TEXT else task
+
+
+def peft_task(model, task: str) -> str:
+    """The task_type a user gives: the group's, or for an image-text model the one its inputs are."""
+    return input_layout(model, task) if task == IMAGE_TEXT else task
 
 
 def check_method(model_type: str, task: str, method: str) -> tuple[str, str]:
@@ -219,13 +328,14 @@ def check_method(model_type: str, task: str, method: str) -> tuple[str, str]:
     from peft_ipt.attention import UnsupportedModelError
 
     base = tiny_model(model_type, task)
+    task_type, task = peft_task(base, task), input_layout(base, task)
     batch = inputs(task)
     with torch.no_grad():
         bare = base(**batch).logits
         bare_gap = padded_gap(base, batch, task)
         bare_drift = generate_drift(base, batch) if task != "SEQ_CLS" else 0.0
     try:
-        model = peft.get_peft_model(base, method_config(method, task)).eval()
+        model = peft.get_peft_model(base, method_config(method, task_type)).eval()
         with torch.no_grad():
             adapted = model(**batch).logits
     except (UnsupportedModelError, ValueError) as error:
@@ -273,11 +383,13 @@ def check_peft(model_type: str, task: str) -> str:
     import peft
 
     base = tiny_model(model_type, task)
+    task_type, task = peft_task(base, task), input_layout(base, task)
     batch = inputs(task)
     try:
         with torch.no_grad():
             bare = base(**batch).logits
-            model = peft.get_peft_model(base, peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=3))
+            config = peft.PrefixTuningConfig(task_type=task_type, num_virtual_tokens=3)
+            model = peft.get_peft_model(base, config)
             moved = (model(**batch).logits - bare).abs().max().item()
     except Exception as error:
         return f"fails ({type(error).__name__})"
@@ -288,7 +400,13 @@ def sweep(task: str, model_type: str) -> dict:
     row = {"task": task, "model_type": model_type}
     try:
         with time_limit(TIMEOUT_S):
-            bare_runs(model_type, task)
+            try:
+                bare_runs(model_type, task)
+            except ValueError as error:
+                if "get_mask_sizes" not in str(error):
+                    raise
+                FOUR_LAYERS.add(model_type)  # a hybrid whose first attention layer comes later: four layers
+                bare_runs(model_type, task)
     except (Exception, TimedOut) as error:
         row["built"] = f"{type(error).__name__}: {str(error)[:100]}"
         return row
@@ -325,7 +443,7 @@ def report(rows: list[dict]) -> str:
         "nothing), `fails`.",
         "",
     ]
-    for task in ("CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS"):
+    for task in ("CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS", IMAGE_TEXT):
         group = [r for r in built if r["task"] == task]
         if not group:
             continue

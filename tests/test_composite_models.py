@@ -429,7 +429,7 @@ def tiny_moss():
 
 
 @pytest.mark.parametrize("case", ["prefix_v2", "ipt"])
-@pytest.mark.parametrize("build", ["fuyu", "llava", "moss"])
+@pytest.mark.parametrize("build", ["fuyu", "llava", "moss", "qwen2_vl"])
 def test_a_left_padded_row_of_a_composite_rotary_model_gets_its_logits_alone(build, case):
     # A model built of submodels around a rotary language model (Fuyu around Persimmon, Llava around Llama) numbers
     # text positions along the text; the prefix's keys carry none, so a left-padded row called without
@@ -440,6 +440,9 @@ def test_a_left_padded_row_of_a_composite_rotary_model_gets_its_logits_alone(bui
 
     if build == "moss":
         bare_model = tiny_moss()
+    elif build == "qwen2_vl":  # multimodal rotary positions, numbered along the text when a call has no image
+        torch.manual_seed(0)
+        bare_model = tiny_qwen2_vl().eval()
     elif build == "fuyu":
         config = FuyuConfig(
             vocab_size=VOCAB,
@@ -469,6 +472,46 @@ def test_a_left_padded_row_of_a_composite_rotary_model_gets_its_logits_alone(bui
             bare_alone = model(input_ids=row).logits
     torch.testing.assert_close(bare, bare_alone, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["prefix_v2", "ipt"])
+def test_qwen2_vl_numbers_a_call_with_an_image_itself_and_a_left_padded_text_row_generates_as_alone(case):
+    """Qwen2-VL numbers a call with an image from its attention mask (get_rope_index, then rope_deltas in each
+    decoding step), and a call with text alone along the padding: peft-ipt renumbers the latter only. A left-padded
+    call with an image computes what it computes with the positions get_rope_index gives, and generates as the row
+    alone; a left-padded text row generates as alone."""
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_qwen2_vl().eval(), CASES[case]()).eval()
+    model.generation_config.eos_token_id = None
+    pad = torch.zeros(1, 2, dtype=torch.long)
+    row = token_batch(1, 8, low=3).clamp(max=120)
+    with_image = row.clone()
+    with_image[0, 2:6] = IMAGE  # a 4x4 grid of 4x4 patches, merged 2x2: four image tokens on a 2x2 grid
+    image = {"pixel_values": torch.randn(16, 3 * 2 * 4 * 4), "image_grid_thw": torch.tensor([[1, 4, 4]])}
+    ids = torch.cat([pad, with_image], 1)
+    mask = torch.cat([pad, torch.ones_like(row)], 1)
+    types = (ids == IMAGE).long()
+    positions, _ = model.base_model.model.model.get_rope_index(
+        ids, image_grid_thw=image["image_grid_thw"], attention_mask=mask, mm_token_type_ids=types
+    )
+    assert not torch.equal(
+        positions[1], positions[0]
+    )  # the image tokens' rows and columns: not text positions
+    call = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": types, **image}
+    with torch.no_grad():
+        torch.testing.assert_close(model(**call).logits, model(**call, position_ids=positions).logits)
+    kwargs = {"max_new_tokens": 4, "do_sample": False, "output_scores": True, "return_dict_in_generate": True}
+    alone_call = {"input_ids": with_image, "attention_mask": torch.ones_like(row), **image}
+    for padded_call, row_call in (
+        ({"input_ids": torch.cat([pad, row], 1), "attention_mask": mask}, {"input_ids": row}),
+        (call, alone_call | {"mm_token_type_ids": (with_image == IMAGE).long()}),
+    ):
+        with torch.no_grad():
+            alone = model.generate(**row_call, **kwargs)
+            padded = model.generate(**padded_call, **kwargs)
+        assert torch.equal(alone.sequences[0], padded.sequences[0, 2:])
+        for a, b in zip(alone.scores, padded.scores, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 # -- towers that are not the text's: Idefics' vision transformer (a plain module), Evolla's protein encoder ---------

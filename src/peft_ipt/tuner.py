@@ -120,6 +120,11 @@ def gradient_checkpointing_on(model: nn.Module) -> bool:
     return bool(flag)
 
 
+# Parts of the names of a call's image, video and audio inputs (pixel_values, image_grid_thw, pixel_values_videos,
+# input_features...): a model with multimodal rotary positions numbers a call carrying one itself.
+MULTIMODAL_INPUT_HINTS = ("pixel", "image", "video", "grid", "audio", "feature")
+
+
 def _passes_position_ids(module: nn.Module) -> bool:
     """Whether a call of ``module`` can take position_ids: its forward names them, or takes ``**kwargs`` around a
     text model whose forward names them (MOSS-Transcribe-Diarize hands its keyword arguments on to its Qwen3)."""
@@ -1218,6 +1223,8 @@ class PromptTuner(BaseTuner):
         ):
             return kwargs
         mask = kwargs.get("attention_mask")
+        if self._numbers_its_own_positions(kwargs, mask):
+            return kwargs
         tokens = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
         tokens = kwargs.get("inputs_embeds") if tokens is None else tokens
         if not torch.is_tensor(mask) or mask.dim() != 2 or tokens is None or tokens.dim() < 2:
@@ -1239,15 +1246,14 @@ class PromptTuner(BaseTuner):
     def _rotary_text_model(self, module: nn.Module) -> bool:
         """Whether ``module`` (an entry point) is a model with rotary positions along the text that takes
         position_ids (a decoder, or an encoder such as ModernBERT, and a model built of submodels around one, as Fuyu
-        or Moshi); models with multimodal rotary positions number them themselves (Qwen2-VL's get_rope_index), and
-        encoder-decoder models are not read, so not those."""
+        or Moshi; models with multimodal rotary positions too, where they number text alone: see
+        _numbers_its_own_positions); encoder-decoder models are not read, so not those."""
         known = self.__dict__.setdefault("_rotary_entries", {})
         key = type(module)
         if key not in known:
             config = self.model.config
             known[key] = (
                 not getattr(config, "is_encoder_decoder", False)
-                and not any(hasattr(m, "get_rope_index") for m in self.model.modules())
                 and _passes_position_ids(module)
                 and (
                     any(type(m).__name__.endswith("RotaryEmbedding") for m in self.model.modules())
@@ -1259,6 +1265,24 @@ class PromptTuner(BaseTuner):
                 )
             )
         return known[key]
+
+    def _numbers_its_own_positions(self, kwargs: dict, mask) -> bool:
+        """A model with multimodal rotary positions (Qwen2-VL, Qwen3-VL, GLM-4V: ``get_rope_index``) counts them from
+        the attention mask itself where a call carries an image, video or audio, and in the decoding steps after one
+        (its ``rope_deltas``); with text alone it numbers the padding too, as a plain rotary decoder does, so a
+        left-padded text row there is renumbered like any other (before, 4e-3 off its logits alone on a tiny
+        Qwen2-VL, 4e-2 on Qwen3-VL, silently)."""
+        positioners = [m for m in self.model.modules() if hasattr(m, "get_rope_index")]
+        if not positioners:
+            return False
+        if any(
+            value is not None and any(hint in name for hint in MULTIMODAL_INPUT_HINTS)
+            for name, value in kwargs.items()
+        ):
+            return True
+        past = cache_argument(kwargs)
+        decoding = past is not None and hasattr(past, "get_seq_length") and past.get_seq_length() > 0
+        return decoding and any(getattr(m, "rope_deltas", None) is not None for m in positioners)
 
     def _check_length(self, inputs: PromptInputs, kwargs: dict) -> None:
         """Refuse inputs longer than the model's learned positions, before the lookup fails inside torch."""
