@@ -1,6 +1,7 @@
-"""Every model type transformers maps to a causal LM, a seq2seq LM or (encoders) a sequence classifier, on a tiny
-random model built from a generic config: does each method work there, or refuse with a clear error, and what does
-peft's PrefixTuning do on the same model?
+"""Every model type transformers maps to a causal LM, a seq2seq LM, (encoders) a sequence classifier or (mapped to
+none of those) an image-text-to-text model, on a tiny random model built from a generic config: does each method work
+there, or refuse with a clear error, and what does peft's PrefixTuning do on the same model? Image-text models are
+called with text and tuned as causal LMs (seq2seq LMs where they are encoder-decoders).
 
 For each model type and method (PrefixTuningV2, IPT hybrid, IPT with an input-level prompt) the row records one of:
 - ``ok``: the adapter moves the outputs, ``disable_adapter()`` gives the bare model's (to 1e-6), a padded row's
@@ -30,6 +31,7 @@ import time
 import warnings
 from collections import Counter
 from contextlib import contextmanager
+from inspect import signature
 from pathlib import Path
 
 import torch
@@ -369,7 +371,13 @@ def check_method(model_type: str, task: str, method: str) -> tuple[str, str]:
         labels[:, :4] = -100  # the source the instance prompt reads
     if task == "SEQ_CLS":
         labels = torch.tensor([0, 1])
-    model(**batch, labels=labels).loss.backward()
+    # Molmo 2 asks for its token types (text: 0) in training, adapter or not
+    types = (
+        {"mm_token_type_ids": torch.zeros_like(batch["input_ids"])}
+        if "mm_token_type_ids" in signature(type(base).forward).parameters
+        else {}
+    )
+    model(**batch, **types, labels=labels).loss.backward()
     silent = [
         n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())
     ]
