@@ -865,6 +865,30 @@ def test_an_input_level_prompt_on_tapas_question_answering_is_refused_naming_the
         get_peft_model(base, config)
 
 
+@pytest.mark.parametrize("build", ["bert", "bart"])
+def test_a_causal_lm_with_cross_attention_beside_its_self_attention_is_served(build):
+    """BERT and BART as causal LMs with cross-attention: two attention modules at one layer index and one
+    layer_idx. Unlike LongCat-Flash's two (distinct layer_idx), they keep sharing their layer's prefix; a check that
+    refused every shared index refused these (the architecture sweep caught it)."""
+    if build == "bert":
+        config = transformers.BertConfig(**BERT_SIZES, **IDS, is_decoder=True, add_cross_attention=True)
+        base = transformers.BertLMHeadModel(config).eval()
+    else:
+        sizes = {"d_model": 32, "decoder_layers": 2, "decoder_attention_heads": 4, "decoder_ffn_dim": 64}
+        base = transformers.BartForCausalLM(transformers.BartConfig(**sizes, **IDS)).eval()
+    ids = token_batch()
+    memory = torch.randn(ids.shape[0], 5, 32)
+    with torch.no_grad():
+        bare = base(input_ids=ids, encoder_hidden_states=memory).logits
+    model = get_peft_model(base, METHODS["prefix_v2"]("CAUSAL_LM")).eval()
+    sited = [name for name, module in model.named_modules() if SITE_ATTR in module.__dict__]
+    assert len(sited) == 4  # self- and cross-attention in each of 2 layers
+    with torch.no_grad():
+        assert not torch.allclose(model(input_ids=ids, encoder_hidden_states=memory).logits, bare, atol=1e-4)
+        with model.disable_adapter():
+            assert torch.equal(model(input_ids=ids, encoder_hidden_states=memory).logits, bare)
+
+
 @pytest.mark.parametrize("method", ["prefix_v2", "ipt"])
 @pytest.mark.parametrize("name", ["AlignText", "ClapText"])
 def test_the_text_towers_of_align_and_clap_take_a_prefix(name, method):

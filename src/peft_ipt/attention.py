@@ -467,23 +467,20 @@ def discover_sites(model: nn.Module) -> list[tuple[nn.Module, str, int, int, int
 
 
 def _own_layer_indices(sites: list[tuple]) -> list[tuple]:
-    """Where one layer holds several attention modules of a kind (LongCat-Flash's two per decoder layer, each with
-    its own slot in the cache), number that kind's sites by the modules' own ``layer_idx``, so each takes a prefix of
-    its own; every other model keeps the index in its module name."""
-    kinds = {site[1] for site in sites}
+    """Where one layer holds several attention modules of a kind, each with a cache slot of its own (LongCat-Flash's
+    two per decoder layer, ``layer_idx`` 2i and 2i + 1), number that kind's sites by those slots, so each takes a
+    prefix of its own. Everywhere else a site keeps the index in its module name: a decoder's cross-attention beside
+    its self-attention at one ``layer_idx`` (BART's or BERT's as a causal LM, where it runs only given encoder states)
+    shares its layer's prefix, as it always has."""
     renumbered = set()
-    for kind in kinds:
+    for kind in {site[1] for site in sites}:
         of_kind = [site for site in sites if site[1] == kind]
         layers = [site[2] for site in of_kind]
-        if len(set(layers)) == len(layers):
-            continue
         own = [getattr(site[0], "layer_idx", None) for site in of_kind]
-        if not all(isinstance(index, int) for index in own) or len(set(own)) != len(own):
-            raise UnsupportedModelError(
-                f"{type(of_kind[0][0]).__name__}: several {kind} attention modules share layer {layers[0]} and carry "
-                "no distinct layer_idx, so peft-ipt cannot give each a prefix of its own"
-            )
-        renumbered.add(kind)
+        colliding = len(set(layers)) != len(layers)
+        distinct = all(isinstance(index, int) for index in own) and len(set(own)) == len(own)
+        if colliding and distinct:
+            renumbered.add(kind)
     return [
         (site[0], site[1], site[0].layer_idx, *site[3:]) if site[1] in renumbered else site for site in sites
     ]
