@@ -120,6 +120,7 @@ TYPE_SETTINGS = {
     },
     "recurrent_gemma": {"block_types": ["recurrent", "attention"], "lru_width": 32},
     "gpt_neo": {"attention_types": [[["global", "local"], 1]], "window_size": 4},
+    "zaya": {"num_experts_per_tok": 1},  # its config validates: one expert a token
     "prophetnet": {
         "num_encoder_layers": 2,
         "num_decoder_layers": 2,
@@ -216,7 +217,7 @@ def tiny_model(model_type: str, task: str):
     probe = _config(model_type, settings)
     # the aliases the model type has go to the constructor too, so fields derived from them (DeepSeek's
     # qk_head_dim from its rotary and non-rotary parts) follow
-    settings |= {k: v for k, v in ALIASES.items() if hasattr(probe, k)}
+    settings |= {k: v for k, v in ALIASES.items() if hasattr(probe, k)} | TYPE_SETTINGS.get(model_type, {})
     # grouped-query attention where the model type (or a sub-config) has it; multi-head latent attention has keys
     # and values for every head, and a head_dim of its rotary part
     latent = hasattr(probe, "kv_lora_rank")
