@@ -1272,7 +1272,10 @@ class PromptTuner(BaseTuner):
         (its ``rope_deltas``); with text alone it numbers the padding too, as a plain rotary decoder does, so a
         left-padded text row there is renumbered like any other (before, 4e-3 off its logits alone on a tiny
         Qwen2-VL, 4e-2 on Qwen3-VL, silently)."""
-        positioners = [m for m in self.model.modules() if hasattr(m, "get_rope_index")]
+        positioners = self.__dict__.get("_rope_positioners")
+        if positioners is None:  # read once: this runs at every outermost call and decoding step
+            positioners = [m for m in self.model.modules() if hasattr(m, "get_rope_index")]
+            self.__dict__["_rope_positioners"] = positioners
         if not positioners:
             return False
         if any(
