@@ -1646,18 +1646,11 @@ def test_a_bigbird_decoder_with_cross_attention_is_refused_naming_why():
         )
 
 
-# BART's layout, shrunk: the encoder-decoders below share it
+# the tiny BART's sizes, with IDS' special tokens: the encoder-decoders below share them
 BART_SIZES = {
-    "d_model": 32,
-    "encoder_layers": 2,
-    "decoder_layers": 2,
-    "encoder_attention_heads": 4,
-    "decoder_attention_heads": 4,
-    "encoder_ffn_dim": 64,
-    "decoder_ffn_dim": 64,
-    "max_position_embeddings": 64,
-    "decoder_start_token_id": 2,
+    k: v for k, v in TINY_SEQ2SEQ.items() if k not in ("pad_token_id", "bos_token_id", "eos_token_id")
 }
+BART_SIZES["max_position_embeddings"] = 64
 # model type -> (config, what the refusal names): local / transient-global attention (LongT5), block-local attention
 # with global tokens (PEGASUS-X), BigBird's attention (BigBirdPegasus)
 SEQ2SEQ_WITH_ENCODERS_OFF_THE_REGISTRY = {
