@@ -36,6 +36,23 @@ def all_threads():
     torch.set_num_threads(1)
 
 
+# Test files whose tests start processes of their own (torch.distributed, accelerate launch): tens of seconds each.
+SPAWNING_FILES = ("test_distributed.py", "test_accelerate_cli.py")
+
+
+def pytest_collection_modifyitems(items):
+    """The long tests first: pytest-xdist hands tests out in collection order, so the minute-long end-to-end runs
+    (marked slow) and the multi-process ones start while the quick tests fill the other workers, instead of one
+    running alone at the end of the suite. The order within each kind is kept."""
+
+    def weight(item):
+        if item.get_closest_marker("slow") is not None:
+            return 0
+        return 1 if item.path.name in SPAWNING_FILES else 2
+
+    items.sort(key=weight)
+
+
 VOCAB = 128
 # the sizes of a tiny decoder, for model types built in a test file of their own
 TINY_DECODER = {
