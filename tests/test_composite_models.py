@@ -388,6 +388,105 @@ def test_an_encoder_decoder_model_of_two_berts_takes_encoder_decoder_and_cross_p
         torch.testing.assert_close(reloaded(**call).logits, logits, atol=1e-6, rtol=0)
 
 
+# -- multimodal encoder-decoders: BLIP-2 on Flan-T5, Florence-2 (a BART) -------------------------------------------
+
+
+def blip2_on_t5() -> tuple[transformers.Blip2ForConditionalGeneration, dict, int]:
+    """BLIP-2 with a T5 language model (blip2-flan-t5-*): 4 query tokens from the Q-Former in front of the text."""
+    vision = {**TINY_VISION, "num_hidden_layers": 1}
+    qformer = {**TINY, "vocab_size": VOCAB, "num_hidden_layers": 1, "encoder_hidden_size": 32}
+    config = transformers.Blip2Config(
+        vision_config=vision,
+        qformer_config=qformer,
+        text_config=CONFIGS["t5"]().to_dict(),
+        num_query_tokens=IMAGE_TOKENS,
+        image_token_index=IMAGE,
+    )
+    torch.manual_seed(0)
+    model = transformers.Blip2ForConditionalGeneration(config).eval()
+    return model, {"pixel_values": torch.randn(2, 3, 16, 16)}, IMAGE_TOKENS
+
+
+def florence2() -> tuple[transformers.Florence2ForConditionalGeneration, dict, int]:
+    """Florence-2: a two-stage DaViT whose 5 image tokens (a 16x16 image in 2x2 patches, and their mean) go in front
+    of a BART's input."""
+    vision = {"depths": [1, 1], "patch_size": [7, 3], "patch_stride": [4, 2], "patch_padding": [3, 1]}
+    vision |= {
+        "patch_prenorm": [False, True],
+        "embed_dim": [16, 32],
+        "num_heads": [2, 4],
+        "num_groups": [2, 4],
+    }
+    vision |= {
+        "window_size": 2,
+        "projection_dim": 32,
+        "max_position_embeddings": 8,
+        "max_temporal_embeddings": 4,
+    }
+    config = transformers.Florence2Config(
+        text_config=CONFIGS["bart"]().to_dict(), vision_config=vision, image_token_id=IMAGE
+    )
+    torch.manual_seed(0)
+    model = transformers.Florence2ForConditionalGeneration(config).eval()
+    return model, {"pixel_values": torch.randn(2, 3, 16, 16)}, IMAGE_TOKENS + 1
+
+
+@pytest.mark.parametrize("build", [blip2_on_t5, florence2])
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_multimodal_encoder_decoder_takes_the_prefixes_in_its_language_model(build, case, tmp_path):
+    """BLIP-2 on Flan-T5 and Florence-2 hold an encoder-decoder language model built from their text config. Before,
+    "cannot read the hidden size of Blip2Config" (or Florence2Config): the whole model was taken for the language
+    model. Now its encoder, decoder and cross-attention layers take prefixes, the vision tower and Q-Former none; a
+    padded row scores as alone, generation equals decoding by hand, and the saved adapter reloads."""
+    base, image, image_tokens = build()
+    config = CASES[case]()
+    config.task_type = "SEQ_2_SEQ_LM"
+    model = get_peft_model(copy.deepcopy(base), config).eval()
+    sites = [
+        (name, module.__dict__[SITE_ATTR].kind)
+        for name, module in model.named_modules()
+        if SITE_ATTR in module.__dict__
+    ]
+    assert all(".language_model." in name for name, _ in sites)
+    assert [kind for _, kind in sites].count("encoder") == 2
+    assert sorted({kind for _, kind in sites}) == ["cross", "decoder", "encoder"]
+    text = token_batch(2, 7).clamp(max=IMAGE - 1)
+    ids = torch.cat([torch.full((2, image_tokens), IMAGE), text], 1)
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0
+    decoder_ids = token_batch(2, 5, seed=3)
+    call = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": decoder_ids, **image}
+    with torch.no_grad():
+        logits = model(**call).logits
+        with model.disable_adapter():
+            torch.testing.assert_close(model(**call).logits, base(**call).logits, atol=0, rtol=0)
+        assert (logits - base(**call).logits).abs().max() > 1e-3
+        row = {"pixel_values": image["pixel_values"][1:], "decoder_input_ids": decoder_ids[1:]}
+        alone = model(input_ids=ids[1:, :-2], **row).logits
+        torch.testing.assert_close(alone[0], logits[1], atol=1e-5, rtol=0)
+        kwargs = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 4, "min_new_tokens": 4, **image}
+        generated = model.generate(**kwargs, do_sample=False)
+        start = generated[:, :1]
+        by_hand = start
+        for _ in range(4):
+            step = model(input_ids=ids, attention_mask=mask, decoder_input_ids=by_hand, **image).logits[:, -1]
+            step[:, config_eos(base)] = float("-inf")  # min_new_tokens holds the end off
+            by_hand = torch.cat([by_hand, step.argmax(-1, keepdim=True)], dim=1)
+        assert torch.equal(generated[:, -5:], by_hand)
+    model.train()
+    model(**call, labels=decoder_ids).loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+    model.eval().save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**call).logits, logits, atol=1e-6, rtol=0)
+
+
+def config_eos(model) -> int:
+    return model.config.get_text_config().eos_token_id
+
+
 def test_git_is_refused_where_only_its_image_encoder_could_take_prefixes():
     """GIT's text layers compute attention themselves; only its image encoder's go through transformers' registry.
     Before, the prefixes went there alone (no effect on text-only calls) and the image encoder's 5 learned positions

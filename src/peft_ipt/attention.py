@@ -30,6 +30,7 @@ from torch import nn
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
 
 SUPPORTED_IMPLEMENTATIONS = ("eager", "sdpa")
 REGISTERED_PREFIX = "peft_ipt_"
@@ -729,9 +730,19 @@ def attention_path_for(model: nn.Module) -> AttentionPath:
 
 
 def text_config_of(config):
-    """The config of the language model: a multimodal model's text config (Llava, Gemma 3, Qwen2-VL), else itself."""
-    if getattr(config, "is_encoder_decoder", False) or not hasattr(config, "get_text_config"):
+    """The config of the language model: a multimodal model's text config (Llava, Gemma 3, Qwen2-VL; BLIP-2 on
+    Flan-T5 and Florence-2, whose language model is itself an encoder-decoder), else itself. An encoder-decoder
+    whose text config is one half of it (EncoderDecoderModel's decoder, an audio model's text decoder) is its own
+    language model: its encoder takes prefixes too."""
+    if not hasattr(config, "get_text_config"):
         return config
+    if getattr(config, "is_encoder_decoder", False):
+        try:
+            text = config.get_text_config()
+        except ValueError:  # several text configs (MusicGen's text encoder and decoder): the whole model
+            return config
+        whole = text is not config and text.model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+        return text if whole else config
     return config.get_text_config()
 
 
