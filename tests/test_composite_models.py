@@ -34,7 +34,7 @@ from transformers import (
 )
 
 from peft_ipt import InstancePromptConfig, PrefixTuningV2Config
-from peft_ipt.attention import SITE_ATTR, UnsupportedModelError
+from peft_ipt.attention import NOT_TOKENS_ATTR, SITE_ATTR, UnsupportedModelError
 
 IMAGE = 127  # the image placeholder token; a 16x16 image in 8x8 patches fills 4 of them
 IMAGE_TOKENS = 4
@@ -690,6 +690,54 @@ def test_a_tower_that_is_not_the_texts_takes_no_text_prefix(build, tower):
     model = get_peft_model(build(), PrefixTuningV2Config(task_type="CAUSAL_LM", prefix_length=3))
     sited = [name for name, m in model.named_modules() if SITE_ATTR in m.__dict__]
     assert sited and not [name for name in sited if f".{tower}" in f".{name}"]
+
+
+def kosmos2() -> transformers.Kosmos2ForConditionalGeneration:
+    text = {"vocab_size": VOCAB, "embed_dim": 32, "layers": 2, "attention_heads": 4, "ffn_dim": 64}
+    config = transformers.Kosmos2Config(
+        text_config={**text, "max_position_embeddings": 64, "pad_token_id": 1},
+        vision_config={**TINY_VISION, "num_hidden_layers": 1},
+        latent_query_num=IMAGE_TOKENS,
+    )
+    torch.manual_seed(0)
+    return transformers.Kosmos2ForConditionalGeneration(config).eval()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_kosmos2s_image_projection_attends_as_without_the_adapter(case, tmp_path):
+    """Kosmos-2's image-to-text projection is an attention module of the text's class, outside the language model,
+    reading the text config: once the language model's attention implementation was switched it reached peft-ipt's
+    attention, and every call with an image failed ("KosmosTextAttention was not prepared for prefixes"). It takes no
+    prefix: the image features are the base model's; the text layers take theirs."""
+    base = kosmos2()
+    model = get_peft_model(copy.deepcopy(base), CASES[case]()).eval()
+    ids = token_batch(2, 10, low=3)
+    image_positions = torch.zeros_like(ids)
+    image_positions[:, 1 : 1 + IMAGE_TOKENS] = 1
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0
+    pixels = torch.randn(2, 3, 16, 16)
+    call = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+    call["image_embeds_position_mask"] = image_positions
+    with torch.no_grad():
+        out, plain = model(**call), base(**call)
+        assert torch.equal(out.image_embeds, plain.image_embeds)
+        assert (out.logits - plain.logits).abs().max() > 1e-2
+        with model.disable_adapter():
+            assert torch.equal(model(**call).logits, plain.logits)
+        row = {"pixel_values": pixels[1:], "image_embeds_position_mask": image_positions[1:, :7]}
+        alone = model(input_ids=ids[1:, :7], **row).logits
+        torch.testing.assert_close(alone[0], out.logits[1, :7], atol=1e-5, rtol=0)
+        kwargs = {**call, "max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False}
+        assert torch.equal(model.generate(**kwargs), model.generate(**kwargs, use_cache=False))
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**call).logits, out.logits, atol=1e-6, rtol=0)
+    unloaded = reloaded.unload()
+    assert not [m for m in unloaded.modules() if NOT_TOKENS_ATTR in m.__dict__ or SITE_ATTR in m.__dict__]
+    with torch.no_grad():
+        assert torch.equal(unloaded(**call).logits, plain.logits)
 
 
 def test_gpt2_upcast_attention_under_eager_is_refused_and_served_under_sdpa():

@@ -387,6 +387,12 @@ def not_over_tokens(model: nn.Module, sites) -> list[nn.Module]:
     return found
 
 
+def outside_attention(model: nn.Module, tower: nn.Module) -> list[nn.Module]:
+    """The attention modules of a multimodal model outside its language model ``tower``."""
+    inside = {id(m) for m in tower.modules()}
+    return [m for m in model.modules() if id(m) not in inside and _is_attention(m)]
+
+
 def find_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The innermost attention modules (those that call the attention interface), in module order, outside any
     submodel that reads no tokens."""
@@ -793,6 +799,12 @@ class PrefixInjection:
         if self.causal is None:
             self.causal = any(getattr(module, "is_causal", False) for module, *_ in self.sites)
         self.path.install(self.tower, self.sites, ProviderRef(provider))
+        # Attention modules outside the language model that read its config (Kosmos-2's image-to-text projection:
+        # latent queries attending to the image) reach peft-ipt's attention once the language model's
+        # implementation is switched: they take no prefix and run the model's own implementation.
+        self.outside = outside_attention(model, self.tower) if self.multimodal else []
+        for module in self.outside:
+            module.__dict__[NOT_TOKENS_ATTR] = True
         setattr(model, self.MARK, True)
 
     def enable(self) -> None:
@@ -807,5 +819,7 @@ class PrefixInjection:
 
     def remove(self) -> None:
         self.path.remove(self.tower, self.sites)
+        for module in self.outside:
+            module.__dict__.pop(NOT_TOKENS_ATTR, None)
         if self.MARK in self.model.__dict__:
             delattr(self.model, self.MARK)
