@@ -1,7 +1,7 @@
-"""Models that read no tokens: speech (Whisper, Speech2Text, Wav2Vec2) and vision (ViT). On Whisper prefixes enter
-the encoder's, the decoder's and the cross-attention layers as on BART; the instance prompt is built from the
-encoder's hidden states, and the sources that read input_ids are refused. peft's PrefixTuning runs neither task type
-on Whisper."""
+"""Models that read no tokens: speech (Whisper, Speech2Text, Wav2Vec2, Moonshine) and vision (ViT, Pix2Struct). On
+Whisper prefixes enter the encoder's, the decoder's and the cross-attention layers as on BART; the instance prompt is
+built from the encoder's hidden states (only those a padded call's attention_mask keeps), and the sources that read
+input_ids are refused. peft's PrefixTuning runs neither task type on Whisper."""
 
 from __future__ import annotations
 
@@ -9,6 +9,10 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from transformers import (
+    MoonshineConfig,
+    MoonshineForConditionalGeneration,
+    Pix2StructConfig,
+    Pix2StructForConditionalGeneration,
     Speech2TextConfig,
     Speech2TextForConditionalGeneration,
     ViTConfig,
@@ -21,6 +25,7 @@ from transformers import (
 )
 
 from peft_ipt import InstancePromptConfig, PrefixTuningV2Config
+from peft_ipt.attention import SITE_ATTR
 
 START = 1
 
@@ -292,3 +297,109 @@ def test_the_embeddings_source_is_refused_on_a_model_that_reads_no_tokens(name):
         ValueError, match=f"instance_source='embeddings' on .* which reads {reads}, not input_ids"
     ):
         get_peft_model(base, InstancePromptConfig(task_type=task))
+
+
+# -- padded rows of models that read no tokens: the instance prompt pools only the real frames or patches -----------
+
+
+def pix2struct() -> Pix2StructForConditionalGeneration:
+    """Pix2Struct: a vision encoder on 16 flattened patches (row, column, 16 values) and a T5-like text decoder."""
+    text = {"vocab_size": 60, "hidden_size": 16, "d_kv": 8, "d_ff": 32, "num_layers": 2, "num_heads": 2}
+    vision = {"hidden_size": 16, "patch_embed_hidden_size": 16, "d_ff": 32, "d_kv": 8, "seq_len": 16}
+    config = Pix2StructConfig(
+        text_config={**text, "pad_token_id": 0, "eos_token_id": 2, "decoder_start_token_id": 0},
+        vision_config={**vision, "num_hidden_layers": 2, "num_attention_heads": 2},
+    )
+    torch.manual_seed(0)
+    return Pix2StructForConditionalGeneration(config).eval()
+
+
+def patches(batch: int = 2) -> torch.Tensor:
+    values = torch.randn(batch, 16, 18, generator=torch.Generator().manual_seed(1))
+    values[:, :, 0] = torch.arange(16) // 4 + 1  # row and column of each patch
+    values[:, :, 1] = torch.arange(16) % 4 + 1
+    return values
+
+
+@pytest.mark.parametrize("method", ["prefix_v2", "ipt_hidden_prefix"])
+def test_pix2struct_takes_prefixes_and_a_padded_row_scores_as_alone(method, tmp_path):
+    """Before, "cannot read the hidden size of Pix2StructConfig" (its sizes are in its text and vision configs). As on
+    Whisper, its encoder (here over image patches) takes encoder prefixes, its decoder decoder and cross prefixes. The
+    instance prompt pools only the patches the attention_mask keeps: before, a padded row's prompt pooled its padding
+    (0.08 off its logits alone on this model)."""
+    config = METHODS[method]("SEQ_2_SEQ_LM")
+    if method != "prefix_v2":
+        config.instance_scale = (
+            1.0  # at the default 0.05 a prompt pooled over the padding moves logits by less
+        )
+    base = pix2struct()
+    model = get_peft_model(pix2struct(), config).eval()
+    kinds = [m.__dict__[SITE_ATTR].kind for m in model.modules() if SITE_ATTR in m.__dict__]
+    assert kinds == ["encoder", "encoder", "decoder", "cross", "decoder", "cross"]
+    image, mask, labels = patches(), torch.ones(2, 16), targets()[:, :4]
+    mask[1, 12:] = 0
+    image[1, 12:, 2:] = 50.0  # padding that would move a prompt pooled over it
+    call = {"flattened_patches": image, "attention_mask": mask, "decoder_input_ids": labels}
+    with torch.no_grad():
+        logits = model(**call).logits
+        with model.disable_adapter():
+            assert torch.equal(model(**call).logits, base(**call).logits)
+        assert (logits - base(**call).logits).abs().max() > 1e-2
+        row = {"flattened_patches": image[1:, :12], "attention_mask": mask[1:, :12]}
+        alone = model(**row, decoder_input_ids=labels[1:]).logits
+        torch.testing.assert_close(alone[0], logits[1], atol=1e-5, rtol=0)
+        kwargs = {"flattened_patches": image, "attention_mask": mask, "max_new_tokens": 4, "do_sample": False}
+        assert torch.equal(model.generate(**kwargs), model.generate(**kwargs, use_cache=False))
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(pix2struct(), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**call).logits, logits, atol=1e-6, rtol=0)
+
+
+def test_a_padded_speech2text_row_gets_the_instance_prompt_of_its_frames_alone():
+    """Speech2Text subsamples its frames 4x; the attention_mask covers the input frames. The prompt pools the hidden
+    states its own subsampling of the mask keeps (before: all of them, padding included; the row was off its logits
+    alone by more than the tolerance)."""
+    config = METHODS["ipt_hidden"]("SEQ_2_SEQ_LM")
+    config.instance_scale = 1.0
+    base, inputs, _, _ = tokenless("speech2text")
+    model = get_peft_model(base, config).eval()
+    audio = torch.randn(2, 32, 8, generator=torch.Generator().manual_seed(2))
+    audio[1, 16:] = 0.0  # the feature extractor's padding value
+    mask = torch.ones(2, 32, dtype=torch.long)
+    mask[1, 16:] = 0
+    labels = inputs["decoder_input_ids"]
+    with torch.no_grad():
+        together = model(input_features=audio, attention_mask=mask, decoder_input_ids=labels).logits
+        alone = model(input_features=audio[1:, :16], decoder_input_ids=labels[1:]).logits
+    torch.testing.assert_close(alone[0], together[1], atol=1e-5, rtol=0)
+
+
+def moonshine() -> MoonshineForConditionalGeneration:
+    sizes = {"hidden_size": 16, "intermediate_size": 32, "pad_token_id": 0, "decoder_start_token_id": 1}
+    for half in ("encoder", "decoder"):
+        sizes |= {f"{half}_num_hidden_layers": 2, f"{half}_num_attention_heads": 2}
+        sizes |= {f"{half}_num_key_value_heads": 2}
+    torch.manual_seed(0)
+    return MoonshineForConditionalGeneration(MoonshineConfig(vocab_size=60, **sizes)).eval()
+
+
+def test_a_padded_mask_the_hidden_source_cannot_map_is_refused_and_whisper_reads_its_padding():
+    """Moonshine subsamples raw audio 384x with no helper that maps the mask: which of its hidden states are
+    padding cannot be told, and a padded call is refused naming what to do (an unpadded one runs). Whisper's encoder
+    documents that it ignores attention_mask: its prompt pools every frame, as the model reads them."""
+    model = get_peft_model(moonshine(), METHODS["ipt_hidden_prefix"]("SEQ_2_SEQ_LM")).eval()
+    audio, labels = torch.randn(2, 1600), targets()[:, :4]
+    mask = torch.ones(2, 1600, dtype=torch.long)
+    with torch.no_grad():
+        model(input_values=audio, attention_mask=mask, decoder_input_ids=labels)
+        mask[1, 1200:] = 0
+        with pytest.raises(ValueError, match=r"attention_mask covers 1600 input positions .* unpadded rows"):
+            model(input_values=audio, attention_mask=mask, decoder_input_ids=labels)
+    model = get_peft_model(whisper(), METHODS["ipt_hidden"]("SEQ_2_SEQ_LM")).eval()
+    mask = torch.ones(2, 32, dtype=torch.long)
+    mask[1, 20:] = 0
+    with torch.no_grad():
+        masked = model(input_features=features(), attention_mask=mask, decoder_input_ids=targets()).logits
+        unmasked = model(input_features=features(), decoder_input_ids=targets()).logits
+    assert torch.equal(masked, unmasked)

@@ -45,13 +45,21 @@ def layer_list(name: str, value) -> list[int] | None:
 
 
 def hidden_size_of(config) -> int:
-    # an EncoderDecoderModel's config holds none itself: its encoder's, the width of the source an instance prompt reads
-    for source in (config, text_config_of(config), getattr(config, "encoder", None)):
+    # an EncoderDecoderModel's config holds none itself: its encoder's, the width of the source an instance prompt
+    # reads; Pix2Struct's neither: its text decoder's (a model that reads image patches, as Whisper reads audio)
+    for source in (config, text_config_of(config), getattr(config, "encoder", None), _text_config(config)):
         for name in ("hidden_size", "d_model", "n_embd", "dim"):
             value = getattr(source, name, None)
             if isinstance(value, int):
                 return value
     raise ValueError(f"cannot read the hidden size of {type(config).__name__}")
+
+
+def _text_config(config):
+    try:
+        return config.get_text_config() if hasattr(config, "get_text_config") else None
+    except ValueError:  # several text configs (MusicGen's text encoder and decoder)
+        return None
 
 
 def vocab_size_of(config) -> int | None:

@@ -32,6 +32,9 @@ PER_TOKEN_OUTPUTS = ("logits", "start_logits", "end_logits", "last_hidden_state"
 # On the outputs of an encoder called alone (injection='input'): (its states with the prompt's positions, the new
 # positions of the caller's tokens), for a decoder call on those outputs
 ENCODER_PROMPT_STATES = "_peft_ipt_encoder_prompt_states"
+# Models that read no tokens and whose encoder attends over all of its input, padding included, whatever
+# attention_mask says (Whisper documents that it ignores it): the hidden source pools every frame, as they read them.
+READS_ITS_PADDING = frozenset({"whisper"})
 
 
 def first_present(mask: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
@@ -233,6 +236,8 @@ class InstancePromptModel(PromptTuner):
         state = self._state_for(module.config.hidden_source(self.layout)) if recomputing else self._call_state
         inputs = state.inputs if state is not None else self._inputs
         source = inputs.source() if inputs is not None else None
+        if source is None and inputs is not None and inputs.attention_mask is not None:
+            source = self._frames_present(inputs.attention_mask, hidden)
         if self._instance_done and (self._pinned or source is None or source.shape != hidden.shape[:2]):
             return None  # a decoding step: the prompt of the prefill stays
         # Otherwise (re)compute: gradient checkpointing replays this hook and must see the same operations.
@@ -248,6 +253,30 @@ class InstancePromptModel(PromptTuner):
             self._prefixes = prefixes
             self._instance_done = True
         return None
+
+    def _frames_present(self, mask: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, T') bool: which hidden states of a model that reads no tokens (image patches, audio) are not padding,
+        from the call's attention_mask: as it is where it covers them one to one (Pix2Struct's patches), else
+        through the model's own subsampling of it (Wav2Vec2, HuBERT, Speech2Text). A mask that marks padding with
+        neither is refused: the prompt would pool the padding, and a padded row would not get its prompt alone."""
+        mask = mask if mask.dim() == 2 else mask[..., 0]
+        length = hidden.shape[1]
+        if mask.shape[1] == length:
+            return mask.bool()
+        encoder = self.model.get_encoder() if hasattr(self.model, "get_encoder") else None
+        for owner in (self.model, encoder):
+            subsample = getattr(owner, "_get_feature_vector_attention_mask", None)
+            if subsample is not None:
+                return subsample(length, mask).bool()
+        if bool(mask.all()) or self.model.config.model_type in READS_ITS_PADDING:
+            return torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        raise ValueError(
+            f"instance_source='hidden' on {type(self.model).__name__}: the call's attention_mask covers "
+            f"{mask.shape[1]} input positions but the hidden states the prompt is built from have {length}, and "
+            "the model has no _get_feature_vector_attention_mask to map one onto the other, so peft-ipt cannot "
+            "tell which hidden states are padding. Call it on unpadded rows (one at a time, or batched by length) "
+            "or use a prefix_tuning_v2 adapter, whose prefix reads no input."
+        )
 
     def _check_generate_continues(self, kwargs: dict, inputs: PromptInputs) -> None:
         module = self._active_module()
