@@ -740,6 +740,54 @@ def test_kosmos2s_image_projection_attends_as_without_the_adapter(case, tmp_path
         assert torch.equal(unloaded(**call).logits, plain.logits)
 
 
+def mllama() -> transformers.MllamaForConditionalGeneration:
+    """Llama 3.2 Vision: self-attention at layers 0 and 2, cross-attention to one 16x16 image tile at 1 and 3."""
+    vision = {"hidden_size": 32, "num_hidden_layers": 2, "num_global_layers": 1, "attention_heads": 4}
+    vision |= {"intermediate_size": 64, "image_size": 16, "patch_size": 8, "vision_output_dim": 64}
+    vision |= {"intermediate_layers_indices": [0], "max_num_tiles": 1, "supported_aspect_ratios": [[1, 1]]}
+    text = {**TINY, "num_hidden_layers": 4, "num_key_value_heads": 2, "cross_attention_layers": [1, 3]}
+    text |= {"vocab_size": VOCAB, "max_position_embeddings": 64, "pad_token_id": 0, "eos_token_id": 2}
+    config = transformers.MllamaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE)
+    torch.manual_seed(0)
+    return transformers.MllamaForConditionalGeneration(config).eval()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_mllamas_image_cross_attention_runs_as_without_the_adapter(case, tmp_path):
+    """Mllama's cross-attention layers (to the image) carry no ``is_causal``, so they were not taken for attention
+    layers, yet they call the attention interface of the language model's config: every call with an image failed
+    ("MllamaTextCrossAttention was not prepared for prefixes"). They take no prefix; the self-attention layers take
+    theirs, and a left-padded row with its image scores and generates as alone."""
+    base = mllama()
+    model = get_peft_model(copy.deepcopy(base), CASES[case]()).eval()
+    sites = [name for name, module in model.named_modules() if SITE_ATTR in module.__dict__]
+    assert sites == [f"base_model.model.model.language_model.layers.{i}.self_attn" for i in (0, 2)]
+    ids = token_batch(2, 10, low=3).clamp(max=IMAGE - 1)
+    ids[0, 0] = ids[1, 3] = IMAGE
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # row 1 is left-padded
+    image = {
+        "pixel_values": torch.randn(2, 1, 1, 3, 16, 16),
+        "aspect_ratio_ids": torch.ones(2, 1, dtype=torch.long),
+        "aspect_ratio_mask": torch.ones(2, 1, 1, dtype=torch.long),
+    }
+    call = {"input_ids": ids, "attention_mask": mask, "cross_attention_mask": mask[:, :, None, None], **image}
+    with torch.no_grad():
+        logits = model(**call).logits
+        with model.disable_adapter():
+            assert torch.equal(model(**call).logits, base(**call).logits)
+        assert (logits - base(**call).logits).abs().max() > 1e-2
+        row = {key: value[1:] for key, value in image.items()}
+        alone = model(input_ids=ids[1:, 3:], cross_attention_mask=mask[1:, 3:, None, None], **row).logits
+        torch.testing.assert_close(alone[0], logits[1, 3:], atol=1e-5, rtol=0)
+        kwargs = {**call, "max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False}
+        assert torch.equal(model.generate(**kwargs), model.generate(**kwargs, use_cache=False))
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**call).logits, logits, atol=1e-6, rtol=0)
+
+
 def test_gpt2_upcast_attention_under_eager_is_refused_and_served_under_sdpa():
     """GPT-2 upcasts its scores (reorder_and_upcast_attn) only under the name "eager"; under peft-ipt's name it
     would silently attend without the upcast. sdpa never upcasts, adapter or not."""

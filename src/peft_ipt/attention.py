@@ -370,14 +370,22 @@ def tokenless_towers(model: nn.Module) -> tuple[str, ...]:
 OTHER_TOWERS = ("IdeficsVisionTransformer", "EvollaProteinEncoder", "Phi4MultimodalAudioModel")
 
 
+# Attention modules of a language model that attend from the tokens to another input, unmarked by ``is_causal``
+# (so not taken for token attention): Mllama's cross-attention layers attend to the image. They take no prefix.
+OVER_ANOTHER_INPUT = {"MllamaTextCrossAttention"}
+
+
 def not_over_tokens(model: nn.Module, sites) -> list[nn.Module]:
     """Modules that call the attention interface (transformers marks them with ``is_causal``), not causally, and
     whose forward can take no attention mask (no such parameter, no ``**kwargs``), so attend over something other
-    than the padded tokens (Inkling 2's attention residuals): they take no prefix and run the model's own
-    implementation."""
+    than the padded tokens (Inkling 2's attention residuals), and those of OVER_ANOTHER_INPUT: they take no prefix
+    and run the model's own implementation."""
     site_ids = {id(site[0]) for site in sites}
     found = []
     for module in model.modules():
+        if type(module).__name__ in OVER_ANOTHER_INPUT and id(module) not in site_ids:
+            found.append(module)
+            continue
         if id(module) in site_ids or getattr(module, "is_causal", None) is not False:
             continue
         parameters = inspect.signature(type(module).forward).parameters
