@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..attention import SiteLayout, input_embeddings
-from ..base_config import hidden_size_of
+from ..base_config import prompt_width_of
 from ..prefix_tuning.layer import PrefixTable, set_tables, slot_width, split_slots
 from ..tuner import NO_SOURCE, Prefixes, PromptInputs, PromptModule
 from .encoders import ENCODERS, HashedTokenTable, first_source_tokens, generator_linear, zero_linear
@@ -21,7 +21,7 @@ class InstancePromptModule(PromptModule):
         # input-level prompts change the sequence; hidden-state prompts are built inside the model's forward
         self.supports_mixed_batches = config.injection != "input" and config.instance_source != "hidden"
         P, r = config.prompt_length, config.instance_rank
-        hidden = hidden_size_of(model.config)
+        hidden = prompt_width_of(model.config)
         # ALBERT and ELECTRA embed tokens narrower than their hidden states (128 against 768) and project them up
         table = input_embeddings(model)
         embedding_dim = getattr(table, "embedding_dim", hidden)
