@@ -135,6 +135,8 @@ SEQ2SEQ_PAD = 1  # BART-like models pad with 1 and start the decoder with 2
 MAX_PARAMETERS = 20_000_000
 METHODS = ("prefix_v2", "ipt", "ipt_input")
 TIMEOUT_S = 60
+# where a multimodal config names its image placeholder token
+IMAGE_TOKEN_FIELDS = ("image_token_id", "image_token_index")
 IMAGE_TEXT = (
     "IMAGE_TEXT_TO_TEXT"  # a group, not a peft task type: tuned as a causal LM, or seq2seq if it is one
 )
@@ -201,6 +203,24 @@ def _shrink(config, settings: dict) -> None:
         _shrink(sub, settings)
 
 
+def _small_images(config) -> None:
+    """A vision tower's images at 2x2 patches, and the image placeholder inside the tiny vocabulary, so a call with
+    an image stays short (see image_batch)."""
+    vision = getattr(config, "vision_config", None)
+    patch = getattr(vision, "patch_size", None)
+    if isinstance(patch, int) and isinstance(getattr(vision, "image_size", None), int):
+        try:
+            vision.image_size = 2 * patch
+        except Exception:  # a validated field: the tower keeps its size
+            pass
+    for name in IMAGE_TOKEN_FIELDS:
+        if isinstance(getattr(config, name, None), int) and getattr(config, name) >= VOCAB:
+            try:
+                setattr(config, name, VOCAB - 1)
+            except Exception:
+                pass
+
+
 def tiny_model(model_type: str, task: str):
     from transformers import (
         AutoModelForCausalLM,
@@ -230,6 +250,7 @@ def tiny_model(model_type: str, task: str):
     if hasattr(probe, "num_key_value_heads"):
         config.num_key_value_heads = kv_heads["num_key_value_heads"]
     _shrink(config, ALIASES | kv_heads | {k: v for k, v in settings.items() if k != "num_labels"})
+    _small_images(config)
     auto = {
         "CAUSAL_LM": AutoModelForCausalLM,
         "SEQ_2_SEQ_LM": AutoModelForSeq2SeqLM,
@@ -277,6 +298,88 @@ def row_alone(batch: dict[str, torch.Tensor], task: str) -> dict[str, torch.Tens
     if task == "SEQ_2_SEQ_LM":
         alone["decoder_input_ids"] = batch["decoder_input_ids"][1:]
     return alone
+
+
+def image_batch(model, task: str) -> dict[str, torch.Tensor] | None:
+    """A causal LM's two rows (the second left-padded by 2) with one random image each, its placeholder tokens (as
+    many as the model's get_image_features gives) after the first two; None where the config alone cannot build
+    such a call (an image size per tile, grids, aspect ratios)."""
+    config = model.config
+    token = next(
+        (getattr(config, n) for n in IMAGE_TOKEN_FIELDS if isinstance(getattr(config, n, None), int)), None
+    )
+    vision = getattr(config, "vision_config", None)
+    size = getattr(vision, "image_size", None)
+    if (
+        task != "CAUSAL_LM"
+        or token is None
+        or not isinstance(size, int)
+        or not hasattr(model, "get_image_features")
+    ):
+        return None
+    channels = getattr(vision, "num_channels", 3)
+    pixels = torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(2))
+    try:
+        with torch.no_grad():
+            features = model.get_image_features(pixel_values=pixels)
+    except Exception:
+        return None
+    features = getattr(features, "pooler_output", features)
+    features = (
+        torch.cat([f.reshape(-1, f.shape[-1]) for f in features])
+        if isinstance(features, (list, tuple))
+        else features
+    )
+    if not torch.is_tensor(features) or features.reshape(-1, features.shape[-1]).shape[0] % 2:
+        return None
+    n = features.reshape(-1, features.shape[-1]).shape[0] // 2
+    batch = inputs(task)
+    ids = torch.cat([batch["input_ids"][:, :2], torch.full((2, n), token), batch["input_ids"][:, 2:]], 1)
+    ids = ids.masked_fill(ids == token, VOCAB - 2) if token != VOCAB - 2 else ids
+    ids[:, 2 : 2 + n] = token
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    ids[1, :2] = 0
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+
+
+def image_gap(model, batch) -> float:
+    """How far the left-padded row of an image call is from the row alone with its image."""
+    together = model(**batch).logits[1, 2:]
+    alone = model(input_ids=batch["input_ids"][1:, 2:], pixel_values=batch["pixel_values"][1:]).logits[0]
+    return (together - alone).abs().max().item()
+
+
+def check_images(model_type: str, task: str) -> tuple[str, str]:
+    """(verdict, detail) for a call with images (prefix_v2): it runs where the bare model's does, disable_adapter()
+    gives the bare model's, and the left-padded row equals the row alone where the bare model's does."""
+    import peft
+
+    base = tiny_model(model_type, task)
+    task_type, task = peft_task(base, task), input_layout(base, task)
+    batch = image_batch(base, task)
+    if batch is None:
+        return "-", ""
+    try:
+        with torch.no_grad():
+            bare = base(**batch).logits
+            bare_gap = image_gap(base, batch)
+    except Exception:
+        return "-", "the bare model fails on the image call"
+    model = peft.get_peft_model(base, method_config("prefix_v2", task_type)).eval()
+    with torch.no_grad():
+        adapted = model(**batch).logits
+        with model.disable_adapter():
+            off = (model(**batch).logits - bare).abs().max().item()
+        gap = image_gap(model, batch)
+    problems = []
+    if not (adapted - bare).abs().max().item() > 1e-6:
+        problems.append("the adapter changes nothing")
+    if off > 1e-6:
+        problems.append(f"disable_adapter is {off:.1e} off the bare model")
+    if gap > max(1e-4, 10 * bare_gap):
+        problems.append(f"the left-padded row is {gap:.1e} off its outputs alone (bare model {bare_gap:.1e})")
+    return ("FAIL", "; ".join(problems)) if problems else ("ok", "")
 
 
 def padded_gap(model, batch, task) -> float:
@@ -430,6 +533,13 @@ def sweep(task: str, model_type: str) -> dict:
             row[method] = ("FAIL", f"{type(error).__name__}: {str(error)[:140]}")
     try:
         with time_limit(TIMEOUT_S):
+            row["images"] = check_images(model_type, task)
+    except TimedOut:
+        row["images"] = ("FAIL", f"timed out after {TIMEOUT_S} s")
+    except Exception as error:
+        row["images"] = ("FAIL", f"{type(error).__name__}: {str(error)[:140]}")
+    try:
+        with time_limit(TIMEOUT_S):
             row["peft_prefix_tuning"] = check_peft(model_type, task)
     except TimedOut:
         row["peft_prefix_tuning"] = "fails (timed out)"
@@ -448,8 +558,11 @@ def report(rows: list[dict]) -> str:
         "config; `ok`: the adapter moves the outputs, `disable_adapter()` gives the bare model's (to 1e-6), a padded "
         "row equals the row alone (where the bare model's does), generate() with and without the cache agree, and "
         "the loss reaches every trainable parameter; `refused`: peft-ipt's own error at `get_peft_model` or the "
-        "first call. peft's PrefixTuning: `moves` (runs and changes the outputs), `no effect` (runs, changes "
-        "nothing), `fails`.",
+        "first call. `images` (prefix_v2, causal LMs whose config alone builds a call with an image: its "
+        "placeholder tokens, as many as get_image_features gives, and 2x2 patches): `ok` where the call runs, "
+        "`disable_adapter()` gives the bare model's and the left-padded row with its image equals the row alone; "
+        "`-` where no such call is built. peft's PrefixTuning: `moves` (runs and changes the outputs), `no effect` "
+        "(runs, changes nothing), `fails`.",
         "",
     ]
     for task in ("CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS", IMAGE_TEXT):
@@ -458,17 +571,24 @@ def report(rows: list[dict]) -> str:
             continue
         counts = {m: Counter(r[m][0] for r in group) for m in METHODS}
         peft_counts = Counter(r["peft_prefix_tuning"].split(" (")[0] for r in group)
+        image_counts = Counter(r.get("images", ("-", ""))[0] for r in group)
         lines.append(f"## {task}: {len(group)} model types built")
         lines.append("")
         for method in METHODS:
             lines.append(f"- {method}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts[method].items())))
+        lines.append("- images: " + ", ".join(f"{k} {v}" for k, v in sorted(image_counts.items())))
         lines.append("- peft PrefixTuning: " + ", ".join(f"{k} {v}" for k, v in sorted(peft_counts.items())))
         lines.append("")
         table = [
-            [r["model_type"], *(_cell(r[m]) for m in METHODS), r["peft_prefix_tuning"]]
+            [
+                r["model_type"],
+                *(_cell(r[m]) for m in METHODS),
+                _cell(r.get("images", ("-", ""))),
+                r["peft_prefix_tuning"],
+            ]
             for r in sorted(group, key=lambda r: r["model_type"])
         ]
-        lines.append(markdown_table(["model type", *METHODS, "peft PrefixTuning"], table))
+        lines.append(markdown_table(["model type", *METHODS, "images", "peft PrefixTuning"], table))
         lines.append("")
     skipped = sorted(f"{r['model_type']} ({r['task']})" for r in rows if r["built"] != "yes")
     lines.append(

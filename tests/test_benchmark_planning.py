@@ -360,6 +360,8 @@ def test_the_architecture_sweep_tells_a_served_model_from_a_refused_one():
     assert served["built"] == "yes"
     assert all(served[method] == ("ok", "") for method in architectures.METHODS)
     assert served["peft_prefix_tuning"] == "moves"
+    assert served["images"] == ("-", "")  # no vision tower: no call with an image
+    assert architectures.check_images("llava", architectures.IMAGE_TEXT) == ("ok", "")
     refused = architectures.sweep("SEQ_CLS", "convbert")  # computes its attention itself
     assert all(refused[method][0] == "refused" for method in architectures.METHODS)
     assert "does not route attention through transformers.AttentionInterface" in refused["prefix_v2"][1]
