@@ -748,16 +748,21 @@ def text_config_of(config):
     Flan-T5 and Florence-2, whose language model is itself an encoder-decoder), else itself. An encoder-decoder
     whose text config is one half of it (EncoderDecoderModel's decoder, an audio model's text decoder) is its own
     language model: its encoder takes prefixes too."""
-    if not hasattr(config, "get_text_config"):
+    text = declared_text_config(config)
+    if text is None:
         return config
     if getattr(config, "is_encoder_decoder", False):
-        try:
-            text = config.get_text_config()
-        except ValueError:  # several text configs (MusicGen's text encoder and decoder): the whole model
-            return config
         whole = text is not config and text.model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
         return text if whole else config
-    return config.get_text_config()
+    return text
+
+
+def declared_text_config(config):
+    """``config.get_text_config()``, or None where it has none or several (MusicGen's text encoder and decoder)."""
+    try:
+        return config.get_text_config() if hasattr(config, "get_text_config") else None
+    except ValueError:
+        return None
 
 
 def text_tower(model: nn.Module) -> nn.Module:

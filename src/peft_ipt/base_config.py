@@ -16,7 +16,15 @@ from .adapter_files import (
     weights_digest,
     write_config_atomically,
 )
-from .attention import CROSS, DECODER, ENCODER, SELF, SiteLayout, text_config_of
+from .attention import (
+    CROSS,
+    DECODER,
+    ENCODER,
+    SELF,
+    SiteLayout,
+    declared_text_config,
+    text_config_of,
+)
 from .model_card import write_adapter_card
 
 PREFIX_INITS = ("random", "text", "vocab")
@@ -47,7 +55,12 @@ def layer_list(name: str, value) -> list[int] | None:
 def hidden_size_of(config) -> int:
     # an EncoderDecoderModel's config holds none itself: its encoder's, the width of the source an instance prompt
     # reads; Pix2Struct's neither: its text decoder's (a model that reads image patches, as Whisper reads audio)
-    for source in (config, text_config_of(config), getattr(config, "encoder", None), _text_config(config)):
+    for source in (
+        config,
+        text_config_of(config),
+        getattr(config, "encoder", None),
+        declared_text_config(config),
+    ):
         for name in ("hidden_size", "d_model", "n_embd", "dim"):
             value = getattr(source, name, None)
             if isinstance(value, int):
@@ -60,13 +73,6 @@ def prompt_width_of(config) -> int:
     own ``hidden_size`` may be another's (PaliGemma's is a default 2048 whatever its text model's width)."""
     text = text_config_of(config)
     return hidden_size_of(text if text is not config else config)
-
-
-def _text_config(config):
-    try:
-        return config.get_text_config() if hasattr(config, "get_text_config") else None
-    except ValueError:  # several text configs (MusicGen's text encoder and decoder)
-        return None
 
 
 def vocab_size_of(config) -> int | None:
