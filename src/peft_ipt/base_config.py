@@ -71,8 +71,7 @@ def hidden_size_of(config) -> int:
 def prompt_width_of(config) -> int:
     """The width of the hidden states an instance prompt reads: a multimodal model's language model's. Its config's
     own ``hidden_size`` may be another's (PaliGemma's is a default 2048 whatever its text model's width)."""
-    text = text_config_of(config)
-    return hidden_size_of(text if text is not config else config)
+    return hidden_size_of(text_config_of(config))
 
 
 def vocab_size_of(config) -> int | None:
