@@ -21,6 +21,7 @@ from transformers import (
     Wav2Vec2ForSequenceClassification,
     WhisperConfig,
     WhisperForAudioClassification,
+    WhisperForCausalLM,
     WhisperForConditionalGeneration,
 )
 
@@ -204,6 +205,44 @@ def test_whisper_audio_classification_takes_encoder_prefixes(method):
     model.eval()
     with model.disable_adapter(), torch.no_grad():
         assert torch.equal(model(input_features=audio).logits, reference)
+
+
+CAUSAL_METHODS = {
+    "prefix_v2": lambda: PrefixTuningV2Config(task_type="CAUSAL_LM", prefix_length=3, init_weights=False),
+    "ipt": lambda: InstancePromptConfig(task_type="CAUSAL_LM", prompt_length=3, init_weights=False),
+}
+
+
+@pytest.mark.parametrize("method", list(CAUSAL_METHODS))
+def test_whispers_decoder_alone_takes_prefixes_and_generates_over_encoder_states_as_a_manual_loop(method):
+    """WhisperForCausalLM (the decoder alone, distil-whisper's assistant for speculative decoding) reads tokens,
+    though the wrapper around its decoder keeps Whisper's input_features as its main input: it was taken for an
+    audio tower, and the model refused as having no attention."""
+    torch.manual_seed(0)
+    base = WhisperForCausalLM(whisper_config()).eval()
+    ids, states = targets(), torch.randn(2, 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        reference = base(input_ids=ids, encoder_outputs=(states,)).logits
+    model = get_peft_model(base, CAUSAL_METHODS[method]())
+    model.train()
+    labels = ids.masked_fill(torch.arange(ids.shape[1]) < 3, -100)  # the first 3 tokens: the source
+    out = model(input_ids=ids, encoder_outputs=(states,), labels=labels)
+    assert not torch.allclose(out.logits, reference, atol=1e-4)
+    out.loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+    model.eval()
+    with torch.no_grad():
+        generated = model.generate(
+            input_ids=ids, encoder_outputs=(states,), max_new_tokens=4, do_sample=False
+        )
+        manual = ids
+        for _ in range(4):
+            step = model(input_ids=manual, encoder_outputs=(states,)).logits[:, -1:].argmax(-1)
+            manual = torch.cat([manual, step], dim=1)
+        assert torch.equal(generated, manual)
+        with model.disable_adapter():
+            assert torch.equal(model(input_ids=ids, encoder_outputs=(states,)).logits, reference)
 
 
 def _speech2text():
