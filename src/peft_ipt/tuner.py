@@ -809,8 +809,8 @@ class PromptTuner(BaseTuner):
             del self.model.peft_config  # as peft's own tuners leave it: the base model as it was
         for name, module in list(self.model.named_modules()):
             if isinstance(module, AuxiliaryTrainingWrapper):
-                # As LoRA's unload: a head trained beside the adapter (modules_to_save, e.g. a classifier) stays,
-                # the active adapter's copy in place of the wrapper.
+                # As LoRA's unload, through peft's own wrapper: a head trained beside the adapter (modules_to_save,
+                # e.g. a classifier) stays under peft 0.21; peft 0.22 gives the original head back.
                 parent = self.model.get_submodule(name.rpartition(".")[0]) if "." in name else self.model
                 unwrapped = module.unload_and_optionally_merge_module(
                     merge=False, safe_merge=False, adapter_names=None
