@@ -404,6 +404,13 @@ def bare_runs(model_type: str, task: str) -> None:
     """Raise where the tiny model without an adapter fails on the inputs (forward, generate): a generic-config
     artefact, not counted."""
     model = tiny_model(model_type, task)
+    from peft_ipt.attention import text_config_of
+
+    kinds = getattr(text_config_of(model.config), "layer_types", None) or ["attention"]
+    if model_type not in FOUR_LAYERS and not any("attention" in kind for kind in kinds):
+        # a hybrid whose two tiny layers hold no attention (LFM3's first attention layer is its third): four layers
+        FOUR_LAYERS.add(model_type)
+        model = tiny_model(model_type, task)
     task = input_layout(model, task)
     batch = inputs(task)
     with torch.no_grad():

@@ -207,6 +207,36 @@ def test_whisper_audio_classification_takes_encoder_prefixes(method):
         assert torch.equal(model(input_features=audio).logits, reference)
 
 
+@pytest.mark.parametrize("method", ["prefix_v2", "ipt_hidden"])
+def test_whisper_with_more_decoder_heads_than_encoder_heads_takes_prefixes_of_each_stacks_shape(method):
+    """WhisperConfig maps num_key_value_heads to the encoder's heads, so a decoder with other heads got prefixes of
+    the encoder's shape and every call failed ("the adapter was built for another model")."""
+    torch.manual_seed(0)
+    base = WhisperForConditionalGeneration(
+        whisper_config(encoder_attention_heads=2, decoder_attention_heads=4)
+    )
+    base.eval()
+    audio, labels = features(), targets()
+    with torch.no_grad():
+        reference = base(input_features=audio, labels=labels).logits
+    model = get_peft_model(base, METHODS[method]("SEQ_2_SEQ_LM"))
+    shapes = model.peft_config[
+        "default"
+    ].base_model_shapes  # [layers, key/value heads, head size] of each kind
+    assert shapes["encoder"] == [2, 2, 8] and shapes["decoder"] == shapes["cross"] == [2, 4, 4]  # d_model 16
+    model.train()
+    out = model(input_features=audio, labels=labels)
+    assert not torch.allclose(out.logits, reference, atol=1e-4)
+    out.loss.backward()
+    model.eval()
+    with torch.no_grad():
+        cached = model.generate(input_features=audio, max_new_tokens=4, do_sample=False)
+        uncached = model.generate(input_features=audio, max_new_tokens=4, do_sample=False, use_cache=False)
+        assert torch.equal(cached, uncached)
+        with model.disable_adapter():
+            assert torch.equal(model(input_features=audio, labels=labels).logits, reference)
+
+
 CAUSAL_METHODS = {
     "prefix_v2": lambda: PrefixTuningV2Config(task_type="CAUSAL_LM", prefix_length=3, init_weights=False),
     "ipt": lambda: InstancePromptConfig(task_type="CAUSAL_LM", prompt_length=3, init_weights=False),

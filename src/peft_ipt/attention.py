@@ -307,8 +307,20 @@ def _kv_shape(module: nn.Module, config) -> tuple[int, int]:
     n_kv = _attr((module,), ("num_key_value_heads",))
     if n_kv is None and isinstance(groups, int) and groups > 0 and n_heads % groups == 0:
         n_kv = n_heads // groups
-    n_kv = n_kv or _attr(sources[1:2], ("num_key_value_heads",)) or n_heads
+    n_kv = (
+        n_kv or _projected_heads(module, head_dim) or _attr(sources[1:2], ("num_key_value_heads",)) or n_heads
+    )
     return n_kv, head_dim
+
+
+def _projected_heads(module: nn.Module, head_dim: int) -> int | None:
+    """Key heads from the width of a module's key projection, where it has one: a config's num_key_value_heads may
+    name another stack's (Whisper's maps it to the encoder's heads, so a decoder with more heads got prefixes of the
+    encoder's shape and failed)."""
+    projection = getattr(module, "k_proj", None)
+    if isinstance(projection, nn.Linear) and projection.out_features % head_dim == 0:
+        return projection.out_features // head_dim
+    return None
 
 
 def _value_dim(module: nn.Module, key_dim: int) -> int:
