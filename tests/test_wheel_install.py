@@ -40,7 +40,7 @@ def test_the_wheel_installs_fetches_its_assets_and_trains_outside_the_checkout(t
     (wheel,) = dist.glob("peft_ipt-*.whl")
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", venv], check=True)
-    pip = [venv / "bin" / "python", "-m", "pip", "install", "--quiet"]
+    pip = [venv / "bin" / "python", "-m", "pip", "install", "--quiet", "--no-compile"]  # as the Makefile
     # a user's environment: nothing of the checkout, no PYTHONPATH; the pinned CPU torch first, as the README says
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(
