@@ -365,7 +365,7 @@ def tokenless_towers(model: nn.Module) -> tuple[str, ...]:
     takes no prefix and their position tables limit no text."""
     if getattr(model, "main_input_name", "input_ids") != "input_ids":
         return ()  # a speech or vision model: its own encoder is what it reads
-    embeddings = _token_embeddings(model)
+    embeddings = input_embeddings(model)
     return tuple(
         name + "."
         for name, module in model.named_modules()
@@ -378,13 +378,6 @@ def tokenless_towers(model: nn.Module) -> tuple[str, ...]:
         # (WhisperForCausalLM's decoder wrapper keeps Whisper's input_features)
         and not any(inner is embeddings for inner in module.modules())
     )
-
-
-def _token_embeddings(model: nn.Module) -> nn.Module | None:
-    try:
-        return model.get_input_embeddings()
-    except (AttributeError, NotImplementedError):
-        return None
 
 
 # towers that are plain modules, not models with a main input (Idefics' vision transformer), that read tokens of
