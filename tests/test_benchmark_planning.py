@@ -371,6 +371,33 @@ def test_the_architecture_sweep_tells_a_served_model_from_a_refused_one():
     )
 
 
+def test_the_sweep_gives_a_model_slow_without_the_adapter_time_in_proportion_and_still_fails_a_hang(
+    monkeypatch,
+):
+    """Falcon-H1 on the reference Mamba kernels took about 40 s for its bare runs on a loaded CPU, and its method
+    checks (the bare runs again, then the adapter's) were reported FAIL at a fixed 60 s."""
+    import time
+
+    import architectures
+
+    monkeypatch.setattr(architectures, "TIMEOUT_S", 1)
+    monkeypatch.setattr(architectures, "bare_runs", lambda model_type, task: time.sleep(0.3))
+    monkeypatch.setattr(architectures, "check_images", lambda model_type, task: ("-", ""))
+    monkeypatch.setattr(architectures, "check_peft", lambda model_type, task: "moves")
+
+    def check(model_type, task, method):
+        time.sleep(100 if method == "ipt_input" else 1.5)  # longer than TIMEOUT_S; a hang
+        return ("ok", "")
+
+    monkeypatch.setattr(architectures, "check_method", check)
+    row = architectures.sweep("CAUSAL_LM", "slow")
+    assert row["prefix_v2"] == row["ipt"] == ("ok", "")
+    assert row["ipt_input"] == (
+        "FAIL",
+        "timed out after 4 s",
+    )  # 1 s beyond three times the bare runs (0.3 s, rounded up)
+
+
 @pytest.mark.parametrize(
     "method", [m for m in quality.TIERS["converged"].methods if m not in quality.UNTRAINED]
 )
