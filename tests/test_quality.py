@@ -1,5 +1,8 @@
 """Quality on a real model (marked slow): both methods learn Rotten Tomatoes on the bundled all-MiniLM-L6-v2, through
-the CLI's own training, at a small budget (1,000 reviews, 2 epochs, the shipped configs' rate). IPT's default
+the CLI's own training, at a small budget: 2 epochs at the shipped configs' rate, scored on 400 test reviews. IPT
+trains on 500 reviews (0.69 and 0.70 test accuracy at seeds 0 and 1); the flat prefix stays near chance there (0.52,
+0.53) and needs 1,000 in batches of 16 (0.69, 0.68; in the configs' batches of 32, 0.66 and 0.65: too close to the
+bar). IPT's default
 instance source (the model's embeddings) is the default job's, tested in tests/test_cli.py
 (``test_default_job_beats_chance_on_rotten_tomatoes``); here its frozen-model source and PrefixTuningV2.
 
@@ -18,20 +21,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from harness import CONFIGS, train_run  # noqa: E402
 
 pytestmark = pytest.mark.slow
-BUDGET = [
-    "data.train_size=1000",
-    "data.validation_size=400",
-    "training.num_train_epochs=2",
-    "training.eval_strategy='no'",
-    "training.seed=0",
-]
+BUDGET = ["training.num_train_epochs=2", "training.eval_strategy='no'", "training.seed=0"]
 
 
 @pytest.mark.parametrize(
     ("config", "overrides"),
     [
-        ("rotten_tomatoes_ipt.yaml", ["method_config.instance_source=frozen_model"]),
-        ("rotten_tomatoes_prefix_v2.yaml", []),
+        (
+            "rotten_tomatoes_ipt.yaml",
+            [
+                "method_config.instance_source=frozen_model",
+                "data.train_size=500",
+                "data.validation_size=200",
+                "data.test_size=400",
+            ],
+        ),
+        (
+            "rotten_tomatoes_prefix_v2.yaml",
+            [
+                "data.train_size=1000",
+                "data.validation_size=200",
+                "data.test_size=400",
+                "training.per_device_train_batch_size=16",
+            ],
+        ),
     ],
     ids=["ipt-frozen-model", "prefix-v2"],
 )
